@@ -1,0 +1,3 @@
+from dpobench.cli import main
+
+main()

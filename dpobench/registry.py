@@ -1,0 +1,158 @@
+"""The registry of loss variants: what plugins registered, under which name, from which plugin."""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import re
+import textwrap
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from dpobench.losses import Param, ParamError, PreferenceLoss
+
+__all__ = ["LossSpec", "Registry", "RegisterLoss", "RegistrationError", "UnknownLossError", "docstring_section"]
+
+_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+class RegistrationError(ValueError):
+    """A plugin registered something that is not a valid variant (or a name that is taken)."""
+
+
+class UnknownLossError(KeyError):
+    def __str__(self) -> str:  # KeyError quotes its message; this one is a sentence
+        return str(self.args[0])
+
+
+class RegisterLoss(Protocol):
+    def __call__(self, cls: type[PreferenceLoss], name: str | None = None, **defaults: Any) -> None: ...
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """One registered variant: a class, the defaults of its preset, and who registered it."""
+
+    name: str
+    cls: type[PreferenceLoss]
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    plugin: str = ""
+    version: str = ""
+    #: the class's own name when this spec is a preset of it under another name (``cdpo`` of ``dpo``)
+    preset_of: str | None = None
+
+    def build(self, **overrides: Any) -> PreferenceLoss:
+        """A fresh loss object; ``overrides`` replace the preset's defaults and are validated."""
+        try:
+            loss = self.cls(**{**self.defaults, **overrides})
+        except ParamError as err:
+            raise ParamError(str(err).replace(f"loss {self.cls.name!r}", f"loss {self.name!r}", 1)) from None
+        loss.name = self.name  # a preset reports its own name in outputs and errors
+        return loss
+
+    @property
+    def params(self) -> dict[str, Param]:
+        """The declared parameters with this preset's defaults in place of the class's."""
+        return {
+            key: Param(self.defaults.get(key, p.default), p.valid, p.doc) for key, p in self.cls.params.items()
+        }
+
+    @property
+    def reference_free(self) -> bool:
+        # Combinations decide per instance (RPO is reference-based because DPO is).
+        return self.build().reference_free
+
+    @property
+    def paper(self) -> str:
+        return self.cls.paper
+
+    @property
+    def summary(self) -> str:
+        doc = (self.cls.__doc__ or "").strip()
+        return doc.splitlines()[0].strip() if doc else ""
+
+    @property
+    def formula(self) -> str:
+        return docstring_section(self.cls.__doc__ or "", "Formula")
+
+
+def docstring_section(doc: str, title: str) -> str:
+    """The indented block under a ``Title:`` line of a docstring, dedented, or ``""``."""
+    lines = inspect.cleandoc(doc).splitlines()
+    for i, line in enumerate(lines):
+        if line.strip().rstrip(":") == title and line.strip().endswith(":"):
+            block = []
+            for follow in lines[i + 1 :]:
+                if follow.strip() and not follow.startswith((" ", "\t")):
+                    break
+                block.append(follow)
+            return textwrap.dedent("\n".join(block)).strip()
+    return ""
+
+
+class Registry(Mapping[str, LossSpec]):
+    """Name → LossSpec, sorted by name. Filled through ``register`` callbacks, one per plugin."""
+
+    def __init__(self) -> None:
+        self._specs: dict[str, LossSpec] = {}
+
+    def callback(self, plugin: str, version: str) -> RegisterLoss:
+        """The ``register`` function handed to one plugin's ``register_losses`` hook."""
+
+        def register(cls: type[PreferenceLoss], name: str | None = None, **defaults: Any) -> None:
+            self.add(cls, name=name, plugin=plugin, version=version, **defaults)
+
+        return register
+
+    def add(
+        self, cls: type[PreferenceLoss], *, name: str | None = None, plugin: str, version: str, **defaults: Any
+    ) -> LossSpec:
+        who = f"plugin {plugin!r}"
+        if not (isinstance(cls, type) and issubclass(cls, PreferenceLoss)):
+            raise RegistrationError(
+                f"{who} registered {cls!r}, which is not a dpobench.PreferenceLoss subclass"
+            )
+        spec_name = name or cls.name
+        if not spec_name or not _NAME.match(spec_name):
+            raise RegistrationError(
+                f"{who} registered {cls.__name__} with name {spec_name!r}: a name must be lower snake case"
+            )
+        if spec_name in self._specs:
+            other = self._specs[spec_name]
+            raise RegistrationError(
+                f"variant {spec_name!r} is registered twice: by plugin {other.plugin!r} and by plugin {plugin!r}; "
+                "rename one of them"
+            )
+        try:
+            cls.resolve_params(defaults, owner=f"{who}, variant {spec_name!r}")
+        except ParamError as err:
+            raise RegistrationError(str(err)) from None
+        spec = LossSpec(
+            name=spec_name,
+            cls=cls,
+            defaults=dict(defaults),
+            plugin=plugin,
+            version=version,
+            preset_of=cls.name if spec_name != cls.name else None,
+        )
+        self._specs[spec_name] = spec
+        return spec
+
+    def remove_plugin(self, plugin: str) -> None:
+        for key in [k for k, s in self._specs.items() if s.plugin == plugin]:
+            del self._specs[key]
+
+    def __getitem__(self, name: str) -> LossSpec:
+        try:
+            return self._specs[name]
+        except KeyError:
+            close = difflib.get_close_matches(name, list(self._specs), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else "; `dpobench list` shows them all"
+            raise UnknownLossError(f"unknown loss variant {name!r}{hint}") from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(self._specs))
+
+    def __len__(self) -> int:
+        return len(self._specs)
