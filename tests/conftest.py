@@ -1,0 +1,38 @@
+"""Hermetic tests: only the built-in plugins load, whatever else is installed beside dpobench."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ["DPOBENCH_LOAD_PLUGINS"] = ""
+os.environ.pop("DPOBENCH_PLUGINS_DIR", None)
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+BROKEN_PLUGINS = Path(__file__).parent / "plugins"
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The environment for a `python -m dpobench` child: hermetic unless told otherwise."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DPOBENCH_")}
+    env["DPOBENCH_LOAD_PLUGINS"] = ""
+    env.update(extra)
+    return env
+
+
+@pytest.fixture(autouse=True)
+def _fresh_plugins():
+    import dpobench.plugins
+
+    dpobench.plugins.reset()
+    yield
+    dpobench.plugins.reset()
+
+
+@pytest.fixture
+def python() -> str:
+    return sys.executable

@@ -1,0 +1,80 @@
+"""Every case of shared/data/golden_trl_losses.json (computed by TRL 1.16's own code) reproduced to
+float32 rounding."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import dpobench
+from dpobench import LogProbs
+
+# A verbatim copy of shared/data/golden_trl_losses.json, so that a checkout alone runs the tests.
+GOLDEN = json.loads((Path(__file__).parent / "data" / "golden_trl_losses.json").read_text())
+
+# TRL (loss_type, params) -> dpobench (variant, params). The map is the test: a wrong mapping fails.
+F_DIVERGENCE = {"forward_kl": "forward_kl", "js_divergence": "js_divergence", "alpha_divergence": "alpha_divergence"}
+
+
+def dpobench_variant(case: dict) -> tuple[str, dict]:
+    trl, params = case["trl"], dict(case["params"])
+    if trl == ["sigmoid", "sft"]:
+        assert params.pop("loss_weights") == [1.0, 1.0]
+        return "rpo", params
+    if trl == ["sigmoid", "bco_pair", "sft"]:
+        assert params.pop("loss_weights") == [0.8, 0.2, 1.0]
+        return "mpo", params
+    if "f_divergence_type" in params:
+        # TRL's default f_alpha_divergence_coef 0.5 is α_paper = 1 − 0.5 = 0.5.
+        return "dpo", {"f_divergence": F_DIVERGENCE[params.pop("f_divergence_type")], **params}
+    if trl == "cpo:sigmoid":
+        return "cpo", params
+    if trl == "cpo:simpo":
+        if params:  # the official SimPO recipe: beta 2, gamma 0.5, no NLL
+            return "simpo", {"beta": params["beta"], "gamma": params["simpo_gamma"], "sft_weight": params["cpo_alpha"]}
+        return "simpo_trl", {}
+    renamed = {"sigmoid": "dpo", "robust": "robust_dpo"}
+    return renamed.get(trl, trl), params
+
+
+def batch(dtype=torch.float32) -> tuple[LogProbs, LogProbs]:
+    x = {k: torch.tensor(v, dtype=dtype) for k, v in GOLDEN["inputs"].items()}
+    policy = LogProbs(x["pc"], x["pr"], x["lc"], x["lr"])
+    reference = LogProbs(x["rc"], x["rr"], x["lc"], x["lr"])
+    return policy, reference
+
+
+@pytest.mark.parametrize("case", GOLDEN["cases"], ids=[c["case"] for c in GOLDEN["cases"]])
+def test_matches_trl(case: dict) -> None:
+    name, params = dpobench_variant(case)
+    loss = dpobench.get_loss(name, **params)
+    out = loss(*batch())
+    # rtol 1e-5 ≈ 80 float32 ulps relative: TRL's own sums differ from the stored inputs by an ulp, and
+    # squared losses (sppo_hard, ipo) amplify that. A wrong formula is off by far more.
+    torch.testing.assert_close(out.losses.float(), torch.tensor(case["losses"]), rtol=1e-5, atol=1e-6)
+    assert out.losses.mean().item() == pytest.approx(case["mean_loss"], rel=1e-5, abs=1e-6)
+    if name == "sft":
+        # dpobench's `sft` is reference-free, so its rewards are β·pc (TRL ran a reference and reported β·Δ).
+        policy, _ = batch()
+        torch.testing.assert_close(out.chosen_rewards, case["params"].get("beta", 0.1) * policy.chosen)
+        return
+    # TRL summed its per-token log-probs itself: its sums may differ from the stored ones by an ulp of
+    # |log p| (3.8e-6 near 50), which the rewards scale by β. That is the float32 rounding allowed.
+    beta = loss.hparams["beta"]
+    ulp = torch.finfo(torch.float32).eps * max(max(map(abs, v)) for v in GOLDEN["inputs"].values())
+    for key in ("chosen_rewards", "rejected_rewards"):
+        torch.testing.assert_close(getattr(out, key).float(), torch.tensor(case[key]), rtol=0, atol=2 * beta * ulp)
+
+
+def test_every_trl_loss_type_is_covered() -> None:
+    trl_types = {
+        "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+        "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
+    }  # fmt: skip
+    covered = {c["trl"] for c in GOLDEN["cases"] if isinstance(c["trl"], str)}
+    assert trl_types <= covered
+    names = {dpobench_variant(c)[0] for c in GOLDEN["cases"]}
+    assert names <= set(dpobench.get_losses())
