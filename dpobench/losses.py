@@ -24,9 +24,10 @@ __all__ = [
     "Param",
     "ParamError",
     "PreferenceLoss",
+    "call_loss",
+    "chosen_nll",
     "implicit_rewards",
     "log_ratios",
-    "chosen_nll",
     "smoothed_logsigmoid_loss",
 ]
 
@@ -244,3 +245,13 @@ def smoothed_logsigmoid_loss(z: Tensor, label_smoothing: float = 0.0) -> Tensor:
     if label_smoothing:
         loss = (1 - label_smoothing) * loss - label_smoothing * F.logsigmoid(-z)
     return loss
+
+
+def call_loss(
+    loss: PreferenceLoss, policy: LogProbs, reference: LogProbs | None, weights: Tensor | None = None
+) -> LossOutput:
+    """Call ``loss`` the way the harness does: extras only when the variant declares them."""
+    extras: dict[str, Tensor] = {}
+    if "weights" in loss.inputs and weights is not None:
+        extras["weights"] = weights
+    return loss(policy, None if loss.reference_free else reference, **extras)

@@ -12,7 +12,7 @@ from typing import Any, Protocol
 
 from dpobench.losses import Param, ParamError, PreferenceLoss
 
-__all__ = ["LossSpec", "Registry", "RegisterLoss", "RegistrationError", "UnknownLossError", "docstring_section"]
+__all__ = ["LossSpec", "RegisterLoss", "RegistrationError", "Registry", "UnknownLossError", "docstring_section"]
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
@@ -54,9 +54,7 @@ class LossSpec:
     @property
     def params(self) -> dict[str, Param]:
         """The declared parameters with this preset's defaults in place of the class's."""
-        return {
-            key: Param(self.defaults.get(key, p.default), p.valid, p.doc) for key, p in self.cls.params.items()
-        }
+        return {key: Param(self.defaults.get(key, p.default), p.valid, p.doc) for key, p in self.cls.params.items()}
 
     @property
     def reference_free(self) -> bool:
@@ -110,9 +108,7 @@ class Registry(Mapping[str, LossSpec]):
     ) -> LossSpec:
         who = f"plugin {plugin!r}"
         if not (isinstance(cls, type) and issubclass(cls, PreferenceLoss)):
-            raise RegistrationError(
-                f"{who} registered {cls!r}, which is not a dpobench.PreferenceLoss subclass"
-            )
+            raise RegistrationError(f"{who} registered {cls!r}, which is not a dpobench.PreferenceLoss subclass")
         spec_name = name or cls.name
         if not spec_name or not _NAME.match(spec_name):
             raise RegistrationError(

@@ -7,6 +7,7 @@ Rewards follow TRL 1.16: β·Δc and β·Δr, whatever the loss shape or f-diver
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -63,6 +64,11 @@ class DPOLoss(_RewardDifferenceLoss):
         **_RewardDifferenceLoss.params,
         "label_smoothing": Param(0.0, "[0, 0.5)", "cDPO: assumed probability that a label is flipped"),
     }
+
+    def __init__(self, **hparams: Any) -> None:
+        super().__init__(**hparams)
+        # With ε > 0 the loss is smallest at the finite margin z = log((1−ε)/ε), not at infinity.
+        self.monotone = self.label_smoothing == 0
 
     def pair_loss(self, sc: Tensor, sr: Tensor, policy: LogProbs) -> Tensor:
         return smoothed_logsigmoid_loss(self.beta * (sc - sr), self.label_smoothing)

@@ -5,6 +5,8 @@ Rewards follow TRL 1.16: β·Δc and β·Δr.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -170,11 +172,18 @@ class AOTLoss(PreferenceLoss):
     batch_coupled = True
     params = {"beta": BETA, "label_smoothing": Param(0.0, "[0, 0.5)", "ε, cDPO-style label smoothing")}
 
+    def __init__(self, **hparams: Any) -> None:
+        super().__init__(**hparams)
+        # With ε > 0 the loss is smallest at the finite margin z = log((1−ε)/ε), not at infinity.
+        self.monotone = self.label_smoothing == 0
+
     def forward(self, policy: LogProbs, reference: LogProbs | None, **extras: Tensor) -> LossOutput:
         assert reference is not None
         d = self.sorted_difference(policy, reference)
         dc, dr = log_ratios(policy, reference)
-        return LossOutput(smoothed_logsigmoid_loss(self.beta * d, self.label_smoothing), *implicit_rewards(self.beta, dc, dr))
+        return LossOutput(
+            smoothed_logsigmoid_loss(self.beta * d, self.label_smoothing), *implicit_rewards(self.beta, dc, dr)
+        )
 
     def sorted_difference(self, policy: LogProbs, reference: LogProbs) -> Tensor:
         policy_margin, _ = torch.sort(policy.chosen - policy.rejected)

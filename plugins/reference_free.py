@@ -5,6 +5,7 @@ model for them; their rewards are β times the policy's (summed or averaged) log
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +41,11 @@ class CPOLoss(PreferenceLoss):
         "label_smoothing": Param(0.0, "[0, 0.5)", "ε, cDPO-style label smoothing"),
         "cpo_alpha": Param(1.0, "[0, inf)", "weight of the NLL on chosen"),
     }
+
+    def __init__(self, **hparams: Any) -> None:
+        super().__init__(**hparams)
+        # With ε > 0 the loss is smallest at the finite margin z = log((1−ε)/ε), not at infinity.
+        self.monotone = self.label_smoothing == 0
 
     def forward(self, policy: LogProbs, reference: LogProbs | None, **extras: Tensor) -> LossOutput:
         losses = smoothed_logsigmoid_loss(self.beta * (policy.chosen - policy.rejected), self.label_smoothing)
@@ -78,6 +84,11 @@ class SimPOLoss(PreferenceLoss):
         "label_smoothing": Param(0.0, "[0, 0.5)", "ε, cDPO-style label smoothing"),
         "sft_weight": Param(0.0, "[0, inf)", "weight of the NLL on chosen"),
     }
+
+    def __init__(self, **hparams: Any) -> None:
+        super().__init__(**hparams)
+        # With ε > 0 the loss is smallest at the finite margin z = log((1−ε)/ε), not at infinity.
+        self.monotone = self.label_smoothing == 0
 
     def forward(self, policy: LogProbs, reference: LogProbs | None, **extras: Tensor) -> LossOutput:
         avg_c = policy.chosen / policy.chosen_tokens.clamp(min=1)
