@@ -37,7 +37,7 @@ def f_divergence_score(delta: Tensor, kind: str, alpha: float = 0.5) -> Tensor:
     """
     if kind == "reverse_kl":
         return delta
-    x = delta.float()  # the exponentials are computed in float32, as TRL does
+    x = delta.to(torch.promote_types(delta.dtype, torch.float32))  # exponentials in ≥ float32, as TRL
     if kind == "forward_kl":
         return 1 - torch.exp((-x).clamp(max=_EXP_MAX))
     if kind == "js_divergence":

@@ -1,0 +1,80 @@
+"""Model-free geometry of every variant: loss, gradient weight and preference probability over a grid
+of log-ratio margins × β — the seed notebook's β-sensitivity and loss-landscape studies, for all.
+
+Each grid point is one pair evaluated on its own (a batch of one, so batch-level terms such as the
+SFT NLL and AOT's sorting see only that pair). The pair is symmetric around a reference point:
+
+    log π(y_c) = b + h/2,  log π(y_r) = b − h/2,  log π_ref(y_c) = log π_ref(y_r) = b = −tokens
+
+so the log-ratio margin Δc − Δr is h and both responses have ``tokens`` tokens. Reference-free
+variants see the same policy log-probs. ``grad_weight`` is −∂ℓ/∂h: how hard the loss pushes the
+margin up at that point (DPO: β·σ(−β·h)). ``preference_prob`` is σ(r_c − r_r) with the variant's own
+implicit rewards (DPO: σ(β·h)).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from dpobench.losses import LogProbs, call_loss
+from dpobench.registry import LossSpec
+
+__all__ = ["DEFAULT_BETAS", "DEFAULT_MARGINS", "landscape"]
+
+#: the seed notebook's grid, np.logspace(-2, 0, 15)
+DEFAULT_BETAS: tuple[float, ...] = tuple(float(b) for b in np.logspace(-2, 0, 15))
+#: log-ratio margins in nats
+DEFAULT_MARGINS: tuple[float, ...] = tuple(float(m) for m in np.linspace(-20.0, 20.0, 81))
+
+COLUMNS = [
+    "variant", "plugin", "version", "reference_free", "beta", "beta_is_default", "margin", "tokens",
+    "loss", "grad_weight", "preference_prob",
+]  # fmt: skip
+
+
+def landscape(
+    specs: Iterable[LossSpec],
+    betas: Sequence[float] = DEFAULT_BETAS,
+    margins: Sequence[float] = DEFAULT_MARGINS,
+    tokens: int = 20,
+) -> pd.DataFrame:
+    """A tidy frame, one row per (variant, β, margin). Each variant's default β is added to ``betas``."""
+    rows: list[dict[str, object]] = []
+    h = torch.tensor(list(margins), dtype=torch.float64)
+    for spec in specs:
+        default_beta = spec.params["beta"].default if "beta" in spec.params else None
+        grid = sorted({*betas, default_beta}) if default_beta is not None else [None]
+        for beta in grid:
+            loss = spec.build(**({} if beta is None else {"beta": beta}))
+            values, grads, probs = _evaluate(loss, h, tokens)
+            for i, margin in enumerate(h.tolist()):
+                rows.append(
+                    {
+                        "variant": spec.name, "plugin": spec.plugin, "version": spec.version,
+                        "reference_free": loss.reference_free, "beta": beta if beta is not None else np.nan,
+                        "beta_is_default": beta == default_beta, "margin": margin, "tokens": tokens,
+                        "loss": values[i], "grad_weight": grads[i], "preference_prob": probs[i],
+                    }
+                )  # fmt: skip
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def _evaluate(loss: torch.nn.Module, margins: torch.Tensor, tokens: int) -> tuple[list[float], ...]:
+    values, grads, probs = [], [], []
+    base = torch.tensor([-float(tokens)], dtype=torch.float64)
+    length = torch.tensor([float(tokens)], dtype=torch.float64)
+    reference = LogProbs(base, base, length, length, base, base)
+    for margin in margins.tolist():
+        h = torch.tensor([margin], dtype=torch.float64, requires_grad=True)
+        # log Σ p² = log p here, so WPO's pair weight is exactly 1 and the landscape is its base's.
+        policy = LogProbs(base + h / 2, base - h / 2, length, length, base + h.detach() / 2, base - h.detach() / 2)
+        out = call_loss(loss, policy, reference, weights=torch.ones(1, dtype=torch.float64))
+        (grad,) = torch.autograd.grad(out.losses.sum(), h)
+        values.append(float(out.losses.detach()[0]))
+        grads.append(-float(grad[0]))
+        probs.append(float(torch.sigmoid(out.chosen_rewards - out.rejected_rewards)[0]))
+    return values, grads, probs

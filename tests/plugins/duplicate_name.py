@@ -1,0 +1,9 @@
+"""Broken on purpose: registers the name `dpo`, which the built-in plugin `dpo` owns."""
+
+import dpobench
+from dpobench_plugins.dpo import DPOLoss
+
+
+@dpobench.hookimpl
+def register_losses(register):
+    register(DPOLoss, name="dpo", beta=0.5)

@@ -1,0 +1,3 @@
+"""Broken on purpose: fails when imported."""
+
+import dpobench_no_such_module  # noqa: F401

@@ -1,0 +1,162 @@
+"""Hand-worked values for every variant TRL 1.16 does not compute (the golden file covers the rest).
+
+One pair, chosen to make the arithmetic easy: pc = −10, pr = −12, rc = rr = −11, 5 and 4 tokens, so
+Δc = +1, Δr = −1, h = Δc − Δr = 2. Expected values are written with `math`, independently of torch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import dpobench
+from dpobench import LogProbs
+
+
+def softplus(x: float) -> float:
+    return math.log1p(math.exp(x))  # −logσ(−x)
+
+
+def one_pair(pc=-10.0, pr=-12.0, rc=-11.0, rr=-11.0, lc=5.0, lr=4.0, lsc=None, lsr=None):
+    t = lambda v: None if v is None else torch.tensor([v], dtype=torch.float64)  # noqa: E731
+    return LogProbs(t(pc), t(pr), t(lc), t(lr), t(lsc), t(lsr)), LogProbs(t(rc), t(rr), t(lc), t(lr))
+
+
+def loss_of(name: str, policy_reference=None, weights=None, **params) -> float:
+    policy, reference = policy_reference or one_pair()
+    loss = dpobench.get_loss(name, **params)
+    extras = {"weights": torch.tensor([weights], dtype=torch.float64)} if weights is not None else {}
+    return float(loss(policy, reference, **extras).losses[0])
+
+
+DPO_AT_H2_BETA_HALF = softplus(-1.0)  # −logσ(0.5·2) = log(1 + e^−1) = 0.31326…
+
+
+@pytest.mark.parametrize(
+    ("name", "params", "expected"),
+    [
+        ("dpo", {"beta": 0.5}, DPO_AT_H2_BETA_HALF),
+        # cDPO: 0.9·(−logσ(1)) + 0.1·(−logσ(−1)) = −logσ(1) + 0.1·1
+        ("cdpo", {"beta": 0.5}, DPO_AT_H2_BETA_HALF + 0.1),
+        # seed Robust DPO: r_c = 0.5, r_r = −0.5; −logσ(1) + 0.1·(0.25 + 0.25)
+        ("seed_robust_dpo", {"beta": 0.5, "eta": 0.1}, DPO_AT_H2_BETA_HALF + 0.05),
+        # seed KL-DPO: −logσ(1) + 0.01·(1² + 1²)
+        ("seed_kl_dpo", {"beta": 0.5, "kl_weight": 0.01}, DPO_AT_H2_BETA_HALF + 0.02),
+        # R-DPO: −logσ(0.5·2 + 0.05·(5 − 4))
+        ("len_reg_dpo", {"beta": 0.5, "alpha": 0.05}, softplus(-1.05)),
+        # Cal-DPO, β = 0.25 (targets ±2): −logσ(2) + ½·((1 − 2)² + (−1 + 2)²)
+        ("cal_dpo", {"beta": 0.25}, softplus(-2.0) + 1.0),
+        # IPO as in the paper (summed log-probs): (2 − 1/(2·0.5))² = 1
+        ("ipo_paper", {"beta": 0.5}, 1.0),
+        # TRL's IPO normalises: (1/5 − (−1)/4 − 1)² = (0.45 − 1)² = 0.3025
+        ("ipo", {"beta": 0.5}, 0.3025),
+        # f-DPO, Jensen-Shannon: s(1) − s(−1) = logσ(1) − logσ(−1) = 1, so −logσ(0.5·1)
+        ("fdpo_js", {"beta": 0.5}, softplus(-0.5)),
+        # f-DPO, forward KL: (1 − e^−1) − (1 − e^1) = e − e^−1 = 2·sinh(1)
+        ("fdpo_forward_kl", {"beta": 0.5}, softplus(-0.5 * 2 * math.sinh(1))),
+        # SFT: −pc/lc = 10/5
+        ("sft", {}, 2.0),
+        # RPO = DPO + SFT
+        ("rpo", {"beta": 0.5}, DPO_AT_H2_BETA_HALF + 2.0),
+        # MPO = 0.8·DPO + 0.2·BCO + 1.0·SFT; BCO = −logσ(0.5) − logσ(0.5)
+        ("mpo", {"beta": 0.5}, 0.8 * DPO_AT_H2_BETA_HALF + 0.2 * 2 * softplus(-0.5) + 2.0),
+        # combined with a string spec: 2·hinge + 1·sft; hinge = max(0, 1 − 0.25·2) = 0.5
+        ("combined", {"beta": 0.25, "components": "hinge:2,sft:1"}, 2 * 0.5 + 2.0),
+    ],
+)
+def test_hand_worked(name: str, params: dict, expected: float) -> None:
+    assert loss_of(name, **params) == pytest.approx(expected, rel=1e-12)
+
+
+def test_fdpo_alpha_uses_the_paper_convention() -> None:
+    # Paper α = 0.3: s(Δ) = (1 − e^(−0.3Δ))/0.3. TRL writes it with a = 1 − α = 0.7: (e^((a−1)Δ) − 1)/(a − 1).
+    alpha = 0.3
+    s = lambda d: (1 - math.exp(-alpha * d)) / alpha  # noqa: E731
+    trl = lambda d, a=0.7: (math.exp((a - 1) * d) - 1) / (a - 1)  # noqa: E731
+    assert s(1.0) == pytest.approx(trl(1.0)) and s(-1.0) == pytest.approx(trl(-1.0))
+    got = loss_of("dpo", beta=0.5, f_divergence="alpha_divergence", f_alpha=alpha)
+    assert got == pytest.approx(softplus(-0.5 * (s(1.0) - s(-1.0))), rel=1e-6)
+    # α → 0 is reverse KL (DPO), α = 1 is forward KL.
+    assert loss_of("dpo", beta=0.5, f_divergence="alpha_divergence", f_alpha=0.0) == pytest.approx(DPO_AT_H2_BETA_HALF)
+    assert loss_of("dpo", beta=0.5, f_divergence="alpha_divergence", f_alpha=1.0) == pytest.approx(
+        loss_of("fdpo_forward_kl", beta=0.5), rel=1e-6
+    )
+
+
+def test_dpop_penalises_a_chosen_drop_below_the_reference() -> None:
+    # pc ≥ rc: no penalty, the DPO value.
+    assert loss_of("dpop", beta=0.5, dpop_lambda=5.0) == pytest.approx(DPO_AT_H2_BETA_HALF)
+    # pc = −12 < rc = −11: Δc = −1, Δr = −3, h = 2, penalty 1: −logσ(0.5·(2 − 5·1)) = log(1 + e^1.5)
+    dropped = one_pair(pc=-12.0, pr=-14.0)
+    assert loss_of("dpop", dropped, beta=0.5, dpop_lambda=5.0) == pytest.approx(softplus(1.5))
+
+
+def test_seed_custom_dpo_normalises_weights_and_tempers() -> None:
+    # Per-token: pc/5 = −2, rc/5 = −2.2, pr/4 = −3, rr/4 = −2.75 → r_c = 0.5·0.2, r_r = 0.5·(−0.25).
+    logits = (0.5 * 0.2 - 0.5 * -0.25) / 2.0  # temperature 2
+    assert loss_of("seed_custom_dpo", weights=0.5, beta=0.5, temperature=2.0) == pytest.approx(
+        0.5 * softplus(-logits)
+    )
+    # Each switch off: no length normalisation → logits = 0.5·2/2; no weighting → factor 1.
+    assert loss_of(
+        "seed_custom_dpo", weights=0.5, beta=0.5, temperature=2.0, length_normalization=False
+    ) == pytest.approx(0.5 * softplus(-0.5))
+    assert loss_of(
+        "seed_custom_dpo", weights=0.5, beta=0.5, temperature=2.0, confidence_weighting=False
+    ) == pytest.approx(softplus(-logits))
+    policy, reference = one_pair()
+    out = dpobench.get_loss("seed_custom_dpo", beta=0.5)(policy, reference)
+    assert float(out.chosen_rewards[0]) == pytest.approx(0.1) and float(out.rejected_rewards[0]) == pytest.approx(-0.125)
+
+
+def test_wpo_weights_pairs_by_policy_likelihood() -> None:
+    # w_c = exp((−10 − (−15))/5) = e, w_r = exp((−12 − (−4))/4) = e^−2: W = e^−1 (below the clamp).
+    pair = one_pair(lsc=-15.0, lsr=-4.0)
+    assert loss_of("wpo", pair, beta=0.5) == pytest.approx(math.exp(-1) * DPO_AT_H2_BETA_HALF)
+    # w_c = exp((−10 + 20)/5) = e², w_r = exp((−12 + 8)/4) = e^−1: W = e > 1, clamped to 1 (official)
+    # or kept (TRL 1.16).
+    pair = one_pair(lsc=-20.0, lsr=-8.0)
+    assert loss_of("wpo", pair, beta=0.5) == pytest.approx(DPO_AT_H2_BETA_HALF)
+    assert loss_of("wpo", pair, beta=0.5, clamp=False) == pytest.approx(math.e * DPO_AT_H2_BETA_HALF)
+    # Any base variant: WPO over IPO (paper) scales (2 − 1)² = 1.
+    assert loss_of("wpo", one_pair(lsc=-15.0, lsr=-4.0), beta=0.5, base="ipo_paper") == pytest.approx(math.exp(-1))
+
+
+def test_wpo_weight_carries_no_gradient() -> None:
+    policy, reference = one_pair(lsc=-15.0, lsr=-4.0)
+    policy = LogProbs(
+        policy.chosen.clone().requires_grad_(), policy.rejected.clone().requires_grad_(), policy.chosen_tokens,
+        policy.rejected_tokens, policy.chosen_logsumsq, policy.rejected_logsumsq,
+    )  # fmt: skip
+    dpobench.get_loss("wpo", beta=0.5)(policy, reference).losses.sum().backward()
+    # d/dpc of W·(−logσ(β·h)) with W fixed: −W·β·σ(−β·h) = −e^−1 · 0.5 · σ(−1)
+    expected = -math.exp(-1) * 0.5 / (1 + math.e)
+    assert float(policy.chosen.grad[0]) == pytest.approx(expected)
+
+
+def test_wpo_without_per_token_statistics_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="per-token statistics"):
+        loss_of("wpo")
+
+
+def test_reference_free_variants_ignore_the_reference() -> None:
+    policy, reference = one_pair()
+    for name in ("cpo", "simpo", "orpo", "sft"):
+        loss = dpobench.get_loss(name)
+        assert loss.reference_free
+        assert torch.equal(loss(policy, reference).losses, loss(policy, None).losses)
+
+
+def test_reference_based_variant_without_reference_is_a_clear_error() -> None:
+    policy, _ = one_pair()
+    with pytest.raises(ValueError, match="'dpo' needs reference log-probs"):
+        dpobench.get_loss("dpo")(policy, None)
+
+
+def test_orpo_is_finite_for_a_certain_response() -> None:
+    # pc = 0 (probability 1): TRL's log1p(−exp(0)) = −inf; dpobench clamps the average at −1e-6.
+    policy, reference = one_pair(pc=0.0)
+    out = dpobench.get_loss("orpo")(policy, reference)
+    assert torch.isfinite(out.losses).all()
