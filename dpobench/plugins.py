@@ -251,7 +251,7 @@ def state(paths: Sequence[str | os.PathLike[str]] = ()) -> Plugins:
         os.environ.get("DPOBENCH_LOAD_PLUGINS"),
         os.environ.get("DPOBENCH_PLUGINS_DIR"),
         tuple(str(p) for p in paths),
-        tuple(_extra.items()),
+        tuple((name, id(obj)) for name, obj in _extra.items()),
     )
     if key not in _cache:
         loaded = load_plugins(paths, extra=dict(_extra))

@@ -1,0 +1,163 @@
+"""The conformance checker: every registered variant passes it, and each check can fail."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dpobench
+from dpobench import LogProbs, LossOutput, Param, PreferenceLoss
+from dpobench.losses import log_ratios
+from dpobench.testing import assert_loss_contract, check_loss, make_batch
+
+ALL_VARIANTS = sorted(dpobench.get_losses())
+
+
+@pytest.mark.parametrize("name", ALL_VARIANTS)
+def test_every_registered_variant_passes(name: str) -> None:
+    assert_loss_contract(name)
+
+
+@pytest.mark.parametrize(
+    ("name", "params"),
+    [("dpo", {"f_divergence": "forward_kl", "beta": 1.0}), ("discopop", {"f_divergence": "alpha_divergence"}),
+     ("seed_custom_dpo", {"length_normalization": False}), ("cpo", {"label_smoothing": 0.2})],
+)  # fmt: skip
+def test_non_default_parameters_pass(name: str, params: dict) -> None:
+    assert_loss_contract(name, **params)
+
+
+class _Base(PreferenceLoss):
+    """Test loss (https://arxiv.org/abs/2305.18290).
+
+    Formula:
+        ℓ = −logσ(β·h)
+
+    Args:
+        beta: β.
+    """
+
+    name = "test_loss"
+    paper = "https://arxiv.org/abs/2305.18290"
+    params = {"beta": Param(0.1, "(0, inf)", "β")}
+
+    def forward(self, policy, reference, **extras):
+        dc, dr = log_ratios(policy, reference)
+        return LossOutput(-F.logsigmoid(self.beta * (dc - dr)), (self.beta * dc).detach(), (self.beta * dr).detach())
+
+
+def failure(cls: type[PreferenceLoss], check: str) -> str:
+    report = check_loss(cls)
+    assert report.ok is False, f"{cls.__name__} passed every check"
+    return next(r.message for r in report.results if r.check == check and not r.ok)
+
+
+def test_a_correct_class_passes() -> None:
+    assert check_loss(_Base).ok
+
+
+def test_attached_rewards_fail() -> None:
+    class Attached(_Base):
+        def forward(self, policy, reference, **extras):
+            dc, dr = log_ratios(policy, reference)
+            return LossOutput(-F.logsigmoid(self.beta * (dc - dr)), self.beta * dc, self.beta * dr)
+
+    assert "chosen_rewards and rejected_rewards carry a gradient" in failure(Attached, "rewards detached")
+
+
+def test_detached_policy_fails() -> None:
+    class Detached(_Base):
+        def forward(self, policy, reference, **extras):
+            out = super().forward(policy.detach(), reference)
+            return LossOutput(out.losses.detach(), out.chosen_rewards, out.rejected_rewards)
+
+    message = failure(Detached, "gradients reach the policy, not the reference")
+    assert message == "losses carry no gradient: do not detach the policy log-probs"
+
+
+def test_gradient_into_the_reference_fails() -> None:
+    class Leaky(_Base):
+        def __call__(self, policy, reference=None, **extras):  # bypasses the base class's detach
+            return self.forward(policy, reference)
+
+    message = failure(Leaky, "gradients reach the policy, not the reference")
+    assert message == "the reference log-probs receive a gradient: the reference must stay frozen"
+
+
+def test_overflow_at_extreme_inputs_fails() -> None:
+    class Overflowing(_Base):
+        def forward(self, policy, reference, **extras):
+            dc, dr = log_ratios(policy, reference)
+            losses = torch.exp(-self.beta * (dc - dr))  # e^(0.1·2e4) = inf
+            return LossOutput(losses, (self.beta * dc).detach(), (self.beta * dr).detach())
+
+    assert "non-finite value(s)" in failure(Overflowing, "finite at extreme inputs")
+
+
+def test_a_false_monotone_claim_fails() -> None:
+    class Target(_Base):  # IPO-like, but claims monotone
+        def forward(self, policy, reference, **extras):
+            dc, dr = log_ratios(policy, reference)
+            return LossOutput((dc - dr - 1 / (2 * self.beta)) ** 2, (self.beta * dc).detach(), (self.beta * dr).detach())
+
+    assert "set `monotone = False`" in failure(Target, "loss falls as the margin grows")
+
+
+def test_bfloat16_drift_fails() -> None:
+    class PrecisionSensitive(_Base):
+        def forward(self, policy, reference, **extras):
+            out = super().forward(policy, reference)
+            if policy.chosen.dtype == torch.bfloat16:  # a wrong branch only bf16 takes
+                return LossOutput(out.losses * 2, out.chosen_rewards, out.rejected_rewards)
+            return out
+
+    assert "more than 5% apart" in failure(PrecisionSensitive, "bfloat16 agrees with float32")
+
+
+def test_docstring_convention_fails_without_arxiv_formula_or_args() -> None:
+    class NoArxiv(_Base):
+        """A loss with no citation.
+
+        Formula:
+            ℓ = 0
+
+        Args:
+            beta: β.
+        """
+
+    class NoArgs(_Base):
+        """Test loss (https://arxiv.org/abs/2305.18290).
+
+        Formula:
+            ℓ = −logσ(β·h)
+        """
+
+    assert "first line must cite the paper" in failure(NoArxiv, "docstring convention")
+    assert "does not describe beta" in failure(NoArgs, "docstring convention")
+
+
+def test_unvalidated_parameter_fails() -> None:
+    class NoValidation(_Base):
+        def __init__(self, **hparams):  # skips the base class's validation
+            torch.nn.Module.__init__(self)
+            self.beta = hparams.get("beta", 0.1)
+            self.hparams = {"beta": self.beta}
+
+    assert "beta=0.0 is outside (0, inf) but building the loss accepted it" in failure(
+        NoValidation, "parameters declared and validated"
+    )
+
+
+def test_make_batch_is_deterministic_and_plausible() -> None:
+    a, _, w = make_batch(16, seed=7)
+    b, _, _ = make_batch(16, seed=7)
+    assert torch.equal(a.chosen, b.chosen)
+    assert (a.chosen < 0).all() and (a.chosen_tokens >= 1).all() and ((w > 0) & (w <= 1)).all()
+
+
+def test_logprobs_validates_shapes() -> None:
+    with pytest.raises(ValueError, match=r"LogProbs.rejected has shape \(3,\) but LogProbs.chosen has \(2,\)"):
+        LogProbs(torch.zeros(2), torch.zeros(3), torch.ones(2), torch.ones(2))
+    with pytest.raises(ValueError, match=r"LogProbs.chosen must have shape \(B,\), got \(2, 5\)"):
+        LogProbs(torch.zeros(2, 5), torch.zeros(2), torch.ones(2), torch.ones(2))
