@@ -1,0 +1,106 @@
+"""The command line: list, plugins, check, landscape, and one-line errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+import dpobench
+from dpobench.cli import app
+
+from .conftest import BROKEN_PLUGINS, subprocess_env
+from .test_plugins import EXPECTED_VARIANTS
+
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    return runner.invoke(app, list(args), catch_exceptions=False, env={"COLUMNS": "200"})
+
+
+def table_rows(stdout: str) -> dict[str, list[str]]:
+    """First word of the first cell → the stripped cells of a rich table row."""
+    rows = [[c.strip() for c in line.split("│")[1:-1]] for line in stdout.splitlines() if line.startswith("│")]
+    return {cells[0].split()[0]: cells for cells in rows}
+
+
+def test_list_shows_every_variant_with_plugin_version_and_paper() -> None:
+    result = invoke("list")
+    assert result.exit_code == 0
+    rows = table_rows(result.stdout)
+    assert set(rows) == EXPECTED_VARIANTS
+    assert rows["simpo"] == ["simpo", "reference_free", dpobench.__version__, "yes", "arXiv:2405.14734"]
+    assert rows["cdpo"][0] == "cdpo (dpo preset)"
+    assert rows["rpo"][3] == "no"  # DPO + SFT needs the reference
+
+
+def test_list_verbose_shows_formula_and_parameters() -> None:
+    result = invoke("list", "--verbose")
+    text = result.stdout
+    block = text[text.index("robust_dpo  (dpo") :]
+    block = block[: block.index("\n\n")]
+    assert "ℓ = [ −(1−ε)·logσ(β·δ) + ε·logσ(−β·δ) ] / (1 − 2ε)" in block
+    assert "label_smoothing = 0.1  ([0, 0.5)): ε, the probability that a label is flipped" in block
+
+
+def test_plugins_lists_sources() -> None:
+    result = invoke("plugins")
+    assert result.exit_code == 0
+    rows = table_rows(result.stdout)
+    assert rows["reference_free"] == ["reference_free", dpobench.__version__, "builtin", "cpo, orpo, sft, simpo, simpo_trl"]
+
+
+def test_check_names_and_files() -> None:
+    ok = invoke("check", "dpo", "simpo")
+    assert ok.exit_code == 0 and "2 of 2 variants pass the loss contract" in ok.stdout
+    bad = invoke("check", str(BROKEN_PLUGINS / "wrong_shape.py"))
+    assert bad.exit_code == 1
+    assert "✗ shapes and finite values: losses has shape () for a batch of 8 pairs" in bad.stdout
+
+
+def test_plugin_errors_make_list_fail_but_list_the_rest() -> None:
+    result = invoke("--plugins-dir", str(BROKEN_PLUGINS), "list")
+    assert result.exit_code == 1
+    assert "squared_hinge" in result.stdout
+    assert "plugin error: plugin 'misspelled_hook' implements hook 'register_loss'" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["check", "dpoo"], "error: unknown loss variant 'dpoo'; did you mean 'dpo'?"),
+        (["landscape", "--betas", "0.1,-1"], "error: --betas '0.1,-1': every β must be > 0"),
+        (["--plugins-dir", "/no/such/dir", "list"], "error: plugins path '/no/such/dir' is neither a directory nor a .py file"),
+        (["landscape", "--out", "/proc/nope/l.csv", "--variants", "dpo"], "error: cannot write '/proc/nope/l.csv'"),
+    ],
+)
+def test_user_errors_are_one_line_without_traceback(args: list[str], message: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "dpobench", *args], capture_output=True, text=True, env=subprocess_env(), timeout=120
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith(message), result.stderr
+    assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_landscape_writes_a_tidy_csv(tmp_path: Path) -> None:
+    out = tmp_path / "sub" / "landscape.csv"
+    result = invoke(
+        "landscape", "--out", str(out), "--variants", "dpo,simpo,sft", "--betas", "0.1,1", "--margin-min", "-4",
+        "--margin-max", "4", "--points", "9",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stdout
+    frame = pd.read_csv(out)
+    # dpo: β ∈ {0.1, 1} (0.1 is its default); simpo: {0.1, 1, 2.0 default}; sft: {0.1 default, 1}
+    assert len(frame) == 9 * (2 + 3 + 2)
+    assert list(frame.columns) == [
+        "variant", "plugin", "version", "reference_free", "beta", "beta_is_default", "margin", "tokens",
+        "loss", "grad_weight", "preference_prob",
+    ]  # fmt: skip
+    assert f"wrote {len(frame)} rows (3 variants) to {out}" in " ".join(result.stdout.split())
+    assert not list(out.parent.glob(".*.tmp"))  # written atomically, nothing left behind
