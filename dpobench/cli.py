@@ -63,15 +63,15 @@ def _load(extra: list[Path] | None = None) -> plugin_loading.Plugins:
     for message in state.errors:
         err.print(f"[bold red]plugin error:[/] {message}", markup=True, highlight=False, soft_wrap=True)
     if not any(info.builtin for info in state.info.values()):
-        raise CLIError(
-            "no built-in variants found: dpobench is not installed; run `pip install -e .` in the checkout"
-        )
+        raise CLIError("no built-in variants found: dpobench is not installed; run `pip install -e .` in the checkout")
     return state
 
 
 @app.command("list")
 def list_variants(
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show each variant's formula and parameters.")] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Show each variant's formula and parameters.")
+    ] = False,
 ) -> None:
     """List every registered loss variant with its plugin, version and paper."""
     state = _load()

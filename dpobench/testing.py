@@ -279,7 +279,9 @@ def _check_monotone(build: Callable[[], PreferenceLoss], cls: type) -> CheckResu
         policy = LogProbs(one(base + t / 2), one(base - t / 2), one(tokens), one(tokens), one(base), one(base))
         reference = LogProbs(one(base), one(base), one(tokens), one(tokens), one(base), one(base))
         values.append(float(_run(build(), policy, reference, torch.ones(1)).losses[0]))
-    for (t0, v0), (t1, v1) in zip(zip(margins.tolist(), values, strict=False), zip(margins.tolist()[1:], values[1:], strict=False), strict=False):
+    for (t0, v0), (t1, v1) in zip(
+        zip(margins.tolist(), values, strict=False), zip(margins.tolist()[1:], values[1:], strict=False), strict=False
+    ):
         if v1 > v0 + 1e-5 * (1 + abs(v0)):
             return CheckResult(
                 name, False,

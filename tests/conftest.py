@@ -16,12 +16,12 @@ SHARED = ROOT.parent / "shared"
 BROKEN_PLUGINS = Path(__file__).parent / "plugins"
 
 
-def subprocess_env(**extra: str) -> dict[str, str]:
-    """The environment for a `python -m dpobench` child: hermetic unless told otherwise."""
+def subprocess_env(**extra: str | None) -> dict[str, str]:
+    """The environment for a `python -m dpobench` child: hermetic unless told otherwise (None unsets)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("DPOBENCH_")}
     env["DPOBENCH_LOAD_PLUGINS"] = ""
     env.update(extra)
-    return env
+    return {k: v for k, v in env.items() if v is not None}
 
 
 @pytest.fixture(autouse=True)

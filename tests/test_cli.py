@@ -52,7 +52,12 @@ def test_plugins_lists_sources() -> None:
     result = invoke("plugins")
     assert result.exit_code == 0
     rows = table_rows(result.stdout)
-    assert rows["reference_free"] == ["reference_free", dpobench.__version__, "builtin", "cpo, orpo, sft, simpo, simpo_trl"]
+    assert rows["reference_free"] == [
+        "reference_free",
+        dpobench.__version__,
+        "builtin",
+        "cpo, orpo, sft, simpo, simpo_trl",
+    ]
 
 
 def test_check_names_and_files() -> None:
@@ -75,7 +80,10 @@ def test_plugin_errors_make_list_fail_but_list_the_rest() -> None:
     [
         (["check", "dpoo"], "error: unknown loss variant 'dpoo'; did you mean 'dpo'?"),
         (["landscape", "--betas", "0.1,-1"], "error: --betas '0.1,-1': every β must be > 0"),
-        (["--plugins-dir", "/no/such/dir", "list"], "error: plugins path '/no/such/dir' is neither a directory nor a .py file"),
+        (
+            ["--plugins-dir", "/no/such/dir", "list"],
+            "error: plugins path '/no/such/dir' is neither a directory nor a .py file",
+        ),
         (["landscape", "--out", "/proc/nope/l.csv", "--variants", "dpo"], "error: cannot write '/proc/nope/l.csv'"),
     ],
 )

@@ -99,7 +99,9 @@ def test_a_false_monotone_claim_fails() -> None:
     class Target(_Base):  # IPO-like, but claims monotone
         def forward(self, policy, reference, **extras):
             dc, dr = log_ratios(policy, reference)
-            return LossOutput((dc - dr - 1 / (2 * self.beta)) ** 2, (self.beta * dc).detach(), (self.beta * dr).detach())
+            return LossOutput(
+                (dc - dr - 1 / (2 * self.beta)) ** 2, (self.beta * dc).detach(), (self.beta * dr).detach()
+            )
 
     assert "set `monotone = False`" in failure(Target, "loss falls as the margin grows")
 

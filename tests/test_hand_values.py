@@ -96,9 +96,7 @@ def test_dpop_penalises_a_chosen_drop_below_the_reference() -> None:
 def test_seed_custom_dpo_normalises_weights_and_tempers() -> None:
     # Per-token: pc/5 = −2, rc/5 = −2.2, pr/4 = −3, rr/4 = −2.75 → r_c = 0.5·0.2, r_r = 0.5·(−0.25).
     logits = (0.5 * 0.2 - 0.5 * -0.25) / 2.0  # temperature 2
-    assert loss_of("seed_custom_dpo", weights=0.5, beta=0.5, temperature=2.0) == pytest.approx(
-        0.5 * softplus(-logits)
-    )
+    assert loss_of("seed_custom_dpo", weights=0.5, beta=0.5, temperature=2.0) == pytest.approx(0.5 * softplus(-logits))
     # Each switch off: no length normalisation → logits = 0.5·2/2; no weighting → factor 1.
     assert loss_of(
         "seed_custom_dpo", weights=0.5, beta=0.5, temperature=2.0, length_normalization=False
@@ -108,7 +106,9 @@ def test_seed_custom_dpo_normalises_weights_and_tempers() -> None:
     ) == pytest.approx(softplus(-logits))
     policy, reference = one_pair()
     out = dpobench.get_loss("seed_custom_dpo", beta=0.5)(policy, reference)
-    assert float(out.chosen_rewards[0]) == pytest.approx(0.1) and float(out.rejected_rewards[0]) == pytest.approx(-0.125)
+    assert float(out.chosen_rewards[0]) == pytest.approx(0.1) and float(out.rejected_rewards[0]) == pytest.approx(
+        -0.125
+    )
 
 
 def test_wpo_weights_pairs_by_policy_likelihood() -> None:

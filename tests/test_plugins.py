@@ -63,12 +63,24 @@ def test_unknown_variant_suggests_the_closest() -> None:
     [
         ("dpo", {"beta": 0}, "loss 'dpo': parameter beta=0 is outside its valid range (0, inf)"),
         ("dpo", {"beta": -1.0}, "outside its valid range (0, inf)"),
-        ("cdpo", {"label_smoothing": 0.5}, "loss 'cdpo': parameter label_smoothing=0.5 is outside its valid range [0, 0.5)"),
+        (
+            "cdpo",
+            {"label_smoothing": 0.5},
+            "loss 'cdpo': parameter label_smoothing=0.5 is outside its valid range [0, 0.5)",
+        ),
         ("exo_pair", {"label_smoothing": 0.0}, "label_smoothing=0.0 is outside its valid range (0, 1)"),
-        ("dpo", {"betta": 0.1}, "unknown parameter 'betta' (valid parameters: beta, f_alpha, f_divergence, label_smoothing)"),
+        (
+            "dpo",
+            {"betta": 0.1},
+            "unknown parameter 'betta' (valid parameters: beta, f_alpha, f_divergence, label_smoothing)",
+        ),
         ("dpo", {"beta": "abc"}, "parameter beta='abc' must be a number"),
         ("dpo", {"beta": float("nan")}, "must be a number, not NaN"),
-        ("dpo", {"f_divergence": "kl"}, "must be one of 'reverse_kl', 'forward_kl', 'js_divergence', 'alpha_divergence'"),
+        (
+            "dpo",
+            {"f_divergence": "kl"},
+            "must be one of 'reverse_kl', 'forward_kl', 'js_divergence', 'alpha_divergence'",
+        ),
         ("ipo", {"length_normalize": "maybe"}, "must be true or false"),
         ("wpo", {"base": "nope"}, "unknown loss variant 'nope'"),
         ("combined", {"components": "dpo"}, "must be (name, weight) pairs"),
@@ -94,7 +106,8 @@ def broken_state() -> plugins.Plugins:
 @pytest.mark.parametrize(
     "expected",
     [
-        "plugin 'import_error' (" + str(BROKEN_PLUGINS / "import_error.py")
+        "plugin 'import_error' ("
+        + str(BROKEN_PLUGINS / "import_error.py")
         + ") failed to import: ModuleNotFoundError: No module named 'dpobench_no_such_module'",
         "plugin 'misspelled_hook' implements hook 'register_loss', which dpobench does not define (hooks: register_losses)",
         "variant 'dpo' is registered twice: by plugin 'dpo' and by plugin 'duplicate_name'; rename one of them",
@@ -120,7 +133,11 @@ def test_good_plugins_still_load_beside_broken_ones() -> None:
 @pytest.mark.parametrize(
     ("variant", "check", "message"),
     [
-        ("raising_loss", "shapes and finite values", "calling the loss raised RuntimeError: this loss is broken on purpose"),
+        (
+            "raising_loss",
+            "shapes and finite values",
+            "calling the loss raised RuntimeError: this loss is broken on purpose",
+        ),
         ("nan_loss", "shapes and finite values", "losses has 8 non-finite value(s) (NaN or inf) for ordinary inputs"),
         ("wrong_shape", "shapes and finite values", "losses has shape () for a batch of 8 pairs; expected (8,)"),
     ],
@@ -142,7 +159,7 @@ def test_plugins_dir_from_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_p
 
 
 def test_missing_plugins_dir_is_a_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="is neither a directory nor a .py file"):
+    with pytest.raises(FileNotFoundError, match=r"is neither a directory nor a \.py file"):
         plugins.load_plugins([tmp_path / "nope"])
 
 
@@ -222,3 +239,20 @@ def test_every_hook_is_documented_in_the_readme_and_tested() -> None:
     for hook in hooks:
         assert f"`{hook}" in readme, f"hook {hook} is not documented in README.md"
         assert f"def {hook}(" in tests, f"hook {hook} has no test that implements it"
+
+
+def test_readme_names_every_variant() -> None:
+    readme = (ROOT / "README.md").read_text()
+    missing = [name for name in EXPECTED_VARIANTS if f"`{name}`" not in readme]
+    assert not missing, f"README.md does not mention {missing}"
+
+
+def test_readme_api_example_runs() -> None:
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    code = re.search(r"## The Python API\n\n```python\n(.*?)```", readme, re.S).group(1)
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    # IPO (TRL, length-normalised) on Δc = 1 over 5 tokens, Δr = −1 over 4: (0.2 + 0.25 − 5)²
+    assert float(namespace["out"].losses[0]) == pytest.approx((0.45 - 5) ** 2)

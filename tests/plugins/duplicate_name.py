@@ -1,7 +1,8 @@
 """Broken on purpose: registers the name `dpo`, which the built-in plugin `dpo` owns."""
 
-import dpobench
 from dpobench_plugins.dpo import DPOLoss
+
+import dpobench
 
 
 @dpobench.hookimpl

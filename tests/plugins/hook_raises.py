@@ -1,7 +1,8 @@
 """Broken on purpose: its register_losses raises after registering one variant."""
 
-import dpobench
 from dpobench_plugins.dpo import DPOLoss
+
+import dpobench
 
 
 @dpobench.hookimpl
