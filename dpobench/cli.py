@@ -81,8 +81,9 @@ def list_variants(
             _print_verbose(spec)
     else:
         table = Table(title=f"{len(registry)} loss variants", title_justify="left")
-        for column in ("variant", "plugin", "version", "reference-free", "paper"):
+        for column in ("variant", "plugin", "version", "ref-free"):
             table.add_column(column, overflow="fold")
+        table.add_column("paper", no_wrap=True)
         for spec in registry.values():
             table.add_row(
                 spec.name + (f" ({spec.preset_of} preset)" if spec.preset_of else ""),
