@@ -1,0 +1,170 @@
+"""Small real models: Llama-architecture causal LMs built from configs, supervised-fine-tuned on the
+synthetic task, cached with ``save_pretrained`` (safetensors) and reloaded with ``from_pretrained``.
+
+``load_model(ID_OR_PATH)`` takes any Hugging Face causal LM the same way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dpobench.task import TASK_VERSION, build_tokenizer, sample_review
+
+__all__ = ["SIZES", "SFTRecipe", "cache_root", "load_model", "model_fingerprint", "reference_model"]
+
+#: named sizes; `base` has SmolLM-135M's shape (hidden 576, 30 layers, 9 heads, 3 KV heads) on the task's vocabulary
+SIZES: dict[str, dict[str, int]] = {
+    "tiny": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
+             "num_key_value_heads": 2},
+    "small": {"hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4, "num_attention_heads": 4,
+              "num_key_value_heads": 4},
+    "base": {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
+             "num_key_value_heads": 3},
+}  # fmt: skip
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("DPOBENCH_CACHE", Path.home() / ".cache" / "dpobench")).expanduser()
+
+
+@dataclass(frozen=True)
+class SFTRecipe:
+    """Everything that determines the SFT reference model; its hash names the cache entry."""
+
+    size: str = "tiny"
+    steps: int = 600
+    batch_size: int = 64
+    lr: float = 3e-3
+    corpus: int = 20_000
+    seed: int = 0
+    task: str = TASK_VERSION
+    format: int = 1  # bump when the training code changes what it produces
+
+    def key(self) -> str:
+        blob = json.dumps(asdict(self), sort_keys=True).encode()
+        return f"{self.size}-{hashlib.sha256(blob).hexdigest()[:12]}"
+
+
+def build_config(size: str, vocab_size: int, tokenizer: Any):
+    from transformers import LlamaConfig
+
+    if size not in SIZES:
+        raise ValueError(f"unknown model size {size!r}; use one of {', '.join(SIZES)}")
+    return LlamaConfig(
+        vocab_size=vocab_size, max_position_embeddings=128, tie_word_embeddings=True, rms_norm_eps=1e-5,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        **SIZES[size],
+    )  # fmt: skip
+
+
+def reference_model(recipe: SFTRecipe, progress: Callable[[str], None] | None = None) -> Path:
+    """The cached SFT model for ``recipe``, trained now if missing or unreadable. Returns its folder."""
+    folder = cache_root() / "models" / recipe.key()
+    if _valid_entry(folder, recipe):
+        return folder
+    if folder.exists():
+        shutil.rmtree(folder)  # corrupted or mismatched: rebuilt, not trusted
+    if progress:
+        progress(f"training the SFT reference model ({recipe.size}, {recipe.steps} steps); cached for later runs")
+    tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model, tokenizer, log = train_sft(recipe)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "recipe.json").write_text(json.dumps({**asdict(recipe), "log": log}, indent=1))
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, folder)  # atomic: a half-written model is never seen under the final name
+    return folder
+
+
+def _valid_entry(folder: Path, recipe: SFTRecipe) -> bool:
+    try:
+        saved = json.loads((folder / "recipe.json").read_text())
+        return all(saved.get(k) == v for k, v in asdict(recipe).items()) and (folder / "model.safetensors").is_file()
+    except (OSError, ValueError):
+        return False
+
+
+def train_sft(recipe: SFTRecipe):
+    """Supervised fine-tuning on reviews sampled from the grammar: next-token loss on whole reviews."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(recipe.seed)
+    rng = random.Random(recipe.seed)
+    tokenizer = build_tokenizer()
+    model = LlamaForCausalLM(build_config(recipe.size, len(tokenizer), tokenizer))
+    texts = [f"{r.prompt} {r.completion}" for r in (sample_review(rng) for _ in range(recipe.corpus))]
+    encoded = [[tokenizer.bos_token_id, *tokenizer(t, add_special_tokens=False).input_ids, tokenizer.eos_token_id]
+               for t in texts]  # fmt: skip
+    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.0)
+    warmup = max(1, recipe.steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, recipe.steps) / recipe.steps))
+    )
+    generator = torch.Generator().manual_seed(recipe.seed)
+    model.train()
+    start, log = time.perf_counter(), []
+    for step in range(recipe.steps):
+        index = torch.randint(len(encoded), (recipe.batch_size,), generator=generator).tolist()
+        batch = [encoded[i] for i in index]
+        width = max(map(len, batch))
+        ids = torch.full((len(batch), width), tokenizer.pad_token_id)
+        for row, seq in enumerate(batch):
+            ids[row, : len(seq)] = torch.tensor(seq)
+        labels = ids.masked_fill(ids == tokenizer.pad_token_id, -100)
+        loss = model(input_ids=ids, attention_mask=(labels != -100).long(), labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % 100 == 0 or step == recipe.steps - 1:
+            log.append({"step": step, "loss": round(loss.item(), 4)})
+    log.append({"seconds": round(time.perf_counter() - start, 1)})
+    model.eval()
+    return model, tokenizer, log
+
+
+def load_model(source: str | Path, device: str = "cpu"):
+    """Model and tokenizer from a folder written by ``save_pretrained`` or a Hub id (where reachable)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, attn_implementation="sdpa")
+    except (OSError, ValueError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(
+            f"cannot load model {str(source)!r}: {first}; give a folder written by save_pretrained or a Hub id"
+        ) from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.to(device).eval()
+    return model, tokenizer
+
+
+def model_fingerprint(source: str | Path) -> str:
+    """sha256 over a local model's weight files (a Hub id fingerprints as the id itself)."""
+    path = Path(source)
+    if not path.is_dir():
+        return f"hub:{source}"
+    digest = hashlib.sha256()
+    for file in sorted([*path.glob("*.safetensors"), *path.glob("*.bin"), path / "config.json"]):
+        if file.is_file():
+            digest.update(file.name.encode())
+            with file.open("rb") as handle:
+                for chunk in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(chunk)
+    return digest.hexdigest()[:16]
