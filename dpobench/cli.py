@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -203,6 +204,161 @@ def landscape_command(
         frame = landscape(specs, beta_grid, margins, tokens)
     _write_atomic_csv(frame, output)
     out.print(f"wrote {len(frame)} rows ({len(specs)} variants) to {output}", highlight=False)
+
+
+_RUN_KEYS = {"variants", "betas", "seeds", "scenarios", "steps", "batch_size", "lr", "model", "data", "device",
+             "eval_every", "preset"}  # fmt: skip
+
+
+@app.command("run")
+def run(
+    variants: Annotated[str | None, typer.Option(help="Comma-separated variants (default: all, or the preset's).")] = None,
+    betas: Annotated[str | None, typer.Option(help="Comma-separated β values (default 0.1).")] = None,
+    seeds: Annotated[str | None, typer.Option(help="Comma-separated seeds (default 0).")] = None,
+    scenarios: Annotated[str | None, typer.Option(help="clean, noisy, length-biased (comma-separated).")] = None,
+    steps: Annotated[int | None, typer.Option(help="Training steps per cell.", min=1)] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Pairs per step.", min=1)] = None,
+    lr: Annotated[float | None, typer.Option(help="AdamW learning rate.")] = None,
+    model: Annotated[str | None, typer.Option(help="tiny, small, base, or a save_pretrained folder / Hub id.")] = None,
+    data: Annotated[Path | None, typer.Option(help="JSONL / CSV / Parquet of prompt, chosen, rejected.")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda.")] = None,
+    eval_every: Annotated[int | None, typer.Option(help="Evaluate every N steps too (0: at the end only).", min=0)] = None,
+    preset: Annotated[str | None, typer.Option(help="quick (default) or standard.")] = None,
+    config: Annotated[Path | None, typer.Option(help="TOML file with the same keys as these options.")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (store, CSV); a rerun resumes it.")] = Path(
+        "dpobench-results"
+    ),
+) -> None:
+    """Train every variant identically on a small real model and compare them (resumable)."""
+    import shlex
+
+    from dpobench.sweep import PRESETS, SweepConfig, SweepError, run_sweep
+    from dpobench.train import TrainConfig
+
+    settings: dict[str, object] = {}
+    if config is not None:
+        settings.update(_read_config(config))
+    given = {"variants": variants, "betas": betas, "seeds": seeds, "scenarios": scenarios, "steps": steps,
+             "batch_size": batch_size, "lr": lr, "model": model, "data": data, "device": device,
+             "eval_every": eval_every, "preset": preset}  # fmt: skip
+    settings.update({k: v for k, v in given.items() if v is not None})
+    preset_name = str(settings.pop("preset", "quick"))
+    if preset_name not in PRESETS:
+        raise CLIError(f"--preset {preset_name!r}: use one of {', '.join(PRESETS)}")
+    chosen = {**PRESETS[preset_name], **settings}
+    _load()
+    try:
+        sweep = SweepConfig(
+            variants=tuple(_parse_list(chosen["variants"], str)),
+            betas=tuple(_parse_list(chosen["betas"], float)),
+            seeds=tuple(_parse_list(chosen["seeds"], int)),
+            scenarios=tuple(_parse_list(chosen["scenarios"], str)),
+            model=str(chosen.get("model", "tiny")),
+            data=str(chosen["data"]) if chosen.get("data") else None,
+            train=TrainConfig(
+                steps=int(chosen.get("steps", 150)), batch_size=int(chosen.get("batch_size", 32)),
+                lr=float(chosen.get("lr", 1e-4)), eval_every=int(chosen.get("eval_every", 0)),
+                device=str(chosen.get("device", "auto")),
+            ),  # fmt: skip
+        )
+    except (TypeError, ValueError) as error:
+        raise CLIError(f"run settings: {error}") from None
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    started = time.perf_counter()
+    with _CellProgress() as cells:
+        try:
+            summary = run_sweep(
+                sweep, out, command=shlex.join(["dpobench", *sys.argv[1:]]),
+                progress=lambda m: err.print(f"[dim]{m}[/]", highlight=False), cell_progress=cells,
+            )  # fmt: skip
+        except SweepError as error:
+            raise CLIError(str(error)) from None
+    _write_atomic_csv(summary, out / "summary.csv")
+    _print_summary(summary)
+    out.mkdir(parents=True, exist_ok=True)
+    err.print(
+        f"{len(summary)} cells in {out / 'results.sqlite'}; summary in {out / 'summary.csv'} "
+        f"({time.perf_counter() - started:.0f} s)", highlight=False,
+    )  # fmt: skip
+    if (summary.status != "done").any():
+        raise typer.Exit(1)
+
+
+def _read_config(path: Path) -> dict[str, object]:
+    import tomllib
+
+    try:
+        values = tomllib.loads(path.read_text())
+    except OSError as error:
+        raise CLIError(f"--config {str(path)!r}: {error.strerror}") from None
+    except tomllib.TOMLDecodeError as error:
+        raise CLIError(f"--config {str(path)!r}: not valid TOML ({error})") from None
+    values = {k.replace("-", "_"): v for k, v in values.items()}
+    unknown = sorted(set(values) - _RUN_KEYS)
+    if unknown:
+        raise CLIError(f"--config {str(path)!r}: unknown key {unknown[0]!r}; valid keys: {', '.join(sorted(_RUN_KEYS))}")
+    return values
+
+
+def _parse_list(value: object, kind: type) -> list:
+    items = value.split(",") if isinstance(value, str) else list(value)  # type: ignore[call-overload]
+    try:
+        return [kind(v.strip() if isinstance(v, str) else v) for v in items if str(v).strip()]
+    except ValueError:
+        raise CLIError(f"{value!r}: expected comma-separated {kind.__name__} values") from None
+
+
+class _CellProgress:
+    """A progress bar for the sweep and one for the cell in training."""
+
+    def __enter__(self) -> _CellProgress:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err,
+            transient=True,
+        )  # fmt: skip
+        self.progress.__enter__()
+        self.task = None
+        return self
+
+    def start(self, label: str, total: int) -> None:
+        if self.task is not None:
+            self.progress.remove_task(self.task)
+        self.task = self.progress.add_task(label, total=total)
+
+    def advance(self, step: int) -> None:
+        self.progress.update(self.task, completed=step)
+
+    def done(self, label: str, status: str) -> None:
+        if status != "done":
+            err.print(f"[bold red]{status}:[/] {label}", highlight=False)
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.__exit__(*exc)
+
+
+def _print_summary(summary: object) -> None:
+    import pandas as pd
+
+    from dpobench.report import variant_table
+
+    assert isinstance(summary, pd.DataFrame)
+    table_frame = variant_table(summary)
+    from rich import box
+
+    table = Table(
+        title="per variant at the end of training (loss, margin, acc: mean of the last 10% of steps)",
+        title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
+    )  # fmt: skip
+    for column in table_frame.columns:
+        table.add_column(column, justify="left" if column in ("variant", "scenario", "status") else "right", no_wrap=True)
+    for row in table_frame.itertuples(index=False):
+        table.add_row(*[str(v) for v in row])
+    out.print(table, width=max(out.width, 120))  # a summary squeezed to 80 columns is unreadable
 
 
 def _parse_floats(text: str, option: str) -> list[float]:

@@ -1,0 +1,310 @@
+"""Preference pairs: sampled from the SFT model and labelled by the gold reward, or read from a file.
+
+Pairs are token ids (prompt, chosen, rejected), so that every cell of a sweep sees the very same
+tensors. Scenarios change only the labels of the training pairs (``clean``, ``noisy``,
+``length-biased``); held-out pairs are always labelled clean.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dpobench.task import gold_reward, sample_review
+
+__all__ = [
+    "SCENARIOS",
+    "DataError",
+    "DataRecipe",
+    "decode_completion",
+    "sample_completions",
+    "Pair",
+    "PairSet",
+    "TaskData",
+    "apply_scenario",
+    "encode_completion",
+    "encode_prompt",
+    "load_pairs_file",
+    "make_task_data",
+]
+
+SCENARIOS = ("clean", "noisy", "length-biased")
+
+
+class DataError(ValueError):
+    """Bad user data: the message names the file, line or key and says what to do."""
+
+
+@dataclass(frozen=True)
+class Pair:
+    prompt: tuple[int, ...]
+    chosen: tuple[int, ...]  # completion token ids, ending with EOS
+    rejected: tuple[int, ...]
+    weight: float = 1.0
+    chosen_gold: float = math.nan  # gold rewards, when the task knows them
+    rejected_gold: float = math.nan
+
+
+@dataclass
+class PairSet:
+    pairs: list[Pair]
+    truncated: int = 0
+
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256()
+        for p in self.pairs:
+            digest.update(json.dumps([p.prompt, p.chosen, p.rejected, p.weight]).encode())
+        return digest.hexdigest()[:16]
+
+
+@dataclass
+class TaskData:
+    """Everything a sweep trains and evaluates on."""
+
+    train: PairSet
+    heldout: PairSet
+    eval_prompts: list[tuple[int, ...]]  # held-out prompts the policy samples from
+    has_gold: bool
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def encode_prompt(tokenizer: Any, text: str) -> list[int]:
+    ids = tokenizer(text, add_special_tokens=True).input_ids
+    if tokenizer.bos_token_id is not None and (not ids or ids[0] != tokenizer.bos_token_id):
+        ids = [tokenizer.bos_token_id, *ids]
+    return ids
+
+
+def encode_completion(tokenizer: Any, text: str) -> list[int]:
+    return [*tokenizer(" " + text.strip(), add_special_tokens=False).input_ids, tokenizer.eos_token_id]
+
+
+def decode_completion(tokenizer: Any, ids: Sequence[int]) -> str:
+    return tokenizer.decode([i for i in ids if i != tokenizer.eos_token_id], skip_special_tokens=True).strip()
+
+
+@torch.no_grad()
+def sample_completions(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[Sequence[int]],
+    *,
+    samples: int = 1,
+    max_new_tokens: int = 48,
+    temperature: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 512,
+    device: str = "cpu",
+) -> list[list[tuple[int, ...]]]:
+    """``samples`` completions per prompt (token ids, ending with EOS when the model stopped)."""
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    generator = torch.Generator(device=device).manual_seed(seed)
+    flat = [p for p in prompts for _ in range(samples)]
+    out: list[tuple[int, ...]] = []
+    for start in range(0, len(flat), batch_size):
+        chunk = flat[start : start + batch_size]
+        width = max(map(len, chunk))
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, p in enumerate(chunk):  # left padding: every prompt ends at the same column
+            ids[row, width - len(p) :] = torch.tensor(p)
+            mask[row, width - len(p) :] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        done = torch.zeros(len(chunk), dtype=torch.bool, device=device)
+        generated = []
+        position = (mask.cumsum(-1) - 1).clamp(min=0)
+        past = None
+        step_ids, step_pos = ids, position
+        cache_arg = _cache_argument(model)
+        for _ in range(max_new_tokens):
+            result = model(
+                input_ids=step_ids, attention_mask=mask, position_ids=step_pos, use_cache=True, logits_to_keep=1,
+                **{cache_arg: past},
+            )  # fmt: skip
+            past = getattr(result, cache_arg)
+            logits = result.logits[:, -1, :].float() / temperature
+            token = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(-1)
+            token = torch.where(done, torch.full_like(token, pad), token)
+            generated.append(token)
+            done |= token == eos
+            if done.all():
+                break
+            step_ids = token[:, None]
+            step_pos = step_pos[:, -1:] + 1
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        tokens = torch.stack(generated, dim=1).tolist()
+        for row in tokens:
+            completion = []
+            for t in row:
+                completion.append(t)
+                if t == eos:
+                    break
+            out.append(tuple(t for t in completion if t != pad))
+    return [out[i * samples : (i + 1) * samples] for i in range(len(prompts))]
+
+
+def _cache_argument(model: Any) -> str:
+    """transformers ≥ 5.2x calls the KV cache `cache`; earlier versions `past_key_values`."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+@dataclass(frozen=True)
+class DataRecipe:
+    """What determines the synthetic pairs; with the model fingerprint it keys the cache."""
+
+    train_prompts: int = 2048
+    heldout_prompts: int = 256
+    eval_prompts: int = 256
+    max_new_tokens: int = 48
+    temperature: float = 1.0
+    labels: str = "hard"  # or "bt": Bradley-Terry sampling with temperature bt_temperature
+    bt_temperature: float = 0.1
+    seed: int = 0
+
+    def key(self, model_fingerprint: str) -> str:
+        blob = json.dumps({**asdict(self), "model": model_fingerprint}, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def make_task_data(model: Any, tokenizer: Any, recipe: DataRecipe, device: str = "cpu") -> TaskData:
+    """Two samples from the model per prompt, labelled by the gold reward; ties dropped."""
+    rng = random.Random(recipe.seed)
+    total = recipe.train_prompts + recipe.heldout_prompts + recipe.eval_prompts
+    prompts = [encode_prompt(tokenizer, sample_review(rng).prompt) for _ in range(total)]
+    n_train, n_held = recipe.train_prompts, recipe.heldout_prompts
+    samples = sample_completions(
+        model, tokenizer, prompts[: n_train + n_held], samples=2, max_new_tokens=recipe.max_new_tokens,
+        temperature=recipe.temperature, seed=recipe.seed, device=device,
+    )  # fmt: skip
+    label_rng = random.Random(recipe.seed + 1)
+    train, heldout, ties = [], [], 0
+    for index, (prompt, (a, b)) in enumerate(zip(prompts, samples, strict=False)):
+        ra, rb = (gold_reward(decode_completion(tokenizer, s)) for s in (a, b))
+        if abs(ra - rb) < 1e-9:
+            ties += 1
+            continue
+        if recipe.labels == "bt":
+            a_wins = label_rng.random() < 1 / (1 + math.exp(-(ra - rb) / recipe.bt_temperature))
+        else:
+            a_wins = ra > rb
+        chosen, rejected, rc, rr = (a, b, ra, rb) if a_wins else (b, a, rb, ra)
+        (train if index < n_train else heldout).append(Pair(tuple(prompt), chosen, rejected, 1.0, rc, rr))
+    return TaskData(
+        train=PairSet(train),
+        heldout=PairSet(heldout),
+        eval_prompts=[tuple(p) for p in prompts[n_train + n_held :]],
+        has_gold=True,
+        info={"ties_dropped": ties, "recipe": asdict(recipe)},
+    )
+
+
+def apply_scenario(pairs: PairSet, scenario: str, *, noise: float = 0.2, length_bonus: float = 0.03, seed: int = 0) -> PairSet:
+    """The training pairs as a scenario's labeller would have labelled them."""
+    if scenario == "clean":
+        return pairs
+    if scenario == "noisy":
+        # Exactly round(ε·n) labels flipped, chosen at random but the same for every cell.
+        flip = set(random.Random(seed + 7).sample(range(len(pairs.pairs)), round(noise * len(pairs.pairs))))
+        return PairSet([_swap(p) if i in flip else p for i, p in enumerate(pairs.pairs)], pairs.truncated)
+    if scenario == "length-biased":
+        # The labeller adds `length_bonus` per completion token to the gold reward before comparing.
+        relabelled = []
+        for p in pairs.pairs:
+            biased_c = p.chosen_gold + length_bonus * len(p.chosen)
+            biased_r = p.rejected_gold + length_bonus * len(p.rejected)
+            relabelled.append(_swap(p) if biased_r > biased_c else p)
+        return PairSet(relabelled, pairs.truncated)
+    raise DataError(f"unknown scenario {scenario!r}; use one of {', '.join(SCENARIOS)}")
+
+
+def _swap(p: Pair) -> Pair:
+    return replace(p, chosen=p.rejected, rejected=p.chosen, chosen_gold=p.rejected_gold, rejected_gold=p.chosen_gold)
+
+
+# --- user data ---
+
+
+def load_pairs_file(path: str | Path, tokenizer: Any, max_length: int, heldout_fraction: float = 0.1, seed: int = 0) -> TaskData:
+    """JSONL / CSV / Parquet with ``prompt``, ``chosen``, ``rejected`` (and optional ``weight``).
+
+    A pair longer than ``max_length`` tokens keeps its prompt and the start of each completion
+    (truncated from the end, EOS kept); such pairs are counted in ``truncated``.
+    """
+    path = Path(path)
+    rows = _read_rows(path)
+    pairs, truncated = [], 0
+    for where, row in rows:
+        for key in ("prompt", "chosen", "rejected"):
+            if key not in row:
+                raise DataError(f"{path}:{where}: missing key {key!r}; each row needs prompt, chosen and rejected")
+            if not isinstance(row[key], str) or not row[key].strip():
+                raise DataError(f"{path}:{where}: {key!r} must be a non-empty string")
+        if row["chosen"].strip() == row["rejected"].strip():
+            raise DataError(f"{path}:{where}: chosen and rejected are identical; drop the row or fix it")
+        weight = row.get("weight", 1.0)
+        try:
+            weight = float(1.0 if weight in (None, "") else weight)
+        except (TypeError, ValueError):
+            raise DataError(f"{path}:{where}: weight {weight!r} is not a number") from None
+        prompt = encode_prompt(tokenizer, row["prompt"])
+        chosen, rejected = encode_completion(tokenizer, row["chosen"]), encode_completion(tokenizer, row["rejected"])
+        room = max_length - len(prompt)
+        if room < 2:
+            raise DataError(f"{path}:{where}: the prompt alone has {len(prompt)} tokens, more than max length {max_length}")
+        if len(chosen) > room or len(rejected) > room:
+            truncated += 1
+            chosen, rejected = chosen[: room - 1] + chosen[-1:], rejected[: room - 1] + rejected[-1:]
+        pairs.append(Pair(tuple(prompt), tuple(chosen), tuple(rejected), weight))
+    if len(pairs) < 2:
+        raise DataError(f"{path}: needs at least 2 pairs, found {len(pairs)}")
+    order = list(range(len(pairs)))
+    random.Random(seed).shuffle(order)
+    n_held = max(1, round(heldout_fraction * len(pairs)))
+    held = sorted(order[:n_held])
+    train = sorted(order[n_held:])
+    return TaskData(
+        train=PairSet([pairs[i] for i in train], truncated),
+        heldout=PairSet([pairs[i] for i in held]),
+        eval_prompts=[pairs[i].prompt for i in held],
+        has_gold=False,
+        info={"file": str(path), "pairs": len(pairs), "truncated": truncated},
+    )
+
+
+def _read_rows(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    if not path.is_file():
+        raise DataError(f"{path}: no such file; --data takes a JSONL, CSV or Parquet file of pairs")
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        rows = []
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataError(f"{path}:{number}: not valid JSON ({error.msg}); one JSON object per line") from None
+            if not isinstance(value, dict):
+                raise DataError(f"{path}:{number}: expected a JSON object with prompt, chosen, rejected")
+            rows.append((f"line {number}", value))
+        return rows
+    if suffix == ".csv":
+        with path.open(newline="", encoding="utf-8") as handle:
+            return [(f"row {i}", dict(r)) for i, r in enumerate(csv.DictReader(handle), start=2)]
+    if suffix == ".parquet":
+        import pandas as pd
+
+        frame = pd.read_parquet(path)
+        return [(f"row {i}", r) for i, r in enumerate(frame.to_dict("records"), start=1)]
+    raise DataError(f"{path}: unknown format {suffix!r}; use .jsonl, .csv or .parquet")

@@ -1,0 +1,238 @@
+"""The sweep: variants × β × seeds × scenarios, each cell trained identically, resumable from the store."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+import dpobench
+from dpobench.data import SCENARIOS, DataRecipe, TaskData, apply_scenario, load_pairs_file, make_task_data
+from dpobench.logprobs import cached_reference_logprobs
+from dpobench.models import SIZES, SFTRecipe, cache_root, load_model, model_fingerprint, reference_model
+from dpobench.plugins import get_losses
+from dpobench.store import Store
+from dpobench.train import Evaluator, TrainConfig, train_cell
+
+__all__ = ["PRESETS", "SweepConfig", "SweepError", "run_sweep", "summarize"]
+
+MAIN_VARIANTS = ("dpo", "cdpo", "ipo", "robust_dpo", "hinge", "simpo", "orpo", "cpo", "sppo_hard", "apo_zero",
+                 "discopop", "len_reg_dpo", "dpop", "cal_dpo", "rpo")  # fmt: skip
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # every built-in variant at β = 0.1, one seed, clean data, the tiny model
+    "quick": {"variants": (), "betas": (0.1,), "seeds": (0,), "scenarios": ("clean",), "steps": 150},
+    "standard": {"variants": MAIN_VARIANTS, "betas": (0.01, 0.05, 0.1, 0.5, 1.0), "seeds": (0, 1, 2),
+                 "scenarios": SCENARIOS, "steps": 200},
+}  # fmt: skip
+
+
+class SweepError(ValueError):
+    """A sweep that cannot start as configured; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    variants: tuple[str, ...] = ()  # empty: every registered variant
+    betas: tuple[float, ...] = (0.1,)
+    seeds: tuple[int, ...] = (0,)
+    scenarios: tuple[str, ...] = ("clean",)
+    model: str = "tiny"  # a size name (dpobench builds and SFTs it) or a folder / Hub id
+    data: str | None = None  # a JSONL / CSV / Parquet file of pairs instead of the synthetic task
+    train: TrainConfig = field(default_factory=TrainConfig)
+    noise: float = 0.2
+    length_bonus: float = 0.03
+    sft: SFTRecipe | None = None  # overrides the size's default SFT recipe (tests use short ones)
+    data_recipe: DataRecipe = field(default_factory=DataRecipe)
+
+    def to_json(self) -> dict[str, Any]:
+        blob = asdict(self)
+        blob["train"] = asdict(self.train)
+        return blob
+
+
+def resolve_device(requested: str) -> str:
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise SweepError("--device cuda: no CUDA GPU is visible to PyTorch; use --device cpu or auto")
+    if requested not in ("cpu", "cuda") and not requested.startswith("cuda:"):
+        raise SweepError(f"--device {requested!r}: use auto, cpu or cuda")
+    return requested
+
+
+def _git_commit() -> str | None:
+    try:
+        root = Path(__file__).resolve().parents[1]
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _cell_id(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def run_sweep(
+    config: SweepConfig,
+    out: Path,
+    *,
+    command: str = "",
+    progress: Callable[[str], None] = print,
+    cell_progress: Any = None,
+) -> pd.DataFrame:
+    """Run every cell not yet in ``out/results.sqlite``; return the per-cell summary."""
+    import transformers
+
+    registry = get_losses()
+    names = list(config.variants) or list(registry)
+    specs = [registry[n] for n in names]  # unknown names fail here, before any training
+    for scenario in config.scenarios:
+        if scenario not in SCENARIOS:
+            raise SweepError(f"unknown scenario {scenario!r}; use one of {', '.join(SCENARIOS)}")
+    for beta in config.betas:
+        if not beta > 0:
+            raise SweepError(f"β = {beta}: every β must be > 0")
+    cells = []
+    for spec, beta, seed, scenario in itertools.product(specs, config.betas, config.seeds, config.scenarios):
+        params = {"beta": beta} if "beta" in spec.params else {}
+        loss = spec.build(**params)  # parameters validated before anything trains
+        cells.append((spec, loss, beta if params else math.nan, seed, scenario))
+    if config.data and set(config.scenarios) != {"clean"}:
+        raise SweepError("--scenarios noisy/length-biased need the synthetic task's gold labels; drop --data or use clean")
+    device = resolve_device(config.train.device)
+    train_config = replace(config.train, device=device)
+
+    out.mkdir(parents=True, exist_ok=True)
+    store = Store(out / "results.sqlite")
+
+    if config.model in SIZES:
+        recipe = config.sft or SFTRecipe(size=config.model)
+        model_path: str | Path = reference_model(recipe, progress=progress)
+    else:
+        model_path = config.model
+    reference, tokenizer = load_model(model_path, device="cpu")
+    policy, _ = load_model(model_path, device="cpu")
+    reference_state = {k: v.detach().clone() for k, v in reference.state_dict().items()}
+    model_hash = model_fingerprint(model_path)
+    reference.to(device)
+
+    if config.data:
+        max_length = getattr(reference.config, "max_position_embeddings", 512) or 512
+        data: TaskData = load_pairs_file(config.data, tokenizer, max_length=min(max_length, 1024))
+    else:
+        progress("sampling preference pairs from the reference model")
+        data = make_task_data(reference, tokenizer, config.data_recipe, device=device)
+    data_hash = data.train.fingerprint() + data.heldout.fingerprint()
+    progress(f"{len(data.train.pairs)} training pairs, {len(data.heldout.pairs)} held-out pairs")
+
+    ref_key = f"{model_hash}|{data_hash}"
+    cache = cache_root()
+    train_ref = cached_reference_logprobs(
+        reference, data.train.pairs, tokenizer.pad_token_id, ref_key + "|train", cache, device=device, autocast=train_config.autocast
+    )  # fmt: skip
+    heldout_ref = cached_reference_logprobs(
+        reference, data.heldout.pairs, tokenizer.pad_token_id, ref_key + "|heldout", cache, device=device,
+        autocast=train_config.autocast,
+    )  # fmt: skip
+    evaluator = Evaluator(reference, tokenizer, data, heldout_ref, device=device, autocast=train_config.autocast)
+
+    run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + _cell_id(config.to_json(), model_hash, data_hash)[:6]
+    versions = {
+        "dpobench_version": dpobench.__version__, "torch_version": torch.__version__,
+        "transformers_version": transformers.__version__,
+    }  # fmt: skip
+    store.add_run(
+        run_id, command=command, config=config.to_json(), git_commit=_git_commit(), model=str(config.model),
+        model_hash=model_hash, data_hash=data_hash, device=device, dtype=train_config.dtype,
+        info={**data.info, "truncated": data.train.truncated}, **versions,
+    )  # fmt: skip
+    base_cell = {"run_id": run_id, "model": str(config.model), "model_hash": model_hash, "device": device,
+                 "dtype": train_config.dtype}  # fmt: skip
+
+    # The reference model's own metrics: the point every variant starts from (KL 0), per seed.
+    for seed in config.seeds:
+        cell_id = _cell_id("reference", seed, model_hash, data_hash, train_config.max_grad_norm)
+        if not store.finished(cell_id):
+            evaluation = evaluator(reference, 0, None, seed)
+            store.write_cell(
+                {**base_cell, "cell_id": cell_id, "variant": "(reference)", "plugin": "", "plugin_version": "",
+                 "params": "{}", "beta": math.nan, "seed": seed, "scenario": "clean", "config": "{}", "status": "done",
+                 "error": "", "started": time.time(), "finished": time.time(), "seconds": 0.0},
+                [], [evaluation],
+            )  # fmt: skip
+
+    trains = {s: apply_scenario(data.train, s, noise=config.noise, length_bonus=config.length_bonus) for s in config.scenarios}
+    todo = []
+    for spec, loss, beta, seed, scenario in cells:
+        train_json = {k: v for k, v in asdict(train_config).items() if k != "device"}
+        cell_id = _cell_id(spec.name, loss.hparams, seed, scenario, model_hash, data_hash, train_json, device,
+                           config.noise, config.length_bonus)  # fmt: skip
+        if store.finished(cell_id):
+            continue
+        todo.append((cell_id, spec, loss, beta, seed, scenario, train_json))
+    progress(f"{len(cells)} cells, {len(cells) - len(todo)} already in the store, {len(todo)} to run")
+
+    for number, (cell_id, spec, loss, beta, seed, scenario, train_json) in enumerate(todo, start=1):
+        started = time.time()
+        label = f"[{number}/{len(todo)}] {spec.name} β={beta:g} seed={seed} {scenario}"
+        if cell_progress:
+            cell_progress.start(label, train_config.steps)
+        loss.to(device)
+        result = train_cell(
+            policy, reference_state, loss, trains[scenario], train_ref, tokenizer.pad_token_id, train_config, seed,
+            evaluate=lambda model, step, loss=loss, seed=seed: evaluator(model, step, loss, seed),
+            on_step=cell_progress.advance if cell_progress else None,
+        )  # fmt: skip
+        store.write_cell(
+            {**base_cell, "cell_id": cell_id, "variant": spec.name, "plugin": spec.plugin,
+             "plugin_version": spec.version, "params": json.dumps(loss.hparams, sort_keys=True, default=str),
+             "beta": beta, "seed": seed, "scenario": scenario, "config": json.dumps(train_json, sort_keys=True),
+             "status": result.status, "error": result.error, "started": started, "finished": time.time(),
+             "seconds": time.time() - started},
+            result.steps, result.evaluations,
+        )  # fmt: skip
+        if cell_progress:
+            cell_progress.done(label, result.status)
+    summary = summarize(store)
+    store.close()
+    return summary
+
+
+def summarize(store: Store) -> pd.DataFrame:
+    """One row per cell: the last evaluation and the training metrics averaged over the last 10% of steps."""
+    cells = store.frame("cells")
+    steps = store.frame("steps")
+    evals = store.frame("evaluations")
+    if cells.empty:
+        return cells
+    last_eval = evals.sort_values("step").groupby("cell_id").tail(1).set_index("cell_id")
+    tail = []
+    for cell_id, group in steps.groupby("cell_id"):
+        n = max(1, len(group) // 10)
+        row = group.sort_values("step").tail(n).mean(numeric_only=True)
+        row["cell_id"] = cell_id
+        tail.append(row)
+    tail_frame = pd.DataFrame(tail).set_index("cell_id") if tail else pd.DataFrame()
+    frame = cells.set_index("cell_id")
+    columns = ["loss", "reward_margin", "reward_accuracy", "pairs_per_s", "tokens_per_s", "peak_memory_mb"]
+    for c in columns:
+        frame[c] = tail_frame[c] if c in tail_frame else math.nan
+    for c in ["gold_reward", "gold_reward_se", "kl_to_reference", "response_length", "grammatical_fraction",
+              "heldout_reward_accuracy", "heldout_reward_margin"]:  # fmt: skip
+        frame[c] = last_eval[c] if c in last_eval else math.nan
+    keep = ["variant", "plugin", "plugin_version", "beta", "seed", "scenario", "status", "seconds", *columns,
+            "gold_reward", "gold_reward_se", "kl_to_reference", "response_length", "grammatical_fraction",
+            "heldout_reward_accuracy", "heldout_reward_margin", "model", "device", "dtype", "run_id"]  # fmt: skip
+    return frame.reset_index()[["cell_id", *keep]].sort_values(["scenario", "variant", "beta", "seed"])
