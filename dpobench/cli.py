@@ -358,7 +358,8 @@ def _print_summary(summary: object) -> None:
         table.add_column(column, justify="left" if column in ("variant", "scenario", "status") else "right", no_wrap=True)
     for row in table_frame.itertuples(index=False):
         table.add_row(*[str(v) for v in row])
-    out.print(table, width=max(out.width, 120))  # a summary squeezed to 80 columns is unreadable
+    # A summary squeezed into 80 columns is unreadable; wider lines wrap in a narrow terminal instead.
+    Console(width=max(out.width, 120)).print(table)
 
 
 def _parse_floats(text: str, option: str) -> list[float]:

@@ -218,13 +218,11 @@ def summarize(store: Store) -> pd.DataFrame:
     if cells.empty:
         return cells
     last_eval = evals.sort_values("step").groupby("cell_id").tail(1).set_index("cell_id")
-    tail = []
+    tail = {}
     for cell_id, group in steps.groupby("cell_id"):
         n = max(1, len(group) // 10)
-        row = group.sort_values("step").tail(n).mean(numeric_only=True)
-        row["cell_id"] = cell_id
-        tail.append(row)
-    tail_frame = pd.DataFrame(tail).set_index("cell_id") if tail else pd.DataFrame()
+        tail[cell_id] = group.sort_values("step").tail(n).drop(columns="cell_id").mean()
+    tail_frame = pd.DataFrame.from_dict(tail, orient="index")
     frame = cells.set_index("cell_id")
     columns = ["loss", "reward_margin", "reward_accuracy", "pairs_per_s", "tokens_per_s", "peak_memory_mb"]
     for c in columns:

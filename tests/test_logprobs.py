@@ -1,0 +1,57 @@
+"""Completion log-probs against an independent full log-softmax computation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from dpobench.logprobs import collate, sequence_logprobs
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0)  # fmt: skip
+    return LlamaForCausalLM(config).eval()
+
+
+ROWS = [((1, 5, 6), (7, 8, 2)), ((1, 9), (10, 11, 12, 13, 2)), ((1, 3, 4, 5, 6), (2,))]
+
+
+def reference_computation(model, rows):
+    """One sequence at a time, no padding, full log-softmax: Σ over completion tokens of log p."""
+    sums, lss = [], []
+    for prompt, completion in rows:
+        ids = torch.tensor([[*prompt, *completion]])
+        logits = model(input_ids=ids).logits[0, :-1].double()
+        logp = torch.log_softmax(logits, -1)
+        positions = range(len(prompt) - 1, len(prompt) + len(completion) - 1)
+        sums.append(sum(logp[t, ids[0, t + 1]] for t in positions))
+        lss.append(sum(torch.logsumexp(2 * logp[t], -1) for t in positions))
+    return torch.stack(sums).float(), torch.stack(lss).float()
+
+
+@pytest.mark.parametrize("chunk_tokens", [3, 8192])
+def test_matches_full_log_softmax(model, chunk_tokens: int) -> None:
+    batch = collate(ROWS, pad_id=0)
+    with torch.no_grad():
+        sums, lss = sequence_logprobs(model, batch, logsumsq=True, chunk_tokens=chunk_tokens)
+    expected_sums, expected_lss = reference_computation(model, ROWS)
+    torch.testing.assert_close(sums, expected_sums, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lss, expected_lss, rtol=1e-5, atol=1e-5)
+    assert batch.tokens.tolist() == [3.0, 5.0, 1.0]
+
+
+def test_padding_does_not_change_a_row(model) -> None:
+    alone = sequence_logprobs(model, collate(ROWS[:1], 0))[0]
+    padded = sequence_logprobs(model, collate(ROWS, 0))[0][:1]
+    torch.testing.assert_close(alone, padded, rtol=1e-5, atol=1e-5)
+
+
+def test_gradient_flows_to_the_model(model) -> None:
+    sums, _ = sequence_logprobs(model, collate(ROWS, 0))
+    sums.sum().backward()
+    assert model.lm_head.weight.grad is not None and model.lm_head.weight.grad.abs().sum() > 0
+    model.zero_grad()

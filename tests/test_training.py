@@ -1,0 +1,158 @@
+"""Identical-condition training on a real (tiny) SFT'd Llama: improvement, β ordering, determinism,
+identical batches, resume, user data, and a model loaded from a save_pretrained folder.
+
+One short SFT model and one pair set are built per session in a temporary cache (~15 s)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+import dpobench
+from dpobench.data import DataRecipe, decode_completion, make_task_data
+from dpobench.models import SFTRecipe, load_model, reference_model
+from dpobench.store import Store
+from dpobench.sweep import SweepConfig, SweepError, run_sweep
+from dpobench.train import TrainConfig, batch_order, train_cell
+
+SFT = SFTRecipe(size="tiny", steps=300, corpus=6000)
+DATA = DataRecipe(train_prompts=768, heldout_prompts=64, eval_prompts=256)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cache(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("dpobench-cache")
+    old = os.environ.get("DPOBENCH_CACHE")
+    os.environ["DPOBENCH_CACHE"] = str(root)
+    yield root
+    if old is None:
+        os.environ.pop("DPOBENCH_CACHE", None)
+    else:
+        os.environ["DPOBENCH_CACHE"] = old
+
+
+def sweep(out: Path, **changes) -> pd.DataFrame:
+    train = TrainConfig(steps=changes.pop("steps", 40), batch_size=32, lr=changes.pop("lr", 1e-4), device="cpu")
+    config = SweepConfig(sft=SFT, data_recipe=DATA, train=train, **changes)
+    return run_sweep(config, out, progress=lambda m: None)
+
+
+@pytest.fixture(scope="session")
+def beta_sweep(tmp_path_factory) -> pd.DataFrame:
+    out = tmp_path_factory.mktemp("beta-sweep")
+    return sweep(out, variants=("dpo",), betas=(0.05, 0.1, 0.5), steps=120, lr=1e-4)
+
+
+def test_dpo_raises_the_gold_reward_beyond_noise(beta_sweep: pd.DataFrame) -> None:
+    reference = beta_sweep[beta_sweep.variant == "(reference)"].iloc[0]
+    dpo = beta_sweep[(beta_sweep.variant == "dpo") & (beta_sweep.beta == 0.1)].iloc[0]
+    gain = dpo.gold_reward - reference.gold_reward
+    se = math.hypot(dpo.gold_reward_se, reference.gold_reward_se)  # independent samples of 256 prompts each
+    assert gain - 1.96 * se > 0, f"gain {gain:.3f} ± {1.96 * se:.3f}"
+    assert dpo.reward_accuracy > 0.6 and dpo.status == "done"
+
+
+def test_larger_beta_stays_closer_to_the_reference(beta_sweep: pd.DataFrame) -> None:
+    dpo = beta_sweep[beta_sweep.variant == "dpo"].set_index("beta")
+    assert dpo.kl_to_reference[0.05] > dpo.kl_to_reference[0.1] > dpo.kl_to_reference[0.5] > 0
+
+
+def test_same_seed_same_command_bit_identical(tmp_path: Path) -> None:
+    a = sweep(tmp_path / "a", variants=("dpo", "ipo"), steps=8)
+    b = sweep(tmp_path / "b", variants=("dpo", "ipo"), steps=8)
+    steps_a = Store(tmp_path / "a" / "results.sqlite").frame("steps").drop(columns=["step_time_ms", "pairs_per_s", "tokens_per_s", "peak_memory_mb"])
+    steps_b = Store(tmp_path / "b" / "results.sqlite").frame("steps").drop(columns=["step_time_ms", "pairs_per_s", "tokens_per_s", "peak_memory_mb"])
+    pd.testing.assert_frame_equal(steps_a, steps_b, check_exact=True)
+    cols = ["cell_id", "gold_reward", "kl_to_reference", "response_length", "heldout_reward_margin"]
+    pd.testing.assert_frame_equal(a[cols].reset_index(drop=True), b[cols].reset_index(drop=True), check_exact=True)
+
+
+def test_every_variant_sees_the_same_batches() -> None:
+    path = reference_model(SFT)
+    model, tokenizer = load_model(path)
+    data = make_task_data(model, tokenizer, replace(DATA, train_prompts=128, heldout_prompts=8, eval_prompts=8))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    ref = (torch.zeros(len(data.train.pairs)), torch.zeros(len(data.train.pairs)))
+    config = TrainConfig(steps=3, batch_size=8)
+    batches = {}
+    for name in ("dpo", "simpo", "aot"):
+        result = train_cell(model, state, dpobench.get_loss(name), data.train, ref, tokenizer.pad_token_id, config, 5,
+                            evaluate=lambda m, s: {"step": s})  # fmt: skip
+        batches[name] = result.batches
+    assert batches["dpo"] == batches["simpo"] == batches["aot"]
+    assert batch_order(10, 3, 4, seed=1)[0].tolist() != batch_order(10, 3, 4, seed=2)[0].tolist()
+
+
+def test_rerun_skips_finished_cells(tmp_path: Path) -> None:
+    first = sweep(tmp_path, variants=("dpo",), steps=5)
+    finished = Store(tmp_path / "results.sqlite").frame("cells").set_index("cell_id").finished
+    second = sweep(tmp_path, variants=("dpo", "hinge"), steps=5)
+    cells = Store(tmp_path / "results.sqlite").frame("cells").set_index("cell_id")
+    assert len(first) == 2 and len(second) == 3  # (reference) + dpo, then + hinge
+    assert (cells.finished[finished.index] == finished).all()  # dpo was not trained again
+    assert set(cells.variant) == {"(reference)", "dpo", "hinge"}
+
+
+def test_provenance_on_every_cell(tmp_path: Path) -> None:
+    sweep(tmp_path, variants=("cdpo",), steps=3)
+    store = Store(tmp_path / "results.sqlite")
+    cell = store.frame("cells").query("variant == 'cdpo'").iloc[0]
+    assert (cell.plugin, cell.plugin_version, cell.seed, cell.scenario, cell.device, cell["dtype"]) == (
+        "dpo", dpobench.__version__, 0, "clean", "cpu", "float32")  # fmt: skip
+    assert json.loads(cell.params)["label_smoothing"] == 0.1 and cell.beta == 0.1
+    run = store.frame("runs").iloc[0]
+    assert run.torch_version == torch.__version__ and run.model_hash and run.data_hash
+    assert len(store.frame("steps").query(f"cell_id == '{cell.cell_id}'")) == 3
+
+
+def test_user_data_file_without_gold_reward(tmp_path: Path) -> None:
+    model, tokenizer = load_model(reference_model(SFT))
+    data = make_task_data(model, tokenizer, replace(DATA, train_prompts=96, heldout_prompts=8, eval_prompts=8))
+    path = tmp_path / "pairs.jsonl"
+    with path.open("w") as f:
+        for p in data.train.pairs:
+            if len(p.chosen) < 2 or len(p.rejected) < 2:  # an empty completion is invalid user data
+                continue
+            row = {"prompt": tokenizer.decode(p.prompt, skip_special_tokens=True),
+                   "chosen": decode_completion(tokenizer, p.chosen), "rejected": decode_completion(tokenizer, p.rejected),
+                   "weight": 0.5}  # fmt: skip
+            f.write(json.dumps(row) + "\n")
+    summary = sweep(tmp_path / "out", variants=("seed_custom_dpo",), data=str(path), steps=3)
+    row = summary[summary.variant == "seed_custom_dpo"].iloc[0]
+    assert math.isnan(row.gold_reward) and math.isnan(row.grammatical_fraction)  # omitted, never faked
+    assert row.kl_to_reference >= 0 and row.status == "done"
+
+
+def test_model_from_a_save_pretrained_folder(tmp_path: Path) -> None:
+    model, tokenizer = load_model(reference_model(SFT))
+    folder = tmp_path / "my-model"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    summary = sweep(tmp_path / "out", variants=("dpo",), model=str(folder), steps=3)
+    assert summary[summary.variant == "dpo"].iloc[0].status == "done"
+    assert Store(tmp_path / "out" / "results.sqlite").frame("runs").iloc[0].model == str(folder)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"variants": ("dpoo",)}, "unknown loss variant 'dpoo'; did you mean 'dpo'?"),
+        ({"betas": (0.0,)}, "every β must be > 0"),
+        ({"scenarios": ("dirty",)}, "unknown scenario 'dirty'"),
+        ({"train": TrainConfig(device="cuda")}, "--device cuda: no CUDA GPU is visible"),
+    ],
+)
+def test_bad_sweep_settings_fail_before_training(tmp_path: Path, changes: dict, message: str) -> None:
+    if "train" in changes and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises((SweepError, dpobench.UnknownLossError)) as info:
+        run_sweep(SweepConfig(sft=SFT, data_recipe=DATA, **changes), tmp_path, progress=lambda m: None)
+    assert message in str(info.value)
+    assert not (tmp_path / "results.sqlite").exists()
