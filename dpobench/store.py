@@ -113,4 +113,6 @@ class Store:
             )
 
     def frame(self, table: str) -> pd.DataFrame:
-        return pd.read_sql_query(f"SELECT * FROM {table}", self.db)  # noqa: S608 - table names are ours
+        frame = pd.read_sql_query(f"SELECT * FROM {table}", self.db)  # noqa: S608 - table names are ours
+        metrics = {"steps": STEP_METRICS, "evaluations": EVAL_METRICS}.get(table, [])
+        return frame.astype({m: "float64" for m in metrics})  # an all-NULL metric reads as NaN, not None
