@@ -212,7 +212,9 @@ _RUN_KEYS = {"variants", "betas", "seeds", "scenarios", "steps", "batch_size", "
 
 @app.command("run")
 def run(
-    variants: Annotated[str | None, typer.Option(help="Comma-separated variants (default: all, or the preset's).")] = None,
+    variants: Annotated[
+        str | None, typer.Option(help="Comma-separated variants (default: all, or the preset's).")
+    ] = None,
     betas: Annotated[str | None, typer.Option(help="Comma-separated β values (default 0.1).")] = None,
     seeds: Annotated[str | None, typer.Option(help="Comma-separated seeds (default 0).")] = None,
     scenarios: Annotated[str | None, typer.Option(help="clean, noisy, length-biased (comma-separated).")] = None,
@@ -222,7 +224,9 @@ def run(
     model: Annotated[str | None, typer.Option(help="tiny, small, base, or a save_pretrained folder / Hub id.")] = None,
     data: Annotated[Path | None, typer.Option(help="JSONL / CSV / Parquet of prompt, chosen, rejected.")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda.")] = None,
-    eval_every: Annotated[int | None, typer.Option(help="Evaluate every N steps too (0: at the end only).", min=0)] = None,
+    eval_every: Annotated[
+        int | None, typer.Option(help="Evaluate every N steps too (0: at the end only).", min=0)
+    ] = None,
     preset: Annotated[str | None, typer.Option(help="quick (default) or standard.")] = None,
     config: Annotated[Path | None, typer.Option(help="TOML file with the same keys as these options.")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (store, CSV); a rerun resumes it.")] = Path(
@@ -256,10 +260,12 @@ def run(
             model=str(chosen.get("model", "tiny")),
             data=str(chosen["data"]) if chosen.get("data") else None,
             train=TrainConfig(
-                steps=int(chosen.get("steps", 150)), batch_size=int(chosen.get("batch_size", 32)),
-                lr=float(chosen.get("lr", 1e-4)), eval_every=int(chosen.get("eval_every", 0)),
+                steps=int(chosen.get("steps", 150)),
+                batch_size=int(chosen.get("batch_size", 32)),
+                lr=float(chosen.get("lr", 1e-4)),
+                eval_every=int(chosen.get("eval_every", 0)),
                 device=str(chosen.get("device", "auto")),
-            ),  # fmt: skip
+            ),
         )
     except (TypeError, ValueError) as error:
         raise CLIError(f"run settings: {error}") from None
@@ -299,7 +305,9 @@ def _read_config(path: Path) -> dict[str, object]:
     values = {k.replace("-", "_"): v for k, v in values.items()}
     unknown = sorted(set(values) - _RUN_KEYS)
     if unknown:
-        raise CLIError(f"--config {str(path)!r}: unknown key {unknown[0]!r}; valid keys: {', '.join(sorted(_RUN_KEYS))}")
+        raise CLIError(
+            f"--config {str(path)!r}: unknown key {unknown[0]!r}; valid keys: {', '.join(sorted(_RUN_KEYS))}"
+        )
     return values
 
 
@@ -355,7 +363,9 @@ def _print_summary(summary: object) -> None:
         title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
     )  # fmt: skip
     for column in table_frame.columns:
-        table.add_column(column, justify="left" if column in ("variant", "scenario", "status") else "right", no_wrap=True)
+        table.add_column(
+            column, justify="left" if column in ("variant", "scenario", "status") else "right", no_wrap=True
+        )
     for row in table_frame.itertuples(index=False):
         table.add_row(*[str(v) for v in row])
     # A summary squeezed into 80 columns is unreadable; wider lines wrap in a narrow terminal instead.

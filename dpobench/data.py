@@ -25,16 +25,16 @@ __all__ = [
     "SCENARIOS",
     "DataError",
     "DataRecipe",
-    "decode_completion",
-    "sample_completions",
     "Pair",
     "PairSet",
     "TaskData",
     "apply_scenario",
+    "decode_completion",
     "encode_completion",
     "encode_prompt",
     "load_pairs_file",
     "make_task_data",
+    "sample_completions",
 ]
 
 SCENARIOS = ("clean", "noisy", "length-biased")
@@ -209,7 +209,9 @@ def make_task_data(model: Any, tokenizer: Any, recipe: DataRecipe, device: str =
     )
 
 
-def apply_scenario(pairs: PairSet, scenario: str, *, noise: float = 0.2, length_bonus: float = 0.03, seed: int = 0) -> PairSet:
+def apply_scenario(
+    pairs: PairSet, scenario: str, *, noise: float = 0.2, length_bonus: float = 0.03, seed: int = 0
+) -> PairSet:
     """The training pairs as a scenario's labeller would have labelled them."""
     if scenario == "clean":
         return pairs
@@ -235,7 +237,9 @@ def _swap(p: Pair) -> Pair:
 # --- user data ---
 
 
-def load_pairs_file(path: str | Path, tokenizer: Any, max_length: int, heldout_fraction: float = 0.1, seed: int = 0) -> TaskData:
+def load_pairs_file(
+    path: str | Path, tokenizer: Any, max_length: int, heldout_fraction: float = 0.1, seed: int = 0
+) -> TaskData:
     """JSONL / CSV / Parquet with ``prompt``, ``chosen``, ``rejected`` (and optional ``weight``).
 
     A pair longer than ``max_length`` tokens keeps its prompt and the start of each completion
@@ -261,7 +265,9 @@ def load_pairs_file(path: str | Path, tokenizer: Any, max_length: int, heldout_f
         chosen, rejected = encode_completion(tokenizer, row["chosen"]), encode_completion(tokenizer, row["rejected"])
         room = max_length - len(prompt)
         if room < 2:
-            raise DataError(f"{path}:{where}: the prompt alone has {len(prompt)} tokens, more than max length {max_length}")
+            raise DataError(
+                f"{path}:{where}: the prompt alone has {len(prompt)} tokens, more than max length {max_length}"
+            )
         if len(chosen) > room or len(rejected) > room:
             truncated += 1
             chosen, rejected = chosen[: room - 1] + chosen[-1:], rejected[: room - 1] + rejected[-1:]

@@ -30,7 +30,12 @@ class Batch:
     tokens: Tensor  # (N,) completion tokens per row
 
     def to(self, device: str | torch.device) -> Batch:
-        return Batch(*(t.to(device, non_blocking=True) for t in (self.input_ids, self.attention_mask, self.target_mask, self.tokens)))
+        return Batch(
+            *(
+                t.to(device, non_blocking=True)
+                for t in (self.input_ids, self.attention_mask, self.target_mask, self.tokens)
+            )
+        )
 
     @property
     def size(self) -> int:
@@ -71,7 +76,9 @@ def sequence_logprobs(
         selected = hidden[:, :-1][batch.target_mask]
         head = model.get_output_embeddings()
     else:  # models that transform their logits: take them whole
-        selected = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1][batch.target_mask]
+        selected = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1][
+            batch.target_mask
+        ]
         head = None
     sums = torch.zeros(batch.size, dtype=torch.float32, device=selected.device)
     lss = torch.zeros(batch.size, dtype=torch.float32, device=selected.device) if logsumsq else None

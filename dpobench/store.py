@@ -14,7 +14,7 @@ from typing import Any
 
 import pandas as pd
 
-__all__ = ["SCHEMA_VERSION", "STEP_METRICS", "EVAL_METRICS", "Store"]
+__all__ = ["EVAL_METRICS", "SCHEMA_VERSION", "STEP_METRICS", "Store"]
 
 SCHEMA_VERSION = 1
 STEP_METRICS = [
@@ -93,7 +93,9 @@ class Store:
         row = self.db.execute("SELECT status FROM cells WHERE cell_id=?", (cell_id,)).fetchone()
         return row is not None and row[0] in ("done", "diverged")
 
-    def write_cell(self, cell: dict[str, Any], steps: list[dict[str, float]], evaluations: list[dict[str, float]]) -> None:
+    def write_cell(
+        self, cell: dict[str, Any], steps: list[dict[str, float]], evaluations: list[dict[str, float]]
+    ) -> None:
         """One transaction: the cell with all its steps and evaluations, or nothing."""
         columns = list(cell)
         with self.db:
@@ -113,6 +115,6 @@ class Store:
             )
 
     def frame(self, table: str) -> pd.DataFrame:
-        frame = pd.read_sql_query(f"SELECT * FROM {table}", self.db)  # noqa: S608 - table names are ours
+        frame = pd.read_sql_query(f"SELECT * FROM {table}", self.db)
         metrics = {"steps": STEP_METRICS, "evaluations": EVAL_METRICS}.get(table, [])
         return frame.astype({m: "float64" for m in metrics})  # an all-NULL metric reads as NaN, not None

@@ -110,7 +110,9 @@ def run_sweep(
         loss = spec.build(**params)  # parameters validated before anything trains
         cells.append((spec, loss, beta if params else math.nan, seed, scenario))
     if config.data and set(config.scenarios) != {"clean"}:
-        raise SweepError("--scenarios noisy/length-biased need the synthetic task's gold labels; drop --data or use clean")
+        raise SweepError(
+            "--scenarios noisy/length-biased need the synthetic task's gold labels; drop --data or use clean"
+        )
     device = resolve_device(config.train.device)
     train_config = replace(config.train, device=device)
 
@@ -173,7 +175,9 @@ def run_sweep(
                 [], [evaluation],
             )  # fmt: skip
 
-    trains = {s: apply_scenario(data.train, s, noise=config.noise, length_bonus=config.length_bonus) for s in config.scenarios}
+    trains = {
+        s: apply_scenario(data.train, s, noise=config.noise, length_bonus=config.length_bonus) for s in config.scenarios
+    }
     todo = []
     for spec, loss, beta, seed, scenario in cells:
         train_json = {k: v for k, v in asdict(train_config).items() if k != "device"}

@@ -15,8 +15,8 @@ import re
 from dataclasses import dataclass
 
 __all__ = [
-    "Review",
     "TASK_VERSION",
+    "Review",
     "build_tokenizer",
     "gold_reward",
     "is_grammatical",
@@ -138,9 +138,7 @@ def is_grammatical(completion: str, max_sentences: int = 6) -> bool:
     if not text.endswith("."):
         return False
     sentences = _sentences(text)
-    return 1 <= len(sentences) <= max_sentences and all(
-        any(p.match(s) for p in _PATTERNS.values()) for s in sentences
-    )
+    return 1 <= len(sentences) <= max_sentences and all(any(p.match(s) for p in _PATTERNS.values()) for s in sentences)
 
 
 SPECIAL_TOKENS = {"pad": "<pad>", "bos": "<bos>", "eos": "<eos>", "unk": "<unk>"}

@@ -102,7 +102,9 @@ def train_cell(
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=config.autocast):
             sums, lss = sequence_logprobs(policy, batch, logsumsq=needs_lss)
         tokens = batch.tokens
-        policy_lp = LogProbs(sums[:b], sums[b:], tokens[:b], tokens[b:], *((lss[:b], lss[b:]) if lss is not None else ()))
+        policy_lp = LogProbs(
+            sums[:b], sums[b:], tokens[:b], tokens[b:], *((lss[:b], lss[b:]) if lss is not None else ())
+        )
         reference = LogProbs(ref_chosen[index].to(device), ref_rejected[index].to(device), tokens[:b], tokens[b:])
         out = call_loss(loss, policy_lp, reference, weights_all[index].to(device))
         mean_loss = out.losses.mean()
@@ -209,4 +211,7 @@ class Evaluator:
             margin = loss.hparams.get("beta", 1.0) * ((policy_lp[:n] - ref_c) - (policy_lp[n:] - ref_r))
         else:
             margin = out.chosen_rewards - out.rejected_rewards
-        return {"heldout_reward_accuracy": float((margin > 0).float().mean()), "heldout_reward_margin": float(margin.mean())}
+        return {
+            "heldout_reward_accuracy": float((margin > 0).float().mean()),
+            "heldout_reward_margin": float(margin.mean()),
+        }

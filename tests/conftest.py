@@ -24,6 +24,18 @@ def subprocess_env(**extra: str | None) -> dict[str, str]:
     return {k: v for k, v in env.items() if v is not None}
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory):
+    """Models and reference log-probs go to a per-session cache, never the user's ~/.cache/dpobench."""
+    old = os.environ.get("DPOBENCH_CACHE")
+    os.environ["DPOBENCH_CACHE"] = str(tmp_path_factory.mktemp("dpobench-cache"))
+    yield
+    if old is None:
+        os.environ.pop("DPOBENCH_CACHE", None)
+    else:
+        os.environ["DPOBENCH_CACHE"] = old
+
+
 @pytest.fixture(autouse=True)
 def _fresh_plugins():
     import dpobench.plugins

@@ -112,3 +112,57 @@ def test_landscape_writes_a_tidy_csv(tmp_path: Path) -> None:
     ]  # fmt: skip
     assert f"wrote {len(frame)} rows (3 variants) to {out}" in " ".join(result.stdout.split())
     assert not list(out.parent.glob(".*.tmp"))  # written atomically, nothing left behind
+
+
+@pytest.fixture(scope="module")
+def untrained_model(tmp_path_factory) -> Path:
+    """A randomly initialised tiny Llama with the task's tokenizer, saved with save_pretrained."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from dpobench.models import build_config
+    from dpobench.task import build_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = build_tokenizer()
+    folder = tmp_path_factory.mktemp("model") / "tiny-untrained"
+    LlamaForCausalLM(build_config("tiny", len(tokenizer), tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_run_from_a_toml_config(tmp_path: Path, untrained_model: Path) -> None:
+    config = tmp_path / "sweep.toml"
+    config.write_text(f'variants = ["dpo", "simpo"]\nbetas = [0.1, 0.5]\nsteps = 2\nmodel = "{untrained_model}"\n')
+    result = invoke("run", "--config", str(config), "--out", str(tmp_path / "out"))
+    assert result.exit_code == 0, result.stdout + result.stderr
+    summary = pd.read_csv(tmp_path / "out" / "summary.csv")
+    assert sorted(summary.variant.unique()) == ["(reference)", "dpo", "simpo"]
+    assert sorted(summary[summary.variant == "dpo"].beta) == [0.1, 0.5]
+    assert (summary.status == "done").all()
+    first_words = {line.split()[0] for line in result.stdout.splitlines() if line.strip()}
+    assert {"dpo", "simpo", "(reference)"} <= first_words  # the terminal summary
+    # The command line overrides the file: one more β, the finished cells are not run again.
+    again = invoke("run", "--config", str(config), "--betas", "0.1,0.5,1.0", "--out", str(tmp_path / "out"))
+    assert again.exit_code == 0
+    assert "6 cells, 4 already in the store, 2 to run" in " ".join(again.stderr.split())
+    assert len(pd.read_csv(tmp_path / "out" / "summary.csv")) == 7
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("stepz = 3\n", "unknown key 'stepz'; valid keys: batch_size, betas, data, device"),
+        ("steps = \n", "not valid TOML"),
+        ("preset = 'huge'\n", "--preset 'huge': use one of quick, standard"),
+    ],
+)
+def test_run_config_errors_are_one_line(tmp_path: Path, content: str, message: str) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text(content)
+    result = subprocess.run(
+        [sys.executable, "-m", "dpobench", "run", "--config", str(config), "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, env=subprocess_env(), timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2 and message in result.stderr and result.stderr.count("\n") == 1, result.stderr
+    assert not (tmp_path / "out").exists()

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -24,18 +23,6 @@ from dpobench.train import TrainConfig, batch_order, train_cell
 
 SFT = SFTRecipe(size="tiny", steps=300, corpus=6000)
 DATA = DataRecipe(train_prompts=768, heldout_prompts=64, eval_prompts=256)
-
-
-@pytest.fixture(scope="session", autouse=True)
-def cache(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("dpobench-cache")
-    old = os.environ.get("DPOBENCH_CACHE")
-    os.environ["DPOBENCH_CACHE"] = str(root)
-    yield root
-    if old is None:
-        os.environ.pop("DPOBENCH_CACHE", None)
-    else:
-        os.environ["DPOBENCH_CACHE"] = old
 
 
 def sweep(out: Path, **changes) -> pd.DataFrame:
@@ -67,8 +54,16 @@ def test_larger_beta_stays_closer_to_the_reference(beta_sweep: pd.DataFrame) -> 
 def test_same_seed_same_command_bit_identical(tmp_path: Path) -> None:
     a = sweep(tmp_path / "a", variants=("dpo", "ipo"), steps=8)
     b = sweep(tmp_path / "b", variants=("dpo", "ipo"), steps=8)
-    steps_a = Store(tmp_path / "a" / "results.sqlite").frame("steps").drop(columns=["step_time_ms", "pairs_per_s", "tokens_per_s", "peak_memory_mb"])
-    steps_b = Store(tmp_path / "b" / "results.sqlite").frame("steps").drop(columns=["step_time_ms", "pairs_per_s", "tokens_per_s", "peak_memory_mb"])
+    steps_a = (
+        Store(tmp_path / "a" / "results.sqlite")
+        .frame("steps")
+        .drop(columns=["step_time_ms", "pairs_per_s", "tokens_per_s", "peak_memory_mb"])
+    )
+    steps_b = (
+        Store(tmp_path / "b" / "results.sqlite")
+        .frame("steps")
+        .drop(columns=["step_time_ms", "pairs_per_s", "tokens_per_s", "peak_memory_mb"])
+    )
     pd.testing.assert_frame_equal(steps_a, steps_b, check_exact=True)
     cols = ["cell_id", "gold_reward", "kl_to_reference", "response_length", "heldout_reward_margin"]
     pd.testing.assert_frame_equal(a[cols].reset_index(drop=True), b[cols].reset_index(drop=True), check_exact=True)
