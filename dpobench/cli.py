@@ -397,6 +397,10 @@ def main() -> None:
     """Console entry point: user errors become one line on stderr and exit code 2."""
     try:
         app()
+    except KeyboardInterrupt:
+        # Finished cells are already committed; the cell in training is dropped whole.
+        err.print("interrupted: finished cells are in the store; rerun the same command to resume", highlight=False)
+        sys.exit(130)
     except (CLIError, ParamError, UnknownLossError) as error:
         if _options.get("debug"):
             raise
