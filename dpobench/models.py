@@ -69,8 +69,8 @@ def build_config(size: str, vocab_size: int, tokenizer: Any):
     )  # fmt: skip
 
 
-def reference_model(recipe: SFTRecipe, progress: Callable[[str], None] | None = None) -> Path:
-    """The cached SFT model for ``recipe``, trained now if missing or unreadable. Returns its folder."""
+def reference_model(recipe: SFTRecipe, progress: Callable[[str], None] | None = None, device: str = "cpu") -> Path:
+    """The cached SFT model for ``recipe``, trained now (on ``device``) if missing or unreadable. Returns its folder."""
     folder = cache_root() / "models" / recipe.key()
     if _valid_entry(folder, recipe):
         return folder
@@ -80,7 +80,8 @@ def reference_model(recipe: SFTRecipe, progress: Callable[[str], None] | None = 
         progress(f"training the SFT reference model ({recipe.size}, {recipe.steps} steps); cached for later runs")
     tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model, tokenizer, log = train_sft(recipe)
+    model, tokenizer, log = train_sft(recipe, device=device)
+    model.to("cpu")
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     (tmp / "recipe.json").write_text(json.dumps({**asdict(recipe), "log": log}, indent=1))
@@ -97,14 +98,17 @@ def _valid_entry(folder: Path, recipe: SFTRecipe) -> bool:
         return False
 
 
-def train_sft(recipe: SFTRecipe):
-    """Supervised fine-tuning on reviews sampled from the grammar: next-token loss on whole reviews."""
+def train_sft(recipe: SFTRecipe, device: str = "cpu"):
+    """Supervised fine-tuning on reviews sampled from the grammar: next-token loss on whole reviews.
+
+    float32 on every device, so a recipe means the same training everywhere (results still differ
+    in the last bits between devices, as floating-point reductions do)."""
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(recipe.seed)
     rng = random.Random(recipe.seed)
     tokenizer = build_tokenizer()
-    model = LlamaForCausalLM(build_config(recipe.size, len(tokenizer), tokenizer))
+    model = LlamaForCausalLM(build_config(recipe.size, len(tokenizer), tokenizer)).to(device)
     texts = [f"{r.prompt} {r.completion}" for r in (sample_review(rng) for _ in range(recipe.corpus))]
     encoded = [[tokenizer.bos_token_id, *tokenizer(t, add_special_tokens=False).input_ids, tokenizer.eos_token_id]
                for t in texts]  # fmt: skip
@@ -124,6 +128,7 @@ def train_sft(recipe: SFTRecipe):
         ids = torch.full((len(batch), width), tokenizer.pad_token_id)
         for row, seq in enumerate(batch):
             ids[row, : len(seq)] = torch.tensor(seq)
+        ids = ids.to(device)
         labels = ids.masked_fill(ids == tokenizer.pad_token_id, -100)
         loss = model(input_ids=ids, attention_mask=(labels != -100).long(), labels=labels).loss
         loss.backward()

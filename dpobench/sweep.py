@@ -115,13 +115,12 @@ def run_sweep(
         )
     device = resolve_device(config.train.device)
     train_config = replace(config.train, device=device)
-
     out.mkdir(parents=True, exist_ok=True)
     store = Store(out / "results.sqlite")
 
     if config.model in SIZES:
         recipe = config.sft or SFTRecipe(size=config.model)
-        model_path: str | Path = reference_model(recipe, progress=progress)
+        model_path: str | Path = reference_model(recipe, progress=progress, device=device)
     else:
         model_path = config.model
     reference, tokenizer = load_model(model_path, device="cpu")
