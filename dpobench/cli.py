@@ -232,6 +232,7 @@ def run(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (store, CSV); a rerun resumes it.")] = Path(
         "dpobench-results"
     ),
+    report: Annotated[bool, typer.Option(help="Write report.html and report.pdf beside the store.")] = True,
 ) -> None:
     """Train every variant identically on a small real model and compare them (resumable)."""
     import shlex
@@ -284,13 +285,49 @@ def run(
             raise CLIError(str(error)) from None
     _write_atomic_csv(summary, out / "summary.csv")
     _print_summary(summary)
+    if report:
+        from dpobench.render import write_report
+
+        with err.status("writing report.html and report.pdf"):
+            write_report(out / "results.sqlite", out)
     out.mkdir(parents=True, exist_ok=True)
     err.print(
-        f"{len(summary)} cells in {out / 'results.sqlite'}; summary in {out / 'summary.csv'} "
+        f"{len(summary)} cells in {out / 'results.sqlite'}; summary in {out / 'summary.csv'}"
+        f"{'; report.html and report.pdf beside them' if report else ''} "
         f"({time.perf_counter() - started:.0f} s)", highlight=False,
     )  # fmt: skip
     if (summary.status != "done").any():
         raise typer.Exit(1)
+
+
+@app.command("report")
+def report(
+    store: Annotated[Path, typer.Argument(help="An output directory of `dpobench run` (holds results.sqlite).")],
+    to: Annotated[Path | None, typer.Option(help="Where to write (default: reports/<run-id>/).")] = None,
+    format: Annotated[str, typer.Option("--format", help="html, pdf or html,pdf.")] = "html,pdf",
+    metric: Annotated[str, typer.Option(help="Metric to rank variants by.")] = "gold_reward",
+    bench: Annotated[Path | None, typer.Option(help="pytest-benchmark JSON to add as a throughput table.")] = None,
+) -> None:
+    """Rebuild the HTML and PDF report from a results store (several runs in one store are compared)."""
+    from dpobench.render import write_report
+    from dpobench.report import HIGHER_IS_BETTER, run_info
+
+    formats = tuple(f.strip() for f in format.split(",") if f.strip())
+    if not formats or set(formats) - {"html", "pdf"}:
+        raise CLIError(f"--format {format!r}: use html, pdf or html,pdf")
+    if metric not in HIGHER_IS_BETTER:
+        raise CLIError(f"--metric {metric!r}: use one of {', '.join(sorted(HIGHER_IS_BETTER))}")
+    database = store / "results.sqlite" if store.is_dir() else store
+    if not database.is_file():
+        raise CLIError(f"{store}: no results.sqlite here; give the --out directory of `dpobench run`")
+    _load()
+    target = to or Path("reports") / run_info(database)[-1]["run_id"]
+    try:
+        written = write_report(database, target, formats, metric, bench)
+    except ValueError as error:
+        raise CLIError(str(error)) from None
+    for path in written:
+        out.print(f"wrote {path}", highlight=False)
 
 
 def _read_config(path: Path) -> dict[str, object]:

@@ -1,47 +1,211 @@
-"""pandas views on the results (the reports issue builds figures and HTML/PDF on these)."""
+"""pandas views on the results store. One tidy (long) frame feeds every table and figure.
+
+Across seeds: the mean and a 95% Student-t interval (mean ± t₀.₉₇₅,ₙ₋₁ · s/√n). With one seed the
+interval of the gold reward is the sampling interval 1.96 · SE of its 256 samples; other metrics then
+have none. A ranking calls a tie a tie: variants whose intervals overlap the interval of the best
+variant of their group share its rank (competition ranking, "1, 1, 3").
+"""
 
 from __future__ import annotations
 
+import json
 import math
+import sqlite3
+from contextlib import closing
+from pathlib import Path
 
 import pandas as pd
 
-__all__ = ["T_975", "aggregate", "variant_table"]
+from dpobench.store import EVAL_METRICS, STEP_METRICS
+
+__all__ = [
+    "HIGHER_IS_BETTER",
+    "T_975",
+    "aggregate",
+    "beta_table",
+    "cell_finals",
+    "rank",
+    "read_tidy",
+    "run_info",
+    "scenario_table",
+    "summary_table",
+    "throughput_table",
+    "variant_table",
+]
 
 # Two-sided 95% Student-t quantiles t_{0.975, df}, df = 1..30 (beyond: the normal 1.96).
 T_975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
          2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]  # fmt: skip
+
+HIGHER_IS_BETTER = {
+    "gold_reward": True, "reward_accuracy": True, "reward_margin": True, "heldout_reward_accuracy": True,
+    "grammatical_fraction": True, "pairs_per_s": True, "tokens_per_s": True, "kl_to_reference": False,
+    "loss": False, "response_length": False, "peak_memory_mb": False, "step_time_ms": False,
+}  # fmt: skip
+
+CELL_COLUMNS = ["run_id", "cell_id", "variant", "plugin", "plugin_version", "params", "beta", "seed", "scenario",
+                "model", "device", "dtype", "status", "error"]  # fmt: skip
 
 
 def t_quantile(df: int) -> float:
     return T_975[df - 1] if 1 <= df <= len(T_975) else 1.96
 
 
-def aggregate(summary: pd.DataFrame) -> pd.DataFrame:
-    """Mean over seeds per (variant, β, scenario); the gold-reward 95% CI is a t-interval over seeds, or
-    1.96 × the sampling standard error when there is one seed."""
+def read_tidy(store: str | Path) -> pd.DataFrame:
+    """One row per cell × step × metric (``source`` = step or eval), with provenance and versions."""
+    path = Path(store)
+    if path.is_dir():
+        path = path / "results.sqlite"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no results store; run `dpobench run --out {path.parent}` first")
+    with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+        cells = pd.read_sql_query(f"SELECT {', '.join(CELL_COLUMNS)} FROM cells", db)
+        runs = pd.read_sql_query(
+            "SELECT run_id, dpobench_version, torch_version, transformers_version, git_commit, model_hash FROM runs", db
+        )
+        steps = pd.read_sql_query("SELECT * FROM steps", db)
+        evals = pd.read_sql_query("SELECT * FROM evaluations", db)
+    long = [
+        steps.melt(id_vars=["cell_id", "step"], value_vars=STEP_METRICS, var_name="metric").assign(source="step"),
+        evals.melt(id_vars=["cell_id", "step"], value_vars=EVAL_METRICS, var_name="metric").assign(source="eval"),
+    ]
+    values = pd.concat(long, ignore_index=True)
+    values["value"] = pd.to_numeric(values["value"], errors="coerce")
+    frame = values.merge(cells, on="cell_id").merge(runs, on="run_id", how="left")
+    return frame[[*CELL_COLUMNS, "dpobench_version", "torch_version", "transformers_version", "git_commit",
+                  "model_hash", "source", "step", "metric", "value"]]  # fmt: skip
+
+
+def cell_finals(tidy: pd.DataFrame) -> pd.DataFrame:
+    """One row per cell: training metrics averaged over the last 10% of steps, evaluation metrics at the
+    last evaluation, and the provenance columns."""
+    info = tidy.drop_duplicates("cell_id").set_index("cell_id")[CELL_COLUMNS[:1] + CELL_COLUMNS[2:]]
+    steps = tidy[tidy.source == "step"]
+    if len(steps):
+        last = steps.groupby("cell_id").step.transform("max")
+        window = (last // 10).clip(lower=1)
+        tail = steps[steps.step > last - window]
+        train = tail.pivot_table(index="cell_id", columns="metric", values="value", aggfunc="mean")
+    else:
+        train = pd.DataFrame(index=info.index)
+    evals = tidy[tidy.source == "eval"]
+    if len(evals):
+        final = evals[evals.step == evals.groupby("cell_id").step.transform("max")]
+        evaluation = final.pivot_table(index="cell_id", columns="metric", values="value", aggfunc="first", dropna=False)
+    else:
+        evaluation = pd.DataFrame(index=info.index)
+    frame = info.join(train).join(evaluation)
+    for metric in [*STEP_METRICS, *EVAL_METRICS]:
+        if metric not in frame:
+            frame[metric] = math.nan
+    return frame.reset_index()
+
+
+def aggregate(
+    finals: pd.DataFrame, metrics: list[str], by: tuple[str, ...] = ("variant", "beta", "scenario")
+) -> pd.DataFrame:
+    """Per group: n seeds, failed cells, and for each metric its mean and 95% half-width ``<metric>_ci``."""
     rows = []
-    for (variant, beta, scenario), group in summary.groupby(["variant", "beta", "scenario"], dropna=False, sort=False):
+    for key, group in finals.groupby(list(by), dropna=False, sort=False):
         done = group[group.status == "done"]
-        row = {"variant": variant, "beta": beta, "scenario": scenario, "seeds": len(group),
-               "failed": int((group.status != "done").sum())}  # fmt: skip
-        for column in ["loss", "reward_margin", "reward_accuracy", "gold_reward", "kl_to_reference", "response_length",
-                       "grammatical_fraction", "heldout_reward_accuracy", "pairs_per_s", "tokens_per_s", "peak_memory_mb"]:  # fmt: skip
-            row[column] = done[column].mean() if len(done) else math.nan
-        gold = done.gold_reward.dropna()
-        if len(gold) > 1:
-            row["gold_reward_ci"] = t_quantile(len(gold) - 1) * gold.std(ddof=1) / math.sqrt(len(gold))
-        elif len(gold) == 1:
-            row["gold_reward_ci"] = 1.96 * float(done.gold_reward_se.iloc[0])
-        else:
-            row["gold_reward_ci"] = math.nan
+        row = dict(zip(by, key if isinstance(key, tuple) else (key,), strict=True))
+        row["seeds"] = len(done)
+        row["failed"] = int((group.status != "done").sum())
+        for metric in metrics:
+            values = done[metric].dropna()
+            row[metric] = values.mean() if len(values) else math.nan
+            if len(values) > 1:
+                row[f"{metric}_ci"] = t_quantile(len(values) - 1) * values.std(ddof=1) / math.sqrt(len(values))
+            elif len(values) == 1 and metric == "gold_reward" and not math.isnan(done.gold_reward_se.iloc[0]):
+                row[f"{metric}_ci"] = 1.96 * float(done.gold_reward_se.iloc[0])
+            else:
+                row[f"{metric}_ci"] = math.nan
         rows.append(row)
     return pd.DataFrame(rows)
 
 
-def variant_table(summary: pd.DataFrame) -> pd.DataFrame:
+def rank(table: pd.DataFrame, metric: str, higher_is_better: bool | None = None) -> pd.Series:
+    """Competition ranks by ``metric``; a variant whose interval overlaps its group leader's shares the rank."""
+    better = HIGHER_IS_BETTER.get(metric, True) if higher_is_better is None else higher_is_better
+    order = table[metric].sort_values(ascending=not better, na_position="last").index
+    ci = table.get(f"{metric}_ci", pd.Series(math.nan, index=table.index)).fillna(0.0)
+    ranks = pd.Series(pd.NA, index=table.index, dtype="Int64")
+    leader = None
+    for position, index in enumerate(order, start=1):
+        value = table.at[index, metric]
+        if pd.isna(value):
+            continue
+        if leader is not None:
+            lead_value, lead_ci = table.at[leader, metric], ci[leader]
+            if abs(lead_value - value) <= lead_ci + ci[index]:  # the two intervals overlap
+                ranks[index] = ranks[leader]
+                continue
+        leader = index
+        ranks[index] = position
+    return ranks
+
+
+def summary_table(finals: pd.DataFrame, metric: str = "gold_reward") -> pd.DataFrame:
+    """Per variant × β × scenario at the end of training, ranked by ``metric`` within each scenario."""
+    metrics = ["gold_reward", "kl_to_reference", "reward_accuracy", "reward_margin", "loss", "response_length",
+               "grammatical_fraction", "heldout_reward_accuracy", "pairs_per_s"]  # fmt: skip
+    table = aggregate(finals[finals.variant != "(reference)"], metrics)
+    table["rank"] = pd.Series(dtype="Int64")
+    for _, group in table.groupby("scenario"):
+        table.loc[group.index, "rank"] = rank(group, metric)
+    better = HIGHER_IS_BETTER.get(metric, True)
+    return table.sort_values(["scenario", "rank", metric], ascending=[True, True, not better]).reset_index(drop=True)
+
+
+def beta_table(finals: pd.DataFrame, metric: str = "gold_reward") -> pd.DataFrame:
+    """``metric`` (mean over seeds) for each variant (rows) at each β (columns), clean scenario first."""
+    table = aggregate(finals[finals.variant != "(reference)"], [metric])
+    scenario = "clean" if "clean" in set(table.scenario) else table.scenario.iloc[0]
+    return table[table.scenario == scenario].pivot_table(index="variant", columns="beta", values=metric)
+
+
+def scenario_table(finals: pd.DataFrame) -> pd.DataFrame:
+    """Per variant and β: the change of gold reward under label noise and of length under length bias,
+    each scenario minus clean (means over seeds)."""
+    table = aggregate(finals[finals.variant != "(reference)"], ["gold_reward", "response_length", "kl_to_reference"])
+    wide = table.pivot_table(index=["variant", "beta"], columns="scenario", values=["gold_reward", "response_length"])
+    out = pd.DataFrame(index=wide.index)
+    scenarios = set(table.scenario)
+    if {"clean", "noisy"} <= scenarios:
+        out["gold_reward_clean"] = wide["gold_reward"]["clean"]
+        out["gold_reward_noisy_delta"] = wide["gold_reward"]["noisy"] - wide["gold_reward"]["clean"]
+    if {"clean", "length-biased"} <= scenarios:
+        out["length_clean"] = wide["response_length"]["clean"]
+        out["length_biased_delta"] = wide["response_length"]["length-biased"] - wide["response_length"]["clean"]
+    return out.reset_index()
+
+
+def throughput_table(finals: pd.DataFrame, bench: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Training throughput and peak memory per variant (means over its cells), with the device."""
+    cells = finals[(finals.variant != "(reference)") & (finals.status == "done")]
+    table = cells.groupby(["variant", "device"], as_index=False)[
+        ["pairs_per_s", "tokens_per_s", "step_time_ms", "peak_memory_mb"]
+    ].mean()
+    return table.sort_values("pairs_per_s", ascending=False).reset_index(drop=True)
+
+
+def run_info(store: str | Path) -> list[dict[str, object]]:
+    """The runs recorded in a store: configuration, device and versions."""
+    path = Path(store)
+    path = path / "results.sqlite" if path.is_dir() else path
+    with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+        frame = pd.read_sql_query("SELECT * FROM runs ORDER BY created", db)
+    rows = frame.to_dict("records")
+    for row in rows:
+        row["config"] = json.loads(row["config"] or "{}")
+        row["info"] = json.loads(row["info"] or "{}")
+    return rows
+
+
+def variant_table(finals: pd.DataFrame) -> pd.DataFrame:
     """The terminal summary: one formatted row per variant × β × scenario, the reference first."""
-    frame = aggregate(summary)
+    frame = aggregate(finals, ["loss", "reward_margin", "reward_accuracy", "gold_reward", "kl_to_reference",
+                               "response_length", "grammatical_fraction", "pairs_per_s"])  # fmt: skip
     frame["order"] = (frame.variant != "(reference)").astype(int)
     frame = frame.sort_values(["order", "scenario", "gold_reward"], ascending=[True, True, False])
 

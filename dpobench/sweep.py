@@ -21,10 +21,11 @@ from dpobench.data import SCENARIOS, DataRecipe, TaskData, apply_scenario, load_
 from dpobench.logprobs import cached_reference_logprobs
 from dpobench.models import SIZES, SFTRecipe, cache_root, load_model, model_fingerprint, reference_model
 from dpobench.plugins import get_losses
+from dpobench.report import cell_finals, read_tidy
 from dpobench.store import Store
 from dpobench.train import Evaluator, TrainConfig, train_cell
 
-__all__ = ["PRESETS", "SweepConfig", "SweepError", "run_sweep", "summarize"]
+__all__ = ["PRESETS", "SweepConfig", "SweepError", "run_sweep"]
 
 MAIN_VARIANTS = ("dpo", "cdpo", "ipo", "robust_dpo", "hinge", "simpo", "orpo", "cpo", "sppo_hard", "apo_zero",
                  "discopop", "len_reg_dpo", "dpop", "cal_dpo", "rpo")  # fmt: skip
@@ -208,32 +209,5 @@ def run_sweep(
         )  # fmt: skip
         if cell_progress:
             cell_progress.done(label, result.status)
-    summary = summarize(store)
     store.close()
-    return summary
-
-
-def summarize(store: Store) -> pd.DataFrame:
-    """One row per cell: the last evaluation and the training metrics averaged over the last 10% of steps."""
-    cells = store.frame("cells")
-    steps = store.frame("steps")
-    evals = store.frame("evaluations")
-    if cells.empty:
-        return cells
-    last_eval = evals.sort_values("step").groupby("cell_id").tail(1).set_index("cell_id")
-    tail = {}
-    for cell_id, group in steps.groupby("cell_id"):
-        n = max(1, len(group) // 10)
-        tail[cell_id] = group.sort_values("step").tail(n).drop(columns="cell_id").mean()
-    tail_frame = pd.DataFrame.from_dict(tail, orient="index")
-    frame = cells.set_index("cell_id")
-    columns = ["loss", "reward_margin", "reward_accuracy", "pairs_per_s", "tokens_per_s", "peak_memory_mb"]
-    for c in columns:
-        frame[c] = tail_frame[c] if c in tail_frame else math.nan
-    for c in ["gold_reward", "gold_reward_se", "kl_to_reference", "response_length", "grammatical_fraction",
-              "heldout_reward_accuracy", "heldout_reward_margin"]:  # fmt: skip
-        frame[c] = last_eval[c] if c in last_eval else math.nan
-    keep = ["variant", "plugin", "plugin_version", "beta", "seed", "scenario", "status", "seconds", *columns,
-            "gold_reward", "gold_reward_se", "kl_to_reference", "response_length", "grammatical_fraction",
-            "heldout_reward_accuracy", "heldout_reward_margin", "model", "device", "dtype", "run_id"]  # fmt: skip
-    return frame.reset_index()[["cell_id", *keep]].sort_values(["scenario", "variant", "beta", "seed"])
+    return cell_finals(read_tidy(out / "results.sqlite"))

@@ -1,0 +1,227 @@
+"""matplotlib figures of a sweep, as ``Figure`` objects (no pyplot state). Each has a title, axis labels
+and units. Every number drawn comes from the store (or, for the geometry figures, from the analytic
+landscape); none is invented.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+__all__ = [
+    "beta_sensitivity",
+    "custom_loss_study",
+    "frontier",
+    "geometry",
+    "scenario_robustness",
+    "throughput",
+    "training_curves",
+    "variant_colors",
+]
+
+A4_LANDSCAPE = (11.69, 8.27)
+WIDE = (11.0, 6.5)
+
+
+def variant_colors(variants: Sequence[str]) -> dict[str, tuple[float, ...]]:
+    """A fixed colour per variant, the same in every figure of a report."""
+    from matplotlib import colormaps
+
+    names = sorted(set(variants))
+    palette = [colormaps["tab20"](i % 20) for i in range(len(names))]
+    if len(names) > 20:  # tab20b adds 20 more distinguishable colours
+        palette[20:] = [colormaps["tab20b"](i % 20) for i in range(len(names) - 20)]
+    return dict(zip(names, palette, strict=True))
+
+
+def _legend(fig: Figure, handles_from, ncol: int = 1) -> None:
+    handles, labels = handles_from.get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="center right", fontsize=7, ncol=ncol, frameon=False)
+
+
+def training_curves(tidy: pd.DataFrame, colors: dict, scenario: str = "clean", beta: float | None = None) -> Figure:
+    """Loss, reward margin, reward accuracy and chosen/rejected rewards per step, one line per variant
+    (mean over seeds, rolling mean over 10 steps) — the seed's "Training Dynamics" from real runs."""
+    steps = tidy[(tidy.source == "step") & (tidy.scenario == scenario) & (tidy.variant != "(reference)")]
+    if beta is None and len(steps):
+        beta = float(steps.beta.mode().iloc[0])
+    steps = steps[np.isclose(steps.beta, beta) | steps.beta.isna()] if beta is not None else steps
+    fig = Figure(figsize=A4_LANDSCAPE, layout="constrained")
+    fig.suptitle(f"Training dynamics ({scenario}, β = {beta:g}; mean over seeds, 10-step rolling mean)")
+    axes = fig.subplots(2, 2)
+    panels = [("loss", "loss (nats)"), ("reward_margin", "implicit reward margin (chosen − rejected)"),
+              ("reward_accuracy", "implicit reward accuracy (fraction)")]  # fmt: skip
+    wide = steps.pivot_table(index=["variant", "step"], columns="metric", values="value", aggfunc="mean")
+    for ax, (metric, label) in zip(axes.flat, panels, strict=False):
+        for variant, group in wide.groupby(level="variant"):
+            series = group[metric].droplevel("variant").rolling(10, min_periods=1).mean()
+            ax.plot(series.index, series.values, color=colors.get(variant), label=variant, linewidth=1.2)
+        ax.set_xlabel("training step")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes.flat[0].set_yscale("symlog", linthresh=1.0)  # IPO/SPPO/Cal-DPO losses are 10–100× DPO's
+    axes.flat[0].set_ylabel("loss (nats, symmetric log scale)")
+    ax = axes.flat[3]
+    for variant, group in wide.groupby(level="variant"):
+        chosen = group["chosen_reward"].droplevel("variant").rolling(10, min_periods=1).mean()
+        rejected = group["rejected_reward"].droplevel("variant").rolling(10, min_periods=1).mean()
+        ax.plot(chosen.index, chosen.values, color=colors.get(variant), linewidth=1.2)
+        ax.plot(rejected.index, rejected.values, color=colors.get(variant), linewidth=1.0, linestyle="--")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("implicit reward (solid: chosen, dashed: rejected)")
+    ax.grid(alpha=0.3)
+    _legend(fig, axes.flat[0], ncol=1 if wide.index.get_level_values(0).nunique() <= 18 else 2)
+    fig.get_layout_engine().set(rect=(0, 0, 0.83, 1))
+    return fig
+
+
+def beta_sensitivity(table: pd.DataFrame, colors: dict, scenario: str = "clean") -> Figure:
+    """Final loss, reward margin, gold reward and KL against β (log axis), one line per variant —
+    the seed's "DPO Variant Sensitivity to Beta" and "Beta vs Reward Margin" from real runs."""
+    data = table[(table.scenario == scenario) & table.beta.notna()]
+    fig = Figure(figsize=A4_LANDSCAPE, layout="constrained")
+    fig.suptitle(f"β sensitivity at the end of training ({scenario}; mean over seeds, bars: 95% CI)")
+    axes = fig.subplots(2, 2)
+    panels = [("loss", "final loss (nats)"), ("reward_margin", "final implicit reward margin"),
+              ("gold_reward", "gold reward of samples (−1…1)"), ("kl_to_reference", "KL(π‖π_ref) (nats)")]  # fmt: skip
+    for ax, (metric, label) in zip(axes.flat, panels, strict=True):
+        for variant, group in data.groupby("variant"):
+            group = group.sort_values("beta")
+            ci = group.get(f"{metric}_ci")
+            ax.errorbar(group.beta, group[metric], yerr=None if ci is None or ci.isna().all() else ci.fillna(0),
+                        color=colors.get(variant), label=variant, marker="o", markersize=3, linewidth=1.2, capsize=2)  # fmt: skip
+        ax.set_xscale("log")
+        ax.set_xlabel("β (log scale)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3, which="both")
+    _legend(fig, axes.flat[0], ncol=1 if data.variant.nunique() <= 18 else 2)
+    fig.get_layout_engine().set(rect=(0, 0, 0.83, 1))
+    return fig
+
+
+def frontier(table: pd.DataFrame, colors: dict, reference_gold: float | None, scenario: str = "clean") -> Figure:
+    """Gold reward against KL to the reference: one point per variant × β, lines through the β values."""
+    data = table[table.scenario == scenario]
+    fig = Figure(figsize=WIDE, layout="constrained")
+    ax = fig.subplots()
+    for variant, group in data.groupby("variant"):
+        group = group.sort_values("kl_to_reference")
+        ax.errorbar(group.kl_to_reference, group.gold_reward, yerr=group.gold_reward_ci.fillna(0), color=colors.get(variant),
+                    marker="o", markersize=4, linewidth=1, capsize=2, label=variant)  # fmt: skip
+    if reference_gold is not None and not math.isnan(reference_gold):
+        ax.axhline(reference_gold, color="black", linestyle=":", linewidth=1, label="SFT reference")
+    ax.set_xscale("symlog", linthresh=1.0)
+    ax.set_xlim(left=min(0.0, float(data.kl_to_reference.min()) if len(data) else 0.0))
+    ax.set_xlabel("KL(π‖π_ref), nats (symmetric log scale)")
+    ax.set_ylabel("gold reward of samples (−1…1)")
+    ax.set_title(f"Gold reward vs KL frontier ({scenario}; bars: 95% CI; a line joins one variant's β values)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, ncol=2 if data.variant.nunique() > 14 else 1, loc="center left", bbox_to_anchor=(1.01, 0.5),
+              frameon=False)  # fmt: skip
+    return fig
+
+
+def scenario_robustness(scenarios: pd.DataFrame, colors: dict) -> Figure:
+    """Gold-reward change under 20% label noise and length change under a length-biased labeller."""
+    panels = [(c, label) for c, label in [("gold_reward_noisy_delta", "Δ gold reward, noisy − clean"),
+                                          ("length_biased_delta", "Δ response length (tokens), length-biased − clean")]
+              if c in scenarios]  # fmt: skip
+    fig = Figure(figsize=WIDE, layout="constrained")
+    fig.suptitle("Robustness: what each scenario changes, per variant and β (means over seeds)")
+    axes = np.atleast_1d(fig.subplots(1, max(1, len(panels))))
+    for ax, (column, label) in zip(axes, panels, strict=False):
+        data = scenarios.dropna(subset=[column]).sort_values(column)
+        names = [f"{v} β={b:g}" for v, b in zip(data.variant, data.beta, strict=True)]
+        ax.barh(names, data[column], color=[colors.get(v) for v in data.variant])
+        ax.axvline(0, color="black", linewidth=0.8)
+        ax.set_xlabel(label)
+        ax.tick_params(axis="y", labelsize=7)
+        ax.grid(alpha=0.3, axis="x")
+    return fig
+
+
+def throughput(table: pd.DataFrame, colors: dict, device: str, bench: pd.DataFrame | None = None) -> Figure:
+    """Training pairs/s, tokens/s and peak memory per variant, measured during the sweep."""
+    data = table.sort_values("pairs_per_s")
+    fig = Figure(figsize=A4_LANDSCAPE, layout="constrained")
+    fig.suptitle(f"Throughput and memory during training, device: {device} (means over the last 10% of steps)")
+    axes = fig.subplots(1, 3 if bench is None or bench.empty else 4, sharey=False)
+    for ax, (column, label) in zip(axes, [("pairs_per_s", "pairs / s"), ("tokens_per_s", "tokens / s"),
+                                          ("peak_memory_mb", "peak memory (MB)")], strict=False):  # fmt: skip
+        ax.barh(data.variant, data[column], color=[colors.get(v) for v in data.variant])
+        ax.set_xlabel(label)
+        ax.tick_params(axis="y", labelsize=7)
+        ax.grid(alpha=0.3, axis="x")
+    if bench is not None and not bench.empty:
+        ax = axes[-1]
+        b = bench.sort_values("x_baseline")
+        ax.barh(b.variant, b.x_baseline, color=[colors.get(v, "grey") for v in b.variant])
+        ax.axvline(1.0, color="black", linewidth=0.8)
+        ax.set_xlabel("loss fwd+bwd time / plain DPO (pytest-benchmark)")
+        ax.tick_params(axis="y", labelsize=7)
+    return fig
+
+
+def geometry(landscape: pd.DataFrame, colors: dict, family: str, margin_for_beta: float = 2.0) -> Figure:
+    """Loss and gradient weight against the log-ratio margin (each variant at its default β), and the
+    preference probability against β — the seed's "DPO Loss Landscape" and "Beta vs Preference Strength"."""
+    data = landscape[landscape.plugin == family]
+    fig = Figure(figsize=WIDE, layout="constrained")
+    fig.suptitle(f"Model-free geometry, plugin '{family}' (analytic, no training)")
+    axes = fig.subplots(1, 3)
+    for variant, group in data.groupby("variant"):
+        default = group[group.beta_is_default.astype(bool)]
+        curve = default if len(default) else group[np.isclose(group.beta, group.beta.iloc[0])]
+        beta = curve.beta.iloc[0]
+        label = f"{variant} (β={beta:g})" if not math.isnan(beta) else variant
+        axes[0].plot(curve.margin, curve.loss, color=colors.get(variant), label=label)
+        axes[1].plot(curve.margin, curve.grad_weight, color=colors.get(variant))
+        at = group[np.isclose(group.margin, margin_for_beta)].sort_values("beta")
+        axes[2].plot(at.beta, at.preference_prob, color=colors.get(variant), marker="o", markersize=2)
+    axes[0].set(xlabel="log-ratio margin h = Δc − Δr (nats)", ylabel="loss per pair (nats)", title="loss")
+    axes[1].set(xlabel="log-ratio margin h (nats)", ylabel="−∂loss/∂h", title="gradient weight")
+    axes[2].set(
+        xlabel="β (log scale)", ylabel="σ(r_c − r_r)", title=f"preference probability at h = {margin_for_beta:g}"
+    )
+    axes[2].set_xscale("log")
+    for ax, column in ((axes[0], "loss"), (axes[1], "grad_weight")):
+        # Exponential losses (forward-KL f-DPO) reach 1e3 at the grid's edge: clip to what most curves span.
+        values = data[column].replace([np.inf, -np.inf], np.nan).dropna()
+        if len(values):
+            low, high = np.percentile(values, [2, 95])
+            pad = 0.1 * (high - low or 1.0)
+            ax.set_ylim(low - pad, high + pad)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=6, frameon=False)
+    return fig
+
+
+def custom_loss_study(finals: pd.DataFrame) -> Figure | None:
+    """The seed's custom-loss configurations (length normalisation × confidence weighting), if run."""
+    cells = finals[(finals.variant == "seed_custom_dpo") & (finals.status == "done")].copy()
+    if cells.empty:
+        return None
+    params = cells.params.map(json.loads)
+    names = {(False, False): "standard", (True, False): "length-normalised", (False, True): "confidence-weighted",
+             (True, True): "full"}  # fmt: skip
+    cells["configuration"] = [names[(bool(p["length_normalization"]), bool(p["confidence_weighting"]))] for p in params]
+    grouped = cells.groupby("configuration")[["loss", "reward_margin", "reward_accuracy", "gold_reward"]].mean()
+    grouped = grouped.reindex([n for n in names.values() if n in grouped.index])
+    fig = Figure(figsize=WIDE, layout="constrained")
+    fig.suptitle("The seed's custom DPO loss, trained: each configuration (means over its cells)")
+    axes = fig.subplots(1, 4)
+    for ax, (column, label) in zip(axes, [("loss", "final loss (nats)"), ("reward_margin", "implicit reward margin"),
+                                          ("reward_accuracy", "implicit reward accuracy"),
+                                          ("gold_reward", "gold reward")], strict=True):  # fmt: skip
+        ax.bar(grouped.index, grouped[column], color="tab:blue")
+        ax.set_ylabel(label)
+        ax.tick_params(axis="x", rotation=30, labelsize=7)
+        ax.grid(alpha=0.3, axis="y")
+    return fig

@@ -1,0 +1,288 @@
+"""One report from a results store: a self-contained HTML page and an A4 PDF with the same content."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib
+import pandas as pd
+from matplotlib.figure import Figure
+
+import dpobench
+from dpobench import figures
+from dpobench.report import (
+    beta_table,
+    cell_finals,
+    read_tidy,
+    run_info,
+    scenario_table,
+    summary_table,
+    throughput_table,
+)
+
+__all__ = ["Report", "build_report", "read_benchmark_json", "write_report"]
+
+HONESTY = (
+    "Every number in this report was measured by dpobench on the runs named below, or (model-free geometry) "
+    "computed from each loss's formula. The tutorial notebook dpobench started from showed invented numbers "
+    "(its RLHF 'Helpfulness' bars, its simulated memory use and training curves); none of those appear here."
+)
+
+
+@dataclass
+class Section:
+    id: str
+    title: str
+    text: str = ""
+    figures: list[Figure] = field(default_factory=list)
+    tables: list[tuple[str, pd.DataFrame]] = field(default_factory=list)
+
+
+@dataclass
+class Report:
+    title: str
+    header: list[tuple[str, str]]
+    sections: list[Section]
+
+
+def read_benchmark_json(path: str | Path) -> pd.DataFrame:
+    """A pytest-benchmark JSON as one row per benchmark, with ratios to the plain-DPO baseline."""
+    try:
+        data = json.loads(Path(path).read_text())
+        rows = [
+            {"variant": b.get("extra_info", {}).get("variant", b["name"]),
+             "device": b.get("extra_info", {}).get("device", "?"), "median_ms": b["stats"]["median"] * 1e3}
+            for b in data["benchmarks"]
+        ]  # fmt: skip
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"--bench {str(path)!r}: not a pytest-benchmark JSON file ({error})") from None
+    frame = pd.DataFrame(rows)
+    base = frame[frame.variant == "baseline_plain_dpo"].set_index("device").median_ms
+    frame["x_baseline"] = frame.median_ms / frame.device.map(base)
+    return frame
+
+
+def _fmt_table(frame: pd.DataFrame) -> pd.DataFrame:
+    out = frame.copy()
+    for column in out.columns:
+        if pd.api.types.is_float_dtype(out[column]):
+            out[column] = [("–" if pd.isna(v) else f"{v:.4g}") for v in out[column]]
+    return out
+
+
+def build_report(store: str | Path, metric: str = "gold_reward", bench: str | Path | None = None) -> Report:
+    tidy = read_tidy(store)
+    if tidy.empty:
+        raise ValueError(f"{store}: the store holds no finished cells yet")
+    finals = cell_finals(tidy)
+    runs = run_info(store)
+    colors = figures.variant_colors([v for v in finals.variant.unique() if v != "(reference)"])
+    summary = summary_table(finals, metric)
+    reference = finals[finals.variant == "(reference)"]
+    reference_gold = float(reference.gold_reward.mean()) if len(reference) else math.nan
+    devices = ", ".join(sorted(set(finals.device.dropna())))
+    scenarios = sorted(set(finals[finals.variant != "(reference)"].scenario))
+    main_scenario = "clean" if "clean" in scenarios else scenarios[0]
+
+    header = [("runs", ", ".join(r["run_id"] for r in runs)), ("device", devices),
+              ("dtype", ", ".join(sorted(set(finals["dtype"].dropna())))),
+              ("model", ", ".join(sorted({f"{r['model']} ({r['model_hash']})" for r in runs}))),
+              ("cells", f"{int((finals.variant != '(reference)').sum())} ({int((finals.status != 'done').sum())} failed or diverged)"),
+              ("versions", ", ".join(sorted({f"dpobench {r['dpobench_version']}, torch {r['torch_version']}, "
+                                             f"transformers {r['transformers_version']}" for r in runs}))),
+              ("git commit", ", ".join(sorted({str(r["git_commit"]) for r in runs}))),
+              ("configuration", "; ".join(json.dumps(r["config"], sort_keys=True) for r in runs)),
+              ("ranked by", metric), ("report by", f"dpobench {dpobench.__version__}")]  # fmt: skip
+    sections = [
+        Section(
+            "summary",
+            "Summary",
+            f"Per variant × β × scenario at the end of training: means over seeds with 95% confidence intervals "
+            f"(`_ci` columns: Student-t over seeds; with one seed the gold-reward interval is 1.96 × the standard "
+            f"error of its samples, and other metrics have none). Ranked by {metric} within each scenario; "
+            f"variants whose intervals overlap share a rank. The SFT reference scores a gold reward of "
+            f"{reference_gold:+.3f}. {HONESTY}",
+            tables=[("ranked summary", summary)],
+        ),
+        Section(
+            "training",
+            "Training dynamics",
+            "Per-step metrics of every cell, from the store.",
+            figures=[figures.training_curves(tidy, colors, main_scenario)],
+        ),
+    ]
+    if finals.beta.nunique() > 1:
+        sections.append(Section("beta", "β sensitivity", "Final metrics against β.",
+                                figures=[figures.beta_sensitivity(summary, colors, main_scenario)],
+                                tables=[(f"{metric} by β", beta_table(finals, metric).reset_index())]))  # fmt: skip
+    sections.append(Section("frontier", "Gold reward vs KL", "The trade-off each variant buys: reward gained per nat of "
+                            "divergence from the reference. Up and left is better.",
+                            figures=[figures.frontier(summary, colors, reference_gold, main_scenario)]))  # fmt: skip
+    if len(scenarios) > 1:
+        table = scenario_table(finals)
+        sections.append(Section("scenarios", "Robustness", "Noisy: 20% of training labels flipped. Length-biased: the "
+                                "labeller adds 0.03 gold reward per token.",
+                                figures=[figures.scenario_robustness(table, colors)], tables=[("scenario deltas", table)]))  # fmt: skip
+    custom = figures.custom_loss_study(finals)
+    if custom is not None:
+        sections.append(Section("custom", "The seed's custom loss", "Length normalisation × confidence weighting.",
+                                figures=[custom]))  # fmt: skip
+    speed = throughput_table(finals)
+    bench_frame = read_benchmark_json(bench) if bench else None
+    speed_tables = [("throughput and memory", speed)]
+    if bench_frame is not None:
+        speed_tables.append(("loss kernels (pytest-benchmark, 1e6 pairs)", bench_frame))
+    sections.append(Section("throughput", "Throughput and memory", f"Measured per training step on {devices}; "
+                            "peak memory is CUDA max_memory_allocated, or the process's peak RSS on the CPU.",
+                            figures=[figures.throughput(speed, colors, devices, bench_frame)], tables=speed_tables))  # fmt: skip
+    geometry = _geometry_section(finals, colors)
+    if geometry is not None:
+        sections.append(geometry)
+    failed = finals[finals.status != "done"][["variant", "beta", "seed", "scenario", "status", "error"]]
+    if len(failed):
+        sections.append(
+            Section("failures", "Failed and diverged cells", "Recorded, not hidden.", tables=[("cells", failed)])
+        )
+    return Report(title="dpobench report", header=header, sections=sections)
+
+
+def _geometry_section(finals: pd.DataFrame, colors: dict) -> Section | None:
+    from dpobench.landscape import landscape
+    from dpobench.plugins import get_losses
+
+    registry = get_losses()
+    specs = [registry[v] for v in sorted(set(finals.variant)) if v in registry]
+    if not specs:
+        return None
+    frame = landscape(specs, betas=(0.01, 0.03, 0.1, 0.3, 1.0), margins=tuple(x / 4 for x in range(-40, 41)))
+    return Section("geometry", "Model-free geometry", "Loss and gradient weight against the log-ratio margin and "
+                   "preference probability against β, from each variant's formula (`dpobench landscape`).",
+                   figures=[figures.geometry(frame, colors, family) for family in sorted(set(frame.plugin))])  # fmt: skip
+
+
+def _svg(fig: Figure) -> str:
+    buffer = io.StringIO()
+    with matplotlib.rc_context({"svg.fonttype": "path", "svg.hashsalt": "dpobench"}):
+        fig.savefig(buffer, format="svg")
+    text = buffer.getvalue()
+    text = text[text.index("<svg") :]  # drop the XML prolog and DOCTYPE: the SVG is inlined
+    # Text is drawn as paths; matplotlib repeats each string in an XML comment, which we drop so that
+    # no plugin- or config-supplied string reaches the page outside an escaped context.
+    return re.sub(r"<!--.*?-->", "", text, flags=re.S)
+
+
+def render_html(report: Report) -> str:
+    import jinja2
+    from markupsafe import Markup
+
+    env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
+    template = env.from_string(_HTML)
+    sections = [
+        {"id": s.id, "title": s.title, "text": s.text, "figures": [Markup(_svg(f)) for f in s.figures],
+         "tables": [(name, Markup(_fmt_table(t).to_html(index=False, escape=True, border=0, na_rep="–")))
+                    for name, t in s.tables]}
+        for s in report.sections
+    ]  # fmt: skip
+    return template.render(title=report.title, header=report.header, sections=sections)
+
+
+def render_pdf(report: Report, path: Path) -> None:
+    from matplotlib.backends.backend_pdf import PdfPages
+
+    with PdfPages(path, metadata={"Title": report.title, "Creator": f"dpobench {dpobench.__version__}"}) as pdf:
+        title = Figure(figsize=(8.27, 11.69))
+        title.text(0.08, 0.95, report.title, fontsize=20, weight="bold", va="top")
+        y = 0.90
+        for key, value in report.header:
+            for _i, line in enumerate(_wrap(f"{key}: {value}", 100)[:8]):
+                title.text(0.08, y, line, fontsize=8, va="top", family="monospace")
+                y -= 0.018
+        y -= 0.02
+        for line in _wrap(HONESTY, 100):
+            title.text(0.08, y, line, fontsize=8, va="top")
+            y -= 0.018
+        pdf.savefig(title)
+        for section in report.sections:
+            for fig in section.figures:
+                pdf.savefig(fig)
+            for name, table in section.tables:
+                for page in _table_pages(f"{section.title}: {name}", _fmt_table(table)):
+                    pdf.savefig(page)
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    import textwrap
+
+    return textwrap.wrap(text, width) or [""]
+
+
+def _table_pages(title: str, table: pd.DataFrame, rows_per_page: int = 32) -> list[Figure]:
+    pages = []
+    columns = list(table.columns)[:12]  # A4 landscape fits about a dozen columns
+    for start in range(0, max(1, len(table)), rows_per_page):
+        part = table.iloc[start : start + rows_per_page][columns].astype(str)
+        fig = Figure(figsize=(11.69, 8.27))
+        fig.suptitle(f"{title} ({start + 1}–{start + len(part)} of {len(table)})", fontsize=10)
+        ax = fig.add_axes((0.03, 0.03, 0.94, 0.88))
+        ax.axis("off")
+        if len(part):
+            cell_table = ax.table(cellText=[[c[:28] for c in row] for row in part.values.tolist()],
+                                  colLabels=[c[:16] for c in columns], loc="upper center", cellLoc="left")  # fmt: skip
+            cell_table.auto_set_font_size(False)
+            cell_table.set_fontsize(6.5)
+            cell_table.scale(1, 1.15)
+        pages.append(fig)
+    return pages
+
+
+def write_report(store: str | Path, out_dir: str | Path, formats: tuple[str, ...] = ("html", "pdf"),
+                 metric: str = "gold_reward", bench: str | Path | None = None) -> list[Path]:  # fmt: skip
+    """Build the report and write ``report.html`` / ``report.pdf`` atomically (write, then rename)."""
+    report = build_report(store, metric, bench)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for fmt in formats:
+        path = out / f"report.{fmt}"
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        if fmt == "html":
+            tmp.write_text(render_html(report), encoding="utf-8")
+        elif fmt == "pdf":
+            render_pdf(report, tmp)
+        else:
+            raise ValueError(f"--format {fmt!r}: use html and/or pdf")
+        os.replace(tmp, path)
+        written.append(path)
+    return written
+
+
+_HTML = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{{ title }}</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>
+body { font: 14px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1200px; padding: 0 1em; color: #222; }
+table { border-collapse: collapse; font-size: 12px; margin: 0.5em 0 1.5em; }
+th, td { padding: 2px 8px; border-bottom: 1px solid #ddd; text-align: right; white-space: nowrap; }
+th { background: #f4f4f4; } td:first-child, th:first-child { text-align: left; }
+dl.header { display: grid; grid-template-columns: max-content 1fr; gap: 2px 1em; font-size: 12px; }
+dl.header dt { font-weight: bold; } dl.header dd { margin: 0; word-break: break-all; }
+figure { margin: 1em 0; } figure svg { max-width: 100%; height: auto; }
+.table-wrap { overflow-x: auto; } nav li { display: inline; margin-right: 1em; }
+</style></head>
+<body>
+<h1>{{ title }}</h1>
+<dl class="header">{% for key, value in header %}<dt>{{ key }}</dt><dd>{{ value }}</dd>{% endfor %}</dl>
+<nav><h2>Contents</h2><ul>{% for s in sections %}<li><a href="#{{ s.id }}">{{ s.title }}</a></li>{% endfor %}</ul></nav>
+{% for s in sections %}<section id="{{ s.id }}"><h2>{{ s.title }}</h2>
+<p>{{ s.text }}</p>
+{% for svg in s.figures %}<figure>{{ svg }}</figure>
+{% endfor %}{% for name, table in s.tables %}<h3>{{ name }}</h3><div class="table-wrap">{{ table }}</div>
+{% endfor %}</section>
+{% endfor %}</body></html>
+"""
