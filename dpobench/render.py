@@ -233,7 +233,7 @@ def _table_pages(title: str, table: pd.DataFrame, rows_per_page: int = 32) -> li
         ax.axis("off")
         if len(part):
             cell_table = ax.table(cellText=[[c[:28] for c in row] for row in part.values.tolist()],
-                                  colLabels=[c[:16] for c in columns], loc="upper center", cellLoc="left")  # fmt: skip
+                                  colLabels=[str(c)[:16] for c in columns], loc="upper center", cellLoc="left")  # fmt: skip
             cell_table.auto_set_font_size(False)
             cell_table.set_fontsize(6.5)
             cell_table.scale(1, 1.15)

@@ -1,0 +1,155 @@
+"""Reports from a small hand-made store: tables against hand computations, figures show what went in,
+every string escaped, the PDF and the HTML well formed."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from dpobench import figures
+from dpobench.render import build_report, render_html, write_report
+from dpobench.report import aggregate, cell_finals, rank, read_tidy, summary_table
+from dpobench.store import Store
+
+EVIL = "<script>alert(1)</script>"
+# (variant, beta, seed) -> final gold reward; losses are 1 − step/100 + seed/100 at every step
+GOLD = {("dpo", 0.1, 0): 0.30, ("dpo", 0.1, 1): 0.40, ("dpo", 0.5, 0): 0.20, ("dpo", 0.5, 1): 0.22,
+        (EVIL, 0.1, 0): 0.10, (EVIL, 0.1, 1): 0.50, (EVIL, 0.5, 0): -0.10, (EVIL, 0.5, 1): -0.12}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def store_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("store")
+    store = Store(out / "results.sqlite")
+    store.add_run("run-1", command="dpobench run", config={"note": EVIL}, dpobench_version="0.1.0",
+                  torch_version="2.13.0", transformers_version="5.24.0", model="tiny", model_hash="abc",
+                  device="cpu", dtype="float32")  # fmt: skip
+    for (variant, beta, seed), gold in GOLD.items():
+        cell = {"cell_id": f"{variant}-{beta}-{seed}", "run_id": "run-1", "variant": variant, "plugin": "p",
+                "plugin_version": "1", "params": json.dumps({"beta": beta}), "beta": beta, "seed": seed,
+                "scenario": "clean", "model": "tiny", "model_hash": "abc", "device": "cpu", "dtype": "float32",
+                "config": "{}", "status": "done", "error": "", "started": 0.0, "finished": 1.0, "seconds": 1.0}  # fmt: skip
+        steps = [{"step": s, "loss": 1 - s / 100 + seed / 100, "reward_accuracy": 0.5, "reward_margin": s / 10,
+                  "chosen_reward": 0.0, "rejected_reward": 0.0, "pairs_per_s": 100.0 + seed, "tokens_per_s": 1000.0,
+                  "peak_memory_mb": 50.0} for s in range(1, 21)]  # fmt: skip
+        evals = [{"step": 20, "gold_reward": gold, "gold_reward_se": 0.01, "kl_to_reference": beta * 10 + seed,
+                  "response_length": 15.0, "grammatical_fraction": 0.9}]  # fmt: skip
+        store.write_cell(cell, steps, evals)
+    store.write_cell(
+        {"cell_id": "ref-0", "run_id": "run-1", "variant": "(reference)", "plugin": "", "plugin_version": "",
+         "params": "{}", "beta": math.nan, "seed": 0, "scenario": "clean", "model": "tiny", "model_hash": "abc",
+         "device": "cpu", "dtype": "float32", "config": "{}", "status": "done", "error": "", "started": 0.0,
+         "finished": 0.0, "seconds": 0.0},
+        [], [{"step": 0, "gold_reward": 0.0, "gold_reward_se": 0.02, "kl_to_reference": 0.0}],
+    )  # fmt: skip
+    store.close()
+    return out
+
+
+def test_tidy_frame_is_long_with_provenance(store_dir: Path) -> None:
+    tidy = read_tidy(store_dir)
+    assert {"variant", "plugin", "beta", "seed", "scenario", "torch_version", "metric", "value", "source"} <= set(tidy)
+    one = tidy[(tidy.cell_id == "dpo-0.1-1") & (tidy.metric == "loss")]
+    assert len(one) == 20 and one.value.tolist()[-1] == pytest.approx(1 - 0.20 + 0.01)
+
+
+def test_finals_average_the_last_tenth_of_steps(store_dir: Path) -> None:
+    finals = cell_finals(read_tidy(store_dir)).set_index("cell_id")
+    # 20 steps: the last 10% are steps 19 and 20 → loss = 1 − 19.5/100 + seed/100
+    assert finals.loc["dpo-0.1-1", "loss"] == pytest.approx(1 - 0.195 + 0.01)
+    assert finals.loc["dpo-0.1-1", "reward_margin"] == pytest.approx(1.95)
+    assert finals.loc["dpo-0.5-0", "gold_reward"] == pytest.approx(0.20)
+    assert finals.loc["ref-0", "gold_reward"] == 0.0
+
+
+def test_confidence_interval_is_a_t_interval_over_seeds(store_dir: Path) -> None:
+    table = aggregate(cell_finals(read_tidy(store_dir)), ["gold_reward", "kl_to_reference"]).set_index(["variant", "beta"])
+    row = table.loc[("dpo", 0.1)]
+    # Two seeds: 0.30, 0.40 → mean 0.35, s = 0.0707…, half-width t(0.975, 1) · s/√2 = 12.706 · 0.05
+    assert row.gold_reward == pytest.approx(0.35)
+    assert row.gold_reward_ci == pytest.approx(12.706 * 0.05)
+    assert row.kl_to_reference == pytest.approx(1.5) and row.seeds == 2
+    one_seed = aggregate(cell_finals(read_tidy(store_dir)).query("seed == 0"), ["gold_reward", "loss"])
+    assert one_seed.gold_reward_ci.iloc[0] == pytest.approx(1.96 * 0.01)  # the sampling interval
+    assert math.isnan(one_seed.loss_ci.iloc[0])  # no interval from one number
+
+
+def test_ranking_calls_a_tie_a_tie() -> None:
+    table = pd.DataFrame({"gold_reward": [0.50, 0.45, 0.20, 0.19, 0.05], "gold_reward_ci": [0.03, 0.03, 0.01, 0.01, 0.0]})
+    # 0.45 overlaps 0.50 (|Δ| 0.05 ≤ 0.06); 0.20 does not; 0.19 overlaps 0.20; 0.05 alone.
+    assert rank(table, "gold_reward").tolist() == [1, 1, 3, 3, 5]
+    # Lower is better for KL: the order flips.
+    kl = pd.DataFrame({"kl_to_reference": [3.0, 1.0, 2.0], "kl_to_reference_ci": [0.1, 0.1, 0.1]})
+    assert rank(kl, "kl_to_reference").tolist() == [3, 1, 2]
+
+
+def test_summary_ranks_by_the_chosen_metric(store_dir: Path) -> None:
+    summary = summary_table(cell_finals(read_tidy(store_dir)), "gold_reward")
+    assert summary.iloc[0].variant in {"dpo", EVIL}
+    # With two seeds the intervals are wide (t = 12.7): every cell overlaps the leader.
+    assert set(summary["rank"]) == {1}
+    narrow = summary_table(cell_finals(read_tidy(store_dir)).query("seed == 0"), "gold_reward")
+    assert narrow[["variant", "beta", "rank"]].values.tolist() == [["dpo", 0.1, 1], ["dpo", 0.5, 2], [EVIL, 0.1, 3], [EVIL, 0.5, 4]]
+
+
+def test_beta_figure_draws_the_values_that_went_in(store_dir: Path) -> None:
+    summary = summary_table(cell_finals(read_tidy(store_dir)))
+    fig = figures.beta_sensitivity(summary, figures.variant_colors(summary.variant), "clean")
+    gold_axis = fig.axes[2]
+    assert gold_axis.get_xscale() == "log" and "gold reward" in gold_axis.get_ylabel()
+    # errorbar() labels its container; the container's first line is the data line
+    lines = {c.get_label(): c.lines[0] for c in gold_axis.containers}
+    np.testing.assert_allclose(np.asarray(lines["dpo"].get_xdata(), dtype=float), [0.1, 0.5])
+    np.testing.assert_allclose(np.asarray(lines["dpo"].get_ydata(), dtype=float), [0.35, 0.21])
+    np.testing.assert_allclose(np.asarray(lines[EVIL].get_ydata(), dtype=float), [0.30, -0.11])
+    assert fig._suptitle.get_text().startswith("β sensitivity")
+
+
+def test_frontier_has_one_point_per_variant_and_beta(store_dir: Path) -> None:
+    summary = summary_table(cell_finals(read_tidy(store_dir)))
+    fig = figures.frontier(summary, figures.variant_colors(summary.variant), 0.0)
+    ax = fig.axes[0]
+    line = next(c.lines[0] for c in ax.containers if c.get_label() == "dpo")
+    np.testing.assert_allclose(sorted(zip(line.get_xdata(), line.get_ydata())), [(1.5, 0.35), (5.5, 0.21)])
+    assert ax.get_xlabel().startswith("KL") and ax.get_ylabel().startswith("gold reward")
+
+
+def test_html_escapes_every_string_and_is_self_contained(store_dir: Path) -> None:
+    html = render_html(build_report(store_dir))
+    assert EVIL not in html
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html  # in tables and in the configuration header
+    assert "<script" not in html.lower()
+    assert not re.search(r"""(src|href)=["']?(https?:)?//""", html)  # nothing fetched from the network
+    assert html.count("<svg") >= 4 and 'id="summary"' in html and 'href="#frontier"' in html
+
+
+def test_write_report_writes_html_and_a_pdf(store_dir: Path, tmp_path: Path) -> None:
+    written = write_report(store_dir, tmp_path)
+    assert [p.name for p in written] == ["report.html", "report.pdf"]
+    pdf = (tmp_path / "report.pdf").read_bytes()
+    assert pdf.startswith(b"%PDF") and len(re.findall(rb"/Type\s*/Page\b", pdf)) >= 5
+    assert not list(tmp_path.glob(".*.tmp"))
+    if shutil.which("pdftoppm"):
+        subprocess.run(["pdftoppm", "-r", "30", "-png", str(tmp_path / "report.pdf"), str(tmp_path / "page")], check=True)
+        assert len(list(tmp_path.glob("page*.png"))) >= 5
+
+
+@pytest.mark.skipif(not (shutil.which("chromium") or shutil.which("chromium-browser")), reason="Chromium not installed")
+def test_html_renders_in_headless_chromium(store_dir: Path, tmp_path: Path) -> None:
+    write_report(store_dir, tmp_path, formats=("html",))
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    result = subprocess.run(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr", "--v=0",
+         f"--screenshot={tmp_path / 'shot.png'}", "--window-size=1200,3000", (tmp_path / "report.html").as_uri()],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0 and (tmp_path / "shot.png").stat().st_size > 10_000
+    assert "Uncaught" not in result.stderr and "CONSOLE" not in result.stderr
