@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 import dpobench
@@ -62,7 +63,7 @@ def _load(extra: list[Path] | None = None) -> plugin_loading.Plugins:
     except FileNotFoundError as error:
         raise CLIError(str(error)) from None
     for message in state.errors:
-        err.print(f"[bold red]plugin error:[/] {message}", markup=True, highlight=False, soft_wrap=True)
+        err.print(f"[bold red]plugin error:[/] {escape(message)}", markup=True, highlight=False, soft_wrap=True)
     if not any(info.builtin for info in state.info.values()):
         raise CLIError("no built-in variants found: dpobench is not installed; run `pip install -e .` in the checkout")
     return state
@@ -87,9 +88,9 @@ def list_variants(
         table.add_column("paper", no_wrap=True)
         for spec in registry.values():
             table.add_row(
-                spec.name + (f" ({spec.preset_of} preset)" if spec.preset_of else ""),
-                spec.plugin,
-                spec.version,
+                escape(spec.name + (f" ({spec.preset_of} preset)" if spec.preset_of else "")),
+                escape(spec.plugin),
+                escape(spec.version),
                 "yes" if spec.reference_free else "no",
                 spec.paper.replace("https://arxiv.org/abs/", "arXiv:"),
             )
@@ -100,15 +101,15 @@ def list_variants(
 
 def _print_verbose(spec: LossSpec) -> None:
     preset = f", preset of {spec.preset_of}" if spec.preset_of else ""
-    out.print(f"[bold]{spec.name}[/]  ({spec.plugin} {spec.version}{preset})", highlight=False)
-    out.print(f"  {spec.summary}", highlight=False, soft_wrap=True)
+    out.print(f"[bold]{escape(spec.name)}[/]  ({escape(spec.plugin)} {escape(spec.version)}{preset})", highlight=False)
+    out.print(f"  {escape(spec.summary)}", highlight=False, soft_wrap=True)
     out.print(f"  reference-free: {'yes' if spec.reference_free else 'no'}", highlight=False)
     out.print("  formula:", highlight=False)
     for line in spec.formula.splitlines():
-        out.print(f"    {line}", highlight=False, soft_wrap=True)
+        out.print(f"    {escape(line)}", highlight=False, soft_wrap=True)
     out.print("  parameters:", highlight=False)
     for key, param in spec.params.items():
-        out.print(f"    {key} = {param.default!r}  ({param.describe()}): {param.doc}", highlight=False, soft_wrap=True)
+        out.print(escape(f"    {key} = {param.default!r}  ({param.describe()}): {param.doc}"), highlight=False, soft_wrap=True)
     out.print()
 
 
@@ -121,7 +122,7 @@ def list_plugins() -> None:
         table.add_column(column, overflow="fold")
     for info in state.info.values():
         names = [s.name for s in state.registry.values() if s.plugin == info.name]
-        table.add_row(info.name, info.version, info.source, ", ".join(names))
+        table.add_row(escape(info.name), escape(info.version), escape(info.source), escape(", ".join(names)))
     out.print(table)
     if state.errors:
         raise typer.Exit(1)
@@ -160,10 +161,12 @@ def check(
         failed |= not report.ok
         passed += report.ok
         status = "[green]ok[/]" if report.ok else "[bold red]FAIL[/]"
-        out.print(f"{status}  {spec.name}  [dim]({spec.plugin} {spec.version})[/]", highlight=False)
+        out.print(
+            f"{status}  {escape(spec.name)}  [dim]({escape(spec.plugin)} {escape(spec.version)})[/]", highlight=False
+        )
         for result in report.results:
             if not result.ok:
-                out.print(f"      ✗ {result.check}: {result.message}", highlight=False, soft_wrap=True)
+                out.print(f"      ✗ {result.check}: {escape(result.message)}", highlight=False, soft_wrap=True)
     out.print(f"{passed} of {len(specs)} variants pass the loss contract", highlight=False)
     if failed:
         raise typer.Exit(1)
@@ -207,7 +210,7 @@ def landscape_command(
 
 
 _RUN_KEYS = {"variants", "betas", "seeds", "scenarios", "steps", "batch_size", "lr", "model", "data", "device",
-             "eval_every", "preset"}  # fmt: skip
+             "eval_every", "preset", "params"}  # fmt: skip
 
 
 @app.command("run")
@@ -232,6 +235,10 @@ def run(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (store, CSV); a rerun resumes it.")] = Path(
         "dpobench-results"
     ),
+    param: Annotated[
+        list[str] | None,
+        typer.Option(help="A parameter grid, VARIANT.KEY=V1,V2 (repeatable), e.g. seed_custom_dpo.temperature=0.5,1"),
+    ] = None,
     report: Annotated[bool, typer.Option(help="Write report.html and report.pdf beside the store.")] = True,
 ) -> None:
     """Train every variant identically on a small real model and compare them (resumable)."""
@@ -251,6 +258,17 @@ def run(
     if preset_name not in PRESETS:
         raise CLIError(f"--preset {preset_name!r}: use one of {', '.join(PRESETS)}")
     chosen = {**PRESETS[preset_name], **settings}
+    grids: dict[str, dict[str, tuple]] = {}
+    for variant, values in dict(chosen.get("params", {})).items():  # TOML: [params.VARIANT] key = [v1, v2]
+        if not isinstance(values, dict):
+            raise CLIError(f"--config: params.{variant} must be a table of key = [values]")
+        grids[variant] = {k: tuple(v if isinstance(v, list) else [v]) for k, v in values.items()}
+    for item in param or []:
+        target, _, values = item.partition("=")
+        variant, _, key = target.partition(".")
+        if not (variant and key and values):
+            raise CLIError(f"--param {item!r}: write VARIANT.KEY=V1,V2, e.g. seed_custom_dpo.temperature=0.5,1")
+        grids.setdefault(variant, {})[key] = tuple(v.strip() for v in values.split(","))
     _load()
     try:
         sweep = SweepConfig(
@@ -260,6 +278,7 @@ def run(
             scenarios=tuple(_parse_list(chosen["scenarios"], str)),
             model=str(chosen.get("model", "tiny")),
             data=str(chosen["data"]) if chosen.get("data") else None,
+            params=grids,
             train=TrainConfig(
                 steps=int(chosen.get("steps", 150)),
                 batch_size=int(chosen.get("batch_size", 32)),
@@ -279,7 +298,7 @@ def run(
         try:
             summary = run_sweep(
                 sweep, out, command=shlex.join(["dpobench", *sys.argv[1:]]),
-                progress=lambda m: err.print(f"[dim]{m}[/]", highlight=False), cell_progress=cells,
+                progress=lambda m: err.print(f"[dim]{escape(m)}[/]", highlight=False), cell_progress=cells,
             )  # fmt: skip
         except SweepError as error:
             raise CLIError(str(error)) from None
@@ -380,7 +399,7 @@ class _CellProgress:
 
     def done(self, label: str, status: str) -> None:
         if status != "done":
-            err.print(f"[bold red]{status}:[/] {label}", highlight=False)
+            err.print(f"[bold red]{status}:[/] {escape(label)}", highlight=False)
 
     def __exit__(self, *exc: object) -> None:
         self.progress.__exit__(*exc)
@@ -401,10 +420,11 @@ def _print_summary(summary: object) -> None:
     )  # fmt: skip
     for column in table_frame.columns:
         table.add_column(
-            column, justify="left" if column in ("variant", "scenario", "status") else "right", no_wrap=True
-        )
+            column, justify="left" if column in ("variant", "scenario", "status") else "right",
+            no_wrap=column != "variant", overflow="fold",
+        )  # fmt: skip
     for row in table_frame.itertuples(index=False):
-        table.add_row(*[str(v) for v in row])
+        table.add_row(*[escape(str(v)) for v in row])  # "[...]" in a label is text, not rich markup
     # A summary squeezed into 80 columns is unreadable; wider lines wrap in a narrow terminal instead.
     Console(width=max(out.width, 120)).print(table)
 
@@ -441,7 +461,7 @@ def main() -> None:
     except (CLIError, ParamError, UnknownLossError) as error:
         if _options.get("debug"):
             raise
-        err.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+        err.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
         sys.exit(2)
 
 

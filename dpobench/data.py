@@ -199,7 +199,10 @@ def make_task_data(model: Any, tokenizer: Any, recipe: DataRecipe, device: str =
         else:
             a_wins = ra > rb
         chosen, rejected, rc, rr = (a, b, ra, rb) if a_wins else (b, a, rb, ra)
-        (train if index < n_train else heldout).append(Pair(tuple(prompt), chosen, rejected, 1.0, rc, rr))
+        # The labeller's confidence in its label, σ(|Δ gold| / τ) ∈ (0.5, 1): the per-pair weight that
+        # variants declaring "weights" (the seed's confidence weighting) receive.
+        confidence = 1 / (1 + math.exp(-abs(rc - rr) / recipe.bt_temperature))
+        (train if index < n_train else heldout).append(Pair(tuple(prompt), chosen, rejected, confidence, rc, rr))
     return TaskData(
         train=PairSet(train),
         heldout=PairSet(heldout),

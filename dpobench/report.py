@@ -101,10 +101,25 @@ def cell_finals(tidy: pd.DataFrame) -> pd.DataFrame:
     return frame.reset_index()
 
 
+def configuration_labels(finals: pd.DataFrame) -> pd.Series:
+    """``variant`` alone, or ``variant[key=value, ...]`` with the parameters that vary within a sweep."""
+    params = finals.params.map(lambda p: json.loads(p) if isinstance(p, str) and p else {})
+    labels = finals.variant.copy()
+    for variant, index in finals.groupby("variant").groups.items():
+        dicts = [params[i] for i in index]
+        keys = sorted({k for d in dicts for k in d if k != "beta" and len({json.dumps(x.get(k)) for x in dicts}) > 1})
+        if keys:
+            for i in index:
+                labels[i] = f"{variant}[{', '.join(f'{k}={params[i].get(k)}' for k in keys)}]"
+    return labels
+
+
 def aggregate(
-    finals: pd.DataFrame, metrics: list[str], by: tuple[str, ...] = ("variant", "beta", "scenario")
+    finals: pd.DataFrame, metrics: list[str], by: tuple[str, ...] = ("variant", "configuration", "beta", "scenario")
 ) -> pd.DataFrame:
-    """Per group: n seeds, failed cells, and for each metric its mean and 95% half-width ``<metric>_ci``."""
+    """Per group (seeds pooled): n seeds, failed cells, and per metric its mean and 95% half-width ``<metric>_ci``."""
+    if "configuration" in by and "configuration" not in finals:
+        finals = finals.assign(configuration=configuration_labels(finals))
     rows = []
     for key, group in finals.groupby(list(by), dropna=False, sort=False):
         done = group[group.status == "done"]
@@ -214,7 +229,7 @@ def variant_table(finals: pd.DataFrame) -> pd.DataFrame:
 
     table = pd.DataFrame(
         {
-            "variant": frame.variant,
+            "variant": frame.configuration,
             "β": [fmt(b, "g") for b in frame.beta],
             "scenario": frame.scenario,
             "loss": [fmt(v, ".3f") for v in frame.loss],

@@ -54,6 +54,8 @@ class SweepConfig:
     noise: float = 0.2
     length_bonus: float = 0.03
     sft: SFTRecipe | None = None  # overrides the size's default SFT recipe (tests use short ones)
+    #: per-variant parameter grids, {"seed_custom_dpo": {"length_normalization": (False, True)}}
+    params: dict[str, dict[str, tuple[Any, ...]]] = field(default_factory=dict)
     data_recipe: DataRecipe = field(default_factory=DataRecipe)
 
     def to_json(self) -> dict[str, Any]:
@@ -105,11 +107,16 @@ def run_sweep(
     for beta in config.betas:
         if not beta > 0:
             raise SweepError(f"β = {beta}: every β must be > 0")
+    for variant in config.params:
+        if variant not in names:
+            raise SweepError(f"--param {variant}.…: {variant!r} is not among the variants of this sweep")
     cells = []
     for spec, beta, seed, scenario in itertools.product(specs, config.betas, config.seeds, config.scenarios):
-        params = {"beta": beta} if "beta" in spec.params else {}
-        loss = spec.build(**params)  # parameters validated before anything trains
-        cells.append((spec, loss, beta if params else math.nan, seed, scenario))
+        grid = config.params.get(spec.name, {})
+        for values in itertools.product(*grid.values()):
+            params = {**dict(zip(grid, values, strict=True)), **({"beta": beta} if "beta" in spec.params else {})}
+            loss = spec.build(**params)  # parameters validated before anything trains
+            cells.append((spec, loss, beta if "beta" in spec.params else math.nan, seed, scenario))
     if config.data and set(config.scenarios) != {"clean"}:
         raise SweepError(
             "--scenarios noisy/length-biased need the synthetic task's gold labels; drop --data or use clean"
@@ -190,7 +197,8 @@ def run_sweep(
 
     for number, (cell_id, spec, loss, beta, seed, scenario, train_json) in enumerate(todo, start=1):
         started = time.time()
-        label = f"[{number}/{len(todo)}] {spec.name} β={beta:g} seed={seed} {scenario}"
+        extra = " ".join(f"{k}={v}" for k, v in loss.hparams.items() if k in config.params.get(spec.name, {}))
+        label = f"[{number}/{len(todo)}] {spec.name} β={beta:g} seed={seed} {scenario} {extra}".rstrip()
         if cell_progress:
             cell_progress.start(label, train_config.steps)
         loss.to(device)

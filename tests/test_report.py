@@ -71,7 +71,9 @@ def test_finals_average_the_last_tenth_of_steps(store_dir: Path) -> None:
 
 
 def test_confidence_interval_is_a_t_interval_over_seeds(store_dir: Path) -> None:
-    table = aggregate(cell_finals(read_tidy(store_dir)), ["gold_reward", "kl_to_reference"]).set_index(["variant", "beta"])
+    table = aggregate(cell_finals(read_tidy(store_dir)), ["gold_reward", "kl_to_reference"]).set_index(
+        ["variant", "beta"]
+    )
     row = table.loc[("dpo", 0.1)]
     # Two seeds: 0.30, 0.40 → mean 0.35, s = 0.0707…, half-width t(0.975, 1) · s/√2 = 12.706 · 0.05
     assert row.gold_reward == pytest.approx(0.35)
@@ -83,7 +85,9 @@ def test_confidence_interval_is_a_t_interval_over_seeds(store_dir: Path) -> None
 
 
 def test_ranking_calls_a_tie_a_tie() -> None:
-    table = pd.DataFrame({"gold_reward": [0.50, 0.45, 0.20, 0.19, 0.05], "gold_reward_ci": [0.03, 0.03, 0.01, 0.01, 0.0]})
+    table = pd.DataFrame(
+        {"gold_reward": [0.50, 0.45, 0.20, 0.19, 0.05], "gold_reward_ci": [0.03, 0.03, 0.01, 0.01, 0.0]}
+    )
     # 0.45 overlaps 0.50 (|Δ| 0.05 ≤ 0.06); 0.20 does not; 0.19 overlaps 0.20; 0.05 alone.
     assert rank(table, "gold_reward").tolist() == [1, 1, 3, 3, 5]
     # Lower is better for KL: the order flips.
@@ -97,7 +101,12 @@ def test_summary_ranks_by_the_chosen_metric(store_dir: Path) -> None:
     # With two seeds the intervals are wide (t = 12.7): every cell overlaps the leader.
     assert set(summary["rank"]) == {1}
     narrow = summary_table(cell_finals(read_tidy(store_dir)).query("seed == 0"), "gold_reward")
-    assert narrow[["variant", "beta", "rank"]].values.tolist() == [["dpo", 0.1, 1], ["dpo", 0.5, 2], [EVIL, 0.1, 3], [EVIL, 0.5, 4]]
+    assert narrow[["variant", "beta", "rank"]].values.tolist() == [
+        ["dpo", 0.1, 1],
+        ["dpo", 0.5, 2],
+        [EVIL, 0.1, 3],
+        [EVIL, 0.5, 4],
+    ]
 
 
 def test_beta_figure_draws_the_values_that_went_in(store_dir: Path) -> None:
@@ -118,7 +127,7 @@ def test_frontier_has_one_point_per_variant_and_beta(store_dir: Path) -> None:
     fig = figures.frontier(summary, figures.variant_colors(summary.variant), 0.0)
     ax = fig.axes[0]
     line = next(c.lines[0] for c in ax.containers if c.get_label() == "dpo")
-    np.testing.assert_allclose(sorted(zip(line.get_xdata(), line.get_ydata())), [(1.5, 0.35), (5.5, 0.21)])
+    np.testing.assert_allclose(sorted(zip(line.get_xdata(), line.get_ydata(), strict=True)), [(1.5, 0.35), (5.5, 0.21)])
     assert ax.get_xlabel().startswith("KL") and ax.get_ylabel().startswith("gold reward")
 
 
@@ -138,7 +147,9 @@ def test_write_report_writes_html_and_a_pdf(store_dir: Path, tmp_path: Path) -> 
     assert pdf.startswith(b"%PDF") and len(re.findall(rb"/Type\s*/Page\b", pdf)) >= 5
     assert not list(tmp_path.glob(".*.tmp"))
     if shutil.which("pdftoppm"):
-        subprocess.run(["pdftoppm", "-r", "30", "-png", str(tmp_path / "report.pdf"), str(tmp_path / "page")], check=True)
+        subprocess.run(
+            ["pdftoppm", "-r", "30", "-png", str(tmp_path / "report.pdf"), str(tmp_path / "page")], check=True
+        )
         assert len(list(tmp_path.glob("page*.png"))) >= 5
 
 
