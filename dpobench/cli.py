@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -28,7 +31,7 @@ app = typer.Typer(
 out = Console()
 err = Console(stderr=True)
 
-_options: dict[str, object] = {"plugins_dir": [], "debug": False}
+_options: dict[str, object] = {"debug": False}
 
 
 class CLIError(Exception):
@@ -52,14 +55,18 @@ def _main(
     if version:
         out.print(f"dpobench {dpobench.__version__}")
         raise typer.Exit()
-    _options["plugins_dir"] = list(plugins_dir or [])
+    if plugins_dir:
+        # Through the environment, so that every part of dpobench (wrappers included) sees the same plugins.
+        current = [p for p in os.environ.get("DPOBENCH_PLUGINS_DIR", "").split(os.pathsep) if p]
+        os.environ["DPOBENCH_PLUGINS_DIR"] = os.pathsep.join([*current, *map(str, plugins_dir)])
     _options["debug"] = debug
 
 
 def _load(extra: list[Path] | None = None) -> plugin_loading.Plugins:
-    paths = [*_options["plugins_dir"], *(extra or [])]  # type: ignore[misc]
     try:
-        state = plugin_loading.load_plugins(paths)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", plugin_loading.PluginWarning)  # printed below, once
+            state = plugin_loading.state(extra or [])
     except FileNotFoundError as error:
         raise CLIError(str(error)) from None
     for message in state.errors:
@@ -109,7 +116,9 @@ def _print_verbose(spec: LossSpec) -> None:
         out.print(f"    {escape(line)}", highlight=False, soft_wrap=True)
     out.print("  parameters:", highlight=False)
     for key, param in spec.params.items():
-        out.print(escape(f"    {key} = {param.default!r}  ({param.describe()}): {param.doc}"), highlight=False, soft_wrap=True)
+        out.print(
+            escape(f"    {key} = {param.default!r}  ({param.describe()}): {param.doc}"), highlight=False, soft_wrap=True
+        )
     out.print()
 
 
@@ -205,6 +214,8 @@ def landscape_command(
     margins = tuple(float(m) for m in np.linspace(margin_min, margin_max, points))
     with out.status(f"evaluating {len(specs)} variants × {len(beta_grid)} β × {points} margins"):
         frame = landscape(specs, beta_grid, margins, tokens)
+    for name, error in frame.attrs.get("errors", {}).items():
+        err.print(f"[bold red]left out:[/] {escape(name)}: {escape(error)}", highlight=False)
     _write_atomic_csv(frame, output)
     out.print(f"wrote {len(frame)} rows ({len(specs)} variants) to {output}", highlight=False)
 
@@ -244,7 +255,10 @@ def run(
     """Train every variant identically on a small real model and compare them (resumable)."""
     import shlex
 
-    from dpobench.sweep import PRESETS, SweepConfig, SweepError, run_sweep
+    from dpobench.data import DataError
+    from dpobench.models import ModelError
+    from dpobench.store import StoreError
+    from dpobench.sweep import PRESETS, SweepConfig, SweepError, SweepInterrupted, run_sweep
     from dpobench.train import TrainConfig
 
     settings: dict[str, object] = {}
@@ -272,18 +286,18 @@ def run(
     _load()
     try:
         sweep = SweepConfig(
-            variants=tuple(_parse_list(chosen["variants"], str)),
-            betas=tuple(_parse_list(chosen["betas"], float)),
-            seeds=tuple(_parse_list(chosen["seeds"], int)),
-            scenarios=tuple(_parse_list(chosen["scenarios"], str)),
+            variants=tuple(_parse_list(chosen["variants"], str, "variants")),
+            betas=tuple(_parse_list(chosen["betas"], float, "betas")),
+            seeds=tuple(_parse_list(chosen["seeds"], int, "seeds")),
+            scenarios=tuple(_parse_list(chosen["scenarios"], str, "scenarios")),
             model=str(chosen.get("model", "tiny")),
             data=str(chosen["data"]) if chosen.get("data") else None,
             params=grids,
             train=TrainConfig(
-                steps=int(chosen.get("steps", 150)),
-                batch_size=int(chosen.get("batch_size", 32)),
-                lr=float(chosen.get("lr", 1e-4)),
-                eval_every=int(chosen.get("eval_every", 0)),
+                steps=_setting(chosen, "steps", int, 150, minimum=1),
+                batch_size=_setting(chosen, "batch_size", int, 32, minimum=1),
+                lr=_setting(chosen, "lr", float, 1e-4, minimum=0.0),
+                eval_every=_setting(chosen, "eval_every", int, 0, minimum=0),
                 device=str(chosen.get("device", "auto")),
             ),
         )
@@ -294,14 +308,19 @@ def run(
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     started = time.perf_counter()
-    with _CellProgress() as cells:
+    with _CellProgress() as cells, _stop_after_step(cells) as stop:
         try:
             summary = run_sweep(
                 sweep, out, command=shlex.join(["dpobench", *sys.argv[1:]]),
                 progress=lambda m: err.print(f"[dim]{escape(m)}[/]", highlight=False), cell_progress=cells,
+                should_stop=stop,
             )  # fmt: skip
-        except SweepError as error:
+        except (SweepError, DataError, StoreError, ModelError) as error:
             raise CLIError(str(error)) from None
+        except SweepInterrupted as interrupted:
+            err.print(f"interrupted: finished cells are in the store; rerun the same command to resume ({interrupted})",
+                      highlight=False)  # fmt: skip
+            raise typer.Exit(130) from None
     _write_atomic_csv(summary, out / "summary.csv")
     _print_summary(summary)
     if report:
@@ -367,29 +386,69 @@ def _read_config(path: Path) -> dict[str, object]:
     return values
 
 
-def _parse_list(value: object, kind: type) -> list:
-    items = value.split(",") if isinstance(value, str) else list(value)  # type: ignore[call-overload]
+def _parse_list(value: object, kind: type, key: str = "value") -> list:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = [value]
+    if not isinstance(value, (str, list, tuple)):
+        raise CLIError(f"{key} = {value!r}: expected a list or comma-separated {kind.__name__} values")
+    items = value.split(",") if isinstance(value, str) else list(value)
     try:
         return [kind(v.strip() if isinstance(v, str) else v) for v in items if str(v).strip()]
-    except ValueError:
-        raise CLIError(f"{value!r}: expected comma-separated {kind.__name__} values") from None
+    except (TypeError, ValueError):
+        raise CLIError(f"{key} = {value!r}: expected comma-separated {kind.__name__} values") from None
+
+
+def _setting(settings: dict[str, object], key: str, kind: type, default: object, minimum: float) -> object:
+    value = settings.get(key, default)
+    try:
+        if isinstance(value, bool) or (kind is int and isinstance(value, float) and not value.is_integer()):
+            raise ValueError
+        number = kind(value)
+    except (TypeError, ValueError):
+        raise CLIError(f"{key} = {value!r}: expected {'an integer' if kind is int else 'a number'}") from None
+    if number < minimum:
+        raise CLIError(f"{key} = {value!r}: must be ≥ {minimum:g}")
+    return number
+
+
+@contextlib.contextmanager
+def _stop_after_step(cells: _CellProgress):
+    """Ctrl-C while a cell trains: finish the step, keep every finished cell, exit. Twice: stop at once."""
+    requested = {"stop": False}
+
+    def handler(signum: int, frame: object) -> None:
+        if requested["stop"] or not cells.training:
+            raise KeyboardInterrupt
+        requested["stop"] = True
+        err.print("stopping after this step (Ctrl-C again to stop at once)", highlight=False)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield lambda: requested["stop"]
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 class _CellProgress:
     """A progress bar for the sweep and one for the cell in training."""
 
-    def __enter__(self) -> _CellProgress:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    training = False
 
-        self.progress = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err,
-            transient=True,
-        )  # fmt: skip
-        self.progress.__enter__()
+    def __enter__(self) -> _CellProgress:
+        self.progress = None  # started with the first cell: errors before it print on a clean line
         self.task = None
         return self
 
     def start(self, label: str, total: int) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.training = True
+        if self.progress is None:
+            self.progress = Progress(
+                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err,
+                transient=True,
+            )  # fmt: skip
+            self.progress.__enter__()
         if self.task is not None:
             self.progress.remove_task(self.task)
         self.task = self.progress.add_task(label, total=total)
@@ -398,11 +457,13 @@ class _CellProgress:
         self.progress.update(self.task, completed=step)
 
     def done(self, label: str, status: str) -> None:
+        self.training = False
         if status != "done":
             err.print(f"[bold red]{status}:[/] {escape(label)}", highlight=False)
 
     def __exit__(self, *exc: object) -> None:
-        self.progress.__exit__(*exc)
+        if self.progress is not None:
+            self.progress.__exit__(*exc)
 
 
 def _print_summary(summary: object) -> None:

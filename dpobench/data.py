@@ -303,9 +303,11 @@ def _read_rows(path: Path) -> list[tuple[str, dict[str, Any]]]:
             try:
                 value = json.loads(line)
             except json.JSONDecodeError as error:
-                raise DataError(f"{path}:{number}: not valid JSON ({error.msg}); one JSON object per line") from None
+                raise DataError(
+                    f"{path}:line {number}: not valid JSON ({error.msg}); one JSON object per line"
+                ) from None
             if not isinstance(value, dict):
-                raise DataError(f"{path}:{number}: expected a JSON object with prompt, chosen, rejected")
+                raise DataError(f"{path}:line {number}: expected a JSON object with prompt, chosen, rejected")
             rows.append((f"line {number}", value))
         return rows
     if suffix == ".csv":

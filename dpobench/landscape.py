@@ -44,13 +44,20 @@ def landscape(
 ) -> pd.DataFrame:
     """A tidy frame, one row per (variant, β, margin). Each variant's default β is added to ``betas``."""
     rows: list[dict[str, object]] = []
+    errors: dict[str, str] = {}
     h = torch.tensor(list(margins), dtype=torch.float64)
     for spec in specs:
         default_beta = spec.params["beta"].default if "beta" in spec.params else None
         grid = sorted({*betas, default_beta}) if default_beta is not None else [None]
-        for beta in grid:
-            loss = spec.build(**({} if beta is None else {"beta": beta}))
-            values, grads, probs = _evaluate(loss, h, tokens)
+        evaluated = []
+        try:  # a broken plugin is left out (and named in frame.attrs["errors"]), not fatal
+            for beta in grid:
+                loss = spec.build(**({} if beta is None else {"beta": beta}))
+                evaluated.append((beta, loss, *_evaluate(loss, h, tokens)))
+        except Exception as error:
+            errors[spec.name] = f"{type(error).__name__}: {' '.join(str(error).split())}"
+            continue
+        for beta, loss, values, grads, probs in evaluated:
             for i, margin in enumerate(h.tolist()):
                 rows.append(
                     {
@@ -60,7 +67,9 @@ def landscape(
                         "loss": values[i], "grad_weight": grads[i], "preference_prob": probs[i],
                     }
                 )  # fmt: skip
-    return pd.DataFrame(rows, columns=COLUMNS)
+    frame = pd.DataFrame(rows, columns=COLUMNS)
+    frame.attrs["errors"] = errors
+    return frame
 
 
 def _evaluate(loss: torch.nn.Module, margins: torch.Tensor, tokens: int) -> tuple[list[float], ...]:

@@ -22,7 +22,12 @@ import torch
 
 from dpobench.task import TASK_VERSION, build_tokenizer, sample_review
 
-__all__ = ["SIZES", "SFTRecipe", "cache_root", "load_model", "model_fingerprint", "reference_model"]
+__all__ = ["SIZES", "ModelError", "SFTRecipe", "cache_root", "load_model", "model_fingerprint", "reference_model"]
+
+
+class ModelError(ValueError):
+    """A model that cannot be loaded; the message names it and says what to give instead."""
+
 
 #: named sizes; `base` has SmolLM-135M's shape (hidden 576, 30 layers, 9 heads, 3 KV heads) on the task's vocabulary
 SIZES: dict[str, dict[str, int]] = {
@@ -73,7 +78,15 @@ def reference_model(recipe: SFTRecipe, progress: Callable[[str], None] | None = 
     """The cached SFT model for ``recipe``, trained now (on ``device``) if missing or unreadable. Returns its folder."""
     folder = cache_root() / "models" / recipe.key()
     if _valid_entry(folder, recipe):
-        return folder
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(folder / "model.safetensors"), framework="pt") as weights:
+                weights.keys()
+            return folder
+        except Exception:  # a corrupted weight file: rebuilt, not trusted
+            if progress:
+                progress(f"the cached reference model {folder} is corrupted; rebuilding it")
     if folder.exists():
         shutil.rmtree(folder)  # corrupted or mismatched: rebuilt, not trusted
     if progress:
@@ -152,7 +165,7 @@ def load_model(source: str | Path, device: str = "cpu"):
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, attn_implementation="sdpa")
     except (OSError, ValueError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(
+        raise ModelError(
             f"cannot load model {str(source)!r}: {first}; give a folder written by save_pretrained or a Hub id"
         ) from None
     if tokenizer.pad_token_id is None:

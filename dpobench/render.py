@@ -161,8 +161,12 @@ def _geometry_section(finals: pd.DataFrame, colors: dict) -> Section | None:
     if not specs:
         return None
     frame = landscape(specs, betas=(0.01, 0.03, 0.1, 0.3, 1.0), margins=tuple(x / 4 for x in range(-40, 41)))
+    failed = "; ".join(f"{name}: {error}" for name, error in frame.attrs.get("errors", {}).items())
+    if frame.empty:
+        return None
     return Section("geometry", "Model-free geometry", "Loss and gradient weight against the log-ratio margin and "
-                   "preference probability against β, from each variant's formula (`dpobench landscape`).",
+                   "preference probability against β, from each variant's formula (`dpobench landscape`)."
+                   + (f" Left out because their loss failed: {failed}." if failed else ""),
                    figures=[figures.geometry(frame, colors, family) for family in sorted(set(frame.plugin))])  # fmt: skip
 
 

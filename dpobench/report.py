@@ -71,7 +71,9 @@ def read_tidy(store: str | Path) -> pd.DataFrame:
     ]
     values = pd.concat(long, ignore_index=True)
     values["value"] = pd.to_numeric(values["value"], errors="coerce")
-    frame = values.merge(cells, on="cell_id").merge(runs, on="run_id", how="left")
+    # A cell that failed before its first step has no values; it keeps one row (metric NaN) so that no
+    # failure disappears from the tables.
+    frame = cells.merge(values, on="cell_id", how="left").merge(runs, on="run_id", how="left")
     return frame[[*CELL_COLUMNS, "dpobench_version", "torch_version", "transformers_version", "git_commit",
                   "model_hash", "source", "step", "metric", "value"]]  # fmt: skip
 

@@ -60,16 +60,21 @@ class Store:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(self.path, timeout=30)
         self.db.execute("PRAGMA foreign_keys=ON")
+        tables = {row[0] for row in self.db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if tables and "meta" not in tables:
+            self.db.close()
+            raise StoreError(f"{self.path}: an SQLite file that dpobench did not write; use another --out directory")
         with self.db:
             self.db.executescript(_SCHEMA)
             row = self.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
             if row is None:
                 self.db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-            elif int(row[0]) != SCHEMA_VERSION:
-                raise StoreError(
-                    f"{self.path}: written by another dpobench (schema {row[0]}, this one reads {SCHEMA_VERSION}); "
-                    "use another --out directory"
-                )
+        if row is not None and int(row[0]) != SCHEMA_VERSION:
+            self.db.close()
+            raise StoreError(
+                f"{self.path}: written by another dpobench (schema {row[0]}, this one reads {SCHEMA_VERSION}); "
+                "use another --out directory"
+            )
 
     def close(self) -> None:
         self.db.close()

@@ -6,6 +6,8 @@ import hashlib
 import itertools
 import json
 import math
+import os
+import sqlite3
 import subprocess
 import time
 from collections.abc import Callable
@@ -23,7 +25,7 @@ from dpobench.models import SIZES, SFTRecipe, cache_root, load_model, model_fing
 from dpobench.plugins import get_losses
 from dpobench.report import cell_finals, read_tidy
 from dpobench.store import Store
-from dpobench.train import Evaluator, TrainConfig, train_cell
+from dpobench.train import CellResult, Evaluator, TrainConfig, train_cell
 
 __all__ = ["PRESETS", "SweepConfig", "SweepError", "run_sweep"]
 
@@ -40,6 +42,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 class SweepError(ValueError):
     """A sweep that cannot start as configured; the message says what to change."""
+
+
+class SweepInterrupted(Exception):
+    """Ctrl-C: the step in progress finished, every finished cell is in the store."""
 
 
 @dataclass(frozen=True)
@@ -74,6 +80,26 @@ def resolve_device(requested: str) -> str:
     return requested
 
 
+def check_writable(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".dpobench-write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise SweepError(
+            f"--out {str(out)!r} is not writable ({error.strerror or error}); choose another directory"
+        ) from None
+
+
+def open_store(out: Path) -> Store:
+    """The store in ``out``, or a one-line error saying why it cannot be used."""
+    try:
+        return Store(out / "results.sqlite")
+    except sqlite3.DatabaseError as error:
+        raise SweepError(f"{out / 'results.sqlite'} is not a dpobench store ({error}); choose another --out") from None
+
+
 def _git_commit() -> str | None:
     try:
         root = Path(__file__).resolve().parents[1]
@@ -94,6 +120,7 @@ def run_sweep(
     command: str = "",
     progress: Callable[[str], None] = print,
     cell_progress: Any = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> pd.DataFrame:
     """Run every cell not yet in ``out/results.sqlite``; return the per-cell summary."""
     import transformers
@@ -123,8 +150,7 @@ def run_sweep(
         )
     device = resolve_device(config.train.device)
     train_config = replace(config.train, device=device)
-    out.mkdir(parents=True, exist_ok=True)
-    store = Store(out / "results.sqlite")
+    check_writable(out)  # before the slow work: an unwritable --out fails at once
 
     if config.model in SIZES:
         recipe = config.sft or SFTRecipe(size=config.model)
@@ -157,6 +183,7 @@ def run_sweep(
     )  # fmt: skip
     evaluator = Evaluator(reference, tokenizer, data, heldout_ref, device=device, autocast=train_config.autocast)
 
+    store = open_store(out)  # only now: a sweep stopped by bad data or a bad model leaves no store behind
     run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + _cell_id(config.to_json(), model_hash, data_hash)[:6]
     versions = {
         "dpobench_version": dpobench.__version__, "torch_version": torch.__version__,
@@ -202,11 +229,19 @@ def run_sweep(
         if cell_progress:
             cell_progress.start(label, train_config.steps)
         loss.to(device)
-        result = train_cell(
-            policy, reference_state, loss, trains[scenario], train_ref, tokenizer.pad_token_id, train_config, seed,
-            evaluate=lambda model, step, loss=loss, seed=seed: evaluator(model, step, loss, seed),
-            on_step=cell_progress.advance if cell_progress else None,
-        )  # fmt: skip
+        try:
+            result = train_cell(
+                policy, reference_state, loss, trains[scenario], train_ref, tokenizer.pad_token_id, train_config,
+                seed, evaluate=lambda model, step, loss=loss, seed=seed: evaluator(model, step, loss, seed),
+                on_step=cell_progress.advance if cell_progress else None, should_stop=should_stop,
+            )  # fmt: skip
+        except torch.cuda.OutOfMemoryError as error:  # one cell too big must not end the sweep
+            result = CellResult(status="failed", error=f"CUDA out of memory: {str(error).splitlines()[0]}")
+        if result.status == "interrupted":
+            store.close()
+            raise SweepInterrupted(
+                f"interrupted in cell {spec.name}; {number - 1} of {len(todo)} cells of this run finished"
+            )
         store.write_cell(
             {**base_cell, "cell_id": cell_id, "variant": spec.name, "plugin": spec.plugin,
              "plugin_version": spec.version, "params": json.dumps(loss.hparams, sort_keys=True, default=str),

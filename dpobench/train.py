@@ -80,6 +80,7 @@ def train_cell(
     seed: int,
     evaluate: Callable[[Any, int], dict[str, float]],
     on_step: Callable[[int], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> CellResult:
     device = config.device
     policy.load_state_dict(reference_state)  # start from the reference weights
@@ -106,7 +107,12 @@ def train_cell(
             sums[:b], sums[b:], tokens[:b], tokens[b:], *((lss[:b], lss[b:]) if lss is not None else ())
         )
         reference = LogProbs(ref_chosen[index].to(device), ref_rejected[index].to(device), tokens[:b], tokens[b:])
-        out = call_loss(loss, policy_lp, reference, weights_all[index].to(device))
+        try:  # a plugin's fault fails this cell, not the sweep
+            out = call_loss(loss, policy_lp, reference, weights_all[index].to(device))
+            _check_output(out, b)
+        except Exception as error:
+            result.status, result.error = "failed", f"step {step + 1}: {_one_line(error)}"
+            break
         mean_loss = out.losses.mean()
         if not torch.isfinite(mean_loss):  # recorded as diverged, at this step; the sweep goes on
             result.status, result.error = "diverged", f"loss is {mean_loss.item()} at step {step}"
@@ -132,11 +138,41 @@ def train_cell(
         )  # fmt: skip
         if on_step:
             on_step(step + 1)
+        if should_stop is not None and should_stop():  # Ctrl-C: this step is finished, the cell is not
+            result.status, result.error = "interrupted", f"interrupted after step {step + 1}"
+            return result
         if config.eval_every and (step + 1) % config.eval_every == 0 and step + 1 < config.steps:
-            result.evaluations.append(evaluate(policy, step + 1))
+            if not _evaluate_into(result, evaluate, policy, step + 1):
+                break
     if result.status == "done":
-        result.evaluations.append(evaluate(policy, config.steps))
+        _evaluate_into(result, evaluate, policy, config.steps)
     return result
+
+
+def _evaluate_into(
+    result: CellResult, evaluate: Callable[[Any, int], dict[str, float]], policy: Any, step: int
+) -> bool:
+    try:
+        result.evaluations.append(evaluate(policy, step))
+        return True
+    except Exception as error:  # the held-out rewards call the plugin's loss too
+        result.status, result.error = "failed", f"evaluation at step {step}: {_one_line(error)}"
+        return False
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def _check_output(out: Any, batch_size: int) -> None:
+    """The harness's own contract check on every call: per-pair tensors of shape (B,)."""
+    for name, value in zip(("losses", "chosen_rewards", "rejected_rewards"), out, strict=True):
+        if not isinstance(value, torch.Tensor) or tuple(value.shape) != (batch_size,):
+            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(
+                f"the loss returned {name} of shape {shape} for {batch_size} pairs; expected ({batch_size},)"
+            )
 
 
 @dataclass

@@ -1,0 +1,263 @@
+"""Reliability: broken plugins contained, bad input refused in one line with nothing claimed, interruptions
+(Ctrl-C, SIGKILL) lose no finished cell, caches and stores that cannot be trusted are rebuilt or refused."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from dpobench.data import DataError, load_pairs_file
+from dpobench.logprobs import cached_reference_logprobs
+from dpobench.models import SFTRecipe, reference_model
+from dpobench.store import Store, StoreError
+from dpobench.task import build_tokenizer
+
+from .conftest import BROKEN_PLUGINS, subprocess_env
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """A randomly initialised tiny Llama with the task's tokenizer (no SFT: these tests need speed, not skill)."""
+    from transformers import LlamaForCausalLM
+
+    from dpobench.models import build_config
+
+    torch.manual_seed(0)
+    tokenizer = build_tokenizer()
+    folder = tmp_path_factory.mktemp("model") / "tiny"
+    LlamaForCausalLM(build_config("tiny", len(tokenizer), tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def dpobench_run(*args: str, timeout: int = 300, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "dpobench", *args], capture_output=True, text=True,
+                          env=subprocess_env(**env), timeout=timeout)  # fmt: skip
+
+
+def claims_nothing(out: Path) -> bool:
+    """No store row and no report claims a result."""
+    if (out / "report.html").exists() or (out / "summary.csv").exists():
+        return False
+    if not (out / "results.sqlite").exists():
+        return True
+    with sqlite3.connect(out / "results.sqlite") as db:
+        return db.execute("SELECT COUNT(*) FROM cells WHERE status = 'done'").fetchone()[0] == 0
+
+
+def test_broken_plugins_fail_their_cells_and_the_sweep_goes_on(tmp_path: Path, model_dir: Path) -> None:
+    out = tmp_path / "out"
+    result = dpobench_run(
+        "--plugins-dir", str(BROKEN_PLUGINS), "run", "--model", str(model_dir), "--steps", "3",
+        "--variants", "dpo,raising_loss,nan_loss,wrong_shape,squared_hinge", "--out", str(out),
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr  # a failed cell makes the command fail, at the end
+    summary = pd.read_csv(out / "summary.csv").set_index("variant")
+    assert summary.loc["dpo", "status"] == summary.loc["squared_hinge", "status"] == "done"
+    assert summary.loc["raising_loss", "status"] == "failed"
+    assert summary.loc["raising_loss", "error"] == "step 1: RuntimeError: this loss is broken on purpose"
+    assert summary.loc["nan_loss", "status"] == "diverged"
+    assert summary.loc["nan_loss", "error"] == "loss is nan at step 0"
+    assert summary.loc["wrong_shape", "status"] == "failed"
+    assert "the loss returned losses of shape () for 32 pairs; expected (32,)" in summary.loc["wrong_shape", "error"]
+    html = (out / "report.html").read_text()
+    assert "Failed and diverged cells" in html and "this loss is broken on purpose" in html
+    assert "plugin error: plugin 'misspelled_hook'" in result.stderr  # import-time failures are named too
+    with sqlite3.connect(out / "results.sqlite") as db:
+        steps = dict(
+            db.execute("SELECT variant, COUNT(step) FROM cells LEFT JOIN steps USING (cell_id) GROUP BY variant")
+        )
+    assert steps["dpo"] == 3 and steps["raising_loss"] == 0
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+GOOD = {"prompt": "the movie was great .", "chosen": "i loved the plot .", "rejected": "i hated the plot ."}
+
+
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        ([GOOD, "{not json"], "pairs.jsonl:line 2: not valid JSON"),
+        (
+            [GOOD, {"prompt": "p", "chosen": "c"}],
+            "pairs.jsonl:line 2: missing key 'rejected'; each row needs prompt, chosen and rejected",
+        ),
+        ([GOOD, {**GOOD, "chosen": "  "}], "pairs.jsonl:line 2: 'chosen' must be a non-empty string"),
+        ([GOOD, {**GOOD, "rejected": 3}], "pairs.jsonl:line 2: 'rejected' must be a non-empty string"),
+        ([GOOD, {**GOOD, "rejected": GOOD["chosen"]}], "pairs.jsonl:line 2: chosen and rejected are identical"),
+        ([GOOD, {**GOOD, "weight": "heavy"}], "pairs.jsonl:line 2: weight 'heavy' is not a number"),
+    ],
+)
+def test_bad_data_is_one_line_and_claims_nothing(tmp_path: Path, model_dir: Path, rows: list, message: str) -> None:
+    data = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    out = tmp_path / "out"
+    result = dpobench_run("run", "--model", str(model_dir), "--data", str(data), "--variants", "dpo", "--out", str(out))
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert claims_nothing(out)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--variants", "dpo,simpo_tlr"], "error: unknown loss variant 'simpo_tlr'; did you mean 'simpo_trl'?"),
+        (["--betas", "0.1,0"], "error: β = 0.0: every β must be > 0"),
+        (
+            ["--variants", "cdpo", "--param", "cdpo.label_smoothing=0.7"],
+            "parameter label_smoothing='0.7' is outside its valid range [0, 0.5)",
+        ),
+        (["--device", "cuda"], "error: --device cuda: no CUDA GPU is visible to PyTorch; use --device cpu or auto"),
+        (["--out", "/proc/dpobench-out"], "is not writable"),
+        (["--model", "/no/such/model"], "error: cannot load model '/no/such/model'"),
+    ],
+)
+def test_bad_settings_are_one_line_and_claim_nothing(tmp_path: Path, model_dir: Path, args: list, message: str) -> None:
+    if "cuda" in args and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    out = tmp_path / "out"
+    full = ["run", "--model", str(model_dir), "--steps", "2", "--out", str(out), *args]
+    result = dpobench_run(*full)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert claims_nothing(out)
+
+
+def test_debug_shows_the_traceback(tmp_path: Path, model_dir: Path) -> None:
+    result = dpobench_run("--debug", "run", "--model", str(model_dir), "--variants", "dpoo", "--out", str(tmp_path))
+    assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+def test_a_pair_longer_than_the_context_is_truncated_and_counted(tmp_path: Path) -> None:
+    tokenizer = build_tokenizer()
+    long = " ".join(["the movie was great ."] * 40)  # 200 words
+    data = write_jsonl(tmp_path / "pairs.jsonl", [GOOD, {**GOOD, "chosen": long}, GOOD])
+    task = load_pairs_file(data, tokenizer, max_length=64, heldout_fraction=0.34)
+    pairs = task.train.pairs + task.heldout.pairs
+    assert task.info["truncated"] == 1
+    longest = max(pairs, key=lambda p: len(p.chosen))
+    # Rule: keep the prompt and the start of each completion, keep EOS, fit max_length.
+    assert len(longest.prompt) + len(longest.chosen) == 64 and longest.chosen[-1] == tokenizer.eos_token_id
+
+
+def test_unknown_format_and_missing_file(tmp_path: Path) -> None:
+    tokenizer = build_tokenizer()
+    (tmp_path / "pairs.txt").write_text("x")
+    with pytest.raises(DataError, match=r"pairs.txt: unknown format '.txt'; use .jsonl, .csv or .parquet"):
+        load_pairs_file(tmp_path / "pairs.txt", tokenizer, 64)
+    with pytest.raises(DataError, match="no such file"):
+        load_pairs_file(tmp_path / "nope.jsonl", tokenizer, 64)
+
+
+def test_store_from_another_version_or_program_is_refused(tmp_path: Path) -> None:
+    Store(tmp_path / "a.sqlite").close()
+    with sqlite3.connect(tmp_path / "a.sqlite") as db:
+        db.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
+    with pytest.raises(StoreError, match=r"written by another dpobench \(schema 99, this one reads 1\)"):
+        Store(tmp_path / "a.sqlite")
+    with sqlite3.connect(tmp_path / "b.sqlite") as db:
+        db.execute("CREATE TABLE customers (id INTEGER)")
+    with pytest.raises(StoreError, match="an SQLite file that dpobench did not write"):
+        Store(tmp_path / "b.sqlite")
+    with sqlite3.connect(tmp_path / "b.sqlite") as db:  # and it was not modified
+        assert [r[0] for r in db.execute("SELECT name FROM sqlite_master")] == ["customers"]
+
+
+def test_corrupted_caches_are_rebuilt_not_trusted(tmp_path: Path, model_dir: Path) -> None:
+    recipe = SFTRecipe(size="tiny", steps=5, corpus=200)
+    folder = reference_model(recipe)
+    weights = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(b"\x00" * 100)
+    messages: list[str] = []
+    assert reference_model(recipe, progress=messages.append) == folder
+    assert any("corrupted; rebuilding" in m for m in messages)
+    assert (folder / "model.safetensors").read_bytes() == weights  # deterministic rebuild: the same model
+
+    from dpobench.data import Pair
+    from dpobench.models import load_model
+
+    model, _tokenizer = load_model(model_dir)
+    pairs = [Pair((1, 5), (6, 2), (7, 2))] * 3
+    first = cached_reference_logprobs(model, pairs, 0, "k", tmp_path, device="cpu", autocast=False)
+    (cache_file,) = (tmp_path / "reference").glob("*.safetensors")
+    cache_file.write_bytes(b"garbage")
+    again = cached_reference_logprobs(model, pairs, 0, "k", tmp_path, device="cpu", autocast=False)
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+
+
+def wait_for_cells(db_path: Path, count: int, timeout: float = 240) -> None:
+    start = time.time()
+    while time.time() - start < timeout:
+        if db_path.exists():
+            try:
+                with sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=1) as db:
+                    if db.execute("SELECT COUNT(*) FROM cells WHERE variant != '(reference)'").fetchone()[0] >= count:
+                        return
+            except sqlite3.OperationalError:
+                pass
+        time.sleep(0.2)
+    raise AssertionError(f"fewer than {count} cells finished in {timeout} s")
+
+
+VARIANTS = "dpo,ipo,hinge,simpo,cpo,nca_pair,bco_pair,apo_zero"
+
+
+def test_sigkill_mid_sweep_then_rerun_finishes_each_cell_once(tmp_path: Path, model_dir: Path) -> None:
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "dpobench", "run", "--model", str(model_dir), "--variants", VARIANTS,
+               "--steps", "25", "--out", str(out), "--no-report"]  # fmt: skip
+    process = subprocess.Popen(command, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_cells(out / "results.sqlite", 2)
+        time.sleep(0.3)  # somewhere inside the next cell
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+    finally:
+        process.kill()
+    with sqlite3.connect(out / "results.sqlite") as db:
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        before = dict(db.execute("SELECT cell_id, finished FROM cells"))
+    assert 2 <= len(before) - 1 < 8
+    rerun = subprocess.run(command, capture_output=True, text=True, env=subprocess_env(), timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"8 cells, {len(before) - 1} already in the store, {9 - len(before)} to run" in " ".join(
+        rerun.stderr.split()
+    )
+    with sqlite3.connect(out / "results.sqlite") as db:
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        counts = dict(db.execute("SELECT variant, COUNT(*) FROM cells GROUP BY variant"))
+        after = dict(db.execute("SELECT cell_id, finished FROM cells"))
+        assert db.execute("SELECT COUNT(*) FROM steps").fetchone()[0] == 8 * 25
+    assert counts == {v: 1 for v in [*VARIANTS.split(","), "(reference)"]}
+    assert all(after[c] == t for c, t in before.items())  # finished cells were not redone
+
+
+def test_ctrl_c_finishes_the_step_keeps_finished_cells_and_exits_cleanly(tmp_path: Path, model_dir: Path) -> None:
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "dpobench", "run", "--model", str(model_dir), "--variants", VARIANTS,
+               "--steps", "25", "--out", str(out), "--no-report"]  # fmt: skip
+    process = subprocess.Popen(command, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_cells(out / "results.sqlite", 1)
+    time.sleep(0.3)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert "stopping after this step" in stderr
+    assert "interrupted: finished cells are in the store; rerun the same command to resume" in stderr
+    assert "Traceback" not in stderr
+    with sqlite3.connect(out / "results.sqlite") as db:
+        statuses = {r[0] for r in db.execute("SELECT status FROM cells")}
+        per_cell = db.execute("SELECT COUNT(*) FROM steps GROUP BY cell_id").fetchall()
+    assert statuses == {"done"} and all(n == 25 for (n,) in per_cell)  # no half-trained cell was written
