@@ -38,10 +38,17 @@ def _private_cache(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def _fresh_plugins():
+    """Every test starts with the built-ins only: `dpobench --plugins-dir` run in-process sets the variable."""
     import dpobench.plugins
 
+    saved = {k: os.environ.get(k) for k in ("DPOBENCH_PLUGINS_DIR", "DPOBENCH_LOAD_PLUGINS")}
     dpobench.plugins.reset()
     yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
     dpobench.plugins.reset()
 
 
