@@ -392,6 +392,8 @@ def _parse_list(value: object, kind: type, key: str = "value") -> list:
     if not isinstance(value, (str, list, tuple)):
         raise CLIError(f"{key} = {value!r}: expected a list or comma-separated {kind.__name__} values")
     items = value.split(",") if isinstance(value, str) else list(value)
+    if any(isinstance(v, bool) for v in items):
+        raise CLIError(f"{key} = {value!r}: expected comma-separated {kind.__name__} values")
     try:
         return [kind(v.strip() if isinstance(v, str) else v) for v in items if str(v).strip()]
     except (TypeError, ValueError):

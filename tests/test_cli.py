@@ -154,6 +154,9 @@ def test_run_from_a_toml_config(tmp_path: Path, untrained_model: Path) -> None:
     [
         ("stepz = 3\n", "unknown key 'stepz'; valid keys: batch_size, betas, data, device"),
         ("steps = \n", "not valid TOML"),
+        ('steps = "many"\n', "steps = 'many': expected an integer"),
+        ("lr = -1.0\n", "lr = -1.0: must be ≥ 0"),
+        ("betas = [0.1, true]\n", "betas = [0.1, True]: expected comma-separated float values"),
         ("preset = 'huge'\n", "--preset 'huge': use one of quick, standard"),
     ],
 )
