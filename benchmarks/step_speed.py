@@ -23,15 +23,14 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from baseline import plain_dpo_loss  # noqa: E402
+from baseline import plain_dpo_loss
 
-import dpobench  # noqa: E402
-from dpobench.data import Pair, PairSet  # noqa: E402
-from dpobench.models import SIZES  # noqa: E402
-from dpobench.train import TrainConfig, train_cell  # noqa: E402
+import dpobench
+from dpobench.data import Pair, PairSet
+from dpobench.models import SIZES
+from dpobench.train import TrainConfig, train_cell
 
 
 def build_model(size: str, vocab: int, device: str, seed: int = 0):
@@ -70,6 +69,12 @@ def bf16_matmul_tflops(device: str) -> float:
     return 2 * 8192**3 * 10 / (time.perf_counter() - start) / 1e12
 
 
+def full_softmax_logp(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The plain way: a float32 log-softmax over the whole (B, T, V), then gather the targets."""
+    logp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    return (logp * mask[:, 1:]).sum(-1)
+
+
 def plain_run(model, reference, pairs: list[Pair], batch: int, steps: int, device: str) -> list[float]:
     """Seconds per step of the plain loop (first two steps are warm-up and not returned)."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
@@ -88,11 +93,7 @@ def plain_run(model, reference, pairs: list[Pair], batch: int, steps: int, devic
                 ref_logits = reference(input_ids=ids).logits
             logits = model(input_ids=ids).logits
 
-        def seq_logp(lg: torch.Tensor) -> torch.Tensor:
-            logp = torch.log_softmax(lg[:, :-1].float(), -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
-            return (logp * mask[:, 1:]).sum(-1)
-
-        pol, ref = seq_logp(logits), seq_logp(ref_logits)
+        pol, ref = full_softmax_logp(logits, ids, mask), full_softmax_logp(ref_logits, ids, mask)
         b = len(part)
         losses, _, _ = plain_dpo_loss(pol[:b], pol[b:], ref[:b], ref[b:])
         losses.mean().backward()

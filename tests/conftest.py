@@ -55,3 +55,21 @@ def _fresh_plugins():
 @pytest.fixture
 def python() -> str:
     return sys.executable
+
+
+@pytest.fixture(scope="session")
+def untrained_model(tmp_path_factory) -> Path:
+    """A randomly initialised tiny Llama with the task's tokenizer, saved with save_pretrained: for tests
+    that need a real model fast, not a trained one."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from dpobench.models import build_config
+    from dpobench.task import build_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = build_tokenizer()
+    folder = tmp_path_factory.mktemp("model") / "tiny-untrained"
+    LlamaForCausalLM(build_config("tiny", len(tokenizer), tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -114,23 +114,6 @@ def test_landscape_writes_a_tidy_csv(tmp_path: Path) -> None:
     assert not list(out.parent.glob(".*.tmp"))  # written atomically, nothing left behind
 
 
-@pytest.fixture(scope="module")
-def untrained_model(tmp_path_factory) -> Path:
-    """A randomly initialised tiny Llama with the task's tokenizer, saved with save_pretrained."""
-    import torch
-    from transformers import LlamaForCausalLM
-
-    from dpobench.models import build_config
-    from dpobench.task import build_tokenizer
-
-    torch.manual_seed(0)
-    tokenizer = build_tokenizer()
-    folder = tmp_path_factory.mktemp("model") / "tiny-untrained"
-    LlamaForCausalLM(build_config("tiny", len(tokenizer), tokenizer)).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 def test_run_from_a_toml_config(tmp_path: Path, untrained_model: Path) -> None:
     config = tmp_path / "sweep.toml"
     config.write_text(f'variants = ["dpo", "simpo"]\nbetas = [0.1, 0.5]\nsteps = 2\nmodel = "{untrained_model}"\n')

@@ -24,21 +24,6 @@ from dpobench.task import build_tokenizer
 from .conftest import BROKEN_PLUGINS, subprocess_env
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    """A randomly initialised tiny Llama with the task's tokenizer (no SFT: these tests need speed, not skill)."""
-    from transformers import LlamaForCausalLM
-
-    from dpobench.models import build_config
-
-    torch.manual_seed(0)
-    tokenizer = build_tokenizer()
-    folder = tmp_path_factory.mktemp("model") / "tiny"
-    LlamaForCausalLM(build_config("tiny", len(tokenizer), tokenizer)).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 def dpobench_run(*args: str, timeout: int = 300, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "dpobench", *args], capture_output=True, text=True,
                           env=subprocess_env(**env), timeout=timeout)  # fmt: skip
@@ -54,10 +39,10 @@ def claims_nothing(out: Path) -> bool:
         return db.execute("SELECT COUNT(*) FROM cells WHERE status = 'done'").fetchone()[0] == 0
 
 
-def test_broken_plugins_fail_their_cells_and_the_sweep_goes_on(tmp_path: Path, model_dir: Path) -> None:
+def test_broken_plugins_fail_their_cells_and_the_sweep_goes_on(tmp_path: Path, untrained_model: Path) -> None:
     out = tmp_path / "out"
     result = dpobench_run(
-        "--plugins-dir", str(BROKEN_PLUGINS), "run", "--model", str(model_dir), "--steps", "3",
+        "--plugins-dir", str(BROKEN_PLUGINS), "run", "--model", str(untrained_model), "--steps", "3",
         "--variants", "dpo,raising_loss,nan_loss,wrong_shape,squared_hinge", "--out", str(out),
     )  # fmt: skip
     assert result.returncode == 1, result.stderr  # a failed cell makes the command fail, at the end
@@ -101,10 +86,14 @@ GOOD = {"prompt": "the movie was great .", "chosen": "i loved the plot .", "reje
         ([GOOD, {**GOOD, "weight": "heavy"}], "pairs.jsonl:line 2: weight 'heavy' is not a number"),
     ],
 )
-def test_bad_data_is_one_line_and_claims_nothing(tmp_path: Path, model_dir: Path, rows: list, message: str) -> None:
+def test_bad_data_is_one_line_and_claims_nothing(
+    tmp_path: Path, untrained_model: Path, rows: list, message: str
+) -> None:
     data = write_jsonl(tmp_path / "pairs.jsonl", rows)
     out = tmp_path / "out"
-    result = dpobench_run("run", "--model", str(model_dir), "--data", str(data), "--variants", "dpo", "--out", str(out))
+    result = dpobench_run(
+        "run", "--model", str(untrained_model), "--data", str(data), "--variants", "dpo", "--out", str(out)
+    )
     assert result.returncode == 2 and message in result.stderr, result.stderr
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     assert claims_nothing(out)
@@ -124,19 +113,23 @@ def test_bad_data_is_one_line_and_claims_nothing(tmp_path: Path, model_dir: Path
         (["--model", "/no/such/model"], "error: cannot load model '/no/such/model'"),
     ],
 )
-def test_bad_settings_are_one_line_and_claim_nothing(tmp_path: Path, model_dir: Path, args: list, message: str) -> None:
+def test_bad_settings_are_one_line_and_claim_nothing(
+    tmp_path: Path, untrained_model: Path, args: list, message: str
+) -> None:
     if "cuda" in args and torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     out = tmp_path / "out"
-    full = ["run", "--model", str(model_dir), "--steps", "2", "--out", str(out), *args]
+    full = ["run", "--model", str(untrained_model), "--steps", "2", "--out", str(out), *args]
     result = dpobench_run(*full)
     assert result.returncode == 2 and message in result.stderr, result.stderr
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     assert claims_nothing(out)
 
 
-def test_debug_shows_the_traceback(tmp_path: Path, model_dir: Path) -> None:
-    result = dpobench_run("--debug", "run", "--model", str(model_dir), "--variants", "dpoo", "--out", str(tmp_path))
+def test_debug_shows_the_traceback(tmp_path: Path, untrained_model: Path) -> None:
+    result = dpobench_run(
+        "--debug", "run", "--model", str(untrained_model), "--variants", "dpoo", "--out", str(tmp_path)
+    )
     assert result.returncode != 0 and "Traceback" in result.stderr
 
 
@@ -175,7 +168,7 @@ def test_store_from_another_version_or_program_is_refused(tmp_path: Path) -> Non
         assert [r[0] for r in db.execute("SELECT name FROM sqlite_master")] == ["customers"]
 
 
-def test_corrupted_caches_are_rebuilt_not_trusted(tmp_path: Path, model_dir: Path) -> None:
+def test_corrupted_caches_are_rebuilt_not_trusted(tmp_path: Path, untrained_model: Path) -> None:
     recipe = SFTRecipe(size="tiny", steps=5, corpus=200)
     folder = reference_model(recipe)
     weights = (folder / "model.safetensors").read_bytes()
@@ -188,7 +181,7 @@ def test_corrupted_caches_are_rebuilt_not_trusted(tmp_path: Path, model_dir: Pat
     from dpobench.data import Pair
     from dpobench.models import load_model
 
-    model, _tokenizer = load_model(model_dir)
+    model, _tokenizer = load_model(untrained_model)
     pairs = [Pair((1, 5), (6, 2), (7, 2))] * 3
     first = cached_reference_logprobs(model, pairs, 0, "k", tmp_path, device="cpu", autocast=False)
     (cache_file,) = (tmp_path / "reference").glob("*.safetensors")
@@ -214,9 +207,9 @@ def wait_for_cells(db_path: Path, count: int, timeout: float = 240) -> None:
 VARIANTS = "dpo,ipo,hinge,simpo,cpo,nca_pair,bco_pair,apo_zero"
 
 
-def test_sigkill_mid_sweep_then_rerun_finishes_each_cell_once(tmp_path: Path, model_dir: Path) -> None:
+def test_sigkill_mid_sweep_then_rerun_finishes_each_cell_once(tmp_path: Path, untrained_model: Path) -> None:
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "dpobench", "run", "--model", str(model_dir), "--variants", VARIANTS,
+    command = [sys.executable, "-m", "dpobench", "run", "--model", str(untrained_model), "--variants", VARIANTS,
                "--steps", "25", "--out", str(out), "--no-report"]  # fmt: skip
     process = subprocess.Popen(command, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -244,9 +237,9 @@ def test_sigkill_mid_sweep_then_rerun_finishes_each_cell_once(tmp_path: Path, mo
     assert all(after[c] == t for c, t in before.items())  # finished cells were not redone
 
 
-def test_ctrl_c_finishes_the_step_keeps_finished_cells_and_exits_cleanly(tmp_path: Path, model_dir: Path) -> None:
+def test_ctrl_c_finishes_the_step_keeps_finished_cells_and_exits_cleanly(tmp_path: Path, untrained_model: Path) -> None:
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "dpobench", "run", "--model", str(model_dir), "--variants", VARIANTS,
+    command = [sys.executable, "-m", "dpobench", "run", "--model", str(untrained_model), "--variants", VARIANTS,
                "--steps", "25", "--out", str(out), "--no-report"]  # fmt: skip
     process = subprocess.Popen(command, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for_cells(out / "results.sqlite", 1)
