@@ -108,7 +108,7 @@ def plain_run(model, reference, pairs: list[Pair], batch: int, steps: int, devic
 
 def measure(args: argparse.Namespace, batch: int, peak_tflops: float) -> list[dict[str, object]]:
     device = args.device
-    pairs = make_pairs(max(batch * (args.steps + 2), 64), args.prompt, args.completion, args.vocab)
+    pairs = make_pairs(max(batch * (args.steps + 5), 64), args.prompt, args.completion, args.vocab)
     tokens_per_pair = 2 * (args.prompt + args.completion)
     rows = []
 
@@ -118,17 +118,20 @@ def measure(args: argparse.Namespace, batch: int, peak_tflops: float) -> list[di
     params = sum(p.numel() for p in model.parameters())
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     reference = (torch.zeros(len(pairs)), torch.zeros(len(pairs)))
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    result = train_cell(
-        model, state, dpobench.get_loss("dpo"), PairSet(pairs), reference, 0,
-        TrainConfig(steps=args.steps + 2, batch_size=batch, lr=1e-6, device=device), seed=0,
-        evaluate=lambda m, s: {"step": s},
-    )  # fmt: skip
-    step_s = [s["step_time_ms"] / 1e3 for s in result.steps[2:]]
-    memory = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else float("nan")
-    rows.append(row("dpobench", batch, step_s, tokens_per_pair, params, 6, peak_tflops, memory))
+    for compiled in (False, True) if args.compile else (False,):
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        warmup = 5 if compiled else 2  # compilation (and any recompiles) happen in the first steps
+        result = train_cell(
+            model, state, dpobench.get_loss("dpo"), PairSet(pairs), reference, 0,
+            TrainConfig(steps=args.steps + warmup, batch_size=batch, lr=1e-6, device=device, compile=compiled),
+            seed=0, evaluate=lambda m, s: {"step": s},
+        )  # fmt: skip
+        step_s = [s["step_time_ms"] / 1e3 for s in result.steps[warmup:]]
+        memory = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else float("nan")
+        name = "dpobench --compile" if compiled else "dpobench"
+        rows.append(row(name, batch, step_s, tokens_per_pair, params, 6, peak_tflops, memory))
     del model, state
     gc.collect()
 
@@ -166,13 +169,18 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=256)
     parser.add_argument("--completion", type=int, default=127)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--compile", action="store_true", help="also time dpobench with torch.compile")
     args = parser.parse_args()
     peak = bf16_matmul_tflops(args.device)
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     print(f"device: {name}; measured bf16 matmul: {peak:.0f} TFLOP/s; torch {torch.__version__}", flush=True)
     rows = []
     for batch in [int(b) for b in args.pairs.split(",")]:
-        rows += measure(args, batch, peak)
+        measured = measure(args, batch, peak)
+        for r in measured:  # as they come, in case a later configuration runs out of time
+            print(f"measured: {r['implementation']}, {batch} pairs/step: {r['pairs/s']:.1f} pairs/s, "
+                  f"{r['peak memory GB']:.2f} GB", flush=True)  # fmt: skip
+        rows += measured
     base = {r["pairs/step"]: r["pairs/s"] for r in rows if r["implementation"] == "plain PyTorch"}
     base_mem = {r["pairs/step"]: r["peak memory GB"] for r in rows if r["implementation"] == "plain PyTorch"}
     print("| implementation | pairs/step | pairs/s | × plain | tokens/s | step ms | MFU | peak GB | × plain memory |")

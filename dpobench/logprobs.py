@@ -66,13 +66,17 @@ def _head_only_path(model: Any) -> bool:
 
 
 def sequence_logprobs(
-    model: Any, batch: Batch, *, logsumsq: bool = False, chunk_tokens: int = 8192
+    model: Any, batch: Batch, *, logsumsq: bool = False, chunk_tokens: int = 8192, decoder: Any = None
 ) -> tuple[Tensor, Tensor | None]:
-    """Σ_t log π(y_t | x, y_<t) over completion tokens per row, float32; optionally Σ_t log Σ_v π(v)²."""
+    """Σ_t log π(y_t | x, y_<t) over completion tokens per row, float32; optionally Σ_t log Σ_v π(v)².
+
+    ``decoder`` replaces ``model.get_decoder()`` (a ``torch.compile``d one, say)."""
     targets = batch.input_ids[:, 1:][batch.target_mask]
     rows = torch.nonzero(batch.target_mask, as_tuple=True)[0]
     if _head_only_path(model):
-        hidden = model.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+        hidden = (decoder if decoder is not None else model.get_decoder())(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask
+        ).last_hidden_state
         selected = hidden[:, :-1][batch.target_mask]
         head = model.get_output_embeddings()
     else:  # models that transform their logits: take them whole

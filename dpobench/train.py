@@ -33,6 +33,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     eval_every: int = 0  # 0: evaluate at the end only
     device: str = "cpu"
+    compile: bool = False  # torch.compile the decoder (dynamic shapes); pays off on GPUs, costs compile time
 
     @property
     def autocast(self) -> bool:
@@ -91,6 +92,7 @@ def train_cell(
     ref_chosen, ref_rejected = reference_logps
     weights_all = torch.tensor([p.weight for p in train.pairs], dtype=torch.float32)
     needs_lss = "logsumsq" in loss.inputs
+    decoder = torch.compile(policy.get_decoder(), dynamic=True) if config.compile else None
     result = CellResult()
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -101,7 +103,7 @@ def train_cell(
         batch = collate(pair_rows(pairs), pad_id).to(device)
         b = len(pairs)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=config.autocast):
-            sums, lss = sequence_logprobs(policy, batch, logsumsq=needs_lss)
+            sums, lss = sequence_logprobs(policy, batch, logsumsq=needs_lss, decoder=decoder)
         tokens = batch.tokens
         policy_lp = LogProbs(
             sums[:b], sums[b:], tokens[:b], tokens[b:], *((lss[:b], lss[b:]) if lss is not None else ())
