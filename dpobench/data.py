@@ -316,6 +316,13 @@ def _read_rows(path: Path) -> list[tuple[str, dict[str, Any]]]:
     if suffix == ".parquet":
         import pandas as pd
 
-        frame = pd.read_parquet(path)
+        try:
+            frame = pd.read_parquet(path)
+        except ImportError:
+            raise DataError(
+                f"{path}: reading Parquet needs pyarrow; `pip install pyarrow`, or give JSONL or CSV"
+            ) from None
+        except Exception as error:  # pyarrow's own errors for a corrupt file
+            raise DataError(f"{path}: not a readable Parquet file ({type(error).__name__}: {error})") from None
         return [(f"row {i}", r) for i, r in enumerate(frame.to_dict("records"), start=1)]
     raise DataError(f"{path}: unknown format {suffix!r}; use .jsonl, .csv or .parquet")

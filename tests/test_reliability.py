@@ -254,3 +254,21 @@ def test_ctrl_c_finishes_the_step_keeps_finished_cells_and_exits_cleanly(tmp_pat
         statuses = {r[0] for r in db.execute("SELECT status FROM cells")}
         per_cell = db.execute("SELECT COUNT(*) FROM steps GROUP BY cell_id").fetchall()
     assert statuses == {"done"} and all(n == 25 for (n,) in per_cell)  # no half-trained cell was written
+
+
+def test_csv_pairs_with_weights(tmp_path: Path) -> None:
+    tokenizer = build_tokenizer()
+    path = tmp_path / "pairs.csv"
+    pd.DataFrame([{**GOOD, "weight": 0.25}, {**GOOD, "chosen": "i liked the cast .", "weight": ""},
+                  {**GOOD, "rejected": "the film was dull .", "weight": 2}]).to_csv(path, index=False)  # fmt: skip
+    task = load_pairs_file(path, tokenizer, 64, heldout_fraction=0.34)
+    weights = sorted(p.weight for p in task.train.pairs + task.heldout.pairs)
+    assert weights == [0.25, 1.0, 2.0]  # an empty weight means 1
+    assert tokenizer.decode(task.train.pairs[0].prompt, skip_special_tokens=True) == "the movie was great ."
+
+
+def test_parquet_without_pyarrow_or_corrupt_is_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "pairs.parquet"
+    path.write_bytes(b"not parquet")
+    with pytest.raises(DataError, match=r"pairs.parquet: (reading Parquet needs pyarrow|not a readable Parquet file)"):
+        load_pairs_file(path, build_tokenizer(), 64)
