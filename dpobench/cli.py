@@ -221,7 +221,7 @@ def landscape_command(
 
 
 _RUN_KEYS = {"variants", "betas", "seeds", "scenarios", "steps", "batch_size", "lr", "model", "data", "device",
-             "eval_every", "preset", "params"}  # fmt: skip
+             "eval_every", "preset", "params", "labels"}  # fmt: skip
 
 
 @app.command("run")
@@ -246,6 +246,9 @@ def run(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (store, CSV); a rerun resumes it.")] = Path(
         "dpobench-results"
     ),
+    labels: Annotated[
+        str | None, typer.Option(help="How the synthetic pairs are labelled: hard (higher gold reward wins) or bt.")
+    ] = None,
     param: Annotated[
         list[str] | None,
         typer.Option(help="A parameter grid, VARIANT.KEY=V1,V2 (repeatable), e.g. seed_custom_dpo.temperature=0.5,1"),
@@ -255,7 +258,7 @@ def run(
     """Train every variant identically on a small real model and compare them (resumable)."""
     import shlex
 
-    from dpobench.data import DataError
+    from dpobench.data import DataError, DataRecipe
     from dpobench.models import ModelError
     from dpobench.store import StoreError
     from dpobench.sweep import PRESETS, SweepConfig, SweepError, SweepInterrupted, run_sweep
@@ -266,7 +269,7 @@ def run(
         settings.update(_read_config(config))
     given = {"variants": variants, "betas": betas, "seeds": seeds, "scenarios": scenarios, "steps": steps,
              "batch_size": batch_size, "lr": lr, "model": model, "data": data, "device": device,
-             "eval_every": eval_every, "preset": preset}  # fmt: skip
+             "eval_every": eval_every, "preset": preset, "labels": labels}  # fmt: skip
     settings.update({k: v for k, v in given.items() if v is not None})
     preset_name = str(settings.pop("preset", "quick"))
     if preset_name not in PRESETS:
@@ -293,6 +296,7 @@ def run(
             model=str(chosen.get("model", "tiny")),
             data=str(chosen["data"]) if chosen.get("data") else None,
             params=grids,
+            data_recipe=DataRecipe(labels=_choice(chosen, "labels", ("hard", "bt"), "hard")),
             train=TrainConfig(
                 steps=_setting(chosen, "steps", int, 150, minimum=1),
                 batch_size=_setting(chosen, "batch_size", int, 32, minimum=1),
@@ -398,6 +402,13 @@ def _parse_list(value: object, kind: type, key: str = "value") -> list:
         return [kind(v.strip() if isinstance(v, str) else v) for v in items if str(v).strip()]
     except (TypeError, ValueError):
         raise CLIError(f"{key} = {value!r}: expected comma-separated {kind.__name__} values") from None
+
+
+def _choice(settings: dict[str, object], key: str, choices: tuple[str, ...], default: str) -> str:
+    value = settings.get(key, default)
+    if value not in choices:
+        raise CLIError(f"{key} = {value!r}: use one of {', '.join(choices)}")
+    return str(value)
 
 
 def _setting(settings: dict[str, object], key: str, kind: type, default: object, minimum: float) -> object:

@@ -151,3 +151,15 @@ def test_bad_sweep_settings_fail_before_training(tmp_path: Path, changes: dict, 
         run_sweep(SweepConfig(sft=SFT, data_recipe=DATA, **changes), tmp_path, progress=lambda m: None)
     assert message in str(info.value)
     assert not (tmp_path / "results.sqlite").exists()
+
+
+def test_bradley_terry_labels_are_noisy_where_rewards_are_close() -> None:
+    model, tokenizer = load_model(reference_model(SFT))
+    recipe = replace(DATA, train_prompts=400, heldout_prompts=8, eval_prompts=8)
+    hard = make_task_data(model, tokenizer, recipe).train.pairs
+    bt = make_task_data(model, tokenizer, replace(recipe, labels="bt")).train.pairs
+    assert all(p.chosen_gold > p.rejected_gold for p in hard)
+    inverted = [p for p in bt if p.chosen_gold < p.rejected_gold]
+    # σ(Δ/0.1) labels: some pairs are flipped, and those are the close ones.
+    assert 0 < len(inverted) < 0.25 * len(bt)
+    assert max(p.rejected_gold - p.chosen_gold for p in inverted) < 0.5
