@@ -44,7 +44,7 @@ HIGHER_IS_BETTER = {
 }  # fmt: skip
 
 CELL_COLUMNS = ["run_id", "cell_id", "variant", "plugin", "plugin_version", "params", "beta", "seed", "scenario",
-                "model", "device", "dtype", "status", "error"]  # fmt: skip
+                "model", "device", "dtype", "config", "status", "error"]  # fmt: skip
 
 
 def t_quantile(df: int) -> float:
@@ -104,8 +104,16 @@ def cell_finals(tidy: pd.DataFrame) -> pd.DataFrame:
 
 
 def configuration_labels(finals: pd.DataFrame) -> pd.Series:
-    """``variant`` alone, or ``variant[key=value, ...]`` with the parameters that vary within a sweep."""
-    params = finals.params.map(lambda p: json.loads(p) if isinstance(p, str) and p else {})
+    """``variant`` alone, or ``variant[key=value, ...]`` with what varies between its cells besides β and the
+    seed: loss parameters, training settings (runs with other steps or lr), the model or the device. Cells
+    that differ in more than their seed are never pooled as if they were seeds."""
+
+    def settings(row: pd.Series) -> dict[str, object]:
+        loads = lambda v: json.loads(v) if isinstance(v, str) and v else {}  # noqa: E731
+        extra = {k: row[k] for k in ("model", "device", "dtype") if k in row}
+        return {**loads(row.get("config")), **extra, **loads(row.get("params"))}
+
+    params = finals.apply(settings, axis=1) if len(finals) else pd.Series(dtype=object)
     labels = finals.variant.copy()
     for variant, index in finals.groupby("variant").groups.items():
         dicts = [params[i] for i in index]

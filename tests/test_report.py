@@ -164,3 +164,22 @@ def test_html_renders_in_headless_chromium(store_dir: Path, tmp_path: Path) -> N
     )  # fmt: skip
     assert result.returncode == 0 and (tmp_path / "shot.png").stat().st_size > 10_000
     assert "Uncaught" not in result.stderr and "CONSOLE" not in result.stderr
+
+
+def test_cells_from_runs_with_other_settings_are_not_pooled_as_seeds(store_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    shutil.copy(store_dir / "results.sqlite", tmp_path / "results.sqlite")
+    store = Store(tmp_path / "results.sqlite")
+    store.write_cell(
+        {"cell_id": "dpo-long", "run_id": "run-1", "variant": "dpo", "plugin": "p", "plugin_version": "1",
+         "params": json.dumps({"beta": 0.1}), "beta": 0.1, "seed": 0, "scenario": "clean", "model": "tiny",
+         "model_hash": "abc", "device": "cpu", "dtype": "float32", "config": json.dumps({"steps": 400}),
+         "status": "done", "error": "", "started": 0.0, "finished": 1.0, "seconds": 1.0},
+        [], [{"step": 400, "gold_reward": 0.9, "gold_reward_se": 0.01}],
+    )  # fmt: skip
+    store.close()
+    table = aggregate(cell_finals(read_tidy(tmp_path)), ["gold_reward"]).set_index(["configuration", "beta"])
+    assert table.loc[("dpo[steps=400]", 0.1)].gold_reward == pytest.approx(0.9)
+    assert table.loc[("dpo[steps=None]", 0.1)].gold_reward == pytest.approx(0.35)  # the two seeds of the first run
+    assert table.loc[("dpo[steps=None]", 0.1)].seeds == 2
