@@ -18,6 +18,7 @@ from rich.table import Table
 
 import dpobench
 from dpobench import plugins as plugin_loading
+from dpobench._util import atomic_path
 from dpobench.losses import ParamError
 from dpobench.registry import LossSpec, Registry, UnknownLossError
 
@@ -517,9 +518,8 @@ def _write_atomic_csv(frame: object, path: Path) -> None:
     path = path.expanduser()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        frame.to_csv(tmp, index=False)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            frame.to_csv(tmp, index=False)
     except OSError as error:
         raise CLIError(f"cannot write {str(path)!r}: {error.strerror or error}; choose another --out") from None
 

@@ -7,7 +7,6 @@ positions, in chunks, so no (B, T, V) float32 log-softmax is ever held.
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dpobench._util import atomic_path
 from dpobench.data import Pair
 
 __all__ = ["Batch", "collate", "reference_logprobs", "sequence_logprobs"]
@@ -99,18 +99,30 @@ def sequence_logprobs(
 
 
 @torch.no_grad()
+def rows_logprobs(
+    model: Any, rows: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int, *, device: str,
+    batch_size: int = 128, autocast: bool = False,
+) -> Tensor:  # fmt: skip
+    """Completion log-probs of (prompt, completion) rows, without gradients, on the CPU, float32."""
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(rows), batch_size):
+            batch = collate(rows[start : start + batch_size], pad_id).to(device)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+                out.append(sequence_logprobs(model, batch)[0].cpu())
+    return torch.cat(out)
+
+
 def reference_logprobs(
     model: Any, pairs: Sequence[Pair], pad_id: int, *, device: str, batch_size: int = 64, autocast: bool = False
 ) -> tuple[Tensor, Tensor]:
     """Reference (chosen, rejected) log-probs of every pair, on the CPU, float32."""
     chosen, rejected = [], []
-    for start in range(0, len(pairs), batch_size):
+    for start in range(0, len(pairs), batch_size):  # one batch holds a chunk's chosen and rejected rows
         part = pairs[start : start + batch_size]
-        batch = collate(pair_rows(part), pad_id).to(device)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-            sums, _ = sequence_logprobs(model, batch)
-        chosen.append(sums[: len(part)].cpu())
-        rejected.append(sums[len(part) :].cpu())
+        sums = rows_logprobs(model, pair_rows(part), pad_id, device=device, batch_size=2 * len(part), autocast=autocast)
+        chosen.append(sums[: len(part)])
+        rejected.append(sums[len(part) :])
     return torch.cat(chosen), torch.cat(rejected)
 
 
@@ -131,7 +143,6 @@ def cached_reference_logprobs(
             pass
     chosen, rejected = reference_logprobs(model, pairs, pad_id, device=device, autocast=autocast)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file({"chosen": chosen.contiguous(), "rejected": rejected.contiguous()}, str(tmp))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({"chosen": chosen.contiguous(), "rejected": rejected.contiguous()}, str(tmp))
     return chosen, rejected

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
+    "LabelSmoothingMixin",
     "LogProbs",
     "LossOutput",
     "Param",
@@ -237,6 +238,15 @@ def chosen_nll(policy: LogProbs) -> Tensor:
     """Token-level mean NLL over every chosen completion token of the batch, replicated per pair (TRL `sft`)."""
     nll = -policy.chosen.sum() / policy.chosen_tokens.sum().clamp(min=1)
     return nll.expand(policy.batch_size)
+
+
+class LabelSmoothingMixin:
+    """For losses of the form −(1−ε)·logσ(z) − ε·logσ(−z): with ε > 0 the loss is smallest at the finite
+    margin z = log((1−ε)/ε), not at infinity, so the instance does not claim ``monotone``."""
+
+    def __init__(self, **hparams: Any) -> None:
+        super().__init__(**hparams)  # type: ignore[call-arg]
+        self.monotone = self.label_smoothing == 0  # type: ignore[attr-defined]
 
 
 def smoothed_logsigmoid_loss(z: Tensor, label_smoothing: float = 0.0) -> Tensor:

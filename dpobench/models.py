@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from dpobench._util import atomic_path
 from dpobench.task import TASK_VERSION, build_tokenizer, sample_review
 
 __all__ = ["SIZES", "ModelError", "SFTRecipe", "cache_root", "load_model", "model_fingerprint", "reference_model"]
@@ -91,15 +92,14 @@ def reference_model(recipe: SFTRecipe, progress: Callable[[str], None] | None = 
         shutil.rmtree(folder)  # corrupted or mismatched: rebuilt, not trusted
     if progress:
         progress(f"training the SFT reference model ({recipe.size}, {recipe.steps} steps); cached for later runs")
-    tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
     model, tokenizer, log = train_sft(recipe, device=device)
     model.to("cpu")
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "recipe.json").write_text(json.dumps({**asdict(recipe), "log": log}, indent=1))
     folder.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, folder)  # atomic: a half-written model is never seen under the final name
+    with atomic_path(folder) as tmp:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a run that was killed while saving
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "recipe.json").write_text(json.dumps({**asdict(recipe), "log": log}, indent=1))
     return folder
 
 

@@ -28,6 +28,7 @@ from typing import Any
 import pluggy
 
 from dpobench import hookspecs
+from dpobench._util import one_line as _one_line
 from dpobench.losses import PreferenceLoss
 from dpobench.registry import LossSpec, RegistrationError, Registry
 
@@ -117,11 +118,6 @@ def load_plugins(paths: Sequence[str | os.PathLike[str]] = (), extra: dict[str, 
 
 def _is_builtin(value: str) -> bool:
     return value.split(":")[0].split(".")[0] == BUILTIN_PACKAGE
-
-
-def _one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split())
-    return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
 def _env_paths() -> list[str]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +15,7 @@ from matplotlib.figure import Figure
 
 import dpobench
 from dpobench import figures
+from dpobench._util import atomic_path
 from dpobench.report import (
     beta_table,
     cell_finals,
@@ -204,7 +204,7 @@ def render_pdf(report: Report, path: Path) -> None:
         title.text(0.08, 0.95, report.title, fontsize=20, weight="bold", va="top")
         y = 0.90
         for key, value in report.header:
-            for _i, line in enumerate(_wrap(f"{key}: {value}", 100)[:8]):
+            for line in _wrap(f"{key}: {value}", 100)[:8]:
                 title.text(0.08, y, line, fontsize=8, va="top", family="monospace")
                 y -= 0.018
         y -= 0.02
@@ -253,15 +253,14 @@ def write_report(store: str | Path, out_dir: str | Path, formats: tuple[str, ...
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for fmt in formats:
-        path = out / f"report.{fmt}"
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        if fmt == "html":
-            tmp.write_text(render_html(report), encoding="utf-8")
-        elif fmt == "pdf":
-            render_pdf(report, tmp)
-        else:
+        if fmt not in ("html", "pdf"):
             raise ValueError(f"--format {fmt!r}: use html and/or pdf")
-        os.replace(tmp, path)
+        path = out / f"report.{fmt}"
+        with atomic_path(path) as tmp:
+            if fmt == "html":
+                tmp.write_text(render_html(report), encoding="utf-8")
+            else:
+                render_pdf(report, tmp)
         written.append(path)
     return written
 

@@ -205,7 +205,7 @@ def scenario_table(finals: pd.DataFrame) -> pd.DataFrame:
     return out.reset_index()
 
 
-def throughput_table(finals: pd.DataFrame, bench: pd.DataFrame | None = None) -> pd.DataFrame:
+def throughput_table(finals: pd.DataFrame) -> pd.DataFrame:
     """Training throughput and peak memory per variant (means over its cells), with the device."""
     cells = finals[(finals.variant != "(reference)") & (finals.status == "done")]
     table = cells.groupby(["variant", "device"], as_index=False)[

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import itertools
 import json
@@ -158,7 +159,7 @@ def run_sweep(
     else:
         model_path = config.model
     reference, tokenizer = load_model(model_path, device="cpu")
-    policy, _ = load_model(model_path, device="cpu")
+    policy = copy.deepcopy(reference)  # the same weights, without reading the files a second time
     reference_state = {k: v.detach().clone() for k, v in reference.state_dict().items()}
     model_hash = model_fingerprint(model_path)
     reference.to(device)

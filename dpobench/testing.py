@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from dpobench._util import one_line as _one_line
 from dpobench.losses import LogProbs, LossOutput, Param, ParamError, PreferenceLoss, call_loss
 from dpobench.registry import LossSpec, docstring_section
 
@@ -134,11 +135,6 @@ def _resolve(target: Any, params: dict[str, Any]) -> tuple[Callable[[], Preferen
     raise TypeError(f"cannot check {target!r}: give a variant name, a LossSpec, a PreferenceLoss class or object")
 
 
-def _one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split())
-    return f"{type(err).__name__}: {text}" if text else type(err).__name__
-
-
 def _run(loss: PreferenceLoss, policy: LogProbs, reference: LogProbs, weights: Tensor) -> LossOutput:
     out = call_loss(loss, policy, reference, weights=weights)
     if not (isinstance(out, tuple) and len(out) == 3):
@@ -170,15 +166,9 @@ def _leaves(policy: LogProbs, reference: LogProbs) -> tuple[LogProbs, LogProbs]:
     def grad_leaf(t: Tensor | None) -> Tensor | None:
         return None if t is None else t.detach().clone().requires_grad_(True)
 
-    p = LogProbs(
-        grad_leaf(policy.chosen), grad_leaf(policy.rejected), policy.chosen_tokens, policy.rejected_tokens,
-        policy.chosen_logsumsq, policy.rejected_logsumsq,
-    )  # fmt: skip
-    r = LogProbs(
-        grad_leaf(reference.chosen), grad_leaf(reference.rejected), reference.chosen_tokens,
-        reference.rejected_tokens, reference.chosen_logsumsq, reference.rejected_logsumsq,
-    )  # fmt: skip
-    return p, r
+    return tuple(
+        replace(lp, chosen=grad_leaf(lp.chosen), rejected=grad_leaf(lp.rejected)) for lp in (policy, reference)
+    )
 
 
 def _check_shapes(build: Callable[[], PreferenceLoss], cls: type) -> CheckResult:

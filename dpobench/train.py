@@ -16,8 +16,9 @@ from typing import Any
 
 import torch
 
+from dpobench._util import one_line as _one_line
 from dpobench.data import PairSet, TaskData, decode_completion, sample_completions
-from dpobench.logprobs import collate, pair_rows, sequence_logprobs
+from dpobench.logprobs import collate, pair_rows, rows_logprobs, sequence_logprobs
 from dpobench.losses import LogProbs, PreferenceLoss, call_loss
 from dpobench.task import gold_reward, is_grammatical
 
@@ -98,8 +99,9 @@ def train_cell(
         torch.cuda.reset_peak_memory_stats()
     for step, index in enumerate(batch_order(len(train.pairs), config.steps, config.batch_size, seed)):
         start = time.perf_counter()
-        pairs = [train.pairs[i] for i in index.tolist()]
-        result.batches.append(hash(tuple(index.tolist())))
+        indices = index.tolist()
+        pairs = [train.pairs[i] for i in indices]
+        result.batches.append(hash(tuple(indices)))
         batch = collate(pair_rows(pairs), pad_id).to(device)
         b = len(pairs)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=config.autocast):
@@ -162,11 +164,6 @@ def _evaluate_into(
         return False
 
 
-def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split())
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
-
-
 def _check_output(out: Any, batch_size: int) -> None:
     """The harness's own contract check on every call: per-pair tensors of shape (B,)."""
     for name, value in zip(("losses", "chosen_rewards", "rejected_rewards"), out, strict=True):
@@ -222,16 +219,12 @@ class Evaluator:
             metrics["grammatical_fraction"] = statistics.fmean(float(is_grammatical(t)) for t in texts)
         return metrics
 
-    def _logps(self, model: Any, rows: list[tuple[Any, Any]], batch_size: int = 128) -> torch.Tensor:
+    def _logps(self, model: Any, rows: list[tuple[Any, Any]]) -> torch.Tensor:
         was_on = next(model.parameters()).device
         model.to(self.device)
-        out = []
-        for start in range(0, len(rows), batch_size):
-            batch = collate(rows[start : start + batch_size], self.tokenizer.pad_token_id).to(self.device)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
-                out.append(sequence_logprobs(model, batch)[0].cpu())
+        out = rows_logprobs(model, rows, self.tokenizer.pad_token_id, device=self.device, autocast=self.autocast)
         model.to(was_on)
-        return torch.cat(out)
+        return out
 
     def _heldout(self, policy: Any, loss: PreferenceLoss) -> dict[str, float]:
         pairs = self.data.heldout.pairs

@@ -7,14 +7,13 @@ Rewards follow TRL 1.16: β·Δc and β·Δr, whatever the loss shape or f-diver
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from dpobench import LogProbs, LossOutput, Param, PreferenceLoss, hookimpl
-from dpobench.losses import implicit_rewards, log_ratios, smoothed_logsigmoid_loss
+from dpobench.losses import LabelSmoothingMixin, implicit_rewards, log_ratios, smoothed_logsigmoid_loss
 from dpobench.modifiers import F_DIVERGENCE_PARAMS, f_divergence_score
 
 BETA = Param(0.1, "(0, inf)", "strength of the KL regularisation toward the reference (higher: stay closer)")
@@ -36,7 +35,7 @@ class _RewardDifferenceLoss(PreferenceLoss):
         raise NotImplementedError
 
 
-class DPOLoss(_RewardDifferenceLoss):
+class DPOLoss(LabelSmoothingMixin, _RewardDifferenceLoss):
     """DPO: Direct Preference Optimization (https://arxiv.org/abs/2305.18290).
 
     The Bradley-Terry likelihood of the preference under the implicit reward β·log π/π_ref (eq. 7),
@@ -64,11 +63,6 @@ class DPOLoss(_RewardDifferenceLoss):
         **_RewardDifferenceLoss.params,
         "label_smoothing": Param(0.0, "[0, 0.5)", "cDPO: assumed probability that a label is flipped"),
     }
-
-    def __init__(self, **hparams: Any) -> None:
-        super().__init__(**hparams)
-        # With ε > 0 the loss is smallest at the finite margin z = log((1−ε)/ε), not at infinity.
-        self.monotone = self.label_smoothing == 0
 
     def pair_loss(self, sc: Tensor, sr: Tensor, policy: LogProbs) -> Tensor:
         return smoothed_logsigmoid_loss(self.beta * (sc - sr), self.label_smoothing)

@@ -5,14 +5,12 @@ Rewards follow TRL 1.16: β·Δc and β·Δr.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from dpobench import LogProbs, LossOutput, Param, PreferenceLoss, hookimpl
-from dpobench.losses import implicit_rewards, log_ratios, smoothed_logsigmoid_loss
+from dpobench.losses import LabelSmoothingMixin, implicit_rewards, log_ratios, smoothed_logsigmoid_loss
 
 BETA = Param(0.1, "(0, inf)", "strength of the KL regularisation toward the reference (higher: stay closer)")
 
@@ -148,7 +146,7 @@ class APODownLoss(_LogRatioLoss):
         return torch.sigmoid(self.beta * dc) + 1 - torch.sigmoid(self.beta * (dc - dr))
 
 
-class AOTLoss(PreferenceLoss):
+class AOTLoss(LabelSmoothingMixin, PreferenceLoss):
     """AOT (paired): Distributional Preference Alignment of LLMs via Optimal Transport (https://arxiv.org/abs/2406.05882).
 
     First-order stochastic dominance of the chosen over the rejected reward distribution, in one
@@ -171,11 +169,6 @@ class AOTLoss(PreferenceLoss):
     paper = "https://arxiv.org/abs/2406.05882"
     batch_coupled = True
     params = {"beta": BETA, "label_smoothing": Param(0.0, "[0, 0.5)", "ε, cDPO-style label smoothing")}
-
-    def __init__(self, **hparams: Any) -> None:
-        super().__init__(**hparams)
-        # With ε > 0 the loss is smallest at the finite margin z = log((1−ε)/ε), not at infinity.
-        self.monotone = self.label_smoothing == 0
 
     def forward(self, policy: LogProbs, reference: LogProbs | None, **extras: Tensor) -> LossOutput:
         assert reference is not None

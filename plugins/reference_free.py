@@ -5,17 +5,16 @@ model for them; their rewards are β times the policy's (summed or averaged) log
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from dpobench import LogProbs, LossOutput, Param, PreferenceLoss, hookimpl
-from dpobench.losses import chosen_nll, implicit_rewards, smoothed_logsigmoid_loss
+from dpobench.losses import LabelSmoothingMixin, chosen_nll, implicit_rewards, smoothed_logsigmoid_loss
 
 
-class CPOLoss(PreferenceLoss):
+class CPOLoss(LabelSmoothingMixin, PreferenceLoss):
     """CPO: Contrastive Preference Optimization (https://arxiv.org/abs/2401.08417).
 
     DPO without the reference model (a uniform reference), plus a behaviour-cloning NLL on chosen.
@@ -42,11 +41,6 @@ class CPOLoss(PreferenceLoss):
         "cpo_alpha": Param(1.0, "[0, inf)", "weight of the NLL on chosen"),
     }
 
-    def __init__(self, **hparams: Any) -> None:
-        super().__init__(**hparams)
-        # With ε > 0 the loss is smallest at the finite margin z = log((1−ε)/ε), not at infinity.
-        self.monotone = self.label_smoothing == 0
-
     def forward(self, policy: LogProbs, reference: LogProbs | None, **extras: Tensor) -> LossOutput:
         losses = smoothed_logsigmoid_loss(self.beta * (policy.chosen - policy.rejected), self.label_smoothing)
         if self.cpo_alpha:
@@ -54,7 +48,7 @@ class CPOLoss(PreferenceLoss):
         return LossOutput(losses, *implicit_rewards(self.beta, policy.chosen, policy.rejected))
 
 
-class SimPOLoss(PreferenceLoss):
+class SimPOLoss(LabelSmoothingMixin, PreferenceLoss):
     """SimPO: Simple Preference Optimization with a Reference-Free Reward (https://arxiv.org/abs/2405.14734).
 
     The average log-prob as implicit reward, with a target reward margin γ.
@@ -84,11 +78,6 @@ class SimPOLoss(PreferenceLoss):
         "label_smoothing": Param(0.0, "[0, 0.5)", "ε, cDPO-style label smoothing"),
         "sft_weight": Param(0.0, "[0, inf)", "weight of the NLL on chosen"),
     }
-
-    def __init__(self, **hparams: Any) -> None:
-        super().__init__(**hparams)
-        # With ε > 0 the loss is smallest at the finite margin z = log((1−ε)/ε), not at infinity.
-        self.monotone = self.label_smoothing == 0
 
     def forward(self, policy: LogProbs, reference: LogProbs | None, **extras: Tensor) -> LossOutput:
         avg_c = policy.chosen / policy.chosen_tokens.clamp(min=1)
