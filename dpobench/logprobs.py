@@ -44,16 +44,17 @@ class Batch:
 
 def collate(rows: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int) -> Batch:
     """(prompt, completion) rows, right-padded into one batch."""
-    width = max(len(p) + len(c) for p, c in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(rows), width), dtype=torch.long)
-    target = torch.zeros((len(rows), width - 1), dtype=torch.bool)
-    for i, (p, c) in enumerate(rows):
-        n = len(p) + len(c)
-        ids[i, :n] = torch.tensor([*p, *c])
-        attention[i, :n] = 1
-        target[i, len(p) - 1 : n - 1] = True
-    return Batch(ids, attention, target, torch.tensor([len(c) for _, c in rows], dtype=torch.float32))
+    prompt = torch.tensor([len(p) for p, _ in rows])
+    completion = torch.tensor([len(c) for _, c in rows])
+    width = int((prompt + completion).max())
+    ids = torch.tensor([[*p, *c, *([pad_id] * (width - len(p) - len(c)))] for p, c in rows], dtype=torch.long)
+    position = torch.arange(width)
+    attention = (position[None, :] < (prompt + completion)[:, None]).long()
+    # position t predicts token t + 1: completion targets are the positions len(p) − 1 … len(p) + len(c) − 2
+    target = (position[None, : width - 1] >= prompt[:, None] - 1) & (
+        position[None, : width - 1] < attention.sum(1)[:, None] - 1
+    )
+    return Batch(ids, attention, target, completion.float())
 
 
 def pair_rows(pairs: Sequence[Pair]) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
@@ -65,36 +66,101 @@ def _head_only_path(model: Any) -> bool:
     return not any(getattr(config, k, None) for k in ("final_logit_softcapping", "logit_scale", "output_multiplier"))
 
 
+LOGITS_BUDGET = 1 << 25  # elements of one chunk's float32 logits (128 MB): bounds the head's memory
+
+
+class _HeadLogprobs(torch.autograd.Function):
+    """log π(target) per token from final hidden states and the LM head weight, chunk by chunk.
+
+    The backward pass recomputes each chunk's logits instead of keeping them (as Liger-Kernel's fused linear
+    cross-entropy does), so no (tokens, V) tensor outlives its chunk in either pass: the head's memory is one
+    chunk, whatever the batch. The gradient is exact: ∂ log p_y / ∂ z = onehot(y) − softmax(z), scaled per token
+    by the incoming gradient. Matrix products run in ``dtype`` (bf16 under CUDA autocast), softmax in float32.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk: int, dtype, want_logsumsq: bool):  # type: ignore[override]
+        w = weight.to(dtype)
+        n = hidden.shape[0]
+        token_logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        lss = torch.empty(n, dtype=torch.float32, device=hidden.device) if want_logsumsq else None
+        for start in range(0, n, chunk):
+            end = min(n, start + chunk)
+            logits = (hidden[start:end].to(dtype) @ w.T).float()
+            lse[start:end] = torch.logsumexp(logits, -1)
+            token_logp[start:end] = logits.gather(1, targets[start:end, None]).squeeze(1) - lse[start:end]
+            if lss is not None:  # log Σ_v p(v)², WPO's per-token statistic (a constant: no gradient)
+                lss[start:end] = torch.logsumexp(2 * logits, -1) - 2 * lse[start:end]
+        ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.chunk, ctx.dtype = chunk, dtype
+        if lss is None:
+            return token_logp, token_logp.new_zeros(0)
+        ctx.mark_non_differentiable(lss)
+        return token_logp, lss
+
+    @staticmethod
+    def backward(ctx, grad_logp, _grad_lss):  # type: ignore[override]
+        hidden, weight, targets, lse = ctx.saved_tensors
+        w = weight.to(ctx.dtype)
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        for start in range(0, hidden.shape[0], ctx.chunk):
+            end = min(hidden.shape[0], start + ctx.chunk)
+            h = hidden[start:end].to(ctx.dtype)
+            grad = (h @ w.T).float().sub_(lse[start:end, None]).exp_()  # softmax, recomputed
+            g = grad_logp[start:end].float()
+            grad.mul_(-g[:, None])
+            grad.scatter_add_(1, targets[start:end, None], g[:, None])  # (onehot − softmax) · g
+            grad = grad.to(ctx.dtype)
+            if grad_hidden is not None:
+                grad_hidden[start:end] = grad @ w
+            if grad_weight is not None:
+                grad_weight += (grad.T @ h).float()
+        return (
+            grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), None, None, None, None
+        )  # fmt: skip
+
+
+def _compute_dtype(hidden: Tensor) -> torch.dtype:
+    kind = hidden.device.type
+    if torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return hidden.dtype
+
+
 def sequence_logprobs(
-    model: Any, batch: Batch, *, logsumsq: bool = False, chunk_tokens: int = 8192, decoder: Any = None
+    model: Any, batch: Batch, *, logsumsq: bool = False, chunk_tokens: int | None = None, decoder: Any = None
 ) -> tuple[Tensor, Tensor | None]:
     """Σ_t log π(y_t | x, y_<t) over completion tokens per row, float32; optionally Σ_t log Σ_v π(v)².
 
+    The LM head is applied only at completion positions, ``chunk_tokens`` at a time (by default as many as fit
+    ``LOGITS_BUDGET``), through a fused head whose backward recomputes logits chunk by chunk.
     ``decoder`` replaces ``model.get_decoder()`` (a ``torch.compile``d one, say)."""
     targets = batch.input_ids[:, 1:][batch.target_mask]
     rows = torch.nonzero(batch.target_mask, as_tuple=True)[0]
-    if _head_only_path(model):
+    head = model.get_output_embeddings()
+    if _head_only_path(model) and getattr(head, "bias", None) is None:
         hidden = (decoder if decoder is not None else model.get_decoder())(
             input_ids=batch.input_ids, attention_mask=batch.attention_mask
         ).last_hidden_state
         selected = hidden[:, :-1][batch.target_mask]
-        head = model.get_output_embeddings()
-    else:  # models that transform their logits: take them whole
-        selected = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1][
-            batch.target_mask
-        ]
-        head = None
-    sums = torch.zeros(batch.size, dtype=torch.float32, device=selected.device)
-    lss = torch.zeros(batch.size, dtype=torch.float32, device=selected.device) if logsumsq else None
-    for start in range(0, selected.shape[0], chunk_tokens):
-        part = selected[start : start + chunk_tokens]
-        logits = (head(part) if head is not None else part).float()
-        token_logp = -F.cross_entropy(logits, targets[start : start + chunk_tokens], reduction="none")
-        sums = sums.index_add(0, rows[start : start + chunk_tokens], token_logp)
-        if lss is not None:
-            with torch.no_grad():  # WPO's statistic is a constant weight: no gradient through it
-                value = torch.logsumexp(2 * logits, -1) - 2 * torch.logsumexp(logits, -1)
-                lss.index_add_(0, rows[start : start + chunk_tokens], value)
+        chunk = chunk_tokens or max(1, LOGITS_BUDGET // head.weight.shape[0])
+        token_logp, token_lss = _HeadLogprobs.apply(
+            selected, head.weight, targets, chunk, _compute_dtype(selected), logsumsq
+        )  # fmt: skip
+    else:  # models that transform their logits (or have a head bias): take them whole
+        logits = (
+            model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+            .logits[:, :-1][batch.target_mask]
+            .float()
+        )
+        token_logp = -F.cross_entropy(logits, targets, reduction="none")
+        with torch.no_grad():
+            token_lss = torch.logsumexp(2 * logits, -1) - 2 * torch.logsumexp(logits, -1) if logsumsq else None
+    zeros = torch.zeros(batch.size, dtype=torch.float32, device=token_logp.device)
+    sums = zeros.index_add(0, rows, token_logp)
+    lss = zeros.index_add(0, rows, token_lss) if logsumsq else None
     return sums, lss
 
 

@@ -10,7 +10,7 @@ import math
 import resource
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +22,7 @@ from dpobench.logprobs import collate, pair_rows, rows_logprobs, sequence_logpro
 from dpobench.losses import LogProbs, PreferenceLoss, call_loss
 from dpobench.task import gold_reward, is_grammatical
 
-__all__ = ["CellResult", "Evaluator", "TrainConfig", "batch_order", "train_cell"]
+__all__ = ["CellResult", "CellStopped", "CellTrainer", "Evaluator", "TrainConfig", "batch_order", "train_cell"]
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,9 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     eval_every: int = 0  # 0: evaluate at the end only
     device: str = "cpu"
+    #: batches formed from pairs of similar length, to cut padding: pairs are sorted by length within windows of
+    #: this many batches of the seeded order, and the window's batches shuffled. 0: plain random batches.
+    length_buckets: int = 16
     compile: bool = False  # torch.compile the decoder (dynamic shapes); pays off on GPUs, costs compile time
 
     @property
@@ -54,21 +57,126 @@ class CellResult:
     batches: list[int] = field(default_factory=list)  # a fingerprint of each step's pair indices
 
 
-def batch_order(n_pairs: int, steps: int, batch_size: int, seed: int) -> list[torch.Tensor]:
-    """The pair indices of every step: epochs of a seeded permutation. The same for every variant."""
+def batch_order(
+    n_pairs: int, steps: int, batch_size: int, seed: int, lengths: Sequence[int] | None = None, window: int = 0
+) -> list[torch.Tensor]:
+    """The pair indices of every step: epochs of a seeded permutation, the same for every variant.
+
+    With ``lengths`` and ``window`` > 1, batches are length-bucketed: each epoch's permutation (less its last
+    ``n_pairs % batch_size`` pairs, so no batch spans two epochs) is cut into windows of ``window`` batches; a
+    window's pairs are sorted by length (ties keep the seeded order), cut into batches, and those batches are
+    shuffled. Each pair is still seen at most once per epoch, near its random place, in a batch of similar
+    lengths."""
     generator = torch.Generator().manual_seed(seed)
-    order: list[torch.Tensor] = []
     need = steps * batch_size
-    while sum(len(o) for o in order) < need:
-        order.append(torch.randperm(n_pairs, generator=generator))
-    flat = torch.cat(order)[:need]
-    return list(flat.view(steps, batch_size))
+    if lengths is None or window <= 1 or n_pairs < batch_size:
+        order: list[torch.Tensor] = []
+        while sum(len(o) for o in order) < need:
+            order.append(torch.randperm(n_pairs, generator=generator))
+        return list(torch.cat(order)[:need].view(steps, batch_size))
+    length = torch.as_tensor(lengths)
+    batches: list[torch.Tensor] = []
+    while len(batches) < steps:
+        epoch = torch.randperm(n_pairs, generator=generator)[: n_pairs - n_pairs % batch_size]
+        for start in range(0, len(epoch), window * batch_size):
+            part = epoch[start : start + window * batch_size]
+            part = part[torch.argsort(length[part], stable=True)].view(-1, batch_size)
+            batches.extend(part[torch.randperm(len(part), generator=generator)])
+    return batches[:steps]
 
 
 def peak_memory_mb(device: str) -> float:
     if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB; the process's peak RSS
+
+
+class CellStopped(Exception):
+    """A step that ends its cell: the loss raised or broke its contract ("failed"), or is not finite ("diverged")."""
+
+    def __init__(self, status: str, error: str) -> None:
+        super().__init__(error)
+        self.status, self.error = status, error
+
+
+class CellTrainer:
+    """The training of one cell, one ``step()`` at a time: the one loop every variant goes through.
+
+    ``train_cell`` drives it; the benchmarks time ``step()`` itself."""
+
+    def __init__(
+        self, policy: Any, reference_state: dict[str, torch.Tensor], loss: PreferenceLoss, train: PairSet,
+        reference_logps: tuple[torch.Tensor, torch.Tensor], pad_id: int, config: TrainConfig, seed: int,
+    ) -> None:  # fmt: skip
+        self.policy, self.loss, self.pairs, self.pad_id, self.config = policy, loss, train.pairs, pad_id, config
+        device = config.device
+        policy.load_state_dict(reference_state)  # start from the reference weights
+        policy.to(device).train()
+        torch.manual_seed(seed)
+        self.optimizer = torch.optim.AdamW(
+            policy.parameters(), lr=config.lr, weight_decay=0.0, fused=device.startswith("cuda")
+        )  # fmt: skip
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: min(1.0, (s + 1) / max(1, config.warmup_steps))
+        )  # fmt: skip
+        self.reference_chosen, self.reference_rejected = reference_logps
+        self.weights = torch.tensor([p.weight for p in train.pairs], dtype=torch.float32)
+        self.needs_logsumsq = "logsumsq" in loss.inputs
+        self.decoder = torch.compile(policy.get_decoder(), dynamic=True) if config.compile else None
+        lengths = [len(p.prompt) + max(len(p.chosen), len(p.rejected)) for p in train.pairs]
+        self.order = batch_order(
+            len(train.pairs), config.steps, config.batch_size, seed, lengths, config.length_buckets
+        )
+        self.done = 0
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+
+    def step(self, index: torch.Tensor | None = None) -> dict[str, float]:
+        """One optimizer step on the pairs ``index`` (default: the next batch of the order); its metrics.
+
+        Raises ``CellStopped`` when the loss fails or is not finite; the weights are then left as they were."""
+        config, device, policy = self.config, self.config.device, self.policy
+        start = time.perf_counter()
+        index = self.order[self.done % len(self.order)] if index is None else index
+        pairs = [self.pairs[i] for i in index.tolist()]
+        batch = collate(pair_rows(pairs), self.pad_id).to(device)
+        b = len(pairs)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=config.autocast):
+            sums, lss = sequence_logprobs(policy, batch, logsumsq=self.needs_logsumsq, decoder=self.decoder)
+        tokens = batch.tokens
+        policy_lp = LogProbs(
+            sums[:b], sums[b:], tokens[:b], tokens[b:], *((lss[:b], lss[b:]) if lss is not None else ())
+        )
+        reference = LogProbs(
+            self.reference_chosen[index].to(device), self.reference_rejected[index].to(device), tokens[:b], tokens[b:]
+        )  # fmt: skip
+        step = self.done + 1
+        try:  # a plugin's fault fails this cell, not the sweep
+            out = call_loss(self.loss, policy_lp, reference, self.weights[index].to(device))
+            _check_output(out, b)
+        except Exception as error:
+            raise CellStopped("failed", f"step {step}: {_one_line(error)}") from error
+        mean_loss = out.losses.mean()
+        if not torch.isfinite(mean_loss):  # recorded as diverged, at this step; the sweep goes on
+            raise CellStopped("diverged", f"loss is {mean_loss.item()} at step {step - 1}")
+        mean_loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
+        self.optimizer.step()
+        self.schedule.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
+        self.done = step
+        margin = out.chosen_rewards - out.rejected_rewards
+        return {
+            "step": step, "loss": mean_loss.item(), "reward_accuracy": (margin > 0).float().mean().item(),
+            "reward_margin": margin.mean().item(), "chosen_reward": out.chosen_rewards.mean().item(),
+            "rejected_reward": out.rejected_rewards.mean().item(), "chosen_logp": sums[:b].mean().item(),
+            "rejected_logp": sums[b:].mean().item(), "grad_norm": float(grad_norm),
+            "step_time_ms": elapsed * 1e3, "pairs_per_s": b / elapsed,
+            "tokens_per_s": float(batch.attention_mask.sum()) / elapsed, "peak_memory_mb": peak_memory_mb(device),
+        }  # fmt: skip
 
 
 def train_cell(
@@ -84,69 +192,23 @@ def train_cell(
     on_step: Callable[[int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> CellResult:
-    device = config.device
-    policy.load_state_dict(reference_state)  # start from the reference weights
-    policy.to(device).train()
-    torch.manual_seed(seed)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=config.lr, weight_decay=0.0, fused=device.startswith("cuda"))
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, config.warmup_steps)))
-    ref_chosen, ref_rejected = reference_logps
-    weights_all = torch.tensor([p.weight for p in train.pairs], dtype=torch.float32)
-    needs_lss = "logsumsq" in loss.inputs
-    decoder = torch.compile(policy.get_decoder(), dynamic=True) if config.compile else None
+    trainer = CellTrainer(policy, reference_state, loss, train, reference_logps, pad_id, config, seed)
     result = CellResult()
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    for step, index in enumerate(batch_order(len(train.pairs), config.steps, config.batch_size, seed)):
-        start = time.perf_counter()
-        indices = index.tolist()
-        pairs = [train.pairs[i] for i in indices]
-        result.batches.append(hash(tuple(indices)))
-        batch = collate(pair_rows(pairs), pad_id).to(device)
-        b = len(pairs)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=config.autocast):
-            sums, lss = sequence_logprobs(policy, batch, logsumsq=needs_lss, decoder=decoder)
-        tokens = batch.tokens
-        policy_lp = LogProbs(
-            sums[:b], sums[b:], tokens[:b], tokens[b:], *((lss[:b], lss[b:]) if lss is not None else ())
-        )
-        reference = LogProbs(ref_chosen[index].to(device), ref_rejected[index].to(device), tokens[:b], tokens[b:])
-        try:  # a plugin's fault fails this cell, not the sweep
-            out = call_loss(loss, policy_lp, reference, weights_all[index].to(device))
-            _check_output(out, b)
-        except Exception as error:
-            result.status, result.error = "failed", f"step {step + 1}: {_one_line(error)}"
+    for index in trainer.order:
+        result.batches.append(hash(tuple(index.tolist())))
+        try:
+            result.steps.append(trainer.step(index))
+        except CellStopped as stop:
+            result.status, result.error = stop.status, stop.error
             break
-        mean_loss = out.losses.mean()
-        if not torch.isfinite(mean_loss):  # recorded as diverged, at this step; the sweep goes on
-            result.status, result.error = "diverged", f"loss is {mean_loss.item()} at step {step}"
-            break
-        mean_loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        elapsed = time.perf_counter() - start
-        margin = out.chosen_rewards - out.rejected_rewards
-        result.steps.append(
-            {
-                "step": step + 1, "loss": mean_loss.item(), "reward_accuracy": (margin > 0).float().mean().item(),
-                "reward_margin": margin.mean().item(), "chosen_reward": out.chosen_rewards.mean().item(),
-                "rejected_reward": out.rejected_rewards.mean().item(), "chosen_logp": sums[:b].mean().item(),
-                "rejected_logp": sums[b:].mean().item(), "grad_norm": float(grad_norm),
-                "step_time_ms": elapsed * 1e3, "pairs_per_s": b / elapsed,
-                "tokens_per_s": float(batch.attention_mask.sum()) / elapsed, "peak_memory_mb": peak_memory_mb(device),
-            }
-        )  # fmt: skip
+        step = trainer.done
         if on_step:
-            on_step(step + 1)
+            on_step(step)
         if should_stop is not None and should_stop():  # Ctrl-C: this step is finished, the cell is not
-            result.status, result.error = "interrupted", f"interrupted after step {step + 1}"
+            result.status, result.error = "interrupted", f"interrupted after step {step}"
             return result
-        if config.eval_every and (step + 1) % config.eval_every == 0 and step + 1 < config.steps:
-            if not _evaluate_into(result, evaluate, policy, step + 1):
+        if config.eval_every and step % config.eval_every == 0 and step < config.steps:
+            if not _evaluate_into(result, evaluate, policy, step):
                 break
     if result.status == "done":
         _evaluate_into(result, evaluate, policy, config.steps)

@@ -47,8 +47,10 @@ def test_dpo_raises_the_gold_reward_beyond_noise(beta_sweep: pd.DataFrame) -> No
 
 
 def test_larger_beta_stays_closer_to_the_reference(beta_sweep: pd.DataFrame) -> None:
-    dpo = beta_sweep[beta_sweep.variant == "dpo"].set_index("beta")
-    assert dpo.kl_to_reference[0.05] > dpo.kl_to_reference[0.1] > dpo.kl_to_reference[0.5] > 0
+    # β = 0.05 against 0.1 is within seed noise at 120 steps (KL 1.9 / 2.1, 3.3 / 3.3 and 1.7 / 1.2 for seeds
+    # 0, 1, 2), so only the tenfold steps of β are asserted; β = 0.5 stays at KL 0.4–0.6 in every seed.
+    kl = beta_sweep[beta_sweep.variant == "dpo"].set_index("beta").kl_to_reference
+    assert kl[0.05] > 2 * kl[0.5] and kl[0.1] > 2 * kl[0.5] and kl[0.5] > 0, kl.to_dict()
 
 
 def test_same_seed_same_command_bit_identical(tmp_path: Path) -> None:
