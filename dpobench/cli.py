@@ -222,7 +222,7 @@ def landscape_command(
 
 
 _RUN_KEYS = {"variants", "betas", "seeds", "scenarios", "steps", "batch_size", "lr", "model", "data", "device",
-             "eval_every", "preset", "params", "labels"}  # fmt: skip
+             "eval_every", "preset", "params", "labels", "length_buckets"}  # fmt: skip
 
 
 @app.command("run")
@@ -241,6 +241,10 @@ def run(
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda.")] = None,
     eval_every: Annotated[
         int | None, typer.Option(help="Evaluate every N steps too (0: at the end only).", min=0)
+    ] = None,
+    length_buckets: Annotated[
+        int | None,
+        typer.Option(help="Batches per length-sorting window (16 by default; 0: plain random batches).", min=0),
     ] = None,
     preset: Annotated[str | None, typer.Option(help="quick (default) or standard.")] = None,
     config: Annotated[Path | None, typer.Option(help="TOML file with the same keys as these options.")] = None,
@@ -270,7 +274,8 @@ def run(
         settings.update(_read_config(config))
     given = {"variants": variants, "betas": betas, "seeds": seeds, "scenarios": scenarios, "steps": steps,
              "batch_size": batch_size, "lr": lr, "model": model, "data": data, "device": device,
-             "eval_every": eval_every, "preset": preset, "labels": labels}  # fmt: skip
+             "eval_every": eval_every, "preset": preset, "labels": labels,
+             "length_buckets": length_buckets}  # fmt: skip
     settings.update({k: v for k, v in given.items() if v is not None})
     preset_name = str(settings.pop("preset", "quick"))
     if preset_name not in PRESETS:
@@ -303,6 +308,7 @@ def run(
                 batch_size=_setting(chosen, "batch_size", int, 32, minimum=1),
                 lr=_setting(chosen, "lr", float, 1e-4, minimum=0.0),
                 eval_every=_setting(chosen, "eval_every", int, 0, minimum=0),
+                length_buckets=_setting(chosen, "length_buckets", int, 16, minimum=0),
                 device=str(chosen.get("device", "auto")),
             ),
         )
