@@ -1,0 +1,106 @@
+"""One training step of each implementation, as a callable, for the step benchmarks (script and pytest-benchmark).
+
+- ``DpobenchStep``: ``dpobench.train.CellTrainer.step`` itself, the step every cell of a sweep runs: reference
+  log-probs cached before training (their values do not change a step's cost: zeros stand in), the fused
+  completion-only LM head, length-bucketed batches, fused AdamW and bf16 autocast on CUDA.
+- ``PlainStep``: ``baseline.plain_dpo_step`` (reference forward every step, full float32 log-softmax, default
+  AdamW) on random batches, padded the same way.
+- TRL's ``DPOTrainer``: see ``trl_step.py`` (used only where ``trl`` is importable).
+
+Every callable runs one optimizer step per call, synchronises CUDA before returning, and reads no clock itself.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+
+import dpobench
+from dpobench.data import Pair, PairSet
+from dpobench.logprobs import collate, pair_rows
+from dpobench.models import SIZES
+from dpobench.train import CellTrainer, TrainConfig
+
+from .baseline import plain_dpo_step
+
+
+def build_model(size: str, vocab: int, device: str = "cpu", seed: int = 0) -> Any:
+    """A randomly initialised Llama of a dpobench size (tied embeddings) with ``vocab`` entries."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab, max_position_embeddings=1024, tie_word_embeddings=True, pad_token_id=0,
+                         **SIZES[size])  # fmt: skip
+    return LlamaForCausalLM(config).to(device)
+
+
+def fixed_pairs(n: int, prompt: int, completion: int, vocab: int, seed: int = 0) -> list[Pair]:
+    """Random-token pairs of one length (no padding anywhere): the issue's 256 + 127-token GPU workload."""
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda k: tuple(torch.randint(1, vocab, (k,), generator=g).tolist())  # noqa: E731
+    return [Pair(rand(prompt), rand(completion), rand(completion)) for _ in range(n)]
+
+
+def task_pairs() -> tuple[list[Pair], int, int]:
+    """The synthetic task's training pairs (the default run's: 1980 pairs, varying lengths), vocab size, pad id.
+
+    Builds (or reads from the cache) the tiny SFT reference model that samples them."""
+    from dpobench.data import DataRecipe, make_task_data
+    from dpobench.models import SFTRecipe, load_model, reference_model
+
+    model, tokenizer = load_model(reference_model(SFTRecipe()))
+    data = make_task_data(model, tokenizer, DataRecipe())
+    return data.train.pairs, len(tokenizer), tokenizer.pad_token_id
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+class DpobenchStep:
+    def __init__(self, model: Any, pairs: list[Pair], batch: int, device: str, pad_id: int = 0,
+                 compile: bool = False, variant: str = "dpo", steps: int = 10_000) -> None:  # fmt: skip
+        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        reference = (torch.zeros(len(pairs)), torch.zeros(len(pairs)))
+        config = TrainConfig(steps=steps, batch_size=batch, lr=1e-6, device=device, compile=compile)
+        self.trainer = CellTrainer(model, state, dpobench.get_loss(variant), PairSet(pairs), reference, pad_id,
+                                   config, seed=0)  # fmt: skip
+
+    def __call__(self) -> dict[str, float]:
+        return self.trainer.step()  # synchronises CUDA itself
+
+
+class PlainStep:
+    def __init__(self, model: Any, pairs: list[Pair], batch: int, device: str, pad_id: int = 0) -> None:
+        self.model = model.to(device).train()
+        self.reference = copy.deepcopy(model).eval()  # the plain loop keeps the reference model on the device
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-6)
+        self.pairs, self.batch, self.device, self.pad_id = pairs, batch, device, pad_id
+        self.order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(0))
+        self.done = 0
+
+    def __call__(self) -> None:
+        start = (self.done * self.batch) % (len(self.pairs) - self.batch + 1)
+        part = [self.pairs[i] for i in self.order[start : start + self.batch].tolist()]
+        batch = collate(pair_rows(part), self.pad_id).to(self.device)
+        plain_dpo_step(self.model, self.reference, self.optimizer, batch.input_ids, batch.attention_mask,
+                       batch.target_mask, autocast=self.device.startswith("cuda"))  # fmt: skip
+        sync(self.device)
+        self.done += 1
+
+
+def make_step(implementation: str, model: Any, pairs: list[Pair], batch: int, device: str, pad_id: int = 0,
+              compile: bool = False) -> Any:  # fmt: skip
+    """The step callable of ``implementation`` (dpobench, plain or trl), training ``model``."""
+    if implementation == "dpobench":
+        return DpobenchStep(model, pairs, batch, device, pad_id, compile=compile)
+    if implementation == "plain":
+        return PlainStep(model, pairs, batch, device, pad_id)
+    if implementation == "trl":
+        from .trl_step import TrlStep
+
+        return TrlStep(model, pairs, pad_id, batch, device)
+    raise ValueError(f"unknown implementation {implementation!r}: use dpobench, plain or trl")
