@@ -124,3 +124,29 @@ def test_fused_head_keeps_no_logits_for_the_backward_pass() -> None:
     # the fused head keeps the completion positions' hidden states (32 floats), a few indices and scalars per
     # token (at most 32 bytes), and the boolean target mask: 77 kB here, against 8.2 MB of logits
     assert fused <= completion * (32 * 4 + 32) + batch.target_mask.numel()
+
+
+def test_fused_head_under_bf16_autocast_matches_autograd(setup) -> None:
+    """The CUDA path's precision handling, on the CPU's bf16 autocast: products in bf16, softmax in float32,
+    float32 gradients for the float32 weights; equal to autograd through autocast logits within bf16 rounding."""
+    policy, _, pad, pairs = setup
+    batch = collate(pair_rows(pairs[:6]), pad)
+    results = []
+    for fast in (True, False):
+        policy.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            if fast:
+                sums, _ = sequence_logprobs(policy, batch, chunk_tokens=7)
+            else:
+                logits = policy(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+                sums = full_softmax_logp(logits, batch.input_ids, batch.target_mask)
+        sums.sum().backward()
+        results.append((sums.detach(), {n: p.grad.clone() for n, p in policy.named_parameters()}))
+    policy.zero_grad()
+    (fast_sums, fast_grads), (plain_sums, plain_grads) = results
+    assert fast_sums.dtype == torch.float32
+    torch.testing.assert_close(fast_sums, plain_sums, rtol=2e-2, atol=2e-2)
+    for name, grad in fast_grads.items():
+        assert grad.dtype == torch.float32, name
+        cosine = torch.nn.functional.cosine_similarity(grad.flatten(), plain_grads[name].flatten(), dim=0)
+        assert cosine > 0.99, (name, float(cosine))
