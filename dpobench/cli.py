@@ -222,7 +222,7 @@ def landscape_command(
 
 
 _RUN_KEYS = {"variants", "betas", "seeds", "scenarios", "steps", "batch_size", "lr", "model", "data", "device",
-             "eval_every", "preset", "params", "labels", "length_buckets"}  # fmt: skip
+             "eval_every", "preset", "params", "labels", "length_buckets", "compile"}  # fmt: skip
 
 
 @app.command("run")
@@ -245,6 +245,10 @@ def run(
     length_buckets: Annotated[
         int | None,
         typer.Option(help="Batches per length-sorting window (16 by default; 0: plain random batches).", min=0),
+    ] = None,
+    compile: Annotated[
+        bool | None,
+        typer.Option("--compile/--no-compile", help="torch.compile each decoder layer for training (off by default)."),
     ] = None,
     preset: Annotated[str | None, typer.Option(help="quick (default) or standard.")] = None,
     config: Annotated[Path | None, typer.Option(help="TOML file with the same keys as these options.")] = None,
@@ -275,7 +279,7 @@ def run(
     given = {"variants": variants, "betas": betas, "seeds": seeds, "scenarios": scenarios, "steps": steps,
              "batch_size": batch_size, "lr": lr, "model": model, "data": data, "device": device,
              "eval_every": eval_every, "preset": preset, "labels": labels,
-             "length_buckets": length_buckets}  # fmt: skip
+             "length_buckets": length_buckets, "compile": compile}  # fmt: skip
     settings.update({k: v for k, v in given.items() if v is not None})
     preset_name = str(settings.pop("preset", "quick"))
     if preset_name not in PRESETS:
@@ -309,6 +313,7 @@ def run(
                 lr=_setting(chosen, "lr", float, 1e-4, minimum=0.0),
                 eval_every=_setting(chosen, "eval_every", int, 0, minimum=0),
                 length_buckets=_setting(chosen, "length_buckets", int, 16, minimum=0),
+                compile=_flag(chosen, "compile"),
                 device=str(chosen.get("device", "auto")),
             ),
         )
@@ -429,6 +434,13 @@ def _setting(settings: dict[str, object], key: str, kind: type, default: object,
     if number < minimum:
         raise CLIError(f"{key} = {value!r}: must be ≥ {minimum:g}")
     return number
+
+
+def _flag(settings: dict[str, object], key: str) -> bool:
+    value = settings.get(key, False)
+    if not isinstance(value, bool):
+        raise CLIError(f"{key} = {value!r}: expected true or false")
+    return value
 
 
 @contextlib.contextmanager

@@ -130,20 +130,17 @@ def _compute_dtype(hidden: Tensor) -> torch.dtype:
 
 
 def sequence_logprobs(
-    model: Any, batch: Batch, *, logsumsq: bool = False, chunk_tokens: int | None = None, decoder: Any = None
+    model: Any, batch: Batch, *, logsumsq: bool = False, chunk_tokens: int | None = None
 ) -> tuple[Tensor, Tensor | None]:
     """Σ_t log π(y_t | x, y_<t) over completion tokens per row, float32; optionally Σ_t log Σ_v π(v)².
 
     The LM head is applied only at completion positions, ``chunk_tokens`` at a time (by default as many as fit
-    ``LOGITS_BUDGET``), through a fused head whose backward recomputes logits chunk by chunk.
-    ``decoder`` replaces ``model.get_decoder()`` (a ``torch.compile``d one, say)."""
+    ``LOGITS_BUDGET``), through a fused head whose backward recomputes logits chunk by chunk."""
     targets = batch.input_ids[:, 1:][batch.target_mask]
     rows = torch.nonzero(batch.target_mask, as_tuple=True)[0]
     head = model.get_output_embeddings()
     if _head_only_path(model) and getattr(head, "bias", None) is None:
-        hidden = (decoder if decoder is not None else model.get_decoder())(
-            input_ids=batch.input_ids, attention_mask=batch.attention_mask
-        ).last_hidden_state
+        hidden = model.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
         selected = hidden[:, :-1][batch.target_mask]
         chunk = chunk_tokens or max(1, LOGITS_BUDGET // head.weight.shape[0])
         token_logp, token_lss = _HeadLogprobs.apply(

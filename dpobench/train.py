@@ -6,6 +6,7 @@ seed); AdamW with the same learning rate, warm-up, clipping, precision and numbe
 
 from __future__ import annotations
 
+import contextlib
 import math
 import resource
 import statistics
@@ -37,7 +38,9 @@ class TrainConfig:
     #: batches formed from pairs of similar length, to cut padding: pairs are sorted by length within windows of
     #: this many batches of the seeded order, and the window's batches shuffled. 0: plain random batches.
     length_buckets: int = 16
-    compile: bool = False  # torch.compile the decoder (dynamic shapes); pays off on GPUs, costs compile time
+    #: torch.compile each decoder layer for the training steps (regional: one compiled graph serves every identical
+    #: layer, so compile time does not grow with depth); costs compile time once per process
+    compile: bool = False
 
     @property
     def autocast(self) -> bool:
@@ -122,7 +125,7 @@ class CellTrainer:
         self.reference_chosen, self.reference_rejected = reference_logps
         self.weights = torch.tensor([p.weight for p in train.pairs], dtype=torch.float32)
         self.needs_logsumsq = "logsumsq" in loss.inputs
-        self.decoder = torch.compile(policy.get_decoder(), dynamic=True) if config.compile else None
+        self.compiled = _compiled_layers(policy) if config.compile else []
         lengths = [len(p.prompt) + max(len(p.chosen), len(p.rejected)) for p in train.pairs]
         self.order = batch_order(
             len(train.pairs), config.steps, config.batch_size, seed, lengths, config.length_buckets
@@ -141,8 +144,8 @@ class CellTrainer:
         pairs = [self.pairs[i] for i in index.tolist()]
         batch = collate(pair_rows(pairs), self.pad_id).to(device)
         b = len(pairs)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=config.autocast):
-            sums, lss = sequence_logprobs(policy, batch, logsumsq=self.needs_logsumsq, decoder=self.decoder)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=config.autocast), _use_compiled(self.compiled):
+            sums, lss = sequence_logprobs(policy, batch, logsumsq=self.needs_logsumsq)
         tokens = batch.tokens
         policy_lp = LogProbs(
             sums[:b], sums[b:], tokens[:b], tokens[b:], *((lss[:b], lss[b:]) if lss is not None else ())
@@ -177,6 +180,26 @@ class CellTrainer:
             "step_time_ms": elapsed * 1e3, "pairs_per_s": b / elapsed,
             "tokens_per_s": float(batch.attention_mask.sum()) / elapsed, "peak_memory_mb": peak_memory_mb(device),
         }  # fmt: skip
+
+
+def _compiled_layers(policy: Any) -> list[tuple[Any, Any]]:
+    """(layer, compiled call) for each decoder layer; the whole decoder where it has no ``layers`` list."""
+    decoder = policy.get_decoder()
+    layers = getattr(decoder, "layers", None)
+    modules = list(layers) if isinstance(layers, torch.nn.ModuleList) and len(layers) else [decoder]
+    return [(m, torch.compile(m._call_impl, dynamic=None)) for m in modules]
+
+
+@contextlib.contextmanager
+def _use_compiled(compiled: list[tuple[Any, Any]]):
+    """The compiled layers serve calls inside this block only: evaluation and sampling stay eager."""
+    for module, call in compiled:
+        module._compiled_call_impl = call  # what nn.Module.compile() sets; __call__ then uses it
+    try:
+        yield
+    finally:
+        for module, _ in compiled:
+            module._compiled_call_impl = None
 
 
 def train_cell(

@@ -135,7 +135,7 @@ def test_run_from_a_toml_config(tmp_path: Path, untrained_model: Path) -> None:
 @pytest.mark.parametrize(
     ("content", "message"),
     [
-        ("stepz = 3\n", "unknown key 'stepz'; valid keys: batch_size, betas, data, device"),
+        ("stepz = 3\n", "unknown key 'stepz'; valid keys: batch_size, betas, compile, data, device"),
         ("steps = \n", "not valid TOML"),
         ('steps = "many"\n', "steps = 'many': expected an integer"),
         ("lr = -1.0\n", "lr = -1.0: must be ≥ 0"),

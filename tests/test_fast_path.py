@@ -117,9 +117,7 @@ def test_fused_head_keeps_no_logits_for_the_backward_pass() -> None:
     inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
     decoder = saved_bytes(lambda: model.get_decoder()(**inputs))  # the same in both ways
     fused = saved_bytes(lambda: sequence_logprobs(model, batch, chunk_tokens=64)) - decoder
-    plain = saved_bytes(
-        lambda: full_softmax_logp(model(**inputs).logits, batch.input_ids, batch.target_mask)
-    ) - decoder
+    plain = saved_bytes(lambda: full_softmax_logp(model(**inputs).logits, batch.input_ids, batch.target_mask)) - decoder
     assert plain > logits_bytes  # the plain way keeps at least one float32 (rows, T, V) tensor
     # the fused head keeps the completion positions' hidden states (32 floats), a few indices and scalars per
     # token (at most 32 bytes), and the boolean target mask: 77 kB here, against 8.2 MB of logits
@@ -150,3 +148,20 @@ def test_fused_head_under_bf16_autocast_matches_autograd(setup) -> None:
         assert grad.dtype == torch.float32, name
         cosine = torch.nn.functional.cosine_similarity(grad.flatten(), plain_grads[name].flatten(), dim=0)
         assert cosine > 0.99, (name, float(cosine))
+
+
+def test_compiled_training_equals_eager_and_leaves_the_model_eager(setup) -> None:
+    """``TrainConfig(compile=True)`` compiles each decoder layer for the training steps only."""
+    policy, reference, pad, pairs = setup
+    state = {k: v.clone() for k, v in reference.state_dict().items()}
+    cached = reference_logprobs(reference, pairs, pad, device="cpu")
+    runs = {}
+    for compiled in (False, True):
+        config = TrainConfig(steps=4, batch_size=8, lr=3e-3, warmup_steps=2, compile=compiled)
+        result = train_cell(policy, state, dpobench.get_loss("dpo"), PairSet(pairs), cached, pad, config, seed=1,
+                            evaluate=lambda m, s: {"step": s})  # fmt: skip
+        runs[compiled] = ([r["loss"] for r in result.steps], {k: v.clone() for k, v in policy.state_dict().items()})
+    assert runs[True][0] == pytest.approx(runs[False][0], rel=1e-4)
+    for name, value in runs[True][1].items():
+        torch.testing.assert_close(value, runs[False][1][name], rtol=1e-4, atol=1e-5)  # Adam moves ~1e-2
+    assert all(layer._compiled_call_impl is None for layer in policy.get_decoder().layers)
