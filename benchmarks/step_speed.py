@@ -61,8 +61,8 @@ def time_steps(step, steps: int, warmup: int, device: str) -> list[float]:
 def measure(args: argparse.Namespace, batch: int, data, peak_tflops: float) -> list[dict[str, object]]:
     pairs, vocab, pad = data
     tokens_per_pair = statistics.fmean(2 * len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs)
-    implementations = ["dpobench"] + (["dpobench --compile"] if args.compile else []) + ["plain"]
-    implementations += ["trl"] if trl_available() and not args.no_trl else []
+    implementations = ["dpobench", "plain"] + (["trl"] if trl_available() and not args.no_trl else [])
+    implementations += ["dpobench --compile"] if args.compile else []  # last: compilation may take the longest
     rows = []
     for name in implementations:
         gc.collect()
