@@ -66,8 +66,8 @@ class DpobenchStep:
         state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         reference = (torch.zeros(len(pairs)), torch.zeros(len(pairs)))
         config = TrainConfig(steps=steps, batch_size=batch, lr=1e-6, device=device, compile=compile)
-        self.trainer = CellTrainer(model, state, dpobench.get_loss(variant), PairSet(pairs), reference, pad_id,
-                                   config, seed=0)  # fmt: skip
+        loss = dpobench.get_loss(variant).to(device)  # as the sweep does: a loss may hold buffers
+        self.trainer = CellTrainer(model, state, loss, PairSet(pairs), reference, pad_id, config, seed=0)
 
     def __call__(self) -> dict[str, float]:
         return self.trainer.step()  # synchronises CUDA itself

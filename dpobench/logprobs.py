@@ -101,6 +101,11 @@ class _HeadLogprobs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logp, _grad_lss):  # type: ignore[override]
+        with torch.autocast(grad_logp.device.type, enabled=False):  # precision is ctx.dtype's, whatever the caller's
+            return _HeadLogprobs._backward(ctx, grad_logp)
+
+    @staticmethod
+    def _backward(ctx, grad_logp):
         hidden, weight, targets, lse = ctx.saved_tensors
         w = weight.to(ctx.dtype)
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
@@ -140,7 +145,9 @@ def sequence_logprobs(
     rows = torch.nonzero(batch.target_mask, as_tuple=True)[0]
     head = model.get_output_embeddings()
     if _head_only_path(model) and getattr(head, "bias", None) is None:
-        hidden = model.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+        hidden = model.get_decoder()(  # no KV cache: it would cost memory and give each layer its own compile guard
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+        ).last_hidden_state
         selected = hidden[:, :-1][batch.target_mask]
         chunk = chunk_tokens or max(1, LOGITS_BUDGET // head.weight.shape[0])
         token_logp, token_lss = _HeadLogprobs.apply(
@@ -148,7 +155,7 @@ def sequence_logprobs(
         )  # fmt: skip
     else:  # models that transform their logits (or have a head bias): take them whole
         logits = (
-            model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+            model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
             .logits[:, :-1][batch.target_mask]
             .float()
         )

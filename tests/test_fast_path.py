@@ -138,7 +138,7 @@ def test_fused_head_under_bf16_autocast_matches_autograd(setup) -> None:
             else:
                 logits = policy(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
                 sums = full_softmax_logp(logits, batch.input_ids, batch.target_mask)
-        sums.sum().backward()
+        (sums * torch.linspace(-1, 2, len(sums))).sum().backward()  # distinct weights per row, some negative
         results.append((sums.detach(), {n: p.grad.clone() for n, p in policy.named_parameters()}))
     policy.zero_grad()
     (fast_sums, fast_grads), (plain_sums, plain_grads) = results
@@ -146,22 +146,63 @@ def test_fused_head_under_bf16_autocast_matches_autograd(setup) -> None:
     torch.testing.assert_close(fast_sums, plain_sums, rtol=2e-2, atol=2e-2)
     for name, grad in fast_grads.items():
         assert grad.dtype == torch.float32, name
-        cosine = torch.nn.functional.cosine_similarity(grad.flatten(), plain_grads[name].flatten(), dim=0)
-        assert cosine > 0.99, (name, float(cosine))
+        error = float((grad - plain_grads[name]).norm() / plain_grads[name].norm())
+        assert error < 0.05, (name, error)  # bf16 products: ~1 % apart; a wrong scale or sign is ≥ 100 %
 
 
 def test_compiled_training_equals_eager_and_leaves_the_model_eager(setup) -> None:
-    """``TrainConfig(compile=True)`` compiles each decoder layer for the training steps only."""
-    policy, reference, pad, pairs = setup
+    """``TrainConfig(compile=True)`` compiles the decoder layers for the training steps only, as one graph that all
+    (here 10) identical layers share, and trains to the eager weights."""
+    from torch._dynamo.utils import counters
+    from transformers import LlamaForCausalLM
+
+    _, small, pad, pairs = setup
+    config = copy.deepcopy(small.config)
+    config.num_hidden_layers = 10  # more layers than dynamo's recompile limit (8) per code object
+    torch.manual_seed(0)
+    policy = LlamaForCausalLM(config)
+    reference = copy.deepcopy(policy).eval()
     state = {k: v.clone() for k, v in reference.state_dict().items()}
     cached = reference_logprobs(reference, pairs, pad, device="cpu")
-    runs = {}
+    runs, graphs = {}, {}
     for compiled in (False, True):
+        before = counters["stats"]["unique_graphs"]
         config = TrainConfig(steps=4, batch_size=8, lr=3e-3, warmup_steps=2, compile=compiled)
         result = train_cell(policy, state, dpobench.get_loss("dpo"), PairSet(pairs), cached, pad, config, seed=1,
                             evaluate=lambda m, s: {"step": s})  # fmt: skip
         runs[compiled] = ([r["loss"] for r in result.steps], {k: v.clone() for k, v in policy.state_dict().items()})
+        graphs[compiled] = counters["stats"]["unique_graphs"] - before
     assert runs[True][0] == pytest.approx(runs[False][0], rel=1e-4)
     for name, value in runs[True][1].items():
-        torch.testing.assert_close(value, runs[False][1][name], rtol=1e-4, atol=1e-5)  # Adam moves ~1e-2
+        # Adam's update is ~lr whatever the gradient's size, so a near-zero gradient component whose last bits differ
+        # can move by up to lr: allow that for a few elements, and demand float32 agreement for the rest
+        diff = (value - runs[False][1][name]).abs()
+        assert float(diff.max()) < 3e-3, name
+        off = diff > 1e-5 + 1e-4 * value.abs()
+        assert float(off.float().mean()) < 1e-3, (name, int(off.sum()))
     assert all(layer._compiled_call_impl is None for layer in policy.get_decoder().layers)
+    # one graph for the first shape, one dynamic-shape recompile: not one (or eight) per layer
+    assert graphs[False] == 0 and 1 <= graphs[True] <= 2, graphs
+
+
+def test_length_buckets_cut_padding_and_keep_every_batch_whole() -> None:
+    rng = random.Random(0)
+    lengths = [rng.randint(5, 60) for _ in range(203)]
+    steps, size = 30, 8
+    random_order = batch_order(203, steps, size, seed=4)
+    bucketed = batch_order(203, steps, size, seed=4, lengths=lengths, window=8)
+    again = batch_order(203, steps, size, seed=4, lengths=lengths, window=8)
+    assert all(torch.equal(a, b) for a, b in zip(bucketed, again, strict=True))  # deterministic
+    assert [len(b) for b in bucketed] == [size] * steps
+    epoch = 203 // size  # batches per epoch: an epoch drops 203 % 8 pairs, so no batch spans two epochs
+    for start in range(0, steps, epoch):
+        seen = torch.cat(bucketed[start : start + epoch]).tolist()
+        assert len(seen) == len(set(seen))  # every pair at most once per epoch
+
+    def padding(order):  # padded positions when each batch is padded to its longest pair
+        return sum(max(lengths[i] for i in b.tolist()) * size - sum(lengths[i] for i in b.tolist()) for b in order)
+
+    assert padding(bucketed) < 0.35 * padding(random_order)
+    window = [set(b.tolist()) for b in bucketed[:8]]  # a window's batches hold the same pairs as unsorted ones
+    unsorted = torch.randperm(203, generator=torch.Generator().manual_seed(4))[: 8 * size].tolist()
+    assert set().union(*window) == set(unsorted)
