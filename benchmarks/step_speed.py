@@ -8,9 +8,12 @@ after the other in one process on the same model, data and batch size.
 ``--data fixed`` (the default): random-token pairs of ``--prompt`` + ``--completion`` tokens (256 + 127: ~766 tokens
 per pair, as in the issue's table), so nothing is padded. ``--data task``: the synthetic task's own pairs (varying
 lengths; dpobench length-buckets them, the plain loop pads random batches). The steps are those of ``steps.py``.
-MFU counts 6 × parameters FLOPs per trained token (+2 × parameters per token for a reference forward done inside
-the step: the plain loop and TRL) over the card's bf16 matrix rate measured here (8192³ products). Tokens are the
-real (unpadded) tokens of the pairs trained on. Fits in about 5 minutes on one H100/H200 at the defaults.
+MFU is issue #5's: 6 × parameters FLOPs per trained token (+2 × parameters per token for a reference forward done
+inside the step: the plain loop and TRL) over the card's bf16 matrix rate measured here (8192³ products). Tokens are the
+real (unpadded) tokens of the pairs trained on. That count credits every implementation with the LM head at every
+position; dpobench (and TRL on CUDA) apply it at completion positions only, so the table also shows "MFU done":
+the FLOPs each one performs, 6 × (body + head at completion positions) (+2 × the same for a reference forward;
+dpobench's backward recomputation of the head is not counted). Fits in about 5 minutes on one H100/H200 at the defaults.
 """
 
 from __future__ import annotations
@@ -61,6 +64,7 @@ def time_steps(step, steps: int, warmup: int, device: str) -> list[float]:
 def measure(args: argparse.Namespace, batch: int, data, peak_tflops: float) -> list[dict[str, object]]:
     pairs, vocab, pad = data
     tokens_per_pair = statistics.fmean(2 * len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs)
+    completions_per_pair = statistics.fmean(len(p.chosen) + len(p.rejected) for p in pairs)
     implementations = ["dpobench", "plain"] + (["trl"] if trl_available() and not args.no_trl else [])
     implementations += ["dpobench --compile"] if args.compile else []  # last: compilation may take the longest
     rows = []
@@ -70,6 +74,7 @@ def measure(args: argparse.Namespace, batch: int, data, peak_tflops: float) -> l
             torch.cuda.empty_cache()
         model = build_model(args.size, vocab, "cpu")
         params = sum(p.numel() for p in model.parameters())
+        head = model.get_output_embeddings().weight.numel()
         if args.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
         step = make_step(name.split()[0], model, pairs, batch, args.device, pad, compile="--compile" in name)
@@ -82,8 +87,15 @@ def measure(args: argparse.Namespace, batch: int, data, peak_tflops: float) -> l
         mean = statistics.fmean(times)  # bucketed batches vary in length: throughput is pairs over the mean step
         tokens_s = batch * tokens_per_pair / mean
         flops_per_token = 6 if name.startswith("dpobench") else 8
+        head_share = (
+            1.0
+            if name == "plain" or (not args.device.startswith("cuda") and name == "trl")
+            else (completions_per_pair / tokens_per_pair)
+        )  # fraction of positions the head is applied at
+        flops_done = flops_per_token * ((params - head) + head * head_share)  # per token
         rows.append({"implementation": name, "pairs/step": batch, "pairs/s": batch / mean, "tokens/s": tokens_s,
                      "step ms": mean * 1e3, "MFU": flops_per_token * params * tokens_s / (peak_tflops * 1e12),
+                     "MFU done": flops_done * tokens_s / (peak_tflops * 1e12),
                      "peak GB": memory, "params M": params / 1e6})  # fmt: skip
         print(f"measured: {name}, {batch} pairs/step: {batch / mean:.1f} pairs/s, {memory:.2f} GB", flush=True)
         del step, model
@@ -117,12 +129,14 @@ def main() -> None:
         rows += measure(args, batch, data, peak)
     base = {r["pairs/step"]: r for r in rows if r["implementation"] == "plain"}
     print(f"\n{args.size} size ({rows[0]['params M']:.1f} M parameters), {args.data} data, {name}:")
-    print("| implementation | pairs/step | pairs/s | × plain | tokens/s | step ms | MFU | peak GB | × plain memory |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(
+        "| implementation | pairs/step | pairs/s | × plain | tokens/s | step ms | MFU | MFU done | peak GB | × plain memory |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         plain = base[r["pairs/step"]]
         print(f"| {r['implementation']} | {r['pairs/step']} | {r['pairs/s']:.1f} | {r['pairs/s'] / plain['pairs/s']:.2f} | "
-              f"{r['tokens/s']:.0f} | {r['step ms']:.1f} | {r['MFU']:.1%} | {r['peak GB']:.2f} | "
+              f"{r['tokens/s']:.0f} | {r['step ms']:.1f} | {r['MFU']:.1%} | {r['MFU done']:.1%} | {r['peak GB']:.2f} | "
               f"{r['peak GB'] / plain['peak GB']:.2f} |")  # fmt: skip
 
 
