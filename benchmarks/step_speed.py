@@ -114,6 +114,13 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--compile", action="store_true", help="also time dpobench with torch.compile")
     parser.add_argument("--no-trl", action="store_true", help="leave TRL out even where it is importable")
+    parser.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="after the table, profile this many dpobench steps at the first --pairs value",
+    )
     args = parser.parse_args()
     peak = bf16_matmul_tflops(args.device)
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
@@ -138,6 +145,37 @@ def main() -> None:
         print(f"| {r['implementation']} | {r['pairs/step']} | {r['pairs/s']:.1f} | {r['pairs/s'] / plain['pairs/s']:.2f} | "
               f"{r['tokens/s']:.0f} | {r['step ms']:.1f} | {r['MFU']:.1%} | {r['MFU done']:.1%} | {r['peak GB']:.2f} | "
               f"{r['peak GB'] / plain['peak GB']:.2f} |")  # fmt: skip
+    if args.profile:
+        profile(args, batches[0], data)
+
+
+def profile(args: argparse.Namespace, batch: int, data) -> None:
+    """Where a dpobench step's time goes: torch.profiler over ``args.profile`` steps after 3 warm-ups. Prints the
+    busiest operators and how much of the wall time the device was busy (little: the step is launch-bound)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    pairs, vocab, pad = data
+    step = make_step("dpobench", build_model(args.size, vocab, "cpu"), pairs, batch, args.device, pad)
+    for _ in range(3):
+        step()
+    cuda = args.device.startswith("cuda")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    sync(args.device)
+    start = time.perf_counter()
+    with torch_profile(activities=activities) as prof:
+        for _ in range(args.profile):
+            step()
+    wall = time.perf_counter() - start
+    events = prof.key_averages()
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    print(f"\nprofile: {args.profile} dpobench steps of {batch} pairs, {wall / args.profile * 1e3:.1f} ms per step "
+          f"under the profiler")  # fmt: skip
+    if cuda:
+        kernels = [e for e in events if str(getattr(e, "device_type", "")).endswith("CUDA")]
+        busy = sum(e.self_device_time_total for e in kernels) / 1e6  # µs → s: device kernels only
+        print(f"device busy {busy / wall:.0%} of the wall time ({busy / args.profile * 1e3:.1f} ms per step)")
+    print(events.table(sort_by=key, row_limit=25, max_name_column_width=60))
 
 
 if __name__ == "__main__":
