@@ -1,9 +1,10 @@
 """Peak memory of one training step on the CPU, dpobench's step against the plain PyTorch step (and TRL where
 importable), each in its own process: the peak resident set size (``ru_maxrss``) of a process that builds the model
-and data, then runs ``--steps`` optimizer steps. float32 (the CPU has no autocast here), so the absolute numbers are
+and data, then runs ``--steps`` optimizer steps (2: the second is the first whose backward pass
+runs beside the optimizer states). float32 (the CPU has no autocast here), so the absolute numbers are
 larger than a bf16-autocast GPU's; the ratio shows what each way of computing log-probs keeps alive.
 
-    python benchmarks/step_memory_cpu.py                      # base size, 4 pairs of 256 + 127 tokens, 1 step
+    python benchmarks/step_memory_cpu.py --compile            # base size, 4 pairs of 256 + 127 tokens, 2 steps
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ def one(args: argparse.Namespace) -> None:
 
     torch.manual_seed(0)
     pairs = fixed_pairs(args.pairs * 4, args.prompt, args.completion, args.vocab)
-    step = make_step(args.one, build_model(args.size, args.vocab, "cpu"), pairs, args.pairs, "cpu")
+    name = args.one.split()[0]
+    model = build_model(args.size, args.vocab, "cpu")
+    step = make_step(name, model, pairs, args.pairs, "cpu", compile=args.one.endswith("--compile"))
     before = peak_mb()
     for _ in range(args.steps):
         step()
@@ -45,7 +48,8 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=4)
     parser.add_argument("--prompt", type=int, default=256)
     parser.add_argument("--completion", type=int, default=127)
-    parser.add_argument("--steps", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=2)  # the 2nd step is the first with Adam states during backward
+    parser.add_argument("--compile", action="store_true", help="also dpobench with --compile (regional)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -53,8 +57,9 @@ def main() -> None:
     from benchmarks.trl_step import trl_available
 
     rows = []
-    for name in ["dpobench", "plain"] + (["trl"] if trl_available() else []):
-        command = [sys.executable, __file__, "--one", name, *sys.argv[1:]]
+    names = ["dpobench"] + (["dpobench --compile"] if args.compile else []) + ["plain"]
+    for name in names + (["trl"] if trl_available() else []):
+        command = [sys.executable, __file__, "--one", name, *[a for a in sys.argv[1:] if a != "--compile"]]
         out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
         print(f"measured: {rows[-1]}", flush=True)
