@@ -67,6 +67,8 @@ def measure(args: argparse.Namespace, batch: int, data, peak_tflops: float) -> l
     completions_per_pair = statistics.fmean(len(p.chosen) + len(p.rejected) for p in pairs)
     implementations = ["dpobench", "plain"] + (["trl"] if trl_available() and not args.no_trl else [])
     implementations += ["dpobench --compile"] if args.compile else []  # last: compilation may take the longest
+    if args.only:
+        implementations = [name for name in implementations if name in args.only.split(",")]
     rows = []
     for name in implementations:
         gc.collect()
@@ -114,6 +116,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--compile", action="store_true", help="also time dpobench with torch.compile")
     parser.add_argument("--no-trl", action="store_true", help="leave TRL out even where it is importable")
+    parser.add_argument("--only", default="", help="comma-separated implementations to time (plain is the baseline)")
     parser.add_argument(
         "--profile",
         type=int,
