@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import math
 import tempfile
 import threading
-import time
 from typing import Any
 
 
@@ -68,7 +66,7 @@ def _trainer(model, pairs, pad_id: int, eos_id: int, batch: int, max_steps: int,
     config = DPOConfig(
         output_dir=out, per_device_train_batch_size=batch, gradient_accumulation_steps=1, max_steps=max_steps,
         learning_rate=lr, beta=0.1, loss_type=["sigmoid"], precompute_ref_log_probs=False,
-        max_length=max(len(p.prompt) + max(len(p.chosen), len(p.rejected)) for p in pairs),
+        max_length=max(p.length for p in pairs),
         gradient_checkpointing=False, bf16=cuda, fp16=False, use_cpu=not cuda, dataloader_num_workers=0,
         dataloader_drop_last=True, eval_strategy="no", save_strategy="no", logging_strategy="no", report_to="none",
         disable_tqdm=True,
@@ -89,47 +87,12 @@ def _unpatch(model, own_forward: Any) -> None:
         model.forward = own_forward
 
 
-def trl_run(model, pairs, pad_id: int, eos_id: int, batch: int, steps: int, device: str, lr: float = 1e-6,
-            warmup: int = 2) -> tuple[list[float], float]:  # fmt: skip
-    """Seconds per optimizer step for `steps` steps after `warmup` untimed ones, and peak device memory in GB
-    (nan on CPU)."""
-    import torch
-    from transformers import TrainerCallback
-
-    cuda = device.startswith("cuda")
-
-    class StepTimer(TrainerCallback):
-        def __init__(self) -> None:
-            self.start, self.seconds = 0.0, []
-
-        def on_step_begin(self, args, state, control, **kwargs) -> None:
-            if cuda:
-                torch.cuda.synchronize()
-            self.start = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs) -> None:
-            if cuda:
-                torch.cuda.synchronize()
-            self.seconds.append(time.perf_counter() - self.start)
-
-    timer, own_forward = StepTimer(), model.__dict__.get("forward")
-    with tempfile.TemporaryDirectory(prefix="trl_step_") as out:
-        trainer = _trainer(model, pairs, pad_id, eos_id, batch, warmup + steps, device, lr, out, timer)
-        if cuda:
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-        trainer.train()
-        memory = torch.cuda.max_memory_allocated() / 2**30 if cuda else math.nan
-    _unpatch(model, own_forward)
-    return timer.seconds[warmup:], memory
-
-
 class TrlStep:
-    """One TRL optimizer step per call (the same trainer as ``trl_run``), for callers that time steps themselves.
+    """One TRL optimizer step per call, for callers that time steps themselves.
 
     ``Trainer.train`` runs in a background thread that a callback holds at each ``on_step_begin`` until the next
-    call; a call returns at ``on_step_end`` (after a CUDA sync), so it covers what ``trl_run`` times plus two thread
-    hand-offs. ``close()`` stops the thread and removes the temporary output folder."""
+    call; a call returns at ``on_step_end`` (after a CUDA sync), so it covers one step as described above plus two
+    thread hand-offs. ``close()`` stops the thread and removes the temporary output folder."""
 
     class _Stop(Exception):
         pass

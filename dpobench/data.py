@@ -53,6 +53,11 @@ class Pair:
     chosen_gold: float = math.nan  # gold rewards, when the task knows them
     rejected_gold: float = math.nan
 
+    @property
+    def length(self) -> int:
+        """Tokens in the pair's longer row (prompt + the longer completion): its width once padded."""
+        return len(self.prompt) + max(len(self.chosen), len(self.rejected))
+
 
 @dataclass
 class PairSet:

@@ -46,14 +46,14 @@ def collate(rows: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int) ->
     """(prompt, completion) rows, right-padded into one batch."""
     prompt = torch.tensor([len(p) for p, _ in rows])
     completion = torch.tensor([len(c) for _, c in rows])
-    width = int((prompt + completion).max())
+    total = prompt + completion
+    width = int(total.max())
     ids = torch.tensor([[*p, *c, *([pad_id] * (width - len(p) - len(c)))] for p, c in rows], dtype=torch.long)
     position = torch.arange(width)
-    attention = (position[None, :] < (prompt + completion)[:, None]).long()
+    attention = (position[None, :] < total[:, None]).long()
     # position t predicts token t + 1: completion targets are the positions len(p) − 1 … len(p) + len(c) − 2
-    target = (position[None, : width - 1] >= prompt[:, None] - 1) & (
-        position[None, : width - 1] < attention.sum(1)[:, None] - 1
-    )
+    before = position[None, : width - 1]
+    target = (before >= prompt[:, None] - 1) & (before < total[:, None] - 1)
     return Batch(ids, attention, target, completion.float())
 
 
@@ -175,11 +175,10 @@ def rows_logprobs(
 ) -> Tensor:  # fmt: skip
     """Completion log-probs of (prompt, completion) rows, without gradients, on the CPU, float32."""
     out = []
-    with torch.no_grad():
-        for start in range(0, len(rows), batch_size):
-            batch = collate(rows[start : start + batch_size], pad_id).to(device)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-                out.append(sequence_logprobs(model, batch)[0].cpu())
+    for start in range(0, len(rows), batch_size):
+        batch = collate(rows[start : start + batch_size], pad_id).to(device)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            out.append(sequence_logprobs(model, batch)[0].cpu())
     return torch.cat(out)
 
 

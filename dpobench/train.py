@@ -55,7 +55,7 @@ class TrainConfig:
 class CellResult:
     steps: list[dict[str, float]] = field(default_factory=list)
     evaluations: list[dict[str, float]] = field(default_factory=list)
-    status: str = "done"  # or "diverged"
+    status: str = "done"  # or "failed", "diverged", "interrupted"
     error: str = ""
     batches: list[int] = field(default_factory=list)  # a fingerprint of each step's pair indices
 
@@ -126,7 +126,7 @@ class CellTrainer:
         self.weights = torch.tensor([p.weight for p in train.pairs], dtype=torch.float32)
         self.needs_logsumsq = "logsumsq" in loss.inputs
         self.compiled = _compiled_layers(policy) if config.compile else []
-        lengths = [len(p.prompt) + max(len(p.chosen), len(p.rejected)) for p in train.pairs]
+        lengths = [p.length for p in train.pairs]
         self.order = batch_order(
             len(train.pairs), config.steps, config.batch_size, seed, lengths, config.length_buckets
         )

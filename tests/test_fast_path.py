@@ -47,7 +47,7 @@ def test_fast_training_equals_the_plain_loop(setup) -> None:
     plain = copy.deepcopy(reference).train()
     optimizer = torch.optim.AdamW(plain.parameters(), lr=config.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / config.warmup_steps))
-    lengths = [len(p.prompt) + max(len(p.chosen), len(p.rejected)) for p in pairs]
+    lengths = [p.length for p in pairs]
     order = batch_order(len(pairs), config.steps, config.batch_size, 3, lengths, config.length_buckets)
     padded = 0
     for record, index in zip(fast.steps, order, strict=True):
