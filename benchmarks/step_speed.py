@@ -67,6 +67,7 @@ def measure(args: argparse.Namespace, batch: int, data, peak_tflops: float) -> l
     completions_per_pair = statistics.fmean(len(p.chosen) + len(p.rejected) for p in pairs)
     implementations = ["dpobench", "plain"] + (["trl"] if trl_available() and not args.no_trl else [])
     implementations += ["dpobench --compile"] if args.compile else []  # last: compilation may take the longest
+    implementations += ["dpobench --cudagraphs"] if args.cudagraphs else []
     if args.only:
         implementations = [name for name in implementations if name in args.only.split(",")]
     rows = []
@@ -79,9 +80,12 @@ def measure(args: argparse.Namespace, batch: int, data, peak_tflops: float) -> l
         head = model.get_output_embeddings().weight.numel()
         if args.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
-        step = make_step(name.split()[0], model, pairs, batch, args.device, pad, compile="--compile" in name)
+        compile = {"dpobench --compile": True, "dpobench --cudagraphs": "reduce-overhead"}.get(name, False)
+        step = make_step(name.split()[0], model, pairs, batch, args.device, pad, compile=compile)
         try:
-            times = time_steps(step, args.steps, 5 if "--compile" in name else 2, args.device)
+            warm = time.perf_counter()
+            times = time_steps(step, args.steps, 5 if compile else 2, args.device)
+            warm = time.perf_counter() - warm - sum(times)  # the warm-up steps: compilation, where there is one
         finally:
             if hasattr(step, "close"):
                 step.close()
@@ -99,7 +103,8 @@ def measure(args: argparse.Namespace, batch: int, data, peak_tflops: float) -> l
                      "step ms": mean * 1e3, "MFU": flops_per_token * params * tokens_s / (peak_tflops * 1e12),
                      "MFU done": flops_done * tokens_s / (peak_tflops * 1e12),
                      "peak GB": memory, "params M": params / 1e6})  # fmt: skip
-        print(f"measured: {name}, {batch} pairs/step: {batch / mean:.1f} pairs/s, {memory:.2f} GB", flush=True)
+        print(f"measured: {name}, {batch} pairs/step: {batch / mean:.1f} pairs/s, {memory:.2f} GB "
+              f"(warm-up steps took {warm:.1f} s)", flush=True)  # fmt: skip
         del step, model
     return rows
 
@@ -115,6 +120,8 @@ def main() -> None:
     parser.add_argument("--completion", type=int, default=127)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--compile", action="store_true", help="also time dpobench with torch.compile")
+    parser.add_argument("--cudagraphs", action="store_true",
+                        help='also time dpobench with torch.compile(mode="reduce-overhead"): CUDA graphs')  # fmt: skip
     parser.add_argument("--no-trl", action="store_true", help="leave TRL out even where it is importable")
     parser.add_argument("--only", default="", help="comma-separated implementations to time (plain is the baseline)")
     parser.add_argument(
@@ -122,7 +129,7 @@ def main() -> None:
         type=int,
         default=0,
         metavar="STEPS",
-        help="after the table, profile this many dpobench steps at the first --pairs value",
+        help="after the table, profile this many dpobench steps (with --compile: compiled) at the first --pairs value",
     )
     args = parser.parse_args()
     peak = bf16_matmul_tflops(args.device)
@@ -159,8 +166,9 @@ def profile(args: argparse.Namespace, batch: int, data) -> None:
     from torch.profiler import profile as torch_profile
 
     pairs, vocab, pad = data
-    step = make_step("dpobench", build_model(args.size, vocab, "cpu"), pairs, batch, args.device, pad)
-    for _ in range(3):
+    step = make_step("dpobench", build_model(args.size, vocab, "cpu"), pairs, batch, args.device, pad,
+                     compile=args.compile)  # fmt: skip
+    for _ in range(5 if args.compile else 3):
         step()
     cuda = args.device.startswith("cuda")
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
@@ -172,7 +180,7 @@ def profile(args: argparse.Namespace, batch: int, data) -> None:
     wall = time.perf_counter() - start
     events = prof.key_averages()
     key = "self_device_time_total" if cuda else "self_cpu_time_total"
-    print(f"\nprofile: {args.profile} dpobench steps of {batch} pairs, {wall / args.profile * 1e3:.1f} ms per step "
+    print(f"\nprofile: {args.profile} dpobench{' --compile' if args.compile else ''} steps of {batch} pairs, {wall / args.profile * 1e3:.1f} ms per step "
           f"under the profiler")  # fmt: skip
     if cuda:
         kernels = [e for e in events if str(getattr(e, "device_type", "")).endswith("CUDA")]

@@ -62,7 +62,7 @@ def sync(device: str) -> None:
 
 class DpobenchStep:
     def __init__(self, model: Any, pairs: list[Pair], batch: int, device: str, pad_id: int = 0,
-                 compile: bool = False, variant: str = "dpo", steps: int = 10_000) -> None:  # fmt: skip
+                 compile: bool | str = False, variant: str = "dpo", steps: int = 10_000) -> None:  # fmt: skip
         state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         reference = (torch.zeros(len(pairs)), torch.zeros(len(pairs)))
         config = TrainConfig(steps=steps, batch_size=batch, lr=1e-6, device=device, compile=compile)
@@ -93,7 +93,7 @@ class PlainStep:
 
 
 def make_step(implementation: str, model: Any, pairs: list[Pair], batch: int, device: str, pad_id: int = 0,
-              compile: bool = False) -> Any:  # fmt: skip
+              compile: bool | str = False) -> Any:  # fmt: skip
     """The step callable of ``implementation`` (dpobench, plain or trl), training ``model``."""
     if implementation == "dpobench":
         return DpobenchStep(model, pairs, batch, device, pad_id, compile=compile)

@@ -39,8 +39,9 @@ class TrainConfig:
     #: this many batches of the seeded order, and the window's batches shuffled. 0: plain random batches.
     length_buckets: int = 16
     #: torch.compile each decoder layer for the training steps (regional: one compiled graph serves every identical
-    #: layer, so compile time does not grow with depth); costs compile time once per process
-    compile: bool = False
+    #: layer, so compile time does not grow with depth); costs compile time once per process. A string is a
+    #: torch.compile mode ("reduce-overhead": CUDA graphs as well), used by the benchmarks
+    compile: bool | str = False
 
     @property
     def autocast(self) -> bool:
@@ -125,7 +126,9 @@ class CellTrainer:
         self.reference_chosen, self.reference_rejected = reference_logps
         self.weights = torch.tensor([p.weight for p in train.pairs], dtype=torch.float32)
         self.needs_logsumsq = "logsumsq" in loss.inputs
-        self.compiled = _compiled_layers(policy) if config.compile else []
+        self.compiled = _compiled_layers(policy, config.compile) if config.compile else []
+        # compile="reduce-overhead" (benchmarks only, for now): the compiled layers also run as CUDA graphs
+        self.cudagraphs = config.compile == "reduce-overhead" and device.startswith("cuda")
         lengths = [p.length for p in train.pairs]
         self.order = batch_order(
             len(train.pairs), config.steps, config.batch_size, seed, lengths, config.length_buckets
@@ -144,6 +147,8 @@ class CellTrainer:
         pairs = [self.pairs[i] for i in index.tolist()]
         batch = collate(pair_rows(pairs), self.pad_id).to(device)
         b = len(pairs)
+        if self.cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=config.autocast), _use_compiled(self.compiled):
             sums, lss = sequence_logprobs(policy, batch, logsumsq=self.needs_logsumsq)
         tokens = batch.tokens
@@ -182,12 +187,13 @@ class CellTrainer:
         }  # fmt: skip
 
 
-def _compiled_layers(policy: Any) -> list[tuple[Any, Any]]:
-    """(layer, compiled call) for each decoder layer; the whole decoder where it has no ``layers`` list."""
+def _compiled_layers(policy: Any, mode: bool | str = True) -> list[tuple[Any, Any]]:
+    """(layer, compiled call) for each decoder layer; the whole decoder where it has no ``layers`` list. ``mode``:
+    True, or a ``torch.compile`` mode such as "reduce-overhead" (CUDA graphs)."""
     decoder = policy.get_decoder()
     layers = getattr(decoder, "layers", None)
     modules = list(layers) if isinstance(layers, torch.nn.ModuleList) and len(layers) else [decoder]
-    return [(m, torch.compile(m._call_impl, dynamic=None)) for m in modules]
+    return [(m, torch.compile(m._call_impl, dynamic=None, mode=None if mode is True else mode)) for m in modules]
 
 
 @contextlib.contextmanager
