@@ -248,7 +248,9 @@ def run(
     ] = None,
     compile: Annotated[
         bool | None,
-        typer.Option("--compile/--no-compile", help="torch.compile each decoder layer for training (off by default)."),
+        typer.Option(
+            "--compile/--no-compile", help="torch.compile each decoder layer for training (default: on CUDA only)."
+        ),
     ] = None,
     preset: Annotated[str | None, typer.Option(help="quick (default) or standard.")] = None,
     config: Annotated[Path | None, typer.Option(help="TOML file with the same keys as these options.")] = None,
@@ -313,7 +315,7 @@ def run(
                 lr=_setting(chosen, "lr", float, 1e-4, minimum=0.0),
                 eval_every=_setting(chosen, "eval_every", int, 0, minimum=0),
                 length_buckets=_setting(chosen, "length_buckets", int, 16, minimum=0),
-                compile=_flag(chosen, "compile"),
+                compile=_flag(chosen, "compile", None),
                 device=str(chosen.get("device", "auto")),
             ),
         )
@@ -436,9 +438,9 @@ def _setting(settings: dict[str, object], key: str, kind: type, default: object,
     return number
 
 
-def _flag(settings: dict[str, object], key: str) -> bool:
-    value = settings.get(key, False)
-    if not isinstance(value, bool):
+def _flag(settings: dict[str, object], key: str, default: bool | None = False) -> bool | None:
+    value = settings.get(key, default)
+    if value is not default and not isinstance(value, bool):
         raise CLIError(f"{key} = {value!r}: expected true or false")
     return value
 

@@ -26,7 +26,7 @@ from dpobench.models import SIZES, SFTRecipe, cache_root, load_model, model_fing
 from dpobench.plugins import get_losses
 from dpobench.report import cell_finals, read_tidy
 from dpobench.store import Store
-from dpobench.train import CellResult, Evaluator, TrainConfig, train_cell
+from dpobench.train import CellResult, Evaluator, TrainConfig, resolve_compile, train_cell
 
 __all__ = ["PRESETS", "SweepConfig", "SweepError", "run_sweep"]
 
@@ -150,7 +150,7 @@ def run_sweep(
             "--scenarios noisy/length-biased need the synthetic task's gold labels; drop --data or use clean"
         )
     device = resolve_device(config.train.device)
-    train_config = replace(config.train, device=device)
+    train_config = replace(config.train, device=device, compile=resolve_compile(config.train.compile, device))
     check_writable(out)  # before the slow work: an unwritable --out fails at once
 
     if config.model in SIZES:

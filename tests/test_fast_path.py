@@ -19,7 +19,7 @@ from benchmarks.baseline import full_softmax_logp, plain_dpo_step
 from dpobench.data import Pair, PairSet
 from dpobench.logprobs import collate, pair_rows, reference_logprobs, sequence_logprobs
 from dpobench.models import load_model
-from dpobench.train import TrainConfig, batch_order, train_cell
+from dpobench.train import TrainConfig, batch_order, resolve_compile, train_cell
 
 
 def random_pairs(n: int, vocab: int, seed: int = 0) -> list[Pair]:
@@ -183,6 +183,46 @@ def test_compiled_training_equals_eager_and_leaves_the_model_eager(setup) -> Non
     assert all(layer._compiled_call_impl is None for layer in policy.get_decoder().layers)
     # one graph for the first shape, one dynamic-shape recompile: not one (or eight) per layer
     assert graphs[False] == 0 and 1 <= graphs[True] <= 2, graphs
+
+
+def test_compile_is_on_by_default_for_cuda_only() -> None:
+    assert TrainConfig().compile is None
+    assert [resolve_compile(None, d) for d in ("cpu", "cuda", "cuda:1")] == [False, True, True]
+    assert resolve_compile(True, "cpu") is True and resolve_compile(False, "cuda") is False
+
+
+def _failing_backend(graph, example_inputs):
+    raise RuntimeError("no C compiler found")  # what a broken toolchain looks like to dynamo
+
+
+@pytest.mark.parametrize("requested", [None, True])
+def test_a_failing_compiler_falls_back_to_eager_only_when_compile_was_not_asked_for(setup, monkeypatch, requested):
+    """By default (compile=None, which is on for CUDA) a compiler that fails costs a warning and the cell trains
+    eagerly, to the eager weights; ``compile=True`` asked for it, so the failure is raised."""
+    policy, reference, pad, pairs = setup
+    state = {k: v.clone() for k, v in reference.state_dict().items()}
+    cached = reference_logprobs(reference, pairs, pad, device="cpu")
+    run = lambda compile: train_cell(  # noqa: E731
+        policy, state, dpobench.get_loss("dpo"), PairSet(pairs), cached, pad,
+        TrainConfig(steps=3, batch_size=8, lr=3e-3, compile=compile), seed=1, evaluate=lambda m, s: {"step": s},
+    )  # fmt: skip
+    eager = [r["loss"] for r in run(False).steps]
+    eager_weights = {k: v.clone() for k, v in policy.state_dict().items()}
+    compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile(fn, backend=_failing_backend))
+    monkeypatch.setattr("dpobench.train.resolve_compile", lambda value, device: True)  # as on CUDA
+    torch._dynamo.reset()
+    if requested:
+        with pytest.raises(Exception, match="no C compiler found"):
+            run(requested)
+        torch._dynamo.reset()
+        return
+    with pytest.warns(UserWarning, match="torch.compile failed, training eagerly instead: .*no C compiler found"):
+        result = run(requested)
+    torch._dynamo.reset()
+    assert [r["loss"] for r in result.steps] == eager
+    assert all(torch.equal(v, eager_weights[k]) for k, v in policy.state_dict().items())
+    assert all(layer._compiled_call_impl is None for layer in policy.get_decoder().layers)
 
 
 def test_length_buckets_cut_padding_and_keep_every_batch_whole() -> None:
