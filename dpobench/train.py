@@ -185,7 +185,13 @@ class CellTrainer:
         except Exception as error:
             raise CellStopped("failed", f"step {step}: {_one_line(error)}") from error
         mean_loss = out.losses.mean()
-        if not torch.isfinite(mean_loss):  # recorded as diverged, at this step; the sweep goes on
+        # a loss that is not finite is recorded as diverged, at this step; the sweep goes on. Asking the GPU now
+        # would stall it mid-step, so a fused optimizer is told on the device to skip its update (as under AMP's
+        # GradScaler) and the step is stopped once it has synchronised anyway
+        deferred = bool(self.optimizer.defaults.get("fused"))
+        if deferred:
+            self.optimizer.found_inf = (~torch.isfinite(mean_loss)).float()
+        elif not torch.isfinite(mean_loss):
             raise CellStopped("diverged", f"loss is {mean_loss.item()} at step {step - 1}")
         mean_loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
@@ -194,6 +200,8 @@ class CellTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
+        if deferred and not torch.isfinite(mean_loss):  # the weights were left as they were
+            raise CellStopped("diverged", f"loss is {mean_loss.item()} at step {step - 1}")
         elapsed = time.perf_counter() - start
         self.done = step
         margin = out.chosen_rewards - out.rejected_rewards

@@ -9,6 +9,7 @@ train the same model to the same weights, within float32 rounding.
 from __future__ import annotations
 
 import copy
+import math
 import random
 
 import pytest
@@ -19,7 +20,7 @@ from benchmarks.baseline import full_softmax_logp, plain_dpo_step
 from dpobench.data import Pair, PairSet
 from dpobench.logprobs import collate, pair_rows, reference_logprobs, sequence_logprobs
 from dpobench.models import load_model
-from dpobench.train import TrainConfig, batch_order, resolve_compile, train_cell
+from dpobench.train import CellStopped, CellTrainer, TrainConfig, batch_order, resolve_compile, train_cell
 
 
 def random_pairs(n: int, vocab: int, seed: int = 0) -> list[Pair]:
@@ -223,6 +224,49 @@ def test_a_failing_compiler_falls_back_to_eager_only_when_compile_was_not_asked_
     assert [r["loss"] for r in result.steps] == eager
     assert all(torch.equal(v, eager_weights[k]) for k, v in policy.state_dict().items())
     assert all(layer._compiled_call_impl is None for layer in policy.get_decoder().layers)
+
+
+class NaNFromThirdStep(dpobench.PreferenceLoss):
+    """DPO whose loss turns NaN from its third call on."""
+
+    name = "nan_from_third_step"
+    params = {"beta": dpobench.Param(0.1, "(0, inf)", "β")}
+    calls = 0
+
+    def forward(self, policy, reference, **extras):
+        from dpobench.losses import log_ratios
+
+        self.calls += 1
+        dc, dr = log_ratios(policy, reference)
+        losses = -torch.nn.functional.logsigmoid(self.beta * (dc - dr)) * (math.nan if self.calls >= 3 else 1.0)
+        return dpobench.LossOutput(losses, (self.beta * dc).detach(), (self.beta * dr).detach())
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_diverged_step_leaves_the_weights_as_they_were(setup, fused) -> None:
+    """The loss turns NaN at step 3: the cell stops as diverged there and the weights (and Adam's state) are
+    those after step 2. A fused AdamW (CUDA's) learns of it on the device, without stalling the step; the unfused
+    one by asking before the backward pass."""
+    policy, reference, pad, pairs = setup
+    state = {k: v.clone() for k, v in reference.state_dict().items()}
+    cached = reference_logprobs(reference, pairs, pad, device="cpu")
+    config = TrainConfig(steps=5, batch_size=8, lr=3e-3, warmup_steps=1)
+    trainer = CellTrainer(policy, state, NaNFromThirdStep(), PairSet(pairs), cached, pad, config, seed=1)
+    if fused:  # as on CUDA; the CPU has a fused AdamW too
+        trainer.optimizer = torch.optim.AdamW(policy.parameters(), lr=3e-3, weight_decay=0.0, fused=True)
+        trainer.schedule = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, lambda s: 1.0)
+    trainer.step(), trainer.step()
+    after_two = {k: v.clone() for k, v in policy.state_dict().items()}
+    moments = [trainer.optimizer.state[p]["exp_avg"].clone() for p in policy.parameters()]
+    with pytest.raises(CellStopped, match="loss is nan at step 2") as stop:
+        trainer.step()
+    assert stop.value.status == "diverged"
+    assert all(torch.equal(v, after_two[k]) for k, v in policy.state_dict().items())
+    assert all(
+        torch.equal(trainer.optimizer.state[p]["exp_avg"], m) for p, m in zip(policy.parameters(), moments, strict=True)
+    )
+    assert all(float(trainer.optimizer.state[p]["step"]) == 2 for p in policy.parameters())
+    assert not any(torch.equal(v, state[k]) for k, v in after_two.items() if v.is_floating_point())  # it trained
 
 
 def test_length_buckets_cut_padding_and_keep_every_batch_whole() -> None:
