@@ -150,7 +150,7 @@ def run_sweep(
             "--scenarios noisy/length-biased need the synthetic task's gold labels; drop --data or use clean"
         )
     device = resolve_device(config.train.device)
-    train_config = replace(config.train, device=device, compile=resolve_compile(config.train.compile, device))
+    train_config = replace(config.train, device=device)
     check_writable(out)  # before the slow work: an unwritable --out fails at once
 
     if config.model in SIZES:
@@ -162,6 +162,7 @@ def run_sweep(
     policy = copy.deepcopy(reference)  # the same weights, without reading the files a second time
     reference_state = {k: v.detach().clone() for k, v in reference.state_dict().items()}
     model_hash = model_fingerprint(model_path)
+    compiled = resolve_compile(train_config.compile, device, reference)  # as every cell will train: part of its id
     reference.to(device)
 
     if config.data:
@@ -215,7 +216,7 @@ def run_sweep(
     }
     todo = []
     for spec, loss, beta, seed, scenario in cells:
-        train_json = {k: v for k, v in asdict(train_config).items() if k != "device"}
+        train_json = {**{k: v for k, v in asdict(train_config).items() if k != "device"}, "compile": compiled}
         cell_id = _cell_id(spec.name, loss.hparams, seed, scenario, model_hash, data_hash, train_json, device,
                            config.noise, config.length_bonus)  # fmt: skip
         if store.finished(cell_id):

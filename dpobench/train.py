@@ -40,10 +40,10 @@ class TrainConfig:
     #: this many batches of the seeded order, and the window's batches shuffled. 0: plain random batches.
     length_buckets: int = 16
     #: torch.compile each decoder layer for the training steps (regional: one compiled graph serves every identical
-    #: layer, so compile time does not grow with depth); costs compile time once per process. None: on for CUDA
-    #: (2.2-2.3x the eager step on an H200 at the base size), off for the CPU (it does not pay there at the default
-    #: size); should compilation fail, the cell falls back to eager with a warning. A string is a torch.compile mode
-    #: ("reduce-overhead": CUDA graphs as well), used by the benchmarks
+    #: layer, so compile time does not grow with depth); costs compile time once per process. None: on for CUDA and
+    #: models of a million parameters or more (see ``resolve_compile``), off otherwise; should compilation then
+    #: fail, the cell falls back to eager with a warning. A string is a torch.compile mode ("reduce-overhead": CUDA
+    #: graphs as well), used by the benchmarks
     compile: bool | str | None = None
 
     @property
@@ -130,7 +130,7 @@ class CellTrainer:
         self.weights = torch.tensor([p.weight for p in train.pairs], dtype=torch.float32)
         self.needs_logsumsq = "logsumsq" in loss.inputs
         self.auto_compile = config.compile is None
-        mode = resolve_compile(config.compile, device)
+        mode = resolve_compile(config.compile, device, policy)
         self.compiled = _compiled_layers(policy, mode, self.auto_compile) if mode else []
         # compile="reduce-overhead" (benchmarks only, for now): the compiled layers also run as CUDA graphs
         self.cudagraphs = config.compile == "reduce-overhead" and device.startswith("cuda")
@@ -215,9 +215,18 @@ class CellTrainer:
         }  # fmt: skip
 
 
-def resolve_compile(compile: bool | str | None, device: str) -> bool | str:
-    """``TrainConfig.compile`` made definite: None (the default) is on for CUDA and off for the CPU."""
-    return device.startswith("cuda") if compile is None else compile
+#: the smallest model that TrainConfig.compile=None compiles on CUDA. Measured on an H200 (benchmarks/RESULTS.md):
+#: a step of the 2-layer tiny model (0.1 M parameters) gains nothing (1.02x), while the 4-layer small (3.3 M) gains
+#: 1.6x and the 30-layer base (134.5 M) 1.5-2.0x, for about 11 s of compilation once per process
+AUTO_COMPILE_MIN_PARAMETERS = 1_000_000
+
+
+def resolve_compile(compile: bool | str | None, device: str, model: Any) -> bool | str:
+    """``TrainConfig.compile`` made definite for ``model``: None (the default) compiles on CUDA, for models of
+    ``AUTO_COMPILE_MIN_PARAMETERS`` or more; never on the CPU, where it does not pay at the sizes dpobench builds."""
+    if compile is not None:
+        return compile
+    return device.startswith("cuda") and sum(p.numel() for p in model.parameters()) >= AUTO_COMPILE_MIN_PARAMETERS
 
 
 def _compiled_layers(policy: Any, mode: bool | str = True, auto: bool = False) -> list[tuple[Any, Any]]:

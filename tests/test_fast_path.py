@@ -19,7 +19,7 @@ import dpobench
 from benchmarks.baseline import full_softmax_logp, plain_dpo_step
 from dpobench.data import Pair, PairSet
 from dpobench.logprobs import collate, pair_rows, reference_logprobs, sequence_logprobs
-from dpobench.models import load_model
+from dpobench.models import SIZES, load_model
 from dpobench.train import CellStopped, CellTrainer, TrainConfig, batch_order, resolve_compile, train_cell
 
 
@@ -186,10 +186,16 @@ def test_compiled_training_equals_eager_and_leaves_the_model_eager(setup) -> Non
     assert graphs[False] == 0 and 1 <= graphs[True] <= 2, graphs
 
 
-def test_compile_is_on_by_default_for_cuda_only() -> None:
+def test_compile_is_on_by_default_for_cuda_and_models_of_a_million_parameters(setup) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tiny = setup[0]
+    small = LlamaForCausalLM(LlamaConfig(vocab_size=512, **SIZES["small"]))
+    assert sum(p.numel() for p in tiny.parameters()) < 1e6 <= sum(p.numel() for p in small.parameters())
     assert TrainConfig().compile is None
-    assert [resolve_compile(None, d) for d in ("cpu", "cuda", "cuda:1")] == [False, True, True]
-    assert resolve_compile(True, "cpu") is True and resolve_compile(False, "cuda") is False
+    assert [resolve_compile(None, d, small) for d in ("cpu", "cuda", "cuda:1")] == [False, True, True]
+    assert resolve_compile(None, "cuda", tiny) is False  # measured: no gain at this size
+    assert resolve_compile(True, "cpu", tiny) is True and resolve_compile(False, "cuda", small) is False
 
 
 def _failing_backend(graph, example_inputs):
@@ -211,7 +217,7 @@ def test_a_failing_compiler_falls_back_to_eager_only_when_compile_was_not_asked_
     eager_weights = {k: v.clone() for k, v in policy.state_dict().items()}
     compile = torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile(fn, backend=_failing_backend))
-    monkeypatch.setattr("dpobench.train.resolve_compile", lambda value, device: True)  # as on CUDA
+    monkeypatch.setattr("dpobench.train.resolve_compile", lambda value, device, model: True)  # as on CUDA
     torch._dynamo.reset()
     if requested:
         with pytest.raises(Exception, match="no C compiler found"):
