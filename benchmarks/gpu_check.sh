@@ -5,9 +5,10 @@
 #   bash benchmarks/gpu_check.sh --fetch-wheels      # here, once: TRL 1.16 and what the GPU image lacks, into .whl/
 #   bash benchmarks/gpu_check.sh                     # there, with .whl carried; the table also goes to $OUT
 #
-# First one table (dpobench, plain, TRL at 8 and 32 pairs per step; each row also printed as soon as it is measured)
-# and a profile of 3 dpobench steps at 8 pairs (within 210 s); then dpobench --compile beside plain, with a profile
-# (within 180 s); then torch.compile's CUDA graphs (mode="reduce-overhead") beside plain (within 140 s). Under 9 minutes.
+# Per batch size (8, then 32 pairs per step, each in its own process): one table of dpobench as `dpobench run`
+# trains by default (compiled on CUDA), plain, TRL, dpobench --no-compile and dpobench --compile --synced (the host
+# asked mid-step whether the loss is finite, as before 2026-11-27); at 32 pairs a profile of 2 default steps. Then
+# torch.compile's CUDA graphs beside plain at each size. About 6 minutes on an H200.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "${1:-}" = "--fetch-wheels" ]; then
@@ -23,10 +24,13 @@ export PYTHONPATH="$site" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 python3 -c "import torch, transformers, trl; print('torch', torch.__version__, 'transformers', transformers.__version__, 'trl', trl.__version__)"
 out="${OUT:-/tmp}"
-timeout 210 python3 benchmarks/step_speed.py --profile 3 "$@" 2>&1 | tee "$out/gpu_check.txt" \
-    || echo "the table did not finish within 210 s"
-# compilation after the table and bounded, so that a slow compile cannot cost the table above
-timeout 180 python3 benchmarks/step_speed.py --compile --only "dpobench --compile,plain" --profile 2 "$@" 2>&1 \
-    | tee "$out/gpu_check_compile.txt" || echo "the --compile run did not finish within 180 s"
-timeout 140 python3 benchmarks/step_speed.py --cudagraphs --only "dpobench --cudagraphs,plain" "$@" 2>&1 \
-    | tee "$out/gpu_check_cudagraphs.txt" || echo "the CUDA-graphs run did not finish within 140 s"
+# each batch size in its own process, so that torch.compile specialises to its shape (fixed-length data)
+for pairs in 8 32; do
+    profile=$([ "$pairs" = 32 ] && echo "--profile 2" || true)
+    timeout 200 python3 benchmarks/step_speed.py --pairs "$pairs" --synced $profile "$@" 2>&1 \
+        | tee "$out/gpu_check_$pairs.txt" || echo "the $pairs-pair table did not finish within 200 s"
+done
+for pairs in 8 32; do  # torch.compile's CUDA graphs (mode="reduce-overhead"): not a dpobench default yet
+    timeout 100 python3 benchmarks/step_speed.py --cudagraphs --only "dpobench --cudagraphs,plain" --pairs "$pairs" \
+        "$@" 2>&1 | tee "$out/gpu_check_cudagraphs_$pairs.txt" || echo "CUDA graphs at $pairs pairs: past 100 s"
+done

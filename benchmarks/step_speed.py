@@ -66,8 +66,11 @@ def measure(args: argparse.Namespace, batch: int, data, peak_tflops: float) -> l
     tokens_per_pair = statistics.fmean(2 * len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs)
     completions_per_pair = statistics.fmean(len(p.chosen) + len(p.rejected) for p in pairs)
     implementations = ["dpobench", "plain"] + (["trl"] if trl_available() and not args.no_trl else [])
-    implementations += ["dpobench --compile"] if args.compile else []  # last: compilation may take the longest
+    # "dpobench" is the default (compiled on CUDA for models of 1 M parameters or more); beside it, the other setting
+    implementations += ["dpobench --no-compile"] if args.device.startswith("cuda") else []
+    implementations += ["dpobench --compile"] if args.compile else []
     implementations += ["dpobench --cudagraphs"] if args.cudagraphs else []
+    implementations += ["dpobench --compile --synced"] if args.synced else []
     if args.only:
         implementations = [name for name in implementations if name in args.only.split(",")]
     rows = []
@@ -80,11 +83,15 @@ def measure(args: argparse.Namespace, batch: int, data, peak_tflops: float) -> l
         head = model.get_output_embeddings().weight.numel()
         if args.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
-        compile = {"dpobench --compile": True, "dpobench --cudagraphs": "reduce-overhead"}.get(name, False)
+        compile = {"dpobench --compile": True, "dpobench --compile --synced": True, "dpobench --no-compile": False,
+                   "dpobench --cudagraphs": "reduce-overhead"}.get(name)  # fmt: skip
         step = make_step(name.split()[0], model, pairs, batch, args.device, pad, compile=compile)
+        if name.endswith("--synced"):  # the loss's finiteness asked of the host mid-step, as before 2026-11-27
+            step.trainer.defer_finite_check = False
         try:
             warm = time.perf_counter()
-            times = time_steps(step, args.steps, 5 if compile else 2, args.device)
+            may_compile = name.startswith("dpobench") and compile is not False
+            times = time_steps(step, args.steps, 5 if may_compile else 2, args.device)
             warm = time.perf_counter() - warm - sum(times)  # the warm-up steps: compilation, where there is one
         finally:
             if hasattr(step, "close"):
@@ -122,6 +129,8 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also time dpobench with torch.compile")
     parser.add_argument("--cudagraphs", action="store_true",
                         help='also time dpobench with torch.compile(mode="reduce-overhead"): CUDA graphs')  # fmt: skip
+    parser.add_argument("--synced", action="store_true",
+                        help="also time dpobench --compile with the host asked mid-step whether the loss is finite")  # fmt: skip
     parser.add_argument("--no-trl", action="store_true", help="leave TRL out even where it is importable")
     parser.add_argument("--only", default="", help="comma-separated implementations to time (plain is the baseline)")
     parser.add_argument(
@@ -129,7 +138,8 @@ def main() -> None:
         type=int,
         default=0,
         metavar="STEPS",
-        help="after the table, profile this many dpobench steps (with --compile: compiled) at the first --pairs value",
+        help="after the table, profile this many dpobench steps (default settings; with --compile: compiled) at the "
+        "first --pairs value",
     )
     args = parser.parse_args()
     peak = bf16_matmul_tflops(args.device)
@@ -167,8 +177,8 @@ def profile(args: argparse.Namespace, batch: int, data) -> None:
 
     pairs, vocab, pad = data
     step = make_step("dpobench", build_model(args.size, vocab, "cpu"), pairs, batch, args.device, pad,
-                     compile=args.compile)  # fmt: skip
-    for _ in range(5 if args.compile else 3):
+                     compile=True if args.compile else None)  # fmt: skip
+    for _ in range(5):
         step()
     cuda = args.device.startswith("cuda")
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])

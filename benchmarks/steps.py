@@ -2,7 +2,8 @@
 
 - ``DpobenchStep``: ``dpobench.train.CellTrainer.step`` itself, the step every cell of a sweep runs: reference
   log-probs cached before training (their values do not change a step's cost: zeros stand in), the fused
-  completion-only LM head, length-bucketed batches, fused AdamW and bf16 autocast on CUDA.
+  completion-only LM head, length-bucketed batches, fused AdamW and bf16 autocast on CUDA; by default (``compile=None``)
+  torch.compile'd on CUDA for models of 1 M parameters or more, as ``dpobench run`` does.
 - ``PlainStep``: ``baseline.plain_dpo_step`` (reference forward every step, full float32 log-softmax, default
   AdamW) on random batches, padded the same way.
 - TRL's ``DPOTrainer``: see ``trl_step.py`` (used only where ``trl`` is importable).
@@ -62,7 +63,7 @@ def sync(device: str) -> None:
 
 class DpobenchStep:
     def __init__(self, model: Any, pairs: list[Pair], batch: int, device: str, pad_id: int = 0,
-                 compile: bool | str = False, variant: str = "dpo", steps: int = 10_000) -> None:  # fmt: skip
+                 compile: bool | str | None = None, variant: str = "dpo", steps: int = 10_000) -> None:  # fmt: skip
         state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         reference = (torch.zeros(len(pairs)), torch.zeros(len(pairs)))
         config = TrainConfig(steps=steps, batch_size=batch, lr=1e-6, device=device, compile=compile)
@@ -93,7 +94,7 @@ class PlainStep:
 
 
 def make_step(implementation: str, model: Any, pairs: list[Pair], batch: int, device: str, pad_id: int = 0,
-              compile: bool | str = False) -> Any:  # fmt: skip
+              compile: bool | str | None = None) -> Any:  # fmt: skip
     """The step callable of ``implementation`` (dpobench, plain or trl), training ``model``."""
     if implementation == "dpobench":
         return DpobenchStep(model, pairs, batch, device, pad_id, compile=compile)
