@@ -220,7 +220,7 @@ class CellTrainer:
 
 #: the smallest model that TrainConfig.compile=None compiles on CUDA. Measured on an H200 (benchmarks/RESULTS.md):
 #: a step of the 2-layer tiny model (0.1 M parameters) gains nothing (1.02x), while the 4-layer small (3.3 M) gains
-#: 1.6x and the 30-layer base (134.5 M) 1.5-2.0x, for about 11 s of compilation once per process
+#: 1.6x and the 30-layer base (134.5 M) 1.5-1.75x, for about 11 s of compilation once per process
 AUTO_COMPILE_MIN_PARAMETERS = 1_000_000
 
 
