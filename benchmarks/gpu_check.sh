@@ -8,7 +8,8 @@
 # Per batch size (8, then 32 pairs per step, each in its own process): one table of dpobench as `dpobench run`
 # trains by default (compiled on CUDA), plain, TRL, dpobench --no-compile and dpobench --compile --synced (the host
 # asked mid-step whether the loss is finite, as before 2026-11-27); at 32 pairs a profile of 2 default steps. Then
-# torch.compile's CUDA graphs beside plain at each size. About 6 minutes on an H200.
+# torch.compile's CUDA graphs beside plain at each size. Last, on pairs of varying length at 32 pairs per step, the
+# default, --no-compile and CUDA graphs beside plain. About 8 minutes on an H200.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "${1:-}" = "--fetch-wheels" ]; then
@@ -34,3 +35,8 @@ for pairs in 8 32; do  # torch.compile's CUDA graphs (mode="reduce-overhead"): n
     timeout 100 python3 benchmarks/step_speed.py --cudagraphs --only "dpobench --cudagraphs,plain" --pairs "$pairs" \
         "$@" 2>&1 | tee "$out/gpu_check_cudagraphs_$pairs.txt" || echo "CUDA graphs at $pairs pairs: past 100 s"
 done
+# varying lengths (half to all of 256 + 127 tokens): the compiled default meets dynamic shapes; CUDA graphs round
+# each batch's width up to a multiple of 16, and record graphs for each width
+timeout 170 python3 benchmarks/step_speed.py --data varied --pairs 32 --steps 40 --cudagraphs --no-trl \
+    --only "dpobench,plain,dpobench --no-compile,dpobench --cudagraphs" "$@" 2>&1 | tee "$out/gpu_check_varied.txt" \
+    || echo "the varied-length table did not finish within 170 s"

@@ -6,8 +6,10 @@ after the other in one process on the same model, data and batch size.
     python benchmarks/step_speed.py --size tiny --device cpu --data task --pairs 32 --steps 40
 
 ``--data fixed`` (the default): random-token pairs of ``--prompt`` + ``--completion`` tokens (256 + 127: ~766 tokens
-per pair, as in the issue's table), so nothing is padded. ``--data task``: the synthetic task's own pairs (varying
-lengths; dpobench length-buckets them, the plain loop pads random batches). The steps are those of ``steps.py``.
+per pair, as in the issue's table), so nothing is padded. ``--data varied``: random tokens of varying length (half
+to all of ``--prompt`` and of ``--completion``), so batches differ in width. ``--data task``: the synthetic task's own
+pairs (varying lengths). With varying lengths dpobench length-buckets its batches and the plain loop pads random ones.
+The steps are those of ``steps.py``.
 MFU is issue #5's: 6 × parameters FLOPs per trained token (+2 × parameters per token for a reference forward done
 inside the step: the plain loop and TRL) over the card's bf16 matrix rate measured here (8192³ products). Tokens are the
 real (unpadded) tokens of the pairs trained on. That count credits every implementation with the LM head at every
@@ -28,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.steps import build_model, fixed_pairs, make_step, sync, task_pairs
+from benchmarks.steps import build_model, fixed_pairs, make_step, sync, task_pairs, varied_pairs
 from benchmarks.trl_step import trl_available
 from dpobench.models import SIZES
 
@@ -119,7 +121,7 @@ def measure(args: argparse.Namespace, batch: int, data, peak_tflops: float) -> l
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="base", choices=list(SIZES))
-    parser.add_argument("--data", default="fixed", choices=["fixed", "task"])
+    parser.add_argument("--data", default="fixed", choices=["fixed", "varied", "task"])
     parser.add_argument("--vocab", type=int, default=49152, help="vocabulary of --data fixed")
     parser.add_argument("--pairs", default="8,32")
     parser.add_argument("--steps", type=int, default=10)
@@ -150,7 +152,8 @@ def main() -> None:
     if args.data == "task":
         data = task_pairs()
     else:
-        data = (fixed_pairs(max(batches) * (args.steps + 8), args.prompt, args.completion, args.vocab), args.vocab, 0)
+        make = fixed_pairs if args.data == "fixed" else varied_pairs
+        data = (make(max(batches) * (args.steps + 8), args.prompt, args.completion, args.vocab), args.vocab, 0)
     rows = []
     for batch in batches:
         rows += measure(args, batch, data, peak)

@@ -44,6 +44,15 @@ def fixed_pairs(n: int, prompt: int, completion: int, vocab: int, seed: int = 0)
     return [Pair(rand(prompt), rand(completion), rand(completion)) for _ in range(n)]
 
 
+def varied_pairs(n: int, prompt: int, completion: int, vocab: int, seed: int = 0) -> list[Pair]:
+    """Random-token pairs of varying length: prompts of prompt/2 to prompt tokens, each completion of completion/2 to
+    completion tokens, so batches vary in width and carry padding, as real data does."""
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda k: tuple(torch.randint(1, vocab, (k,), generator=g).tolist())  # noqa: E731
+    length = lambda k: int(torch.randint(k // 2, k + 1, (), generator=g))  # noqa: E731
+    return [Pair(rand(length(prompt)), rand(length(completion)), rand(length(completion))) for _ in range(n)]
+
+
 def task_pairs() -> tuple[list[Pair], int, int]:
     """The synthetic task's training pairs (the default run's: 1980 pairs, varying lengths), vocab size, pad id.
 

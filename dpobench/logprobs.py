@@ -42,12 +42,13 @@ class Batch:
         return self.input_ids.shape[0]
 
 
-def collate(rows: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int) -> Batch:
-    """(prompt, completion) rows, right-padded into one batch."""
+def collate(rows: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int, multiple: int = 1) -> Batch:
+    """(prompt, completion) rows, right-padded into one batch, its width rounded up to a ``multiple`` (which bounds
+    the number of distinct shapes, for CUDA graphs)."""
     prompt = torch.tensor([len(p) for p, _ in rows])
     completion = torch.tensor([len(c) for _, c in rows])
     total = prompt + completion
-    width = int(total.max())
+    width = -(-int(total.max()) // multiple) * multiple
     ids = torch.tensor([[*p, *c, *([pad_id] * (width - len(p) - len(c)))] for p, c in rows], dtype=torch.long)
     position = torch.arange(width)
     attention = (position[None, :] < total[:, None]).long()

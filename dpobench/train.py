@@ -134,6 +134,7 @@ class CellTrainer:
         self.compiled = _compiled_layers(policy, mode, self.auto_compile) if mode else []
         # compile="reduce-overhead" (benchmarks only, for now): the compiled layers also run as CUDA graphs
         self.cudagraphs = config.compile == "reduce-overhead" and device.startswith("cuda")
+        self.pad_multiple = 16 if self.cudagraphs else 1  # each batch width records its own graphs: keep them few
         lengths = [p.length for p in train.pairs]
         self.order = batch_order(
             len(train.pairs), config.steps, config.batch_size, seed, lengths, config.length_buckets
@@ -168,7 +169,7 @@ class CellTrainer:
         start = time.perf_counter()
         index = self.order[self.done % len(self.order)] if index is None else index
         pairs = [self.pairs[i] for i in index.tolist()]
-        batch = collate(pair_rows(pairs), self.pad_id).to(device)
+        batch = collate(pair_rows(pairs), self.pad_id, self.pad_multiple).to(device)
         b = len(pairs)
         if self.cudagraphs:
             torch.compiler.cudagraph_mark_step_begin()

@@ -50,6 +50,17 @@ def test_padding_does_not_change_a_row(model) -> None:
     torch.testing.assert_close(alone, padded, rtol=1e-5, atol=1e-5)
 
 
+def test_a_width_rounded_up_to_a_multiple_changes_no_log_prob(model) -> None:
+    """``collate(..., multiple=16)`` (CUDA graphs' bounded shapes) pads to width 16; the sums are the reference's."""
+    batch = collate(ROWS, 0, multiple=16)
+    assert batch.input_ids.shape == (3, 16) and batch.target_mask.shape == (3, 15)
+    assert batch.attention_mask.sum(1).tolist() == [6, 7, 6] and batch.target_mask.sum(1).tolist() == [3, 5, 1]
+    with torch.no_grad():
+        sums, _ = sequence_logprobs(model, batch)
+    torch.testing.assert_close(sums, reference_computation(model, ROWS)[0], rtol=1e-5, atol=1e-5)
+    assert collate(ROWS, 0, multiple=1).input_ids.shape == (3, 7)
+
+
 def test_gradient_flows_to_the_model(model) -> None:
     sums, _ = sequence_logprobs(model, collate(ROWS, 0))
     sums.sum().backward()
