@@ -19,8 +19,12 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dpobench.store import Store
 
+KEY = ["variant", "params", "beta", "seed", "scenario"]  # one cell of a sweep
+
 
 def summary(folder: Path) -> pd.DataFrame:
+    if not (folder / "results.sqlite").is_file():
+        raise SystemExit(f"{folder}: no results.sqlite here; give the --out folder of a `dpobench run`")
     store = Store(folder / "results.sqlite")
     try:
         cells = store.frame("cells")
@@ -32,8 +36,9 @@ def summary(folder: Path) -> pd.DataFrame:
     cells["compile"] = [json.loads(c).get("compile") for c in cells["config"]]  # as resolved for the device
     timing = steps.groupby("cell_id")["step_time_ms"].agg(train_s=lambda s: s.sum() / 1e3, median_step_ms="median")
     last = evaluations.sort_values("step").groupby("cell_id").last()[["gold_reward", "kl_to_reference"]]
-    table = cells.set_index("cell_id")[["variant", "compile", "status", "seconds"]].join(timing).join(last)
-    return table.rename(columns={"seconds": "cell_s", "kl_to_reference": "kl"}).set_index("variant").sort_index()
+    cells = cells.sort_values("finished").drop_duplicates(KEY, keep="last")  # a store rerun with other settings
+    table = cells.set_index("cell_id")[[*KEY, "compile", "status", "seconds"]].join(timing).join(last)
+    return table.rename(columns={"seconds": "cell_s", "kl_to_reference": "kl"}).set_index(KEY).sort_index()
 
 
 def main() -> None:

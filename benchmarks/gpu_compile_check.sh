@@ -13,6 +13,7 @@ export PYTHONPATH="$site" PYTHONUNBUFFERED=1
 out="${OUT:-/tmp}"
 variants="${VARIANTS:-dpo,ipo,simpo,orpo,robust_dpo,discopop}"
 for mode in --no-compile --compile; do  # eager first: it also pays for building the SFT model and the task data
+    rm -rf "/tmp/run$mode"
     start=$(date +%s)
     timeout 170 python3 -m dpobench run --device cuda --model "${MODEL:-tiny}" --variants "$variants" --no-report \
         "$mode" --out "/tmp/run$mode" \

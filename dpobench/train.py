@@ -130,7 +130,7 @@ class CellTrainer:
         self.weights = torch.tensor([p.weight for p in train.pairs], dtype=torch.float32)
         self.needs_logsumsq = "logsumsq" in loss.inputs
         self.auto_compile = config.compile is None
-        mode = resolve_compile(config.compile, device, policy)
+        mode = resolve_compile(config.compile, device, policy) and not (self.auto_compile and _COMPILE_FAILED)
         self.compiled = _compiled_layers(policy, mode, self.auto_compile) if mode else []
         # compile="reduce-overhead" (benchmarks only, for now): the compiled layers also run as CUDA graphs
         self.cudagraphs = config.compile == "reduce-overhead" and device.startswith("cuda")
@@ -149,7 +149,8 @@ class CellTrainer:
     def step(self, index: torch.Tensor | None = None) -> dict[str, float]:
         """One optimizer step on the pairs ``index`` (default: the next batch of the order); its metrics.
 
-        Raises ``CellStopped`` when the loss fails or is not finite; the weights are then left as they were."""
+        Raises ``CellStopped`` when the loss fails or is not finite; the weights and the optimizer's moments are then
+        left as they were (with a fused optimizer the learning-rate schedule has advanced: the cell ends there)."""
         if not (self.compiled and self.auto_compile):
             return self._step(index)
         try:
@@ -159,10 +160,13 @@ class CellTrainer:
         except Exception as error:  # compiled by default, not by request: a compiler that fails falls back to eager
             if not _is_compile_error(error):
                 raise
-            warnings.warn(f"torch.compile failed, training eagerly instead: {_one_line(error)}", stacklevel=2)
-            self.optimizer.zero_grad(set_to_none=True)  # the failed step never reached the optimizer
-            self.compiled = []
-            return self._step(index)
+            message = _one_line(error)
+        # out of the except block, so that the failed attempt's tensors (held by the traceback) are freed first
+        warnings.warn(f"torch.compile failed, training eagerly instead (for this process): {message}", stacklevel=2)
+        _COMPILE_FAILED.append(message)
+        self.optimizer.zero_grad(set_to_none=True)  # the failed step never reached the optimizer
+        self.compiled = []
+        return self._step(index)
 
     def _step(self, index: torch.Tensor | None) -> dict[str, float]:
         config, device, policy = self.config, self.config.device, self.policy
@@ -193,9 +197,8 @@ class CellTrainer:
         # would stall it mid-step, so a fused optimizer is told on the device to skip its update (as under AMP's
         # GradScaler) and the step is stopped once it has synchronised anyway
         deferred = self.defer_finite_check and bool(self.optimizer.defaults.get("fused"))
-        if deferred:
-            self.optimizer.found_inf = (~torch.isfinite(mean_loss)).float()
-        elif not torch.isfinite(mean_loss):
+        self.optimizer.found_inf = (~torch.isfinite(mean_loss)).float() if deferred else None
+        if not deferred and not torch.isfinite(mean_loss):
             raise CellStopped("diverged", f"loss is {mean_loss.item()} at step {step - 1}")
         mean_loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
@@ -225,38 +228,50 @@ class CellTrainer:
 AUTO_COMPILE_MIN_PARAMETERS = 1_000_000
 
 
+#: messages of compile failures in this process: after one, compile=None stops trying (each try costs a compile)
+_COMPILE_FAILED: list[str] = []
+
+
 def resolve_compile(compile: bool | str | None, device: str, model: Any) -> bool | str:
     """``TrainConfig.compile`` made definite for ``model``: None (the default) compiles on CUDA, for models of
-    ``AUTO_COMPILE_MIN_PARAMETERS`` or more; never on the CPU, where it does not pay at the sizes dpobench builds."""
+    ``AUTO_COMPILE_MIN_PARAMETERS`` or more whose decoder has a list of ``layers``; never on the CPU, where it does
+    not pay at the sizes dpobench builds."""
     if compile is not None:
         return compile
-    return device.startswith("cuda") and sum(p.numel() for p in model.parameters()) >= AUTO_COMPILE_MIN_PARAMETERS
+    return (
+        device.startswith("cuda")
+        and _decoder_layers(model) is not None
+        and sum(p.numel() for p in model.parameters()) >= AUTO_COMPILE_MIN_PARAMETERS
+    )
+
+
+def _decoder_layers(model: Any) -> list[Any] | None:
+    layers = getattr(model.get_decoder(), "layers", None)
+    return list(layers) if isinstance(layers, torch.nn.ModuleList) and len(layers) else None
 
 
 def _compiled_layers(policy: Any, mode: bool | str = True, auto: bool = False) -> list[tuple[Any, Any]]:
     """(layer, compiled call) for each decoder layer; the whole decoder where it has no ``layers`` list (not by
     default, ``auto``: a whole deep decoder can take minutes to compile). ``mode``: True, or a ``torch.compile``
     mode such as "reduce-overhead" (CUDA graphs)."""
-    decoder = policy.get_decoder()
-    layers = getattr(decoder, "layers", None)
-    if auto and not (isinstance(layers, torch.nn.ModuleList) and len(layers)):
-        return []
-    modules = list(layers) if isinstance(layers, torch.nn.ModuleList) and len(layers) else [decoder]
+    modules = _decoder_layers(policy)
+    if modules is None:
+        modules = [] if auto else [policy.get_decoder()]
     return [(m, torch.compile(m._call_impl, dynamic=None, mode=None if mode is True else mode)) for m in modules]
 
 
 def _is_compile_error(error: BaseException) -> bool:
-    """Whether ``error`` came from torch.compile (dynamo, inductor or the compiled code's toolchain)."""
-    import torch._dynamo.exc as dynamo_exc
-
-    if isinstance(error, (dynamo_exc.BackendCompilerFailed, dynamo_exc.TorchDynamoException)):
-        return True
-    trace = error.__traceback__
-    while trace is not None:
-        path = trace.tb_frame.f_code.co_filename.replace("\\", "/")
-        if "/torch/_dynamo/" in path or "/torch/_inductor/" in path:
+    """Whether ``error`` (or what caused it) is torch.compile's own: an exception type of dynamo, inductor or Triton.
+    Errors of the compiled code's running (out of memory, a bad index) are not, though they pass through it."""
+    seen: set[int] = set()
+    cause: BaseException | None = error
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, torch.OutOfMemoryError):
+            return False
+        if type(cause).__module__.startswith(("torch._dynamo", "torch._inductor", "triton")):
             return True
-        trace = trace.tb_next
+        cause = cause.__cause__ or cause.__context__
     return False
 
 

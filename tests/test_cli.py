@@ -116,7 +116,8 @@ def test_landscape_writes_a_tidy_csv(tmp_path: Path) -> None:
 
 def test_run_from_a_toml_config(tmp_path: Path, untrained_model: Path) -> None:
     config = tmp_path / "sweep.toml"
-    config.write_text(f'variants = ["dpo", "simpo"]\nbetas = [0.1, 0.5]\nsteps = 2\nmodel = "{untrained_model}"\n')
+    settings = f'variants = ["dpo", "simpo"]\nbetas = [0.1, 0.5]\nsteps = 2\nmodel = "{untrained_model}"\n'
+    config.write_text(settings + "compile = false\n")
     result = invoke("run", "--config", str(config), "--out", str(tmp_path / "out"))
     assert result.exit_code == 0, result.stdout + result.stderr
     summary = pd.read_csv(tmp_path / "out" / "summary.csv")
@@ -125,7 +126,9 @@ def test_run_from_a_toml_config(tmp_path: Path, untrained_model: Path) -> None:
     assert (summary.status == "done").all()
     first_words = {line.split()[0] for line in result.stdout.splitlines() if line.strip()}
     assert {"dpo", "simpo", "(reference)"} <= first_words  # the terminal summary
-    # The command line overrides the file: one more β, the finished cells are not run again.
+    # The command line overrides the file: one more β, the finished cells are not run again. Without the compile key
+    # the default applies, which is off on the CPU: the same cells (stores made before compile=None still resume).
+    config.write_text(settings)
     again = invoke("run", "--config", str(config), "--betas", "0.1,0.5,1.0", "--out", str(tmp_path / "out"))
     assert again.exit_code == 0
     assert "6 cells, 4 already in the store, 2 to run" in " ".join(again.stderr.split())

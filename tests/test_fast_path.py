@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import math
 import random
+import warnings
 
 import pytest
 import torch
@@ -196,6 +197,11 @@ def test_compile_is_on_by_default_for_cuda_and_models_of_a_million_parameters(se
     assert [resolve_compile(None, d, small) for d in ("cpu", "cuda", "cuda:1")] == [False, True, True]
     assert resolve_compile(None, "cuda", tiny) is False  # measured: no gain at this size
     assert resolve_compile(True, "cpu", tiny) is True and resolve_compile(False, "cuda", small) is False
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=4096, n_embd=128, n_layer=4, n_head=4))  # layers in `h`, not `layers`
+    assert sum(p.numel() for p in gpt2.parameters()) >= 1e6
+    assert resolve_compile(None, "cuda", gpt2) is False  # by default only a decoder whose layers it can compile
 
 
 def _failing_backend(graph, example_inputs):
@@ -215,21 +221,59 @@ def test_a_failing_compiler_falls_back_to_eager_only_when_compile_was_not_asked_
     )  # fmt: skip
     eager = [r["loss"] for r in run(False).steps]
     eager_weights = {k: v.clone() for k, v in policy.state_dict().items()}
-    compile = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile(fn, backend=_failing_backend))
+    compile, calls = torch.compile, []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: calls.append(fn) or compile(fn, backend=_failing_backend))
     monkeypatch.setattr("dpobench.train.resolve_compile", lambda value, device, model: True)  # as on CUDA
+    monkeypatch.setattr("dpobench.train._COMPILE_FAILED", [])
     torch._dynamo.reset()
     if requested:
         with pytest.raises(Exception, match="no C compiler found"):
             run(requested)
         torch._dynamo.reset()
         return
-    with pytest.warns(UserWarning, match="torch.compile failed, training eagerly instead: .*no C compiler found"):
+    with pytest.warns(UserWarning, match="torch.compile failed, training eagerly instead.*: .*no C compiler found"):
         result = run(requested)
-    torch._dynamo.reset()
     assert [r["loss"] for r in result.steps] == eager
     assert all(torch.equal(v, eager_weights[k]) for k, v in policy.state_dict().items())
     assert all(layer._compiled_call_impl is None for layer in policy.get_decoder().layers)
+    assert len(calls) == len(policy.get_decoder().layers)
+    # the next cell of the process does not try again: no compile, no warning, the same eager training
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert [r["loss"] for r in run(requested).steps] == eager
+    assert len(calls) == len(policy.get_decoder().layers)
+    torch._dynamo.reset()
+
+
+def test_only_torch_compiles_own_errors_count_as_compile_errors() -> None:
+    """Errors raised while compiled code runs (out of memory, a bad index) are not the compiler's: no fallback."""
+    import torch._dynamo.exc as dynamo_exc
+    import torch._inductor.exc as inductor_exc
+
+    from dpobench.train import _is_compile_error
+
+    def chained(outer: Exception, inner: Exception) -> Exception:
+        try:
+            try:
+                raise inner
+            except Exception as error:
+                raise outer from error
+        except Exception as error:
+            return error
+
+    torch._dynamo.reset()
+    with pytest.raises(Exception) as failed:  # a real compile failure, as dynamo reports it
+        torch.compile(lambda x: x * 2 + 1, backend=_failing_backend)(torch.ones(3))
+    torch._dynamo.reset()
+    assert isinstance(failed.value, dynamo_exc.BackendCompilerFailed) and _is_compile_error(failed.value)
+    assert _is_compile_error(inductor_exc.InvalidCxxCompiler())
+    assert _is_compile_error(chained(RuntimeError("while compiling"), inductor_exc.InvalidCxxCompiler()))
+    assert not _is_compile_error(torch.OutOfMemoryError("CUDA out of memory"))
+    with pytest.raises(IndexError) as running:  # raised by compiled code as it runs, through dynamo's frames
+        torch.compile(lambda x: x[torch.tensor(7)], backend="eager")(torch.ones(3))
+    torch._dynamo.reset()
+    assert not _is_compile_error(running.value)
+    assert not _is_compile_error(chained(RuntimeError("step"), torch.OutOfMemoryError("CUDA out of memory")))
 
 
 class NaNFromThirdStep(dpobench.PreferenceLoss):
