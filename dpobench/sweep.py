@@ -163,6 +163,8 @@ def run_sweep(
     reference_state = {k: v.detach().clone() for k, v in reference.state_dict().items()}
     model_hash = model_fingerprint(model_path)
     compiled = resolve_compile(train_config.compile, device, reference)  # as every cell will train: part of its id
+    if compiled:
+        progress("training steps compile once per process (torch.compile; --no-compile: eager)")
     reference.to(device)
 
     if config.data:
