@@ -26,10 +26,10 @@ def peak_mb() -> float:
 def one(args: argparse.Namespace) -> None:
     import torch
 
-    from benchmarks.steps import build_model, fixed_pairs, make_step
+    from benchmarks.steps import build_model, make_step, random_pairs
 
     torch.manual_seed(0)
-    pairs = fixed_pairs(args.pairs * 4, args.prompt, args.completion, args.vocab)
+    pairs = random_pairs(args.pairs * 4, args.prompt, args.completion, args.vocab)
     name = args.one.split()[0]
     model = build_model(args.size, args.vocab, "cpu")
     step = make_step(name, model, pairs, args.pairs, "cpu", compile=args.one.endswith("--compile"))

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.steps import build_model, fixed_pairs, make_step, sync, task_pairs, varied_pairs
+from benchmarks.steps import build_model, make_step, random_pairs, sync, task_pairs
 from benchmarks.trl_step import trl_available
 from dpobench.models import SIZES
 
@@ -152,8 +152,9 @@ def main() -> None:
     if args.data == "task":
         data = task_pairs()
     else:
-        make = fixed_pairs if args.data == "fixed" else varied_pairs
-        data = (make(max(batches) * (args.steps + 8), args.prompt, args.completion, args.vocab), args.vocab, 0)
+        n = max(batches) * (args.steps + 8)
+        pairs = random_pairs(n, args.prompt, args.completion, args.vocab, varied=args.data == "varied")
+        data = (pairs, args.vocab, 0)
     rows = []
     for batch in batches:
         rows += measure(args, batch, data, peak)

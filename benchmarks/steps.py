@@ -37,19 +37,13 @@ def build_model(size: str, vocab: int, device: str = "cpu", seed: int = 0) -> An
     return LlamaForCausalLM(config).to(device)
 
 
-def fixed_pairs(n: int, prompt: int, completion: int, vocab: int, seed: int = 0) -> list[Pair]:
-    """Random-token pairs of one length (no padding anywhere): the issue's 256 + 127-token GPU workload."""
+def random_pairs(n: int, prompt: int, completion: int, vocab: int, seed: int = 0, varied: bool = False) -> list[Pair]:
+    """Random-token pairs of ``prompt`` + ``completion`` tokens, so nothing is padded (the issue's 256 + 127-token GPU
+    workload); ``varied``: prompts of prompt/2 to prompt tokens and each completion of completion/2 to completion
+    tokens, so batches vary in width and carry padding, as real data does."""
     g = torch.Generator().manual_seed(seed)
     rand = lambda k: tuple(torch.randint(1, vocab, (k,), generator=g).tolist())  # noqa: E731
-    return [Pair(rand(prompt), rand(completion), rand(completion)) for _ in range(n)]
-
-
-def varied_pairs(n: int, prompt: int, completion: int, vocab: int, seed: int = 0) -> list[Pair]:
-    """Random-token pairs of varying length: prompts of prompt/2 to prompt tokens, each completion of completion/2 to
-    completion tokens, so batches vary in width and carry padding, as real data does."""
-    g = torch.Generator().manual_seed(seed)
-    rand = lambda k: tuple(torch.randint(1, vocab, (k,), generator=g).tolist())  # noqa: E731
-    length = lambda k: int(torch.randint(k // 2, k + 1, (), generator=g))  # noqa: E731
+    length = (lambda k: int(torch.randint(k // 2, k + 1, (), generator=g))) if varied else (lambda k: k)
     return [Pair(rand(length(prompt)), rand(length(completion)), rand(length(completion))) for _ in range(n)]
 
 

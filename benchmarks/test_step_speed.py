@@ -17,7 +17,7 @@ import torch
 
 import dpobench
 
-from .steps import DpobenchStep, build_model, fixed_pairs, make_step, task_pairs
+from .steps import DpobenchStep, build_model, make_step, random_pairs, task_pairs
 from .trl_step import trl_available
 
 IMPLEMENTATIONS = ["dpobench", "plain", "trl"]
@@ -41,7 +41,7 @@ def test_step(benchmark, task, implementation: str, size: str, device: str, batc
         torch.cuda.reset_peak_memory_stats()
     if size == "base":
         vocab, pad = 49152, 0
-        pairs = fixed_pairs(batch * 16, 256, 127, vocab)
+        pairs = random_pairs(batch * 16, 256, 127, vocab)
     else:
         pairs, vocab, pad = task
     model = build_model(size, vocab, "cpu")

@@ -315,7 +315,7 @@ def run(
                 lr=_setting(chosen, "lr", float, 1e-4, minimum=0.0),
                 eval_every=_setting(chosen, "eval_every", int, 0, minimum=0),
                 length_buckets=_setting(chosen, "length_buckets", int, 16, minimum=0),
-                compile=_flag(chosen, "compile", None),
+                compile=_flag(chosen, "compile"),
                 device=str(chosen.get("device", "auto")),
             ),
         )
@@ -438,9 +438,10 @@ def _setting(settings: dict[str, object], key: str, kind: type, default: object,
     return number
 
 
-def _flag(settings: dict[str, object], key: str, default: bool | None = False) -> bool | None:
-    value = settings.get(key, default)
-    if value is not default and not isinstance(value, bool):
+def _flag(settings: dict[str, object], key: str) -> bool | None:
+    """A true/false setting; None where it is not given (the default applies)."""
+    value = settings.get(key)
+    if value is not None and not isinstance(value, bool):
         raise CLIError(f"{key} = {value!r}: expected true or false")
     return value
 

@@ -151,14 +151,10 @@ class CellTrainer:
 
         Raises ``CellStopped`` when the loss fails or is not finite; the weights and the optimizer's moments are then
         left as they were (with a fused optimizer the learning-rate schedule has advanced: the cell ends there)."""
-        if not (self.compiled and self.auto_compile):
-            return self._step(index)
         try:
             return self._step(index)
-        except CellStopped:
-            raise
         except Exception as error:  # compiled by default, not by request: a compiler that fails falls back to eager
-            if not _is_compile_error(error):
+            if isinstance(error, CellStopped) or not (self.compiled and self.auto_compile and _is_compile_error(error)):
                 raise
             message = _one_line(error)
         # out of the except block, so that the failed attempt's tensors (held by the traceback) are freed first
@@ -198,8 +194,8 @@ class CellTrainer:
         # GradScaler) and the step is stopped once it has synchronised anyway
         deferred = self.defer_finite_check and bool(self.optimizer.defaults.get("fused"))
         self.optimizer.found_inf = (~torch.isfinite(mean_loss)).float() if deferred else None
-        if not deferred and not torch.isfinite(mean_loss):
-            raise CellStopped("diverged", f"loss is {mean_loss.item()} at step {step - 1}")
+        if not deferred:
+            _stop_unless_finite(mean_loss, step)
         mean_loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
         self.optimizer.step()
@@ -207,8 +203,8 @@ class CellTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
-        if deferred and not torch.isfinite(mean_loss):  # the weights were left as they were
-            raise CellStopped("diverged", f"loss is {mean_loss.item()} at step {step - 1}")
+        if deferred:  # the weights were left as they were
+            _stop_unless_finite(mean_loss, step)
         elapsed = time.perf_counter() - start
         self.done = step
         margin = out.chosen_rewards - out.rejected_rewards
@@ -220,6 +216,11 @@ class CellTrainer:
             "step_time_ms": elapsed * 1e3, "pairs_per_s": b / elapsed,
             "tokens_per_s": float(batch.attention_mask.sum()) / elapsed, "peak_memory_mb": peak_memory_mb(device),
         }  # fmt: skip
+
+
+def _stop_unless_finite(mean_loss: torch.Tensor, step: int) -> None:
+    if not torch.isfinite(mean_loss):  # recorded as diverged, at this step; the sweep goes on
+        raise CellStopped("diverged", f"loss is {mean_loss.item()} at step {step - 1}")
 
 
 #: the smallest model that TrainConfig.compile=None compiles on CUDA. Measured on an H200 (benchmarks/RESULTS.md):

@@ -37,11 +37,18 @@ def setup(untrained_model):
     return policy, copy.deepcopy(policy).eval(), tokenizer.pad_token_id, random_pairs(96, len(tokenizer))
 
 
-def test_fast_training_equals_the_plain_loop(setup) -> None:
+@pytest.fixture(scope="module")
+def start(setup):
+    """The reference's weights (every cell starts from them) and its cached log-probs of the pairs."""
+    _, reference, pad, pairs = setup
+    state = {k: v.clone() for k, v in reference.state_dict().items()}
+    return state, reference_logprobs(reference, pairs, pad, device="cpu")
+
+
+def test_fast_training_equals_the_plain_loop(setup, start) -> None:
     policy, reference, pad, pairs = setup
     config = TrainConfig(steps=8, batch_size=8, lr=3e-3, warmup_steps=2)
-    state = {k: v.clone() for k, v in reference.state_dict().items()}
-    cached = reference_logprobs(reference, pairs, pad, device="cpu")
+    state, cached = start
     fast = train_cell(policy, state, dpobench.get_loss("dpo"), PairSet(pairs), cached, pad, config, seed=3,
                       evaluate=lambda m, s: {"step": s})  # fmt: skip
     assert fast.status == "done"
@@ -209,12 +216,13 @@ def _failing_backend(graph, example_inputs):
 
 
 @pytest.mark.parametrize("requested", [None, True])
-def test_a_failing_compiler_falls_back_to_eager_only_when_compile_was_not_asked_for(setup, monkeypatch, requested):
+def test_a_failing_compiler_falls_back_to_eager_only_when_compile_was_not_asked_for(
+    setup, start, monkeypatch, requested
+):
     """By default (compile=None, which is on for CUDA) a compiler that fails costs a warning and the cell trains
     eagerly, to the eager weights; ``compile=True`` asked for it, so the failure is raised."""
-    policy, reference, pad, pairs = setup
-    state = {k: v.clone() for k, v in reference.state_dict().items()}
-    cached = reference_logprobs(reference, pairs, pad, device="cpu")
+    policy, _, pad, pairs = setup
+    state, cached = start
     run = lambda compile: train_cell(  # noqa: E731
         policy, state, dpobench.get_loss("dpo"), PairSet(pairs), cached, pad,
         TrainConfig(steps=3, batch_size=8, lr=3e-3, compile=compile), seed=1, evaluate=lambda m, s: {"step": s},
@@ -293,13 +301,12 @@ class NaNFromThirdStep(dpobench.PreferenceLoss):
 
 
 @pytest.mark.parametrize("fused", [False, True])
-def test_a_diverged_step_leaves_the_weights_as_they_were(setup, fused) -> None:
+def test_a_diverged_step_leaves_the_weights_as_they_were(setup, start, fused) -> None:
     """The loss turns NaN at step 3: the cell stops as diverged there and the weights (and Adam's state) are
     those after step 2. A fused AdamW (CUDA's) learns of it on the device, without stalling the step; the unfused
     one by asking before the backward pass."""
-    policy, reference, pad, pairs = setup
-    state = {k: v.clone() for k, v in reference.state_dict().items()}
-    cached = reference_logprobs(reference, pairs, pad, device="cpu")
+    policy, _, pad, pairs = setup
+    state, cached = start
     config = TrainConfig(steps=5, batch_size=8, lr=3e-3, warmup_steps=1)
     trainer = CellTrainer(policy, state, NaNFromThirdStep(), PairSet(pairs), cached, pad, config, seed=1)
     if fused:  # as on CUDA; the CPU has a fused AdamW too
