@@ -5,11 +5,12 @@
 #   bash benchmarks/gpu_check.sh --fetch-wheels      # here, once: TRL 1.16 and what the GPU image lacks, into .whl/
 #   bash benchmarks/gpu_check.sh                     # there, with .whl carried; the table also goes to $OUT
 #
-# Per batch size (8, then 32 pairs per step, each in its own process): one table of dpobench as `dpobench run`
-# trains by default (compiled on CUDA), plain, TRL, dpobench --no-compile and dpobench --compile --synced (the host
-# asked mid-step whether the loss is finite, as before 2026-11-27); at 32 pairs a profile of 2 default steps. Then
-# torch.compile's CUDA graphs beside plain at each size. Last, on pairs of varying length at 32 pairs per step, the
-# default, --no-compile and CUDA graphs beside plain. About 8 minutes on an H200.
+# In order, most wanted first (a session can end early): an interleaved A/B of the step's syncs at 32 pairs
+# (step_ab.py: the default step, the old mid-step finiteness check, the old attention mask, both); then per batch
+# size (32, then 8 pairs per step, each in its own process) one table of dpobench as `dpobench run` trains by
+# default (compiled on CUDA), plain, TRL and dpobench --no-compile, with a profile of 2 default steps at 32 pairs;
+# then torch.compile's CUDA graphs beside plain at each size; last, on pairs of varying length at 32 pairs per step,
+# the default, --no-compile and CUDA graphs beside plain. About 9 minutes on an H200.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "${1:-}" = "--fetch-wheels" ]; then
@@ -25,18 +26,21 @@ export PYTHONPATH="$site" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 python3 -c "import torch, transformers, trl; print('torch', torch.__version__, 'transformers', transformers.__version__, 'trl', trl.__version__)"
 out="${OUT:-/tmp}"
+timeout 120 python3 benchmarks/step_ab.py --size base --data fixed --pairs 32 --rounds 10 \
+    --rows "default,synced,attention mask,as before" 2>&1 | tee "$out/gpu_check_ab.txt" \
+    || echo "the A/B did not finish within 120 s"
 # each batch size in its own process, so that torch.compile specialises to its shape (fixed-length data)
-for pairs in 8 32; do
+for pairs in 32 8; do
     profile=$([ "$pairs" = 32 ] && echo "--profile 2" || true)
-    timeout 200 python3 benchmarks/step_speed.py --pairs "$pairs" --synced $profile "$@" 2>&1 \
+    timeout 200 python3 benchmarks/step_speed.py --pairs "$pairs" $profile "$@" 2>&1 \
         | tee "$out/gpu_check_$pairs.txt" || echo "the $pairs-pair table did not finish within 200 s"
 done
-for pairs in 8 32; do  # torch.compile's CUDA graphs (mode="reduce-overhead"): not a dpobench default yet
+for pairs in 32 8; do  # torch.compile's CUDA graphs (mode="reduce-overhead"): not a dpobench default yet
     timeout 100 python3 benchmarks/step_speed.py --cudagraphs --only "dpobench --cudagraphs,plain" --pairs "$pairs" \
         "$@" 2>&1 | tee "$out/gpu_check_cudagraphs_$pairs.txt" || echo "CUDA graphs at $pairs pairs: past 100 s"
 done
 # varying lengths (half to all of 256 + 127 tokens): the compiled default meets dynamic shapes; CUDA graphs round
 # each batch's width up to a multiple of 16, and record graphs for each width
-timeout 170 python3 benchmarks/step_speed.py --data varied --pairs 32 --steps 40 --cudagraphs --no-trl \
+timeout 150 python3 benchmarks/step_speed.py --data varied --pairs 32 --steps 30 --cudagraphs --no-trl \
     --only "dpobench,plain,dpobench --no-compile,dpobench --cudagraphs" "$@" 2>&1 | tee "$out/gpu_check_varied.txt" \
-    || echo "the varied-length table did not finish within 170 s"
+    || echo "the varied-length table did not finish within 150 s"

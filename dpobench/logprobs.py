@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -24,18 +24,18 @@ __all__ = ["Batch", "collate", "reference_logprobs", "sequence_logprobs"]
 
 @dataclass
 class Batch:
-    input_ids: Tensor  # (N, T), rows = [chosen_1..B, rejected_1..B] for pairs
-    attention_mask: Tensor  # (N, T)
+    input_ids: Tensor  # (N, T), rows = [chosen_1..B, rejected_1..B] for pairs, right-padded
+    attention_mask: Tensor  # (N, T): 1 for real tokens (causal attention needs no mask on right-padded rows)
     target_mask: Tensor  # (N, T−1) bool: position t predicts a completion token at t+1
     tokens: Tensor  # (N,) completion tokens per row
+    # the completion positions as indices, made on the CPU by ``collate``, so that selecting them on a GPU needs no
+    # count from the device (boolean indexing would stall the host until the forward pass had run)
+    positions: Tensor  # (K,) index into the flattened (N·T) positions: row·T + t for each target_mask[row, t]
+    targets: Tensor  # (K,) the completion token each of them predicts
+    rows: Tensor  # (K,) the row each belongs to
 
     def to(self, device: str | torch.device) -> Batch:
-        return Batch(
-            *(
-                t.to(device, non_blocking=True)
-                for t in (self.input_ids, self.attention_mask, self.target_mask, self.tokens)
-            )
-        )
+        return Batch(*(getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)))
 
     @property
     def size(self) -> int:
@@ -55,7 +55,8 @@ def collate(rows: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int, mu
     # position t predicts token t + 1: completion targets are the positions len(p) − 1 … len(p) + len(c) − 2
     before = position[None, : width - 1]
     target = (before >= prompt[:, None] - 1) & (before < total[:, None] - 1)
-    return Batch(ids, attention, target, completion.float())
+    row, column = target.nonzero(as_tuple=True)
+    return Batch(ids, attention, target, completion.float(), row * width + column, ids[row, column + 1], row)
 
 
 def pair_rows(pairs: Sequence[Pair]) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
@@ -142,30 +143,31 @@ def sequence_logprobs(
 
     The LM head is applied only at completion positions, ``chunk_tokens`` at a time (by default as many as fit
     ``LOGITS_BUDGET``), through a fused head whose backward recomputes logits chunk by chunk."""
-    targets = batch.input_ids[:, 1:][batch.target_mask]
-    rows = torch.nonzero(batch.target_mask, as_tuple=True)[0]
     head = model.get_output_embeddings()
     if _head_only_path(model) and getattr(head, "bias", None) is None:
-        hidden = model.get_decoder()(  # no KV cache: it would cost memory and give each layer its own compile guard
-            input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
-        ).last_hidden_state
-        selected = hidden[:, :-1][batch.target_mask]
+        # no attention mask: rows are right-padded, so causal attention keeps every real token from seeing a pad,
+        # and without one SDPA runs its causal kernel (flash attention where it has one), builds no (N, T, T) mask
+        # and reads nothing back from the device. No KV cache: it would cost memory and give each layer its own
+        # compile guard
+        hidden = model.get_decoder()(input_ids=batch.input_ids, use_cache=False).last_hidden_state
+        selected = hidden.flatten(0, 1).index_select(0, batch.positions)
         chunk = chunk_tokens or max(1, LOGITS_BUDGET // head.weight.shape[0])
         token_logp, token_lss = _HeadLogprobs.apply(
-            selected, head.weight, targets, chunk, _compute_dtype(selected), logsumsq
+            selected, head.weight, batch.targets, chunk, _compute_dtype(selected), logsumsq
         )  # fmt: skip
     else:  # models that transform their logits (or have a head bias): take them whole
         logits = (
-            model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-            .logits[:, :-1][batch.target_mask]
+            model(input_ids=batch.input_ids, use_cache=False)  # right-padded: no mask needed, as above
+            .logits.flatten(0, 1)
+            .index_select(0, batch.positions)
             .float()
         )
-        token_logp = -F.cross_entropy(logits, targets, reduction="none")
+        token_logp = -F.cross_entropy(logits, batch.targets, reduction="none")
         with torch.no_grad():
             token_lss = torch.logsumexp(2 * logits, -1) - 2 * torch.logsumexp(logits, -1) if logsumsq else None
     zeros = torch.zeros(batch.size, dtype=torch.float32, device=token_logp.device)
-    sums = zeros.index_add(0, rows, token_logp)
-    lss = zeros.index_add(0, rows, token_lss) if logsumsq else None
+    sums = zeros.index_add(0, batch.rows, token_logp)
+    lss = zeros.index_add(0, batch.rows, token_lss) if logsumsq else None
     return sums, lss
 
 

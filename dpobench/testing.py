@@ -105,6 +105,8 @@ def check_loss(target: str | LossSpec | type[PreferenceLoss] | PreferenceLoss, *
             continue  # the loss cannot be called on an ordinary batch: the first failure says why
         try:
             result = check(build, cls)
+        except _BackwardError as err:
+            result = CheckResult(title, False, f"the loss's backward pass raised {_one_line(err.__cause__)}")
         except Exception as err:
             result = CheckResult(title, False, f"calling the loss raised {_one_line(err)}")
         report.results.append(result)
@@ -183,6 +185,17 @@ def _check_batch_of_one(build: Callable[[], PreferenceLoss], cls: type) -> Check
     return CheckResult("batch of one", problem is None, problem or "")
 
 
+class _BackwardError(Exception):
+    """The loss's backward pass raised (its ``__cause__``): told apart from the forward call's errors."""
+
+
+def _backward(loss: torch.Tensor) -> None:
+    try:
+        loss.backward()
+    except Exception as err:
+        raise _BackwardError from err
+
+
 def _check_gradients(build: Callable[[], PreferenceLoss], cls: type) -> CheckResult:
     name = "gradients reach the policy, not the reference"
     policy, reference, weights = make_batch(8, seed=2)
@@ -190,7 +203,7 @@ def _check_gradients(build: Callable[[], PreferenceLoss], cls: type) -> CheckRes
     out = _run(build(), policy, reference, weights)
     if not out.losses.requires_grad:
         return CheckResult(name, False, "losses carry no gradient: do not detach the policy log-probs")
-    out.losses.mean().backward()
+    _backward(out.losses.mean())
     grads = [g for g in (policy.chosen.grad, policy.rejected.grad) if g is not None]
     if not grads or all(float(g.abs().sum()) == 0 for g in grads):
         return CheckResult(name, False, "the policy log-probs get a zero gradient: the loss does not train the policy")
@@ -227,7 +240,7 @@ def _check_extreme_inputs(build: Callable[[], PreferenceLoss], cls: type) -> Che
         problem = _finite_problem(out, what)
         if problem:
             return CheckResult(name, False, problem + "; clamp before exp() and use logsigmoid, not log(sigmoid)")
-        out.losses.float().mean().backward()
+        _backward(out.losses.float().mean())
         for g in (policy.chosen.grad, policy.rejected.grad):
             if g is not None and not torch.isfinite(g.float()).all():
                 return CheckResult(name, False, f"the policy gradient is NaN or inf for {what}")

@@ -11,10 +11,12 @@ from __future__ import annotations
 import copy
 import math
 import random
+import traceback
 import warnings
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import dpobench
 from benchmarks.baseline import full_softmax_logp, plain_dpo_step
@@ -303,14 +305,15 @@ class NaNFromThirdStep(dpobench.PreferenceLoss):
 @pytest.mark.parametrize("fused", [False, True])
 def test_a_diverged_step_leaves_the_weights_as_they_were(setup, start, fused) -> None:
     """The loss turns NaN at step 3: the cell stops as diverged there and the weights (and Adam's state) are
-    those after step 2. A fused AdamW (CUDA's) learns of it on the device, without stalling the step; the unfused
+    those after step 2. The trainer's fused AdamW learns of it on the device, without stalling the step; an unfused
     one by asking before the backward pass."""
     policy, _, pad, pairs = setup
     state, cached = start
     config = TrainConfig(steps=5, batch_size=8, lr=3e-3, warmup_steps=1)
     trainer = CellTrainer(policy, state, NaNFromThirdStep(), PairSet(pairs), cached, pad, config, seed=1)
-    if fused:  # as on CUDA; the CPU has a fused AdamW too
-        trainer.optimizer = torch.optim.AdamW(policy.parameters(), lr=3e-3, weight_decay=0.0, fused=True)
+    assert trainer.optimizer.defaults["fused"]  # the trainer's own, on the CPU as on CUDA
+    if not fused:
+        trainer.optimizer = torch.optim.AdamW(policy.parameters(), lr=3e-3, weight_decay=0.0, fused=False)
         trainer.schedule = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, lambda s: 1.0)
     trainer.step(), trainer.step()
     after_two = {k: v.clone() for k, v in policy.state_dict().items()}
@@ -324,6 +327,49 @@ def test_a_diverged_step_leaves_the_weights_as_they_were(setup, start, fused) ->
     )
     assert all(float(trainer.optimizer.state[p]["step"]) == 2 for p in policy.parameters())
     assert not any(torch.equal(v, state[k]) for k, v in after_two.items() if v.is_floating_point())  # it trained
+
+
+class DeviceReads(TorchDispatchMode):
+    """Records the operators that would make the host wait for a GPU: reading a value (``.item()``, a Python bool)
+    or a data-dependent shape (``nonzero``, boolean indexing). Those under ``collate`` (host tensors, before the
+    batch is copied over) and under transformers' ``create_causal_mask`` (its check for packed sequences, at the
+    start of the forward pass, when only the batch's copies are queued) are left out."""
+
+    READS = {"aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.is_nonzero", "aten.equal"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func.overloadpacket)
+        boolean_index = name in ("aten.index", "aten.index_put") and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or ())
+        )  # fmt: skip
+        if name in self.READS or boolean_index:
+            frames = {f.name for f in traceback.extract_stack()}
+            if not frames & {"collate", "create_causal_mask"}:
+                self.reads.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_training_step_reads_nothing_from_the_device_before_its_end(setup, start) -> None:
+    """Nothing in a step waits for the device: the completion positions are indices made on the host, the per-pair
+    inputs are gathered on the device, and the finiteness check goes to the fused optimizer as ``found_inf``. Its
+    metrics come back in one readback at the end (``tolist``, which these operators do not see). The control: the
+    old check before the backward pass (``defer_finite_check=False``) is one read, and it is seen."""
+    policy, _, pad, pairs = setup
+    state, cached = start
+    config = TrainConfig(steps=4, batch_size=8, lr=3e-3, warmup_steps=1)
+    trainer = CellTrainer(policy, state, dpobench.get_loss("wpo"), PairSet(pairs), cached, pad, config, seed=2)
+    trainer.step()  # wpo: the per-token statistics path too
+    with DeviceReads() as reads:
+        record = trainer.step()
+    assert reads.reads == [] and math.isfinite(record["loss"]) and record["step"] == 2
+    trainer.defer_finite_check = False
+    with DeviceReads() as reads:
+        trainer.step()
+    assert reads.reads == ["aten._local_scalar_dense"]
 
 
 def test_length_buckets_cut_padding_and_keep_every_batch_whole() -> None:

@@ -140,6 +140,12 @@ def test_good_plugins_still_load_beside_broken_ones() -> None:
         ),
         ("nan_loss", "shapes and finite values", "losses has 8 non-finite value(s) (NaN or inf) for ordinary inputs"),
         ("wrong_shape", "shapes and finite values", "losses has shape () for a batch of 8 pairs; expected (8,)"),
+        (
+            "backward_raises",
+            "gradients reach the policy, not the reference",
+            "the loss's backward pass raised RuntimeError: one of the variables needed for gradient computation has "
+            "been modified by an inplace operation",
+        ),
     ],
 )
 def test_broken_losses_fail_the_contract_in_words(variant: str, check: str, message: str) -> None:

@@ -43,7 +43,7 @@ def test_broken_plugins_fail_their_cells_and_the_sweep_goes_on(tmp_path: Path, u
     out = tmp_path / "out"
     result = dpobench_run(
         "--plugins-dir", str(BROKEN_PLUGINS), "run", "--model", str(untrained_model), "--steps", "3",
-        "--variants", "dpo,raising_loss,nan_loss,wrong_shape,squared_hinge", "--out", str(out),
+        "--variants", "dpo,raising_loss,nan_loss,wrong_shape,backward_raises,squared_hinge", "--out", str(out),
     )  # fmt: skip
     assert result.returncode == 1, result.stderr  # a failed cell makes the command fail, at the end
     summary = pd.read_csv(out / "summary.csv").set_index("variant")
@@ -54,6 +54,10 @@ def test_broken_plugins_fail_their_cells_and_the_sweep_goes_on(tmp_path: Path, u
     assert summary.loc["nan_loss", "error"] == "loss is nan at step 0"
     assert summary.loc["wrong_shape", "status"] == "failed"
     assert "the loss returned losses of shape () for 32 pairs; expected (32,)" in summary.loc["wrong_shape", "error"]
+    assert summary.loc["backward_raises", "status"] == "failed"  # its backward pass raised: the sweep went on
+    assert summary.loc["backward_raises", "error"].startswith(
+        "step 1: backward: RuntimeError: one of the variables needed for gradient computation has been modified"
+    )
     html = (out / "report.html").read_text()
     assert "Failed and diverged cells" in html and "this loss is broken on purpose" in html
     assert "plugin error: plugin 'misspelled_hook'" in result.stderr  # import-time failures are named too

@@ -1,0 +1,114 @@
+"""A/B of single changes to dpobench's training step, in one process, rounds interleaved (A, B, C, A, B, C, …), so
+that the shared machine's noise falls on every row alike. Each row is ``CellTrainer.step`` with one part switched
+back to what it was before 2026-11-27 (third session); "as before" switches all three back. Two other changes of
+that day cannot be switched back here: completion positions selected by host-built indices rather than a boolean
+mask (a sync on CUDA once the forward pass is queued), and per-pair inputs gathered on the device rather than
+copied over each step (a blocking copy).
+
+    python benchmarks/step_ab.py --size small --data task --pairs 32 --rounds 12      # CPU
+    python benchmarks/step_ab.py --size base --pairs 32 --rounds 10                   # GPU (compiled, as by default)
+
+Rows:
+- ``default``: the step as ``dpobench run`` trains.
+- ``per-tensor AdamW``: torch's AdamW without ``fused`` (the CPU's optimizer before; CUDA's was fused already).
+- ``attention mask``: the decoder gets the batch's attention mask, as before. The rows are right-padded, so causal
+  attention gives real tokens the same result without it; with it, transformers builds an (N, 1, T, T) mask for
+  padded batches, SDPA cannot take its causal kernel, and the mask's checks read values back from the device.
+- ``synced``: the host asks whether the loss is finite before the backward pass (``defer_finite_check=False``).
+- ``as before``: all three.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.steps import DpobenchStep, build_model, random_pairs, sync, task_pairs
+from dpobench.models import SIZES
+
+ROWS = ("default", "per-tensor AdamW", "attention mask", "synced", "as before")
+
+
+def with_attention_mask(model, pad_id: int) -> None:
+    """The decoder of ``model`` is called with the attention mask of its (right-padded) input, as before."""
+    decoder = model.get_decoder()
+    forward = decoder.forward
+
+    def masked(input_ids=None, attention_mask=None, **kwargs):
+        mask = (input_ids != pad_id).long() if attention_mask is None else attention_mask
+        return forward(input_ids=input_ids, attention_mask=mask, **kwargs)
+
+    decoder.forward = masked
+
+
+def make_row(row: str, model, pairs, batch: int, device: str, pad_id: int, compile) -> DpobenchStep:
+    step = DpobenchStep(model, pairs, batch, device, pad_id, compile=compile)
+    trainer = step.trainer
+    if row in ("per-tensor AdamW", "as before") and device == "cpu":
+        lr, warmup = trainer.config.lr, trainer.config.warmup_steps
+        trainer.optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, fused=False, foreach=False)
+        trainer.schedule = torch.optim.lr_scheduler.LambdaLR(
+            trainer.optimizer, lambda s: min(1.0, (s + 1) / max(1, warmup))
+        )  # fmt: skip
+    if row in ("attention mask", "as before"):
+        with_attention_mask(model, pad_id)
+    if row in ("synced", "as before"):
+        trainer.defer_finite_check = False
+    return step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", default="small", choices=list(SIZES))
+    parser.add_argument("--data", default="task", choices=["fixed", "varied", "task"])
+    parser.add_argument("--vocab", type=int, default=49152, help="vocabulary of --data fixed or varied")
+    parser.add_argument("--prompt", type=int, default=256)
+    parser.add_argument("--completion", type=int, default=127)
+    parser.add_argument("--pairs", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--rows", default=",".join(ROWS), help="comma-separated rows (default: all)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--compile", choices=["default", "on", "off"], default="default")
+    args = parser.parse_args()
+    compile = {"default": None, "on": True, "off": False}[args.compile]
+    if args.data == "task":
+        pairs, vocab, pad_id = task_pairs()
+    else:
+        vocab, pad_id = args.vocab, 0
+        pairs = random_pairs(max(4096, 64 * args.pairs), args.prompt, args.completion, vocab, varied=args.data == "varied")
+    base = build_model(args.size, vocab)
+    rows = [r for r in args.rows.split(",") if r]
+    unknown = set(rows) - set(ROWS)
+    if unknown:
+        parser.error(f"unknown --rows {sorted(unknown)}: choose from {', '.join(ROWS)}")
+    steps = {r: make_row(r, copy.deepcopy(base), pairs, args.pairs, args.device, pad_id, compile) for r in rows}
+    for step in steps.values():
+        for _ in range(args.warmup):
+            step()
+    times: dict[str, list[float]] = {r: [] for r in rows}
+    for _ in range(args.rounds):
+        for row, step in steps.items():
+            sync(args.device)
+            start = time.perf_counter()
+            step()
+            times[row].append(time.perf_counter() - start)
+    name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
+    print(f"\n{args.size}, {args.data} data, {args.pairs} pairs/step, {args.rounds} interleaved rounds, {name}, "
+          f"torch {torch.__version__}")  # fmt: skip
+    reference = statistics.median(times[rows[-1]])
+    print(f"| row | median step ms | mean step ms | speed × {rows[-1]} |\n|---|---|---|---|")
+    for row in rows:
+        median = statistics.median(times[row])
+        print(f"| {row} | {median * 1e3:.2f} | {statistics.fmean(times[row]) * 1e3:.2f} | {reference / median:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
