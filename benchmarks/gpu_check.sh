@@ -5,12 +5,13 @@
 #   bash benchmarks/gpu_check.sh --fetch-wheels      # here, once: TRL 1.16 and what the GPU image lacks, into .whl/
 #   bash benchmarks/gpu_check.sh                     # there, with .whl carried; the table also goes to $OUT
 #
-# In order, most wanted first (a session can end early): an interleaved A/B of the step's syncs at 32 pairs
-# (step_ab.py: the default step, the old mid-step finiteness check, the old attention mask, both); then per batch
-# size (32, then 8 pairs per step, each in its own process) one table of dpobench as `dpobench run` trains by
-# default (compiled on CUDA), plain, TRL and dpobench --no-compile, with a profile of 2 default steps at 32 pairs;
-# then torch.compile's CUDA graphs beside plain at each size; last, on pairs of varying length at 32 pairs per step,
-# the default, --no-compile and CUDA graphs beside plain. About 9 minutes on an H200.
+# In order, most wanted first (a session can end early): an interleaved A/B at 32 pairs (step_ab.py: the default
+# step; the prompt shared, the CPU's default and not yet CUDA's; the old mid-step finiteness check; the old attention
+# mask; all of the old); then per batch size (32, then 8 pairs per step, each in its own process) one table of
+# dpobench as `dpobench run` trains by default (compiled on CUDA), plain, TRL and dpobench --no-compile, with a
+# profile of 2 default steps at 32 pairs; then torch.compile's CUDA graphs beside plain at each size; last, on pairs
+# of varying length at 32 pairs per step, the default, --no-compile and CUDA graphs beside plain. About 9 minutes
+# on an H200.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "${1:-}" = "--fetch-wheels" ]; then
@@ -27,7 +28,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 python3 -c "import torch, transformers, trl; print('torch', torch.__version__, 'transformers', transformers.__version__, 'trl', trl.__version__)"
 out="${OUT:-/tmp}"
 timeout 120 python3 benchmarks/step_ab.py --size base --data fixed --pairs 32 --rounds 10 \
-    --rows "default,synced,attention mask,as before" 2>&1 | tee "$out/gpu_check_ab.txt" \
+    --rows "default,prompt shared,synced,attention mask,as before" 2>&1 | tee "$out/gpu_check_ab.txt" \
     || echo "the A/B did not finish within 120 s"
 # each batch size in its own process, so that torch.compile specialises to its shape (fixed-length data)
 for pairs in 32 8; do

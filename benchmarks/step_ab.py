@@ -1,6 +1,6 @@
 """A/B of single changes to dpobench's training step, in one process, rounds interleaved (A, B, C, A, B, C, …), so
 that the shared machine's noise falls on every row alike. Each row is ``CellTrainer.step`` with one part switched
-back to what it was before 2026-11-27 (third session); "as before" switches all three back. Two other changes of
+back to what it was before 2026-11-27 (third session); "as before" switches all four back. Two other changes of
 that day cannot be switched back here: completion positions selected by host-built indices rather than a boolean
 mask (a sync on CUDA once the forward pass is queued), and per-pair inputs gathered on the device rather than
 copied over each step (a blocking copy).
@@ -10,12 +10,16 @@ copied over each step (a blocking copy).
 
 Rows:
 - ``default``: the step as ``dpobench run`` trains.
+- ``prompt shared``: each pair as one row, its prompt through the model once (the CPU's default; CUDA's is not yet).
+- ``one row per sequence``: chosen and rejected in rows of their own, the prompt in both (the default before on the
+  CPU, and still on CUDA), instead of one row per pair with its prompt once.
+- ``attention mask``: one row per sequence, and the decoder gets the batch's attention mask, as before. The rows are
+  right-padded, so causal attention gives real tokens the same result without it; with it, transformers builds an
+  (N, 1, T, T) mask for padded batches, SDPA cannot take its causal kernel, and the mask's checks read values back
+  from the device.
 - ``per-tensor AdamW``: torch's AdamW without ``fused`` (the CPU's optimizer before; CUDA's was fused already).
-- ``attention mask``: the decoder gets the batch's attention mask, as before. The rows are right-padded, so causal
-  attention gives real tokens the same result without it; with it, transformers builds an (N, 1, T, T) mask for
-  padded batches, SDPA cannot take its causal kernel, and the mask's checks read values back from the device.
 - ``synced``: the host asks whether the loss is finite before the backward pass (``defer_finite_check=False``).
-- ``as before``: all three.
+- ``as before``: one row per sequence, the attention mask, a per-tensor AdamW (CPU) and the sync.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.steps import DpobenchStep, build_model, random_pairs, sync, task_pairs
 from dpobench.models import SIZES
 
-ROWS = ("default", "per-tensor AdamW", "attention mask", "synced", "as before")
+ROWS = ("default", "prompt shared", "one row per sequence", "attention mask", "per-tensor AdamW", "synced", "as before")
 
 
 def with_attention_mask(model, pad_id: int) -> None:
@@ -57,6 +61,10 @@ def make_row(row: str, model, pairs, batch: int, device: str, pad_id: int, compi
         trainer.schedule = torch.optim.lr_scheduler.LambdaLR(
             trainer.optimizer, lambda s: min(1.0, (s + 1) / max(1, warmup))
         )  # fmt: skip
+    if row == "prompt shared":
+        trainer.share_prompt = True
+    if row in ("one row per sequence", "attention mask", "as before"):
+        trainer.share_prompt = False
     if row in ("attention mask", "as before"):
         with_attention_mask(model, pad_id)
     if row in ("synced", "as before"):
@@ -83,7 +91,9 @@ def main() -> None:
         pairs, vocab, pad_id = task_pairs()
     else:
         vocab, pad_id = args.vocab, 0
-        pairs = random_pairs(max(4096, 64 * args.pairs), args.prompt, args.completion, vocab, varied=args.data == "varied")
+        pairs = random_pairs(
+            max(4096, 64 * args.pairs), args.prompt, args.completion, vocab, varied=args.data == "varied"
+        )
     base = build_model(args.size, vocab)
     rows = [r for r in args.rows.split(",") if r]
     unknown = set(rows) - set(ROWS)

@@ -222,7 +222,7 @@ def landscape_command(
 
 
 _RUN_KEYS = {"variants", "betas", "seeds", "scenarios", "steps", "batch_size", "lr", "model", "data", "device",
-             "eval_every", "preset", "params", "labels", "length_buckets", "compile"}  # fmt: skip
+             "eval_every", "preset", "params", "labels", "length_buckets", "compile", "share_prompt"}  # fmt: skip
 
 
 @app.command("run")
@@ -250,6 +250,13 @@ def run(
         bool | None,
         typer.Option(
             "--compile/--no-compile", help="torch.compile each decoder layer for training (default: on CUDA only)."
+        ),
+    ] = None,
+    share_prompt: Annotated[
+        bool | None,
+        typer.Option(
+            "--share-prompt/--no-share-prompt",
+            help="Each pair as one row, its prompt through the model once (default: on the CPU only).",
         ),
     ] = None,
     preset: Annotated[str | None, typer.Option(help="quick (default) or standard.")] = None,
@@ -281,7 +288,7 @@ def run(
     given = {"variants": variants, "betas": betas, "seeds": seeds, "scenarios": scenarios, "steps": steps,
              "batch_size": batch_size, "lr": lr, "model": model, "data": data, "device": device,
              "eval_every": eval_every, "preset": preset, "labels": labels,
-             "length_buckets": length_buckets, "compile": compile}  # fmt: skip
+             "length_buckets": length_buckets, "compile": compile, "share_prompt": share_prompt}  # fmt: skip
     settings.update({k: v for k, v in given.items() if v is not None})
     preset_name = str(settings.pop("preset", "quick"))
     if preset_name not in PRESETS:
@@ -316,6 +323,7 @@ def run(
                 eval_every=_setting(chosen, "eval_every", int, 0, minimum=0),
                 length_buckets=_setting(chosen, "length_buckets", int, 16, minimum=0),
                 compile=_flag(chosen, "compile"),
+                share_prompt=_flag(chosen, "share_prompt"),
                 device=str(chosen.get("device", "auto")),
             ),
         )

@@ -19,27 +19,38 @@ from torch import Tensor
 from dpobench._util import atomic_path
 from dpobench.data import Pair
 
-__all__ = ["Batch", "collate", "reference_logprobs", "sequence_logprobs"]
+__all__ = ["Batch", "can_share_prompt", "collate", "collate_shared", "reference_logprobs", "sequence_logprobs"]
 
 
 @dataclass
 class Batch:
-    input_ids: Tensor  # (N, T), rows = [chosen_1..B, rejected_1..B] for pairs, right-padded
-    attention_mask: Tensor  # (N, T): 1 for real tokens (causal attention needs no mask on right-padded rows)
-    target_mask: Tensor  # (N, T−1) bool: position t predicts a completion token at t+1
-    tokens: Tensor  # (N,) completion tokens per row
-    # the completion positions as indices, made on the CPU by ``collate``, so that selecting them on a GPU needs no
-    # count from the device (boolean indexing would stall the host until the forward pass had run)
-    positions: Tensor  # (K,) index into the flattened (N·T) positions: row·T + t for each target_mask[row, t]
+    """Sequences to score, right-padded into rows, with their completion positions.
+
+    Two layouts: one row per sequence (``collate``: rows = [chosen_1..B, rejected_1..B] for pairs), or one row per
+    pair with its prompt once (``collate_shared``: prompt, chosen, rejected), where ``position_ids`` restart the
+    rejected completion after the prompt and ``causal_mask`` keeps it from seeing the chosen one."""
+
+    input_ids: Tensor  # (R, T), right-padded
+    attention_mask: Tensor  # (R, T): 1 for real tokens (causal attention needs no mask on right-padded rows)
+    target_mask: Tensor | None  # (R, T−1) bool: position t predicts a completion token at t+1 (one row per sequence)
+    tokens: Tensor  # (N,) completion tokens per sequence
+    # the completion positions as indices, made on the CPU, so that selecting them on a GPU needs no count from the
+    # device (boolean indexing would stall the host until the forward pass had run)
+    positions: Tensor  # (K,) index into the flattened (R·T) positions of each position that predicts a target
     targets: Tensor  # (K,) the completion token each of them predicts
-    rows: Tensor  # (K,) the row each belongs to
+    rows: Tensor  # (K,) the sequence (0 … N−1) each belongs to
+    position_ids: Tensor | None = None  # (R, T): shared-prompt rows only
+    causal_mask: Tensor | None = None  # (R, 1, T, T) bool, True where a query may attend: shared-prompt rows only
 
     def to(self, device: str | torch.device) -> Batch:
-        return Batch(*(getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)))
+        return Batch(*(
+            None if (t := getattr(self, f.name)) is None else t.to(device, non_blocking=True) for f in fields(self)
+        ))  # fmt: skip
 
     @property
     def size(self) -> int:
-        return self.input_ids.shape[0]
+        """Sequences scored (rows of the log-prob sums)."""
+        return self.tokens.shape[0]
 
 
 def collate(rows: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int, multiple: int = 1) -> Batch:
@@ -57,6 +68,43 @@ def collate(rows: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int, mu
     target = (before >= prompt[:, None] - 1) & (before < total[:, None] - 1)
     row, column = target.nonzero(as_tuple=True)
     return Batch(ids, attention, target, completion.float(), row * width + column, ids[row, column + 1], row)
+
+
+def collate_shared(pairs: Sequence[Pair], pad_id: int, multiple: int = 1) -> Batch:
+    """Pairs as one row each, prompt + chosen + rejected, so the prompt goes through the model once, not twice.
+
+    The rejected completion's positions restart where the prompt ends and it attends to the prompt and itself only,
+    so every completion token sees exactly what it sees in its own row of ``collate``: the log-probs are the same,
+    within float rounding. Sequences are numbered as in ``collate(pair_rows(pairs))``: chosen 0 … B−1, rejected
+    B … 2B−1. The prompt's last position predicts both completions' first tokens."""
+    n = len(pairs)
+    p = torch.tensor([len(x.prompt) for x in pairs])[:, None]
+    c = torch.tensor([len(x.chosen) for x in pairs])[:, None]
+    r = torch.tensor([len(x.rejected) for x in pairs])[:, None]
+    width = -(-int((p + c + r).max()) // multiple) * multiple
+    ids = torch.tensor(
+        [[*x.prompt, *x.chosen, *x.rejected, *([pad_id] * (width - len(x.prompt) - len(x.chosen) - len(x.rejected)))]
+         for x in pairs], dtype=torch.long,
+    )  # fmt: skip
+    q = torch.arange(width)[None, :]
+    segment = torch.where(q < p, 0, torch.where(q < p + c, 1, torch.where(q < p + c + r, 2, -1)))  # pad: −1
+    position_ids = torch.where(segment == 2, q - c, torch.where(segment == -1, 0, q))
+    # causal, and a completion sees the prompt and itself; pads (after every real token) see anything before them
+    seen, seer = segment[:, None, :], segment[:, :, None]
+    causal = (q[:, :, None] >= q[:, None, :]) & ((seen == 0) | (seen == seer) | (seer == -1))
+    # chosen: positions p−1 … p+c−2 predict the next token; rejected: p−1 predicts its first token, then p+c … p+c+r−2
+    chosen_at = (q >= p - 1) & (q <= p + c - 2)
+    rejected_next = (q >= p + c) & (q <= p + c + r - 2)
+    row_c, col_c = chosen_at.nonzero(as_tuple=True)
+    row_r, col_r = ((q == p - 1) | rejected_next).nonzero(as_tuple=True)
+    first = col_r == (p - 1)[row_r, 0]
+    next_r = torch.where(first, col_r + c[row_r, 0] + 1, col_r + 1)  # the token each rejected position predicts
+    row, col = torch.cat([row_c, row_r]), torch.cat([col_c, col_r])
+    return Batch(
+        ids, (segment >= 0).long(), None, torch.cat([c[:, 0], r[:, 0]]).float(), row * width + col,
+        torch.cat([ids[row_c, col_c + 1], ids[row_r, next_r]]), torch.cat([row_c, row_r + n]), position_ids,
+        causal[:, None],
+    )  # fmt: skip
 
 
 def pair_rows(pairs: Sequence[Pair]) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
@@ -129,6 +177,22 @@ class _HeadLogprobs(torch.autograd.Function):
         )  # fmt: skip
 
 
+def _layout(batch: Batch) -> dict[str, Tensor]:
+    """The model's arguments for a shared-prompt batch: its positions and mask (none for one row per sequence)."""
+    if batch.causal_mask is None:
+        return {}
+    return {"position_ids": batch.position_ids, "attention_mask": batch.causal_mask}
+
+
+def can_share_prompt(model: Any) -> bool:
+    """Whether ``model`` scores ``collate_shared`` batches as it scores ``collate`` ones: it takes a 4-D boolean mask
+    as given (transformers' SDPA attention) and has no sliding window, which that mask would override."""
+    config = model.config
+    sliding = getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)
+    layered = any("sliding" in str(t) for t in getattr(config, "layer_types", None) or ())
+    return getattr(config, "_attn_implementation", None) == "sdpa" and not sliding and not layered
+
+
 def _compute_dtype(hidden: Tensor) -> torch.dtype:
     kind = hidden.device.type
     if torch.is_autocast_enabled(kind):
@@ -149,7 +213,7 @@ def sequence_logprobs(
         # and without one SDPA runs its causal kernel (flash attention where it has one), builds no (N, T, T) mask
         # and reads nothing back from the device. No KV cache: it would cost memory and give each layer its own
         # compile guard
-        hidden = model.get_decoder()(input_ids=batch.input_ids, use_cache=False).last_hidden_state
+        hidden = model.get_decoder()(input_ids=batch.input_ids, use_cache=False, **_layout(batch)).last_hidden_state
         selected = hidden.flatten(0, 1).index_select(0, batch.positions)
         chunk = chunk_tokens or max(1, LOGITS_BUDGET // head.weight.shape[0])
         token_logp, token_lss = _HeadLogprobs.apply(
@@ -157,7 +221,7 @@ def sequence_logprobs(
         )  # fmt: skip
     else:  # models that transform their logits (or have a head bias): take them whole
         logits = (
-            model(input_ids=batch.input_ids, use_cache=False)  # right-padded: no mask needed, as above
+            model(input_ids=batch.input_ids, use_cache=False, **_layout(batch))  # right-padded: as above
             .logits.flatten(0, 1)
             .index_select(0, batch.positions)
             .float()

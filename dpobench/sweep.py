@@ -26,7 +26,7 @@ from dpobench.models import SIZES, SFTRecipe, cache_root, load_model, model_fing
 from dpobench.plugins import get_losses
 from dpobench.report import cell_finals, read_tidy
 from dpobench.store import Store
-from dpobench.train import CellResult, Evaluator, TrainConfig, resolve_compile, train_cell
+from dpobench.train import CellResult, Evaluator, TrainConfig, resolve_compile, resolve_share_prompt, train_cell
 
 __all__ = ["PRESETS", "SweepConfig", "SweepError", "run_sweep"]
 
@@ -165,6 +165,10 @@ def run_sweep(
     compiled = resolve_compile(train_config.compile, device, reference)  # as every cell will train: part of its id
     if compiled:
         progress("training steps compile once per process (torch.compile; --no-compile: eager)")
+    try:
+        shared = resolve_share_prompt(train_config.share_prompt, device, reference)
+    except ValueError as error:
+        raise SweepError(f"--share-prompt: {error}") from None
     reference.to(device)
 
     if config.data:
@@ -218,9 +222,13 @@ def run_sweep(
     }
     todo = []
     for spec, loss, beta, seed, scenario in cells:
-        train_json = {**{k: v for k, v in asdict(train_config).items() if k != "device"}, "compile": compiled}
+        train_json = {**{k: v for k, v in asdict(train_config).items() if k not in ("device", "share_prompt")},
+                      "compile": compiled}  # fmt: skip
         cell_id = _cell_id(spec.name, loss.hparams, seed, scenario, model_hash, data_hash, train_json, device,
                            config.noise, config.length_bonus)  # fmt: skip
+        # stored with the cell, not part of its id: a batch's layout, whose log-probs equal the other's within
+        # float rounding (tests/test_fast_path.py), so stores made either way resume
+        train_json["share_prompt"] = shared
         if store.finished(cell_id):
             continue
         todo.append((cell_id, spec, loss, beta, seed, scenario, train_json))

@@ -20,7 +20,7 @@ import torch
 
 from dpobench._util import one_line as _one_line
 from dpobench.data import PairSet, TaskData, decode_completion, sample_completions
-from dpobench.logprobs import collate, pair_rows, rows_logprobs, sequence_logprobs
+from dpobench.logprobs import can_share_prompt, collate, collate_shared, pair_rows, rows_logprobs, sequence_logprobs
 from dpobench.losses import LogProbs, PreferenceLoss, call_loss
 from dpobench.task import gold_reward, is_grammatical
 
@@ -45,6 +45,10 @@ class TrainConfig:
     #: fail, the cell falls back to eager with a warning. A string is a torch.compile mode ("reduce-overhead": CUDA
     #: graphs as well), used by the benchmarks
     compile: bool | str | None = None
+    #: each pair as one row, its prompt through the model once (``collate_shared``): the same log-probs within float
+    #: rounding, fewer tokens. None: on for the CPU (where it was measured to pay) when the model allows it (see
+    #: ``resolve_share_prompt``), off on CUDA until measured there
+    share_prompt: bool | None = None
 
     @property
     def autocast(self) -> bool:
@@ -137,6 +141,7 @@ class CellTrainer:
         # compile="reduce-overhead" (benchmarks only, for now): the compiled layers also run as CUDA graphs
         self.cudagraphs = config.compile == "reduce-overhead" and device.startswith("cuda")
         self.pad_multiple = 16 if self.cudagraphs else 1  # each batch width records its own graphs: keep them few
+        self.share_prompt = resolve_share_prompt(config.share_prompt, device, policy)
         lengths = [p.length for p in train.pairs]
         self.order = batch_order(
             len(train.pairs), config.steps, config.batch_size, seed, lengths, config.length_buckets
@@ -173,7 +178,10 @@ class CellTrainer:
         start = time.perf_counter()
         index = self.order[self.done % len(self.order)] if index is None else index
         pairs = [self.pairs[i] for i in index.tolist()]
-        batch = collate(pair_rows(pairs), self.pad_id, self.pad_multiple).to(device)
+        if self.share_prompt:
+            batch = collate_shared(pairs, self.pad_id, self.pad_multiple).to(device)
+        else:
+            batch = collate(pair_rows(pairs), self.pad_id, self.pad_multiple).to(device)
         on_device = index.to(device, non_blocking=True)
         b = len(pairs)
         if self.cudagraphs:
@@ -215,10 +223,11 @@ class CellTrainer:
         self.schedule.step()
         self.optimizer.zero_grad(set_to_none=True)
         margin = (out.chosen_rewards - out.rejected_rewards).detach()
+        # the step's one readback: it waits for the optimizer's update, queued before it
         metrics = torch.stack([
             mean_loss.detach(), (margin > 0).float().mean(), margin.mean(), out.chosen_rewards.detach().mean(),
             out.rejected_rewards.detach().mean(), sums[:b].detach().mean(), sums[b:].detach().mean(), grad_norm,
-        ]).float().tolist()  # the step's one readback: it waits for the optimizer's update, queued before it
+        ]).float().tolist()  # fmt: skip
         elapsed = time.perf_counter() - start
         if deferred:  # the weights were left as they were
             _stop_unless_finite(metrics[0], step)
@@ -259,6 +268,20 @@ def resolve_compile(compile: bool | str | None, device: str, model: Any) -> bool
         and _decoder_layers(model) is not None
         and sum(p.numel() for p in model.parameters()) >= AUTO_COMPILE_MIN_PARAMETERS
     )
+
+
+def resolve_share_prompt(share: bool | None, device: str, model: Any) -> bool:
+    """``TrainConfig.share_prompt`` made definite for ``model``. None (the default): on for the CPU when the model
+    can take shared-prompt rows (``can_share_prompt``); off on CUDA, where it has not been measured yet. True for a
+    model that cannot take them is refused."""
+    if share is None:
+        return not device.startswith("cuda") and can_share_prompt(model)
+    if share and not can_share_prompt(model):
+        raise ValueError(
+            "share_prompt needs a model with SDPA attention and no sliding window "
+            f"(this one: attention {getattr(model.config, '_attn_implementation', None)!r}); leave share_prompt unset"
+        )
+    return share
 
 
 def _decoder_layers(model: Any) -> list[Any] | None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -128,11 +130,17 @@ def test_run_from_a_toml_config(tmp_path: Path, untrained_model: Path) -> None:
     assert {"dpo", "simpo", "(reference)"} <= first_words  # the terminal summary
     # The command line overrides the file: one more β, the finished cells are not run again. Without the compile key
     # the default applies, which is off on the CPU: the same cells (stores made before compile=None still resume).
+    # Prompt sharing is a batch layout, not part of a cell's id: the cells trained with it (the CPU's default) count
+    # as done for a run without it, and each cell records which layout it trained with.
     config.write_text(settings)
-    again = invoke("run", "--config", str(config), "--betas", "0.1,0.5,1.0", "--out", str(tmp_path / "out"))
+    again = invoke("run", "--config", str(config), "--betas", "0.1,0.5,1.0", "--no-share-prompt",
+                   "--out", str(tmp_path / "out"))  # fmt: skip
     assert again.exit_code == 0
     assert "6 cells, 4 already in the store, 2 to run" in " ".join(again.stderr.split())
     assert len(pd.read_csv(tmp_path / "out" / "summary.csv")) == 7
+    with sqlite3.connect(tmp_path / "out" / "results.sqlite") as db:
+        layouts = db.execute("SELECT beta, config FROM cells WHERE variant = 'dpo' ORDER BY beta").fetchall()
+    assert [(beta, json.loads(c)["share_prompt"]) for beta, c in layouts] == [(0.1, True), (0.5, True), (1.0, False)]
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from dpobench.logprobs import collate, sequence_logprobs
+from dpobench.data import Pair
+from dpobench.logprobs import collate, collate_shared, pair_rows, sequence_logprobs
 
 
 @pytest.fixture(scope="module")
@@ -66,3 +67,52 @@ def test_gradient_flows_to_the_model(model) -> None:
     sums.sum().backward()
     assert model.lm_head.weight.grad is not None and model.lm_head.weight.grad.abs().sum() > 0
     model.zero_grad()
+
+
+def test_shared_prompt_layout_by_hand() -> None:
+    """``collate_shared``: one row per pair, prompt + chosen + rejected; the rejected completion's positions restart
+    after the prompt and it sees the prompt and itself, not the chosen completion."""
+    batch = collate_shared([Pair((5, 6), (7, 8, 9), (10,)), Pair((11,), (12,), (13, 14))], pad_id=0)
+    assert batch.input_ids.tolist() == [[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 0, 0]]
+    assert batch.position_ids.tolist() == [[0, 1, 2, 3, 4, 2], [0, 1, 1, 2, 0, 0]]
+    assert batch.attention_mask.tolist() == [[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]]
+    # sequences: chosen 0, 1, then rejected 2, 3; a prompt's last position predicts both first tokens
+    assert batch.positions.tolist() == [1, 2, 3, 6, 1, 6, 8]
+    assert batch.targets.tolist() == [7, 8, 9, 12, 10, 13, 14]
+    assert batch.rows.tolist() == [0, 0, 0, 1, 2, 3, 3]
+    assert batch.tokens.tolist() == [3.0, 1.0, 1.0, 2.0] and batch.size == 4
+    mask = batch.causal_mask[:, 0]
+    T, F = True, False
+    assert mask[0, 4].tolist() == [T, T, T, T, T, F]  # chosen's last token: the prompt and the chosen tokens
+    assert mask[0, 5].tolist() == [T, T, F, F, F, T]  # rejected: the prompt and itself, not the chosen tokens
+    assert mask[1, 3].tolist() == [T, F, T, T, F, F]
+    assert mask[1, 4].tolist() == [T, T, T, T, T, F]  # a pad sees what is before it (its output is never used)
+    assert collate_shared([Pair((5, 6), (7, 8, 9), (10,))], 0, multiple=16).input_ids.shape == (1, 16)
+
+
+SHARED = [Pair((1, 5, 6), (7, 8, 2), (9, 2)), Pair((1, 9), (10, 11, 12, 13, 2), (3, 2)), Pair((4,), (2,), (6, 7, 8, 2))]
+
+
+@pytest.mark.parametrize("multiple", [1, 16])
+def test_shared_prompt_log_probs_are_each_sequences_own(model, multiple: int) -> None:
+    """Each sequence's sums (and WPO's per-token statistic) equal those of the sequence alone, unpadded, through a
+    full log-softmax."""
+    with torch.no_grad():
+        sums, lss = sequence_logprobs(model, collate_shared(SHARED, 0, multiple), logsumsq=True, chunk_tokens=3)
+    expected_sums, expected_lss = reference_computation(model, pair_rows(SHARED))
+    torch.testing.assert_close(sums, expected_sums, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lss, expected_lss, rtol=1e-5, atol=1e-5)
+
+
+def test_shared_prompt_gradients_equal_one_row_per_sequence(model) -> None:
+    """The prompt, computed once, gets the gradient that its two copies get between them."""
+    weights = torch.tensor([0.3, -1.2, 0.7, 2.0, -0.4, 1.1])  # a different upstream gradient per sequence
+    grads = []
+    for batch in (collate(pair_rows(SHARED), 0), collate_shared(SHARED, 0)):
+        model.zero_grad()
+        (sequence_logprobs(model, batch)[0] * weights).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    model.zero_grad()
+    for name, grad in grads[0].items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
