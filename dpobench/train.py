@@ -124,8 +124,8 @@ class CellTrainer:
         policy.load_state_dict(reference_state)  # start from the reference weights
         policy.to(device).train()
         torch.manual_seed(seed)
-        # fused on the CPU too: one kernel for all parameters (on 2 cores: 2.7x the per-tensor loop at the small
-        # size, 10x at base), and its found_inf lets a non-finite step be skipped on the device
+        # fused on the CPU too: one kernel for all parameters (on 2 cores 3.3-4.1x the per-tensor loop's speed,
+        # benchmarks/optimizer_speed.py), and its found_inf lets a non-finite step be skipped on the device
         self.optimizer = torch.optim.AdamW(policy.parameters(), lr=config.lr, weight_decay=0.0, fused=True)
         self.schedule = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / max(1, config.warmup_steps))
