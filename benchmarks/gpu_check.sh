@@ -5,7 +5,8 @@
 #   bash benchmarks/gpu_check.sh --fetch-wheels      # here, once: TRL 1.16 and what the GPU image lacks, into .whl/
 #   bash benchmarks/gpu_check.sh                     # there, with .whl carried; the table also goes to $OUT
 #
-# In order, most wanted first (a session can end early): an interleaved A/B at 32 pairs (step_ab.py: the default
+# In order, most wanted first (a session can end early): where a step synchronises (sync_check.py, CUDA's own sync
+# debug mode); an interleaved A/B at 32 pairs (step_ab.py: the default
 # step; the prompt shared, the CPU's default and not yet CUDA's; the old mid-step finiteness check; the old attention
 # mask; all of the old); then per batch size (32, then 8 pairs per step, each in its own process) one table of
 # dpobench as `dpobench run` trains by default (compiled on CUDA), plain, TRL and dpobench --no-compile, with a
@@ -27,6 +28,7 @@ export PYTHONPATH="$site" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 python3 -c "import torch, transformers, trl; print('torch', torch.__version__, 'transformers', transformers.__version__, 'trl', trl.__version__)"
 out="${OUT:-/tmp}"
+timeout 60 python3 benchmarks/sync_check.py 2>&1 | tee "$out/gpu_check_syncs.txt" || echo "sync_check did not finish"
 timeout 120 python3 benchmarks/step_ab.py --size base --data fixed --pairs 32 --rounds 10 \
     --rows "default,prompt shared,synced,attention mask,as before" 2>&1 | tee "$out/gpu_check_ab.txt" \
     || echo "the A/B did not finish within 120 s"

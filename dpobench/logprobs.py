@@ -96,7 +96,7 @@ def collate_shared(pairs: Sequence[Pair], pad_id: int, multiple: int = 1) -> Bat
     chosen_at = (q >= p - 1) & (q <= p + c - 2)
     rejected_next = (q >= p + c) & (q <= p + c + r - 2)
     row_c, col_c = chosen_at.nonzero(as_tuple=True)
-    row_r, col_r = ((q == p - 1) | rejected_next).nonzero(as_tuple=True)
+    row_r, col_r = (((q == p - 1) & (r > 0)) | rejected_next).nonzero(as_tuple=True)
     first = col_r == (p - 1)[row_r, 0]
     next_r = torch.where(first, col_r + c[row_r, 0] + 1, col_r + 1)  # the token each rejected position predicts
     row, col = torch.cat([row_c, row_r]), torch.cat([col_c, col_r])
@@ -184,13 +184,32 @@ def _layout(batch: Batch) -> dict[str, Tensor]:
     return {"position_ids": batch.position_ids, "attention_mask": batch.causal_mask}
 
 
+#: architectures whose shared-prompt rows score as their own rows do, within float rounding: tests/test_logprobs.py
+#: builds each from a small config and compares. The mask is what keeps the rejected completion from the chosen one,
+#: so a model must attend only through it: hybrids with recurrent, convolutional or linear-attention layers (Jamba,
+#: Bamba, Zamba2, LFM2, Qwen3-Next, Falcon-H1, …) read a row left to right whatever the mask says, and an
+#: architecture not listed keeps one row per sequence
+SHARE_PROMPT_MODEL_TYPES = frozenset({
+    "biogpt", "codegen", "cohere", "deepseek_v3", "falcon", "gemma", "glm", "glm4", "gpt2", "gpt_bigcode", "gpt_neox",
+    "gptj", "granite", "llama", "mistral", "mixtral", "nemotron", "olmo", "olmo2", "olmoe", "opt", "persimmon", "phi",
+    "phi3", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "smollm3", "stablelm", "starcoder2",
+})  # fmt: skip
+
+
 def can_share_prompt(model: Any) -> bool:
-    """Whether ``model`` scores ``collate_shared`` batches as it scores ``collate`` ones: it takes a 4-D boolean mask
-    as given (transformers' SDPA attention) and has no sliding window, which that mask would override."""
+    """Whether ``model`` scores ``collate_shared`` batches as it scores ``collate`` ones: an architecture of
+    ``SHARE_PROMPT_MODEL_TYPES``, taking the 4-D boolean mask as given (transformers' SDPA attention), with no sliding
+    window (the mask would override it) and no ALiBi (built from a 2-D mask)."""
     config = model.config
     sliding = getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)
-    layered = any("sliding" in str(t) for t in getattr(config, "layer_types", None) or ())
-    return getattr(config, "_attn_implementation", None) == "sdpa" and not sliding and not layered
+    layers = set(getattr(config, "layer_types", None) or ())
+    return (
+        getattr(config, "model_type", None) in SHARE_PROMPT_MODEL_TYPES
+        and getattr(config, "_attn_implementation", None) == "sdpa"
+        and not sliding
+        and layers <= {"full_attention"}
+        and not getattr(config, "alibi", False)
+    )
 
 
 def _compute_dtype(hidden: Tensor) -> torch.dtype:

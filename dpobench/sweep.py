@@ -200,7 +200,7 @@ def run_sweep(
     store.add_run(
         run_id, command=command, config=config.to_json(), git_commit=_git_commit(), model=str(config.model),
         model_hash=model_hash, data_hash=data_hash, device=device, dtype=train_config.dtype,
-        info={**data.info, "truncated": data.train.truncated}, **versions,
+        info={**data.info, "truncated": data.train.truncated, "share_prompt": shared}, **versions,
     )  # fmt: skip
     base_cell = {"run_id": run_id, "model": str(config.model), "model_hash": model_hash, "device": device,
                  "dtype": train_config.dtype}  # fmt: skip
@@ -222,13 +222,12 @@ def run_sweep(
     }
     todo = []
     for spec, loss, beta, seed, scenario in cells:
+        # share_prompt is the run's (its info), not the cell's: a batch layout whose log-probs equal the other's within
+        # float rounding (tests/test_logprobs.py), so a store resumes either way and its report pools both
         train_json = {**{k: v for k, v in asdict(train_config).items() if k not in ("device", "share_prompt")},
                       "compile": compiled}  # fmt: skip
         cell_id = _cell_id(spec.name, loss.hparams, seed, scenario, model_hash, data_hash, train_json, device,
                            config.noise, config.length_bonus)  # fmt: skip
-        # stored with the cell, not part of its id: a batch's layout, whose log-probs equal the other's within
-        # float rounding (tests/test_fast_path.py), so stores made either way resume
-        train_json["share_prompt"] = shared
         if store.finished(cell_id):
             continue
         todo.append((cell_id, spec, loss, beta, seed, scenario, train_json))

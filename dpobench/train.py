@@ -123,6 +123,7 @@ class CellTrainer:
         device = config.device
         policy.load_state_dict(reference_state)  # start from the reference weights
         policy.to(device).train()
+        policy.zero_grad(set_to_none=True)  # a cell that ended mid-backward (out of memory) may have left some
         torch.manual_seed(seed)
         # fused on the CPU too: one kernel for all parameters (on 2 cores 3.3-4.1x the per-tensor loop's speed,
         # benchmarks/optimizer_speed.py), and its found_inf lets a non-finite step be skipped on the device
@@ -278,8 +279,10 @@ def resolve_share_prompt(share: bool | None, device: str, model: Any) -> bool:
         return not device.startswith("cuda") and can_share_prompt(model)
     if share and not can_share_prompt(model):
         raise ValueError(
-            "share_prompt needs a model with SDPA attention and no sliding window "
-            f"(this one: attention {getattr(model.config, '_attn_implementation', None)!r}); leave share_prompt unset"
+            "share_prompt needs an architecture checked to score shared rows as its own (dpobench.logprobs."
+            "SHARE_PROMPT_MODEL_TYPES) with SDPA attention, no sliding window and no ALiBi (this one: "
+            f"{getattr(model.config, 'model_type', None)!r}, attention "
+            f"{getattr(model.config, '_attn_implementation', None)!r}); leave share_prompt unset"
         )
     return share
 

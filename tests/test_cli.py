@@ -131,7 +131,7 @@ def test_run_from_a_toml_config(tmp_path: Path, untrained_model: Path) -> None:
     # The command line overrides the file: one more β, the finished cells are not run again. Without the compile key
     # the default applies, which is off on the CPU: the same cells (stores made before compile=None still resume).
     # Prompt sharing is a batch layout, not part of a cell's id: the cells trained with it (the CPU's default) count
-    # as done for a run without it, and each cell records which layout it trained with.
+    # as done for a run without it; each run records its layout, and the report pools the cells of both.
     config.write_text(settings)
     again = invoke("run", "--config", str(config), "--betas", "0.1,0.5,1.0", "--no-share-prompt",
                    "--out", str(tmp_path / "out"))  # fmt: skip
@@ -139,8 +139,9 @@ def test_run_from_a_toml_config(tmp_path: Path, untrained_model: Path) -> None:
     assert "6 cells, 4 already in the store, 2 to run" in " ".join(again.stderr.split())
     assert len(pd.read_csv(tmp_path / "out" / "summary.csv")) == 7
     with sqlite3.connect(tmp_path / "out" / "results.sqlite") as db:
-        layouts = db.execute("SELECT beta, config FROM cells WHERE variant = 'dpo' ORDER BY beta").fetchall()
-    assert [(beta, json.loads(c)["share_prompt"]) for beta, c in layouts] == [(0.1, True), (0.5, True), (1.0, False)]
+        layouts = [json.loads(i)["share_prompt"] for (i,) in db.execute("SELECT info FROM runs ORDER BY created")]
+        configs = {c for (c,) in db.execute("SELECT config FROM cells WHERE variant = 'dpo'")}
+    assert layouts == [True, False] and len(configs) == 1 and "share_prompt" not in configs.pop()
 
 
 @pytest.mark.parametrize(

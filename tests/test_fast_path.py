@@ -233,9 +233,9 @@ def test_compile_is_on_by_default_for_cuda_and_models_of_a_million_parameters(se
 
 
 def test_prompt_sharing_is_on_by_default_for_the_cpu_and_models_that_allow_it(setup) -> None:
-    """On the CPU by default (measured there), off on CUDA (not yet measured); never for a model whose attention
-    would not take the shared rows' mask as given: eager attention adds it as a float, a sliding window replaces
-    it (Gemma-2 with eager attention scores shared rows 0.17 nats apart from its own rows)."""
+    """On the CPU by default (measured there), off on CUDA (not yet measured); never for a model that would not score
+    shared rows as its own: an architecture not checked (here a hybrid with convolutions, which read the row left to
+    right), eager attention (it adds the mask as a float), a sliding window (the mask would replace it)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     tiny = setup[0]
@@ -244,10 +244,16 @@ def test_prompt_sharing_is_on_by_default_for_the_cpu_and_models_that_allow_it(se
     assert resolve_share_prompt(True, "cuda", tiny) is True and resolve_share_prompt(False, "cpu", tiny) is False
     shape = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                  num_key_value_heads=2)  # fmt: skip
-    for kind, extra in (("gemma2", {"head_dim": 16}), ("mistral", {"sliding_window": 64})):
-        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(kind, **shape, **extra))
+    cases = (
+        ("lfm2", {"layer_types": ["conv", "full_attention"]}, "sdpa"), ("mistral", {"sliding_window": 64}, "sdpa"),
+        ("llama", {}, "eager"),
+    )  # fmt: skip
+    for kind, extra, attention in cases:
+        model = AutoModelForCausalLM.from_config(
+            AutoConfig.for_model(kind, **shape, **extra), attn_implementation=attention
+        )
         assert resolve_share_prompt(None, "cpu", model) is False, kind
-        with pytest.raises(ValueError, match="share_prompt needs a model with SDPA attention and no sliding window"):
+        with pytest.raises(ValueError, match="share_prompt needs an architecture checked to score shared rows"):
             resolve_share_prompt(True, "cpu", model)
     qwen2 = AutoModelForCausalLM.from_config(AutoConfig.for_model("qwen2", **shape))  # a window, switched off
     assert resolve_share_prompt(None, "cpu", qwen2) is True
@@ -369,12 +375,69 @@ def test_a_diverged_step_leaves_the_weights_as_they_were(setup, start, fused) ->
     assert not any(torch.equal(v, state[k]) for k, v in after_two.items() if v.is_floating_point())  # it trained
 
 
+class _RaiseInBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, losses, error):  # type: ignore[override]
+        ctx.error = error
+        return losses.clone()
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        raise ctx.error
+
+
+class BackwardRaises(dpobench.PreferenceLoss):
+    """DPO whose backward pass raises ``error``."""
+
+    name = "backward_raises_with"
+    params = {"beta": dpobench.Param(0.1, "(0, inf)", "β")}
+    error: Exception = ValueError()
+
+    def forward(self, policy, reference, **extras):
+        from dpobench.losses import log_ratios
+
+        dc, dr = log_ratios(policy, reference)
+        losses = _RaiseInBackward.apply(-torch.nn.functional.logsigmoid(self.beta * (dc - dr)), self.error)
+        return dpobench.LossOutput(losses, (self.beta * dc).detach(), (self.beta * dr).detach())
+
+
+BACKWARD_ERRORS = [
+    ValueError("bad backward"), torch.OutOfMemoryError("CUDA out of memory"),
+    torch._dynamo.exc.TorchDynamoException("inductor failed"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("error", BACKWARD_ERRORS, ids=["plugin", "oom", "compiler"])
+def test_a_backward_that_raises_fails_its_cell_unless_the_sweep_or_compile_fallback_must_see_it(
+    setup, start, error
+) -> None:
+    """The loss's own backward error fails the cell (and leaves no gradients behind); running out of memory goes to
+    the sweep (which records that cell and goes on) and a compiler error to the compile fallback, unchanged."""
+    policy, _, pad, pairs = setup
+    state, cached = start
+    loss = BackwardRaises()
+    loss.error = error
+    trainer = CellTrainer(policy, state, loss, PairSet(pairs), cached, pad, TrainConfig(steps=2, batch_size=8), seed=0)
+    if isinstance(error, ValueError):
+        with pytest.raises(CellStopped, match=r"^step 1: backward: ValueError: bad backward$") as stop:
+            trainer.step()
+        assert stop.value.status == "failed"
+        assert all(p.grad is None for p in policy.parameters())
+    else:
+        with pytest.raises(type(error)):
+            trainer.step()
+    assert all(torch.equal(v, state[k]) for k, v in policy.state_dict().items())  # no update was made
+    CellTrainer(policy, state, dpobench.get_loss("dpo"), PairSet(pairs), cached, pad, TrainConfig(), seed=0)
+    assert all(p.grad is None for p in policy.parameters())  # the next cell starts clean, whatever was left
+
+
 class DeviceReads(TorchDispatchMode):
     """Records the operators that would make the host wait for a GPU: reading a value (``.item()``, a Python bool)
     or a data-dependent shape (``nonzero``, boolean indexing). Those under ``collate`` and ``collate_shared`` (host
     tensors, before the batch is copied over) and under transformers' ``create_causal_mask`` (its check for packed
     sequences when no mask is given, at the start of the forward pass, when only the batch's copies are queued) are
-    left out."""
+    left out. Copies between host and device (``.cpu()``, ``.tolist()``, ``.to()``) do not show on the CPU, where
+    they are no-ops: ``benchmarks/sync_check.py`` finds every synchronising call on CUDA, by CUDA's own debug mode."""
 
     READS = {"aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.is_nonzero", "aten.equal"}
 

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import random
+import warnings
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from dpobench.data import Pair
-from dpobench.logprobs import collate, collate_shared, pair_rows, sequence_logprobs
+from dpobench.logprobs import (
+    SHARE_PROMPT_MODEL_TYPES,
+    can_share_prompt,
+    collate,
+    collate_shared,
+    pair_rows,
+    sequence_logprobs,
+)
 
 
 @pytest.fixture(scope="module")
@@ -116,3 +126,82 @@ def test_shared_prompt_gradients_equal_one_row_per_sequence(model) -> None:
     for name, grad in grads[0].items():
         assert grad.abs().sum() > 0, name
         torch.testing.assert_close(grads[1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_an_empty_completion_has_no_target() -> None:
+    """A completion of no tokens predicts nothing in either layout (its sum is 0), even where nothing pads the row."""
+    pairs = [Pair((5, 6), (7, 8), ()), Pair((9,), (), (10, 11))]
+    shared, rows = collate_shared(pairs, 0), collate(pair_rows(pairs), 0)
+    assert shared.targets.tolist() == [7, 8, 10, 11] and shared.rows.tolist() == [0, 0, 3, 3]
+    assert sorted(zip(rows.rows.tolist(), rows.targets.tolist(), strict=True)) == [(0, 7), (0, 8), (3, 10), (3, 11)]
+
+
+SMALL = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+             num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)  # fmt: skip
+#: per architecture, what its config needs beyond SMALL to build at that size
+SHAPES = {
+    "codegen": dict(n_embd=32, n_layer=2, n_head=2, n_positions=128, n_ctx=128, rotary_dim=8),
+    "deepseek_v3": dict(q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
+                        n_routed_experts=2, num_experts_per_tok=1, moe_intermediate_size=16, first_k_dense_replace=2),
+    "falcon": dict(new_decoder_architecture=False, alibi=False, num_kv_heads=2),
+    "gemma": dict(head_dim=16), "glm": dict(head_dim=16), "glm4": dict(head_dim=16),
+    "gpt2": dict(n_embd=32, n_layer=2, n_head=2, n_positions=128),
+    "gpt_bigcode": dict(n_embd=32, n_layer=2, n_head=2, n_positions=128),
+    "gptj": dict(n_embd=32, n_layer=2, n_head=2, n_positions=128, rotary_dim=8),
+    "mixtral": dict(num_local_experts=2, num_experts_per_tok=1), "nemotron": dict(head_dim=16),
+    "olmoe": dict(num_experts=2, num_experts_per_tok=1), "opt": dict(ffn_dim=64, word_embed_proj_dim=32),
+    "qwen2_moe": dict(num_experts=2, num_experts_per_tok=1, moe_intermediate_size=16, shared_expert_intermediate_size=16),
+    "qwen3": dict(head_dim=16),
+    "qwen3_moe": dict(head_dim=16, num_experts=2, num_experts_per_tok=1, moe_intermediate_size=16),
+}  # fmt: skip
+
+
+def small_model(kind: str, **extra):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        config = AutoConfig.for_model(kind, **{**SMALL, **SHAPES.get(kind, {}), **extra})
+        return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+
+
+def random_pairs() -> list[Pair]:
+    rng = random.Random(0)
+    seq = lambda lo, hi: tuple(rng.randint(3, 63) for _ in range(rng.randint(lo, hi)))  # noqa: E731
+    return [Pair(seq(1, 8), seq(1, 10), seq(1, 10)) for _ in range(8)]
+
+
+@pytest.mark.parametrize("kind", sorted(SHARE_PROMPT_MODEL_TYPES))
+def test_every_architecture_allowed_to_share_the_prompt_scores_it_as_its_own_rows(kind: str) -> None:
+    pairs = random_pairs()
+    model = small_model(kind, **({"sliding_window": None} if kind == "mistral" else {}))
+    assert can_share_prompt(model)
+    with torch.no_grad():
+        rows, rows_lss = sequence_logprobs(model, collate(pair_rows(pairs), 0), logsumsq=True)
+        shared, shared_lss = sequence_logprobs(model, collate_shared(pairs, 0), logsumsq=True)
+    torch.testing.assert_close(shared, rows, rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(shared_lss, rows_lss, rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize(
+    ("kind", "extra"),
+    [
+        ("lfm2", dict(layer_types=["conv", "full_attention"])),  # a convolution reads the row left to right
+        ("qwen3_next", dict(head_dim=16, linear_num_value_heads=2, linear_num_key_heads=2, linear_key_head_dim=8,
+                            linear_value_head_dim=8, num_experts=2, num_experts_per_tok=1, moe_intermediate_size=16,
+                            shared_expert_intermediate_size=16, layer_types=["linear_attention", "full_attention"])),
+        ("mistral", dict(sliding_window=64)),  # the mask would replace the window
+        ("qwen3", dict(head_dim=16, use_sliding_window=True, sliding_window=64, max_window_layers=0)),
+        ("falcon", dict(alibi=True, num_kv_heads=2)),  # ALiBi is built from a 2-D mask
+    ],
+)  # fmt: skip
+def test_architectures_that_would_score_shared_rows_otherwise_keep_one_row_per_sequence(kind: str, extra: dict) -> None:
+    model = small_model(kind, **extra)
+    assert not can_share_prompt(model)
+    if kind in ("lfm2", "qwen3_next"):  # the evidence: the rejected completion's scores change
+        pairs = random_pairs()
+        with torch.no_grad():
+            rows = sequence_logprobs(model, collate(pair_rows(pairs), 0))[0]
+            shared = sequence_logprobs(model, collate_shared(pairs, 0))[0]
+        assert float((rows - shared).abs().max()) > 2e-5  # above the rounding allowed above
