@@ -4,15 +4,15 @@
 #
 #   bash benchmarks/gpu_check.sh --fetch-wheels      # here, once: TRL 1.16 and what the GPU image lacks, into .whl/
 #   bash benchmarks/gpu_check.sh                     # there, with .whl carried; the table also goes to $OUT
+#   GPU_CHECK_PART=1 bash benchmarks/gpu_check.sh    # the first half only (then GPU_CHECK_PART=2)
 #
-# In order, most wanted first (a session can end early): where a step synchronises (sync_check.py, CUDA's own sync
-# debug mode); an interleaved A/B at 32 pairs (step_ab.py: the default
-# step; the prompt shared, the CPU's default and not yet CUDA's; the old mid-step finiteness check; the old attention
-# mask; all of the old); then per batch size (32, then 8 pairs per step, each in its own process) one table of
-# dpobench as `dpobench run` trains by default (compiled on CUDA), plain, TRL and dpobench --no-compile, with a
-# profile of 2 default steps at 32 pairs; then torch.compile's CUDA graphs beside plain at each size; last, on pairs
-# of varying length at 32 pairs per step, the default, --no-compile and CUDA graphs beside plain. About 9 minutes
-# on an H200.
+# In order, most wanted first (a session can end early). Part 1: where a step synchronises (sync_check.py, CUDA's
+# own sync debug mode); an interleaved A/B at 32 pairs (step_ab.py: the default step; the prompt shared, the CPU's
+# default and not yet CUDA's; the old mid-step finiteness check; the old attention mask; all of the old); at 32
+# pairs per step, one table of dpobench as `dpobench run` trains by default (compiled on CUDA), plain, TRL and
+# dpobench --no-compile, with a profile of 2 default steps; CUDA graphs beside plain. Part 2: the same table and CUDA
+# graphs at 8 pairs; on pairs of varying length at 32 pairs per step, the default, --no-compile and CUDA graphs
+# beside plain. Each batch size runs in its own process. About 9.5 minutes on an H200 for both parts.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "${1:-}" = "--fetch-wheels" ]; then
@@ -28,22 +28,27 @@ export PYTHONPATH="$site" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 python3 -c "import torch, transformers, trl; print('torch', torch.__version__, 'transformers', transformers.__version__, 'trl', trl.__version__)"
 out="${OUT:-/tmp}"
-timeout 60 python3 benchmarks/sync_check.py 2>&1 | tee "$out/gpu_check_syncs.txt" || echo "sync_check did not finish"
-timeout 120 python3 benchmarks/step_ab.py --size base --data fixed --pairs 32 --rounds 10 \
-    --rows "default,prompt shared,synced,attention mask,as before" 2>&1 | tee "$out/gpu_check_ab.txt" \
-    || echo "the A/B did not finish within 120 s"
-# each batch size in its own process, so that torch.compile specialises to its shape (fixed-length data)
+part="${GPU_CHECK_PART:-all}"  # 1 or 2: half each (about 5 and 4.5 minutes), for a session that must split its time
+if [ "$part" != 2 ]; then
+    timeout 60 python3 benchmarks/sync_check.py 2>&1 | tee "$out/gpu_check_syncs.txt" || echo "sync_check did not finish"
+    timeout 120 python3 benchmarks/step_ab.py --size base --data fixed --pairs 32 --rounds 10 \
+        --rows "default,prompt shared,synced,attention mask,as before" 2>&1 | tee "$out/gpu_check_ab.txt" \
+        || echo "the A/B did not finish within 120 s"
+fi
+# each batch size in its own process, so that torch.compile specialises to its shape (fixed-length data); then
+# torch.compile's CUDA graphs (mode="reduce-overhead"), not a dpobench default yet, beside plain
 for pairs in 32 8; do
+    if { [ "$pairs" = 32 ] && [ "$part" = 2 ]; } || { [ "$pairs" = 8 ] && [ "$part" = 1 ]; }; then continue; fi
     profile=$([ "$pairs" = 32 ] && echo "--profile 2" || true)
     timeout 200 python3 benchmarks/step_speed.py --pairs "$pairs" $profile "$@" 2>&1 \
         | tee "$out/gpu_check_$pairs.txt" || echo "the $pairs-pair table did not finish within 200 s"
-done
-for pairs in 32 8; do  # torch.compile's CUDA graphs (mode="reduce-overhead"): not a dpobench default yet
     timeout 100 python3 benchmarks/step_speed.py --cudagraphs --only "dpobench --cudagraphs,plain" --pairs "$pairs" \
         "$@" 2>&1 | tee "$out/gpu_check_cudagraphs_$pairs.txt" || echo "CUDA graphs at $pairs pairs: past 100 s"
 done
 # varying lengths (half to all of 256 + 127 tokens): the compiled default meets dynamic shapes; CUDA graphs round
 # each batch's width up to a multiple of 16, and record graphs for each width
-timeout 150 python3 benchmarks/step_speed.py --data varied --pairs 32 --steps 30 --cudagraphs --no-trl \
-    --only "dpobench,plain,dpobench --no-compile,dpobench --cudagraphs" "$@" 2>&1 | tee "$out/gpu_check_varied.txt" \
-    || echo "the varied-length table did not finish within 150 s"
+if [ "$part" != 1 ]; then
+    timeout 150 python3 benchmarks/step_speed.py --data varied --pairs 32 --steps 30 --cudagraphs --no-trl \
+        --only "dpobench,plain,dpobench --no-compile,dpobench --cudagraphs" "$@" 2>&1 \
+        | tee "$out/gpu_check_varied.txt" || echo "the varied-length table did not finish within 150 s"
+fi

@@ -104,20 +104,28 @@ def main() -> None:
         for _ in range(args.warmup):
             step()
     times: dict[str, list[float]] = {r: [] for r in rows}
+    peak: dict[str, float] = dict.fromkeys(rows, 0.0)  # CUDA: the most any one step of the row allocated
+    cuda = args.device.startswith("cuda")
     for _ in range(args.rounds):
         for row, step in steps.items():
             sync(args.device)
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
             start = time.perf_counter()
             step()
             times[row].append(time.perf_counter() - start)
+            if cuda:
+                peak[row] = max(peak[row], torch.cuda.max_memory_allocated() / 2**30)
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
     print(f"\n{args.size}, {args.data} data, {args.pairs} pairs/step, {args.rounds} interleaved rounds, {name}, "
           f"torch {torch.__version__}")  # fmt: skip
     reference = statistics.median(times[rows[-1]])
-    print(f"| row | median step ms | mean step ms | speed × {rows[-1]} |\n|---|---|---|---|")
+    print(f"| row | median step ms | mean step ms | speed × {rows[-1]} | peak GB (CUDA; with every row's weights) |")
+    print("|---|---|---|---|---|")
     for row in rows:
-        median = statistics.median(times[row])
-        print(f"| {row} | {median * 1e3:.2f} | {statistics.fmean(times[row]) * 1e3:.2f} | {reference / median:.2f} |")
+        median, mean = statistics.median(times[row]), statistics.fmean(times[row])
+        memory = f"{peak[row]:.2f}" if cuda else "–"
+        print(f"| {row} | {median * 1e3:.2f} | {mean * 1e3:.2f} | {reference / median:.2f} | {memory} |")
 
 
 if __name__ == "__main__":
