@@ -28,7 +28,8 @@ class Batch:
 
     Two layouts: one row per sequence (``collate``: rows = [chosen_1..B, rejected_1..B] for pairs), or one row per
     pair with its prompt once (``collate_shared``: prompt, chosen, rejected), where ``position_ids`` restart the
-    rejected completion after the prompt and ``causal_mask`` keeps it from seeing the chosen one."""
+    rejected completion after the prompt and ``causal_mask``, built on the batch's device from ``segments``, keeps it
+    from seeing the chosen one."""
 
     input_ids: Tensor  # (R, T), right-padded
     attention_mask: Tensor  # (R, T): 1 for real tokens (causal attention needs no mask on right-padded rows)
@@ -40,7 +41,7 @@ class Batch:
     targets: Tensor  # (K,) the completion token each of them predicts
     rows: Tensor  # (K,) the sequence (0 … N−1) each belongs to
     position_ids: Tensor | None = None  # (R, T): shared-prompt rows only
-    causal_mask: Tensor | None = None  # (R, 1, T, T) bool, True where a query may attend: shared-prompt rows only
+    segments: Tensor | None = None  # (R, T): 0 prompt, 1 chosen, 2 rejected, −1 pad; shared-prompt rows only
 
     def to(self, device: str | torch.device) -> Batch:
         return Batch(*(
@@ -51,6 +52,17 @@ class Batch:
     def size(self) -> int:
         """Sequences scored (rows of the log-prob sums)."""
         return self.tokens.shape[0]
+
+    @property
+    def causal_mask(self) -> Tensor | None:
+        """(R, 1, T, T) bool, True where a query may attend: causal, and a completion sees the prompt and itself; a pad
+        (after every real token) sees anything before it. Built where ``segments`` lie, so that a GPU gets R·T
+        segment ids per step rather than R·T² mask entries made by the host."""
+        if self.segments is None:
+            return None
+        q = torch.arange(self.segments.shape[1], device=self.segments.device)
+        seen, seer = self.segments[:, None, :], self.segments[:, :, None]
+        return ((q[:, None] >= q[None, :]) & ((seen == 0) | (seen == seer) | (seer == -1)))[:, None]
 
 
 def collate(rows: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int, multiple: int = 1) -> Batch:
@@ -89,9 +101,6 @@ def collate_shared(pairs: Sequence[Pair], pad_id: int, multiple: int = 1) -> Bat
     q = torch.arange(width)[None, :]
     segment = torch.where(q < p, 0, torch.where(q < p + c, 1, torch.where(q < p + c + r, 2, -1)))  # pad: −1
     position_ids = torch.where(segment == 2, q - c, torch.where(segment == -1, 0, q))
-    # causal, and a completion sees the prompt and itself; pads (after every real token) see anything before them
-    seen, seer = segment[:, None, :], segment[:, :, None]
-    causal = (q[:, :, None] >= q[:, None, :]) & ((seen == 0) | (seen == seer) | (seer == -1))
     # chosen: positions p−1 … p+c−2 predict the next token; rejected: p−1 predicts its first token, then p+c … p+c+r−2
     chosen_at = (q >= p - 1) & (q <= p + c - 2)
     rejected_next = (q >= p + c) & (q <= p + c + r - 2)
@@ -102,8 +111,7 @@ def collate_shared(pairs: Sequence[Pair], pad_id: int, multiple: int = 1) -> Bat
     row, col = torch.cat([row_c, row_r]), torch.cat([col_c, col_r])
     return Batch(
         ids, (segment >= 0).long(), None, torch.cat([c[:, 0], r[:, 0]]).float(), row * width + col,
-        torch.cat([ids[row_c, col_c + 1], ids[row_r, next_r]]), torch.cat([row_c, row_r + n]), position_ids,
-        causal[:, None],
+        torch.cat([ids[row_c, col_c + 1], ids[row_r, next_r]]), torch.cat([row_c, row_r + n]), position_ids, segment,
     )  # fmt: skip
 
 
@@ -179,7 +187,7 @@ class _HeadLogprobs(torch.autograd.Function):
 
 def _layout(batch: Batch) -> dict[str, Tensor]:
     """The model's arguments for a shared-prompt batch: its positions and mask (none for one row per sequence)."""
-    if batch.causal_mask is None:
+    if batch.segments is None:
         return {}
     return {"position_ids": batch.position_ids, "attention_mask": batch.causal_mask}
 
