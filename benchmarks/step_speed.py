@@ -15,7 +15,8 @@ inside the step: the plain loop and TRL) over the card's bf16 matrix rate measur
 real (unpadded) tokens of the pairs trained on. That count credits every implementation with the LM head at every
 position; dpobench (and TRL on CUDA) apply it at completion positions only, so the table also shows "MFU done":
 the FLOPs each one performs, 6 × (body + head at completion positions) (+2 × the same for a reference forward;
-dpobench's backward recomputation of the head is not counted). Fits in about 5 minutes on one H100/H200 at the defaults.
+dpobench's backward recomputation of the head is not counted; where the prompt is shared, the body counts it once
+per pair). Fits in about 5 minutes on one H100/H200 at the defaults.
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ def measure(args: argparse.Namespace, batch: int, data, peak_tflops: float) -> l
     pairs, vocab, pad = data
     tokens_per_pair = statistics.fmean(2 * len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs)
     completions_per_pair = statistics.fmean(len(p.chosen) + len(p.rejected) for p in pairs)
+    shared_per_pair = statistics.fmean(len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs)
     implementations = ["dpobench", "plain"] + (["trl"] if trl_available() and not args.no_trl else [])
     # "dpobench" is the default (compiled on CUDA for models of 1 M parameters or more); beside it, the other setting
     implementations += ["dpobench --no-compile"] if args.device.startswith("cuda") else []
@@ -107,7 +109,10 @@ def measure(args: argparse.Namespace, batch: int, data, peak_tflops: float) -> l
             if name == "plain" or (not args.device.startswith("cuda") and name == "trl")
             else (completions_per_pair / tokens_per_pair)
         )  # fraction of positions the head is applied at
-        flops_done = flops_per_token * ((params - head) + head * head_share)  # per token
+        # the body runs a shared prompt once per pair (dpobench's default on the CPU)
+        shared = name.startswith("dpobench") and step.trainer.share_prompt
+        body_share = shared_per_pair / tokens_per_pair if shared else 1.0
+        flops_done = flops_per_token * ((params - head) * body_share + head * head_share)  # per token
         rows.append({"implementation": name, "pairs/step": batch, "pairs/s": batch / mean, "tokens/s": tokens_s,
                      "step ms": mean * 1e3, "MFU": flops_per_token * params * tokens_s / (peak_tflops * 1e12),
                      "MFU done": flops_done * tokens_s / (peak_tflops * 1e12),
