@@ -76,6 +76,14 @@ def _fmt_table(frame: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def batch_layout(runs: list[dict[str, object]]) -> str:
+    """How the runs' training batches were laid out: a run's ``info`` records whether it shared each pair's prompt
+    (runs from before it did record nothing, and did not)."""
+    shared = {isinstance(info := r.get("info"), dict) and bool(info.get("share_prompt")) for r in runs}
+    names = {True: "prompt shared (one row per pair)", False: "one row per sequence"}
+    return " and ".join(names[layout] for layout in sorted(shared, reverse=True))
+
+
 def build_report(store: str | Path, metric: str = "gold_reward", bench: str | Path | None = None) -> Report:
     tidy = read_tidy(store)
     if tidy.empty:
@@ -98,6 +106,7 @@ def build_report(store: str | Path, metric: str = "gold_reward", bench: str | Pa
                                              f"transformers {r['transformers_version']}" for r in runs}))),
               ("git commit", ", ".join(sorted({str(r["git_commit"]) for r in runs}))),
               ("configuration", "; ".join(json.dumps(r["config"], sort_keys=True) for r in runs)),
+              ("batch layout", batch_layout(runs)),
               ("ranked by", metric), ("report by", f"dpobench {dpobench.__version__}")]  # fmt: skip
     sections = [
         Section(

@@ -169,6 +169,8 @@ def run_sweep(
         shared = resolve_share_prompt(train_config.share_prompt, device, reference)
     except ValueError as error:
         raise SweepError(f"--share-prompt: {error}") from None
+    if shared:
+        progress("each pair trains as one row, its prompt through the model once (--no-share-prompt: separate rows)")
     reference.to(device)
 
     if config.data:

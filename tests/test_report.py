@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 from dpobench import figures
-from dpobench.render import build_report, render_html, write_report
+from dpobench.render import batch_layout, build_report, render_html, write_report
 from dpobench.report import aggregate, cell_finals, rank, read_tidy, summary_table
 from dpobench.store import Store
 
@@ -183,3 +183,11 @@ def test_cells_from_runs_with_other_settings_are_not_pooled_as_seeds(store_dir: 
     assert table.loc[("dpo[steps=400]", 0.1)].gold_reward == pytest.approx(0.9)
     assert table.loc[("dpo[steps=None]", 0.1)].gold_reward == pytest.approx(0.35)  # the two seeds of the first run
     assert table.loc[("dpo[steps=None]", 0.1)].seeds == 2
+
+
+def test_the_header_says_how_batches_were_laid_out(store_dir: Path) -> None:
+    """A run records whether it shared each pair's prompt; runs that record nothing came before prompt sharing."""
+    assert "one row per sequence" in render_html(build_report(store_dir))  # the hand-made run records nothing
+    assert batch_layout([{"info": {"share_prompt": True}}]) == "prompt shared (one row per pair)"
+    both = [{"info": {"share_prompt": False}}, {"info": {"share_prompt": True}}, {"info": {}}]
+    assert batch_layout(both) == "prompt shared (one row per pair) and one row per sequence"
