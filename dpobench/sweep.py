@@ -163,14 +163,10 @@ def run_sweep(
     reference_state = {k: v.detach().clone() for k, v in reference.state_dict().items()}
     model_hash = model_fingerprint(model_path)
     compiled = resolve_compile(train_config.compile, device, reference)  # as every cell will train: part of its id
-    if compiled:
-        progress("training steps compile once per process (torch.compile; --no-compile: eager)")
     try:
         shared = resolve_share_prompt(train_config.share_prompt, device, reference)
     except ValueError as error:
         raise SweepError(f"--share-prompt: {error}") from None
-    if shared:
-        progress("each pair trains as one row, its prompt through the model once (--no-share-prompt: separate rows)")
     reference.to(device)
 
     if config.data:
@@ -234,6 +230,13 @@ def run_sweep(
             continue
         todo.append((cell_id, spec, loss, beta, seed, scenario, train_json))
     progress(f"{len(cells)} cells, {len(cells) - len(todo)} already in the store, {len(todo)} to run")
+    if todo:  # after the data and settings checks, so that an error there stays the only line
+        if compiled:
+            progress("training steps compile once per process (torch.compile; --no-compile: eager)")
+        if shared:
+            progress(
+                "each pair trains as one row, its prompt through the model once (--no-share-prompt: separate rows)"
+            )
 
     for number, (cell_id, spec, loss, beta, seed, scenario, train_json) in enumerate(todo, start=1):
         started = time.time()
