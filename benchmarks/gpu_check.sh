@@ -31,9 +31,9 @@ out="${OUT:-/tmp}"
 part="${GPU_CHECK_PART:-all}"  # 1 or 2: half each (about 5 and 4.5 minutes), for a session that must split its time
 if [ "$part" != 2 ]; then
     timeout 60 python3 benchmarks/sync_check.py 2>&1 | tee "$out/gpu_check_syncs.txt" || echo "sync_check did not finish"
-    timeout 120 python3 benchmarks/step_ab.py --size base --data fixed --pairs 32 --rounds 10 \
+    timeout 150 python3 benchmarks/step_ab.py --size base --data fixed --pairs 32 --rounds 10 \
         --rows "default,prompt shared,synced,attention mask,as before" 2>&1 | tee "$out/gpu_check_ab.txt" \
-        || echo "the A/B did not finish within 120 s"
+        || echo "the A/B did not finish within 150 s"
 fi
 # each batch size in its own process, so that torch.compile specialises to its shape (fixed-length data); then
 # torch.compile's CUDA graphs (mode="reduce-overhead"), not a dpobench default yet, beside plain
