@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.steps import DpobenchStep, build_model, random_pairs, sync, task_pairs
+from benchmarks.steps import DpobenchStep, add_data_arguments, build_model, load_data, sync
 from dpobench.models import SIZES
 
 ROWS = ("default", "prompt shared", "one row per sequence", "attention mask", "per-tensor AdamW", "synced", "as before")
@@ -56,11 +56,9 @@ def make_row(row: str, model, pairs, batch: int, device: str, pad_id: int, compi
     step = DpobenchStep(model, pairs, batch, device, pad_id, compile=compile)
     trainer = step.trainer
     if row in ("per-tensor AdamW", "as before") and device == "cpu":
-        lr, warmup = trainer.config.lr, trainer.config.warmup_steps
+        lr, warmup = trainer.config.lr, trainer.schedule.lr_lambdas[0]  # the trainer's own warm-up
         trainer.optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, fused=False, foreach=False)
-        trainer.schedule = torch.optim.lr_scheduler.LambdaLR(
-            trainer.optimizer, lambda s: min(1.0, (s + 1) / max(1, warmup))
-        )  # fmt: skip
+        trainer.schedule = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, warmup)
     if row == "prompt shared":
         trainer.share_prompt = True
     if row in ("one row per sequence", "attention mask", "as before"):
@@ -75,10 +73,7 @@ def make_row(row: str, model, pairs, batch: int, device: str, pad_id: int, compi
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="small", choices=list(SIZES))
-    parser.add_argument("--data", default="task", choices=["fixed", "varied", "task"])
-    parser.add_argument("--vocab", type=int, default=49152, help="vocabulary of --data fixed or varied")
-    parser.add_argument("--prompt", type=int, default=256)
-    parser.add_argument("--completion", type=int, default=127)
+    add_data_arguments(parser, "task")
     parser.add_argument("--pairs", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=3)
@@ -87,13 +82,7 @@ def main() -> None:
     parser.add_argument("--compile", choices=["default", "on", "off"], default="default")
     args = parser.parse_args()
     compile = {"default": None, "on": True, "off": False}[args.compile]
-    if args.data == "task":
-        pairs, vocab, pad_id = task_pairs()
-    else:
-        vocab, pad_id = args.vocab, 0
-        pairs = random_pairs(
-            max(4096, 64 * args.pairs), args.prompt, args.completion, vocab, varied=args.data == "varied"
-        )
+    pairs, vocab, pad_id = load_data(args, max(4096, 64 * args.pairs))
     base = build_model(args.size, vocab)
     rows = [r for r in args.rows.split(",") if r]
     unknown = set(rows) - set(ROWS)

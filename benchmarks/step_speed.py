@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.steps import build_model, make_step, random_pairs, sync, task_pairs
+from benchmarks.steps import add_data_arguments, build_model, load_data, make_step, sync
 from benchmarks.trl_step import trl_available
 from dpobench.models import SIZES
 
@@ -126,12 +126,9 @@ def measure(args: argparse.Namespace, batch: int, data, peak_tflops: float) -> l
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="base", choices=list(SIZES))
-    parser.add_argument("--data", default="fixed", choices=["fixed", "varied", "task"])
-    parser.add_argument("--vocab", type=int, default=49152, help="vocabulary of --data fixed")
+    add_data_arguments(parser, "fixed")
     parser.add_argument("--pairs", default="8,32")
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--prompt", type=int, default=256)
-    parser.add_argument("--completion", type=int, default=127)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--compile", action="store_true", help="also time dpobench with torch.compile")
     parser.add_argument("--cudagraphs", action="store_true",
@@ -154,12 +151,7 @@ def main() -> None:
     print(f"device: {name}; measured bf16 matmul: {peak:.0f} TFLOP/s; torch {torch.__version__}; "
           f"trl {'importable' if trl_available() else 'absent'}", flush=True)  # fmt: skip
     batches = [int(b) for b in args.pairs.split(",")]
-    if args.data == "task":
-        data = task_pairs()
-    else:
-        n = max(batches) * (args.steps + 8)
-        pairs = random_pairs(n, args.prompt, args.completion, args.vocab, varied=args.data == "varied")
-        data = (pairs, args.vocab, 0)
+    data = load_data(args, max(batches) * (args.steps + 8))
     rows = []
     for batch in batches:
         rows += measure(args, batch, data, peak)

@@ -59,6 +59,21 @@ def task_pairs() -> tuple[list[Pair], int, int]:
     return data.train.pairs, len(tokenizer), tokenizer.pad_token_id
 
 
+def add_data_arguments(parser: Any, default: str) -> None:
+    """The data options that step_speed.py and step_ab.py share (see ``load_data``)."""
+    parser.add_argument("--data", default=default, choices=["fixed", "varied", "task"])
+    parser.add_argument("--vocab", type=int, default=49152, help="vocabulary of --data fixed or varied")
+    parser.add_argument("--prompt", type=int, default=256)
+    parser.add_argument("--completion", type=int, default=127)
+
+
+def load_data(args: Any, n: int) -> tuple[list[Pair], int, int]:
+    """(pairs, vocabulary size, pad id) as ``add_data_arguments``' options ask: the task's pairs, or ``n`` random ones."""
+    if args.data == "task":
+        return task_pairs()
+    return random_pairs(n, args.prompt, args.completion, args.vocab, varied=args.data == "varied"), args.vocab, 0
+
+
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()

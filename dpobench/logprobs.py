@@ -65,13 +65,17 @@ class Batch:
         return ((q[:, None] >= q[None, :]) & ((seen == 0) | (seen == seer) | (seer == -1)))[:, None]
 
 
+def _round_up(width: int, multiple: int) -> int:
+    return -(-width // multiple) * multiple
+
+
 def collate(rows: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int, multiple: int = 1) -> Batch:
     """(prompt, completion) rows, right-padded into one batch, its width rounded up to a ``multiple`` (which bounds
     the number of distinct shapes, for CUDA graphs)."""
     prompt = torch.tensor([len(p) for p, _ in rows])
     completion = torch.tensor([len(c) for _, c in rows])
     total = prompt + completion
-    width = -(-int(total.max()) // multiple) * multiple
+    width = _round_up(int(total.max()), multiple)
     ids = torch.tensor([[*p, *c, *([pad_id] * (width - len(p) - len(c)))] for p, c in rows], dtype=torch.long)
     position = torch.arange(width)
     attention = (position[None, :] < total[:, None]).long()
@@ -93,7 +97,7 @@ def collate_shared(pairs: Sequence[Pair], pad_id: int, multiple: int = 1) -> Bat
     p = torch.tensor([len(x.prompt) for x in pairs])[:, None]
     c = torch.tensor([len(x.chosen) for x in pairs])[:, None]
     r = torch.tensor([len(x.rejected) for x in pairs])[:, None]
-    width = -(-int((p + c + r).max()) // multiple) * multiple
+    width = _round_up(int((p + c + r).max()), multiple)
     ids = torch.tensor(
         [[*x.prompt, *x.chosen, *x.rejected, *([pad_id] * (width - len(x.prompt) - len(x.chosen) - len(x.rejected)))]
          for x in pairs], dtype=torch.long,
@@ -236,10 +240,10 @@ def sequence_logprobs(
     ``LOGITS_BUDGET``), through a fused head whose backward recomputes logits chunk by chunk."""
     head = model.get_output_embeddings()
     if _head_only_path(model) and getattr(head, "bias", None) is None:
-        # no attention mask: rows are right-padded, so causal attention keeps every real token from seeing a pad,
-        # and without one SDPA runs its causal kernel (flash attention where it has one), builds no (N, T, T) mask
-        # and reads nothing back from the device. No KV cache: it would cost memory and give each layer its own
-        # compile guard
+        # one row per sequence gets no attention mask: rows are right-padded, so causal attention keeps every real
+        # token from seeing a pad, and without one SDPA runs its causal kernel (flash attention where it has one),
+        # builds no (N, T, T) mask and reads nothing back from the device; shared-prompt rows get their positions
+        # and mask (_layout). No KV cache: it would cost memory and give each layer its own compile guard
         hidden = model.get_decoder()(input_ids=batch.input_ids, use_cache=False, **_layout(batch)).last_hidden_state
         selected = hidden.flatten(0, 1).index_select(0, batch.positions)
         chunk = chunk_tokens or max(1, LOGITS_BUDGET // head.weight.shape[0])
@@ -248,7 +252,7 @@ def sequence_logprobs(
         )  # fmt: skip
     else:  # models that transform their logits (or have a head bias): take them whole
         logits = (
-            model(input_ids=batch.input_ids, use_cache=False, **_layout(batch))  # right-padded: as above
+            model(input_ids=batch.input_ids, use_cache=False, **_layout(batch))  # as above
             .logits.flatten(0, 1)
             .index_select(0, batch.positions)
             .float()

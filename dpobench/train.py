@@ -233,12 +233,12 @@ class CellTrainer:
         if deferred:  # the weights were left as they were
             _stop_unless_finite(metrics[0], step)
         self.done = step
-        tokens = sum(2 * len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs)  # the batch's, unpadded
+        trained = sum(2 * len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs)  # tokens, unpadded
         names = ("loss", "reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward", "chosen_logp",
                  "rejected_logp", "grad_norm")  # fmt: skip
         return {
             "step": step, **dict(zip(names, metrics, strict=True)), "step_time_ms": elapsed * 1e3,
-            "pairs_per_s": b / elapsed, "tokens_per_s": tokens / elapsed,
+            "pairs_per_s": b / elapsed, "tokens_per_s": trained / elapsed,
             "peak_memory_mb": peak_memory_mb(device),
         }  # fmt: skip
 
