@@ -42,8 +42,10 @@ for pairs in 32 8; do
     profile=$([ "$pairs" = 32 ] && echo "--profile 2" || true)
     timeout 200 python3 benchmarks/step_speed.py --pairs "$pairs" $profile "$@" 2>&1 \
         | tee "$out/gpu_check_$pairs.txt" || echo "the $pairs-pair table did not finish within 200 s"
-    timeout 100 python3 benchmarks/step_speed.py --cudagraphs --only "dpobench --cudagraphs,plain" --pairs "$pairs" \
-        "$@" 2>&1 | tee "$out/gpu_check_cudagraphs_$pairs.txt" || echo "CUDA graphs at $pairs pairs: past 100 s"
+    share=$([ "$pairs" = 32 ] && echo "--share-prompt" || true)
+    timeout 150 python3 benchmarks/step_speed.py --cudagraphs $share --pairs "$pairs" "$@" \
+        --only "dpobench --cudagraphs,plain,dpobench --cudagraphs --share-prompt" 2>&1 \
+        | tee "$out/gpu_check_cudagraphs_$pairs.txt" || echo "CUDA graphs at $pairs pairs: past 150 s"
 done
 # varying lengths (half to all of 256 + 127 tokens): the compiled default meets dynamic shapes; CUDA graphs round
 # each batch's width up to a multiple of 16, and record graphs for each width

@@ -35,6 +35,8 @@ from benchmarks.steps import add_data_arguments, build_model, load_data, make_st
 from benchmarks.trl_step import trl_available
 from dpobench.models import SIZES
 
+SHARE_ROWS = ("dpobench", "dpobench --no-compile", "dpobench --cudagraphs")
+
 
 def bf16_matmul_tflops(device: str) -> float:
     """The card's bf16 matrix rate measured here (mean of 10 products of 8192³ after 3 warm-ups)."""
@@ -75,6 +77,8 @@ def measure(args: argparse.Namespace, batch: int, data, peak_tflops: float) -> l
     implementations += ["dpobench --compile"] if args.compile else []
     implementations += ["dpobench --cudagraphs"] if args.cudagraphs else []
     implementations += ["dpobench --compile --synced"] if args.synced else []
+    if args.share_prompt:  # the prompt shared (the CPU's default), beside the default and beside CUDA graphs
+        implementations += [f"{name} --share-prompt" for name in implementations if name in SHARE_ROWS]
     if args.only:
         implementations = [name for name in implementations if name in args.only.split(",")]
     rows = []
@@ -87,9 +91,12 @@ def measure(args: argparse.Namespace, batch: int, data, peak_tflops: float) -> l
         head = model.get_output_embeddings().weight.numel()
         if args.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
+        setting = name.removesuffix(" --share-prompt")
         compile = {"dpobench --compile": True, "dpobench --compile --synced": True, "dpobench --no-compile": False,
-                   "dpobench --cudagraphs": "reduce-overhead"}.get(name)  # fmt: skip
+                   "dpobench --cudagraphs": "reduce-overhead"}.get(setting)  # fmt: skip
         step = make_step(name.split()[0], model, pairs, batch, args.device, pad, compile=compile)
+        if name.endswith("--share-prompt"):
+            step.trainer.share_prompt = True
         if name.endswith("--synced"):  # the loss's finiteness asked of the host mid-step, as before 2026-11-27
             step.trainer.defer_finite_check = False
         try:
@@ -135,6 +142,8 @@ def main() -> None:
                         help='also time dpobench with torch.compile(mode="reduce-overhead"): CUDA graphs')  # fmt: skip
     parser.add_argument("--synced", action="store_true",
                         help="also time dpobench --compile with the host asked mid-step whether the loss is finite")  # fmt: skip
+    parser.add_argument("--share-prompt", action="store_true",
+                        help="also time dpobench (and --cudagraphs) with the prompt shared, the CPU's default")  # fmt: skip
     parser.add_argument("--no-trl", action="store_true", help="leave TRL out even where it is importable")
     parser.add_argument("--only", default="", help="comma-separated implementations to time (plain is the baseline)")
     parser.add_argument(
