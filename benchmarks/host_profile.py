@@ -1,0 +1,72 @@
+"""Where the host's time goes in dpobench's training step: wall time per step, then cProfile over a few steps
+(sorted by own time), for one compile setting at a time. A step that waits on the device shows it as the time of
+the step's one readback (``tolist``); everything else in the listing is host work that the device may wait on.
+
+    python benchmarks/host_profile.py --size base --pairs 8 --compile default reduce-overhead   # on a GPU
+    python benchmarks/host_profile.py --size tiny --pairs 4 --device cpu --compile off           # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.steps import DpobenchStep, add_data_arguments, build_model, load_data, sync
+from dpobench.models import SIZES
+
+SETTINGS = {"default": None, "on": True, "off": False, "reduce-overhead": "reduce-overhead"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", default="base", choices=list(SIZES))
+    add_data_arguments(parser, "fixed")
+    parser.add_argument("--pairs", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--profile-steps", type=int, default=5)
+    parser.add_argument("--compile", nargs="+", default=["default"], choices=list(SETTINGS))
+    parser.add_argument("--share-prompt", action="store_true")
+    parser.add_argument("--rows", type=int, default=30, help="lines of the profile to print")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    pairs, vocab, pad = load_data(args, args.pairs * (args.steps + args.profile_steps + 8))
+    for setting in args.compile:
+        step = DpobenchStep(build_model(args.size, vocab, "cpu"), pairs, args.pairs, args.device, pad,
+                            compile=SETTINGS[setting])  # fmt: skip
+        step.trainer.share_prompt = args.share_prompt or step.trainer.share_prompt
+        for _ in range(5):
+            step()
+        times = []
+        for _ in range(args.steps):
+            sync(args.device)
+            start = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - start)
+        profiler = cProfile.Profile()
+        sync(args.device)
+        start = time.perf_counter()
+        profiler.enable()
+        for _ in range(args.profile_steps):
+            step()
+        profiler.disable()
+        wall = (time.perf_counter() - start) / args.profile_steps
+        print(f"\n== {args.size}, {args.pairs} pairs, compile={setting}, share_prompt={step.trainer.share_prompt}: "
+              f"median step {statistics.median(times) * 1e3:.1f} ms, under cProfile {wall * 1e3:.1f} ms", flush=True)  # fmt: skip
+        for key in ("tottime", "cumulative"):
+            text = io.StringIO()
+            pstats.Stats(profiler, stream=text).sort_stats(key).print_stats(args.rows)
+            body = text.getvalue()
+            print(f"-- by {key}, per {args.profile_steps} steps\n" + body[body.find("   ncalls") :], flush=True)
+
+
+if __name__ == "__main__":
+    main()
