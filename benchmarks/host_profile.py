@@ -36,8 +36,11 @@ def main() -> None:
     parser.add_argument("--compile", nargs="+", default=["default"], choices=list(SETTINGS))
     parser.add_argument("--share-prompt", action="store_true")
     parser.add_argument("--rows", type=int, default=30, help="lines of the profile to print")
+    parser.add_argument("--no-cudnn-attention", action="store_true", help="SDPA without its cuDNN kernels")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
+    if args.no_cudnn_attention:
+        torch.backends.cuda.enable_cudnn_sdp(False)
     pairs, vocab, pad = load_data(args, args.pairs * (args.steps + args.profile_steps + 8))
     for setting in args.compile:
         step = DpobenchStep(build_model(args.size, vocab, "cpu"), pairs, args.pairs, args.device, pad,
@@ -59,7 +62,8 @@ def main() -> None:
             step()
         profiler.disable()
         wall = (time.perf_counter() - start) / args.profile_steps
-        print(f"\n== {args.size}, {args.pairs} pairs, compile={setting}, share_prompt={step.trainer.share_prompt}: "
+        print(f"\n== {args.size}, {args.pairs} pairs, compile={setting}, share_prompt={step.trainer.share_prompt}, "
+              f"cuDNN attention={not args.no_cudnn_attention}: "
               f"median step {statistics.median(times) * 1e3:.1f} ms, under cProfile {wall * 1e3:.1f} ms", flush=True)  # fmt: skip
         for key in ("tottime", "cumulative"):
             text = io.StringIO()
