@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch._dynamo.utils import counters
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.steps import DpobenchStep, add_data_arguments, build_model, load_data, sync
@@ -41,6 +42,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.no_cudnn_attention:
         torch.backends.cuda.enable_cudnn_sdp(False)
+    if "reduce-overhead" in args.compile:  # why inductor skips CUDA graphs, if it does (it falls back silently)
+        torch._logging.set_logs(cudagraphs=True)
     pairs, vocab, pad = load_data(args, args.pairs * (args.steps + args.profile_steps + 8))
     for setting in args.compile:
         step = DpobenchStep(build_model(args.size, vocab, "cpu"), pairs, args.pairs, args.device, pad,
@@ -63,7 +66,8 @@ def main() -> None:
         profiler.disable()
         wall = (time.perf_counter() - start) / args.profile_steps
         print(f"\n== {args.size}, {args.pairs} pairs, compile={setting}, share_prompt={step.trainer.share_prompt}, "
-              f"cuDNN attention={not args.no_cudnn_attention}: "
+              f"cuDNN attention={not args.no_cudnn_attention}, CUDA graphs skipped "
+              f"{counters['inductor']['cudagraph_skips']} times so far: "
               f"median step {statistics.median(times) * 1e3:.1f} ms, under cProfile {wall * 1e3:.1f} ms", flush=True)  # fmt: skip
         for key in ("tottime", "cumulative"):
             text = io.StringIO()

@@ -20,6 +20,14 @@ Rows:
 - ``per-tensor AdamW``: torch's AdamW without ``fused`` (the CPU's optimizer before; CUDA's was fused already).
 - ``synced``: the host asks whether the loss is finite before the backward pass (``defer_finite_check=False``).
 - ``as before``: one row per sequence, the attention mask, a per-tensor AdamW (CPU) and the sync.
+- ``exact widths``: each batch as wide as its longest row, not rounded up to a multiple of 16 as on CUDA since
+  2026-11-27 (third GPU session); the CPU rounds nothing, so there the row equals ``default``. Use ``--data varied``
+  or ``task``: fixed-length data has one width either way.
+- ``eager``: the default step without ``torch.compile`` (CUDA compiles by default; the CPU does not).
+
+On varying lengths, a CUDA process pays once for each new batch shape (a cuDNN attention plan, a compiled shape),
+and the row that meets a shape first pays for the rows after it: compare ``exact widths`` and ``eager`` there with
+``step_speed.py --only``, one process per row (``gpu_check.sh`` does).
 """
 
 from __future__ import annotations
@@ -37,7 +45,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.steps import DpobenchStep, add_data_arguments, build_model, load_data, sync
 from dpobench.models import SIZES
 
-ROWS = ("default", "prompt shared", "one row per sequence", "attention mask", "per-tensor AdamW", "synced", "as before")
+ROWS = ("default", "prompt shared", "one row per sequence", "attention mask", "per-tensor AdamW", "synced", "as before",
+        "exact widths", "eager")  # fmt: skip
 
 
 def with_attention_mask(model, pad_id: int) -> None:
@@ -53,8 +62,10 @@ def with_attention_mask(model, pad_id: int) -> None:
 
 
 def make_row(row: str, model, pairs, batch: int, device: str, pad_id: int, compile) -> DpobenchStep:
-    step = DpobenchStep(model, pairs, batch, device, pad_id, compile=compile)
+    step = DpobenchStep(model, pairs, batch, device, pad_id, compile=False if row == "eager" else compile)
     trainer = step.trainer
+    if row == "exact widths":
+        trainer.pad_multiple = 1
     if row in ("per-tensor AdamW", "as before") and device == "cpu":
         lr, warmup = trainer.config.lr, trainer.schedule.lr_lambdas[0]  # the trainer's own warm-up
         trainer.optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, fused=False, foreach=False)

@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch._dynamo.utils import counters
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.steps import add_data_arguments, build_model, load_data, make_step, sync
@@ -77,6 +78,7 @@ def measure(args: argparse.Namespace, batch: int, data, peak_tflops: float) -> l
     implementations += ["dpobench --compile"] if args.compile else []
     implementations += ["dpobench --cudagraphs"] if args.cudagraphs else []
     implementations += ["dpobench --compile --synced"] if args.synced else []
+    implementations += ["dpobench --exact-widths"] if args.exact_widths else []
     if args.share_prompt:  # the prompt shared (the CPU's default), beside the default and beside CUDA graphs
         implementations += [f"{name} --share-prompt" for name in implementations if name in SHARE_ROWS]
     if args.only:
@@ -97,8 +99,11 @@ def measure(args: argparse.Namespace, batch: int, data, peak_tflops: float) -> l
         step = make_step(name.split()[0], model, pairs, batch, args.device, pad, compile=compile)
         if name.endswith("--share-prompt"):
             step.trainer.share_prompt = True
+        if name.endswith("--exact-widths"):  # CUDA rounds widths up to a multiple of 16 by default
+            step.trainer.pad_multiple = 1
         if name.endswith("--synced"):  # the loss's finiteness asked of the host mid-step, as before 2026-11-27
             step.trainer.defer_finite_check = False
+        skips = counters["inductor"]["cudagraph_skips"]  # inductor falls back without graphs silently
         try:
             warm = time.perf_counter()
             may_compile = name.startswith("dpobench") and compile is not False
@@ -124,8 +129,10 @@ def measure(args: argparse.Namespace, batch: int, data, peak_tflops: float) -> l
                      "step ms": mean * 1e3, "MFU": flops_per_token * params * tokens_s / (peak_tflops * 1e12),
                      "MFU done": flops_done * tokens_s / (peak_tflops * 1e12),
                      "peak GB": memory, "params M": params / 1e6})  # fmt: skip
+        skips = counters["inductor"]["cudagraph_skips"] - skips
         print(f"measured: {name}, {batch} pairs/step: {batch / mean:.1f} pairs/s, {memory:.2f} GB "
-              f"(warm-up steps took {warm:.1f} s)", flush=True)  # fmt: skip
+              f"(warm-up steps took {warm:.1f} s)" + (f"; CUDA graphs skipped {skips} times: the row ran (partly) "
+              "without them (TORCH_LOGS=cudagraphs says why)" if skips else ""), flush=True)  # fmt: skip
         del step, model
     return rows
 
@@ -144,6 +151,10 @@ def main() -> None:
                         help="also time dpobench --compile with the host asked mid-step whether the loss is finite")  # fmt: skip
     parser.add_argument("--share-prompt", action="store_true",
                         help="also time dpobench (and --cudagraphs) with the prompt shared, the CPU's default")  # fmt: skip
+    parser.add_argument("--exact-widths", action="store_true",
+                        help="also time dpobench with each batch as wide as its longest row (CUDA rounds widths up "
+                        "to a multiple of 16); on varying lengths, run it in a process of its own: each new shape "
+                        "costs once per process (a cuDNN plan, a compiled shape), so a later row inherits them")  # fmt: skip
     parser.add_argument("--no-trl", action="store_true", help="leave TRL out even where it is importable")
     parser.add_argument("--only", default="", help="comma-separated implementations to time (plain is the baseline)")
     parser.add_argument(

@@ -141,7 +141,7 @@ class CellTrainer:
         self.compiled = _compiled_layers(policy, mode, self.auto_compile) if mode else []
         # compile="reduce-overhead" (benchmarks only, for now): the compiled layers also run as CUDA graphs
         self.cudagraphs = config.compile == "reduce-overhead" and device.startswith("cuda")
-        self.pad_multiple = 16 if self.cudagraphs else 1  # each batch width records its own graphs: keep them few
+        self.pad_multiple = pad_multiple(device)
         self.share_prompt = resolve_share_prompt(config.share_prompt, device, policy)
         lengths = [p.length for p in train.pairs]
         self.order = batch_order(
@@ -269,6 +269,20 @@ def resolve_compile(compile: bool | str | None, device: str, model: Any) -> bool
         and _decoder_layers(model) is not None
         and sum(p.numel() for p in model.parameters()) >= AUTO_COMPILE_MIN_PARAMETERS
     )
+
+
+#: CUDA rounds each batch's width up to a multiple of this. Every new width costs once: a cuDNN attention plan, a
+#: compiled layer's shape (and CUDA graphs, where used), and the task's length-bucketed batches come in many widths.
+#: Measured on an H200 (benchmarks/RESULTS.md, 2026-11-27, third GPU session): on pairs of varying length, the
+#: compiled base step with widths rounded to 16 ran 141.8 ms against 190.7 ms with exact widths. The padding is
+#: right of every real token, so causal attention gives the same log-probs (tests/test_logprobs.py)
+CUDA_PAD_MULTIPLE = 16
+
+
+def pad_multiple(device: str) -> int:
+    """What a training batch's width is rounded up to: ``CUDA_PAD_MULTIPLE`` on CUDA; 1 on the CPU, where a padded
+    position costs its full compute and shapes cost nothing."""
+    return CUDA_PAD_MULTIPLE if device.startswith("cuda") else 1
 
 
 def resolve_share_prompt(share: bool | None, device: str, model: Any) -> bool:

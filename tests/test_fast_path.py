@@ -28,6 +28,7 @@ from dpobench.train import (
     CellTrainer,
     TrainConfig,
     batch_order,
+    pad_multiple,
     resolve_compile,
     resolve_share_prompt,
     train_cell,
@@ -183,6 +184,34 @@ def test_fused_head_under_bf16_autocast_matches_autograd(setup) -> None:
         assert grad.dtype == torch.float32, name
         error = float((grad - plain_grads[name]).norm() / plain_grads[name].norm())
         assert error < 0.05, (name, error)  # bf16 products: ~1 % apart; a wrong scale or sign is ≥ 100 %
+
+
+@pytest.mark.parametrize("share_prompt", [False, True])
+def test_cudas_rounded_widths_train_as_exact_widths_do(setup, start, share_prompt) -> None:
+    """CUDA rounds each batch's width up to a multiple of 16 (each new width costs a cuDNN plan and a compiled
+    shape); the padding lies right of every real token, so training is the same, within float32 rounding."""
+    policy, _, pad, pairs = setup
+    state, cached = start
+    assert [pad_multiple(d) for d in ("cpu", "cuda", "cuda:1")] == [1, 16, 16]
+    config = TrainConfig(steps=6, batch_size=8, lr=3e-3, warmup_steps=2, share_prompt=share_prompt)
+    runs = {}
+    for multiple in (1, 16):
+        trainer = CellTrainer(policy, state, dpobench.get_loss("dpo"), PairSet(pairs), cached, pad, config, seed=2)
+        trainer.pad_multiple = multiple  # what pad_multiple("cuda") gives
+        widths = []
+        for index in trainer.order[: config.steps]:
+            part = [pairs[i] for i in index.tolist()]
+            widths.append(max((len(p.prompt) + len(p.chosen) + len(p.rejected)) if share_prompt else p.length
+                              for p in part))  # fmt: skip
+        records = [trainer.step() for _ in range(config.steps)]
+        runs[multiple] = (records, {k: v.clone() for k, v in policy.state_dict().items()})
+    assert any(w % 16 for w in widths)  # the rounding padded some batch
+    for got, expected in zip(runs[16][0], runs[1][0], strict=True):
+        keys = ("loss", "chosen_reward", "rejected_reward", "chosen_logp", "grad_norm")
+        assert [got[k] for k in keys] == pytest.approx([expected[k] for k in keys], rel=1e-4, abs=1e-5)
+    for name, value in runs[16][1].items():
+        assert_adam_close(value, runs[1][1][name], config.lr, name)
+    assert float((runs[16][1]["lm_head.weight"] - state["lm_head.weight"]).abs().max()) > 1e-3  # it trained
 
 
 def test_compiled_training_equals_eager_and_leaves_the_model_eager(setup) -> None:
