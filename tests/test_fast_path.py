@@ -262,7 +262,7 @@ def test_compile_is_on_by_default_for_cuda_and_models_of_a_million_parameters(se
 
 
 def test_prompt_sharing_is_on_by_default_for_the_cpu_and_models_that_allow_it(setup) -> None:
-    """On the CPU by default (measured there), off on CUDA (not yet measured); never for a model that would not score
+    """On the CPU by default (measured there), off on CUDA (measured: no faster there); never for a model that would not score
     shared rows as its own: an architecture not checked (here a hybrid with convolutions, which read the row left to
     right), eager attention (it adds the mask as a float), a sliding window (the mask would replace it)."""
     from transformers import AutoConfig, AutoModelForCausalLM
