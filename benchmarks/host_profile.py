@@ -9,7 +9,9 @@ the step's one readback (``tolist``); everything else in the listing is host wor
 from __future__ import annotations
 
 import argparse
+import ast
 import cProfile
+import functools
 import io
 import pstats
 import statistics
@@ -21,6 +23,7 @@ import torch
 from torch._dynamo.utils import counters
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.step_ab import with_attention_mask
 from benchmarks.steps import DpobenchStep, add_data_arguments, build_model, load_data, sync
 from dpobench.models import SIZES
 
@@ -38,10 +41,22 @@ def main() -> None:
     parser.add_argument("--share-prompt", action="store_true")
     parser.add_argument("--rows", type=int, default=30, help="lines of the profile to print")
     parser.add_argument("--no-cudnn-attention", action="store_true", help="SDPA without its cuDNN kernels")
+    parser.add_argument("--attention-mask", action="store_true",
+                        help="give the decoder the batch's attention mask, as before 2026-11-27 (step_ab.py's row)")  # fmt: skip
+    parser.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
+                        help="set torch._inductor.config.KEY (dotted, e.g. triton.cudagraph_trees=False or "
+                        "combo_kernels=True) to a Python literal; repeatable")  # fmt: skip
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     if args.no_cudnn_attention:
         torch.backends.cuda.enable_cudnn_sdp(False)
+    for item in args.inductor:
+        key, _, value = item.partition("=")
+        *path, name = key.split(".")
+        section = functools.reduce(getattr, path, torch._inductor.config)
+        if not hasattr(section, name):
+            parser.error(f"--inductor {item}: torch._inductor.config has no {key}")
+        setattr(section, name, ast.literal_eval(value))
     if "reduce-overhead" in args.compile:  # why inductor skips CUDA graphs, if it does (it falls back silently)
         torch._logging.set_logs(cudagraphs=True)
     pairs, vocab, pad = load_data(args, args.pairs * (args.steps + args.profile_steps + 8))
@@ -49,6 +64,8 @@ def main() -> None:
         step = DpobenchStep(build_model(args.size, vocab, "cpu"), pairs, args.pairs, args.device, pad,
                             compile=SETTINGS[setting])  # fmt: skip
         step.trainer.share_prompt = args.share_prompt or step.trainer.share_prompt
+        if args.attention_mask:
+            with_attention_mask(step.trainer.policy, pad)
         for _ in range(5):
             step()
         times = []
@@ -66,7 +83,8 @@ def main() -> None:
         profiler.disable()
         wall = (time.perf_counter() - start) / args.profile_steps
         print(f"\n== {args.size}, {args.pairs} pairs, compile={setting}, share_prompt={step.trainer.share_prompt}, "
-              f"cuDNN attention={not args.no_cudnn_attention}, CUDA graphs skipped "
+              f"cuDNN attention={not args.no_cudnn_attention}, attention mask={args.attention_mask}, "
+              f"inductor {args.inductor or 'defaults'}, CUDA graphs skipped "
               f"{counters['inductor']['cudagraph_skips']} times so far: "
               f"median step {statistics.median(times) * 1e3:.1f} ms, under cProfile {wall * 1e3:.1f} ms", flush=True)  # fmt: skip
         for key in ("tottime", "cumulative"):
