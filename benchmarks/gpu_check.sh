@@ -6,14 +6,15 @@
 #   bash benchmarks/gpu_check.sh                     # there, with .whl carried; the table also goes to $OUT
 #   GPU_CHECK_PART=1 bash benchmarks/gpu_check.sh    # the first half only (then GPU_CHECK_PART=2)
 #
-# In order, most wanted first (a session can end early). Part 1 (about 4.5 minutes): why the CUDA-graph row ran
-# without graphs on 2026-11-27 (host_profile.py with inductor's cudagraph log); then pairs of varying length at 32
+# In order, most wanted first (a session can end early). Part 1 (about 5 minutes): CUDA graphs at 32 pairs per step
+# beside plain, in both layouts, with the graphs recorded counted (on 2026-11-27 a bug kept the mode from
+# torch.compile, so none ran; TORCH_LOGS=cudagraphs says why inductor skips any); then pairs of varying length at 32
 # pairs per step, the default (widths rounded up to 16), exact widths and --no-compile, each in its own process beside
-# plain (a process pays once per new shape, so rows must not share one). Part 2 (about 5 minutes): at 32 pairs per
+# plain (a process pays once per new shape, so rows must not share one). Part 2 (about 5.5 minutes): at 32 pairs per
 # step, one table of dpobench as `dpobench run` trains by default (compiled on CUDA), plain, TRL and --no-compile,
-# with a profile of 2 default steps, then CUDA graphs (and the prompt shared) beside plain; the same at 8 pairs.
-# Measured already on 2026-11-27 and left to run by hand: benchmarks/sync_check.py, and step_ab.py's prompt-sharing
-# A/B on fixed lengths.
+# with a profile of 2 default steps; the same at 8 pairs, with CUDA graphs; where a CUDA-graph step's host time goes
+# (host_profile.py). Measured already on 2026-11-27 and left to run by hand: benchmarks/sync_check.py, and
+# step_ab.py's prompt-sharing A/B on fixed lengths.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "${1:-}" = "--fetch-wheels" ]; then
@@ -29,25 +30,25 @@ export PYTHONPATH="$site" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 python3 -c "import torch, transformers, trl; print('torch', torch.__version__, 'transformers', transformers.__version__, 'trl', trl.__version__)"
 out="${OUT:-/tmp}"
-part="${GPU_CHECK_PART:-all}"  # 1 or 2: half each (about 5 and 4.5 minutes), for a session that must split its time
+part="${GPU_CHECK_PART:-all}"  # 1 or 2: half each (about 5 and 5.5 minutes), for a session that must split its time
 if [ "$part" != 2 ]; then
-    timeout 90 python3 benchmarks/host_profile.py --pairs 8 --compile reduce-overhead --steps 10 --profile-steps 2 \
-        --rows 15 > "$out/gpu_check_cudagraphs_why.txt" 2>&1 || echo "host_profile did not finish within 90 s"
-    grep -i "skipping\|re-record\|rerecord\|==" "$out/gpu_check_cudagraphs_why.txt" | sort | uniq -c | cut -c1-400 || true
+    TORCH_LOGS=cudagraphs timeout 150 python3 benchmarks/step_speed.py --cudagraphs --share-prompt --pairs 32 "$@" \
+        --only "dpobench --cudagraphs,plain,dpobench --cudagraphs --share-prompt" > "$out/gpu_check_cudagraphs_32.txt" \
+        2>&1 || echo "CUDA graphs at 32 pairs: past 150 s"
+    grep -v "cudagraph_trees\|__cudagraphs" "$out/gpu_check_cudagraphs_32.txt" || true
+    grep -i "skipping" "$out/gpu_check_cudagraphs_32.txt" | sort | uniq -c | cut -c1-400 || true
     for impl in "dpobench" "dpobench --exact-widths" "dpobench --no-compile"; do
         timeout 100 python3 benchmarks/step_speed.py --data varied --pairs 32 --steps 30 --no-trl --exact-widths \
             --only "$impl,plain" "$@" 2>&1 | tee -a "$out/gpu_check_varied.txt" || echo "$impl on varied data: past 100 s"
     done
 fi
 if [ "$part" = 1 ]; then exit; fi
-# each batch size in its own process, so that torch.compile specialises to its shape (fixed-length data); then
-# torch.compile's CUDA graphs (mode="reduce-overhead"), not a dpobench default, beside plain
+# each batch size in its own process, so that torch.compile specialises to its shape (fixed-length data)
 for pairs in 32 8; do
-    profile=$([ "$pairs" = 32 ] && echo "--profile 2" || true)
+    profile=$([ "$pairs" = 32 ] && echo "--profile 2" || echo "--cudagraphs")
     timeout 200 python3 benchmarks/step_speed.py --pairs "$pairs" $profile "$@" 2>&1 \
         | tee "$out/gpu_check_$pairs.txt" || echo "the $pairs-pair table did not finish within 200 s"
-    share=$([ "$pairs" = 32 ] && echo "--share-prompt" || true)
-    timeout 150 python3 benchmarks/step_speed.py --cudagraphs $share --pairs "$pairs" "$@" \
-        --only "dpobench --cudagraphs,plain,dpobench --cudagraphs --share-prompt" 2>&1 \
-        | tee "$out/gpu_check_cudagraphs_$pairs.txt" || echo "CUDA graphs at $pairs pairs: past 150 s"
 done
+timeout 90 python3 benchmarks/host_profile.py --pairs 32 --compile reduce-overhead --steps 10 --profile-steps 2 \
+    --rows 20 > "$out/gpu_check_host_cudagraphs.txt" 2>&1 || echo "host_profile did not finish within 90 s"
+grep -v "cudagraph_trees\|__cudagraphs" "$out/gpu_check_host_cudagraphs.txt" | head -40 || true

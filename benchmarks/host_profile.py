@@ -24,7 +24,7 @@ from torch._dynamo.utils import counters
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.step_ab import with_attention_mask
-from benchmarks.steps import DpobenchStep, add_data_arguments, build_model, load_data, sync
+from benchmarks.steps import DpobenchStep, add_data_arguments, build_model, cuda_graphs_recorded, load_data, sync
 from dpobench.models import SIZES
 
 SETTINGS = {"default": None, "on": True, "off": False, "reduce-overhead": "reduce-overhead"}
@@ -84,7 +84,7 @@ def main() -> None:
         wall = (time.perf_counter() - start) / args.profile_steps
         print(f"\n== {args.size}, {args.pairs} pairs, compile={setting}, share_prompt={step.trainer.share_prompt}, "
               f"cuDNN attention={not args.no_cudnn_attention}, attention mask={args.attention_mask}, "
-              f"inductor {args.inductor or 'defaults'}, CUDA graphs skipped "
+              f"inductor {args.inductor or 'defaults'}, CUDA graphs recorded {cuda_graphs_recorded()} and skipped "
               f"{counters['inductor']['cudagraph_skips']} times so far: "
               f"median step {statistics.median(times) * 1e3:.1f} ms, under cProfile {wall * 1e3:.1f} ms", flush=True)  # fmt: skip
         for key in ("tottime", "cumulative"):

@@ -32,7 +32,7 @@ import torch
 from torch._dynamo.utils import counters
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.steps import add_data_arguments, build_model, load_data, make_step, sync
+from benchmarks.steps import add_data_arguments, build_model, cuda_graphs_recorded, load_data, make_step, sync
 from benchmarks.trl_step import trl_available
 from dpobench.models import SIZES
 
@@ -103,7 +103,7 @@ def measure(args: argparse.Namespace, batch: int, data, peak_tflops: float) -> l
             step.trainer.pad_multiple = 1
         if name.endswith("--synced"):  # the loss's finiteness asked of the host mid-step, as before 2026-11-27
             step.trainer.defer_finite_check = False
-        skips = counters["inductor"]["cudagraph_skips"]  # inductor falls back without graphs silently
+        skips, graphs = counters["inductor"]["cudagraph_skips"], cuda_graphs_recorded()  # inductor can go without
         try:
             warm = time.perf_counter()
             may_compile = name.startswith("dpobench") and compile is not False
@@ -129,10 +129,13 @@ def measure(args: argparse.Namespace, batch: int, data, peak_tflops: float) -> l
                      "step ms": mean * 1e3, "MFU": flops_per_token * params * tokens_s / (peak_tflops * 1e12),
                      "MFU done": flops_done * tokens_s / (peak_tflops * 1e12),
                      "peak GB": memory, "params M": params / 1e6})  # fmt: skip
-        skips = counters["inductor"]["cudagraph_skips"] - skips
+        skips, graphs = counters["inductor"]["cudagraph_skips"] - skips, cuda_graphs_recorded() - graphs
+        note = ""
+        if "--cudagraphs" in name:  # say whether graphs ran: inductor goes without them silently
+            note = f"; {graphs} CUDA graphs recorded" + (" (none: the row ran without them)" if not graphs else "")
+            note += f", {skips} skipped (TORCH_LOGS=cudagraphs says why)" if skips else ""
         print(f"measured: {name}, {batch} pairs/step: {batch / mean:.1f} pairs/s, {memory:.2f} GB "
-              f"(warm-up steps took {warm:.1f} s)" + (f"; CUDA graphs skipped {skips} times: the row ran (partly) "
-              "without them (TORCH_LOGS=cudagraphs says why)" if skips else ""), flush=True)  # fmt: skip
+              f"(warm-up steps took {warm:.1f} s){note}", flush=True)  # fmt: skip
         del step, model
     return rows
 

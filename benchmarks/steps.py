@@ -79,6 +79,24 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def cuda_graphs_recorded() -> int:
+    """How many CUDA graphs torch.compile's graph trees have recorded in this process: 0 where none ran. Inductor can
+    leave graphs out without a word (a mode that never reached it, a graph partition with nothing to capture), and
+    its skip counter sees only some of those cases."""
+    if not torch.cuda.is_available():
+        return 0
+    from torch._inductor import cudagraph_trees
+
+    manager = cudagraph_trees.get_manager(torch.cuda.current_device(), create_if_none_exists=False)
+    stack = [node for nodes in manager.roots.values() for node in nodes] if manager is not None else []
+    count = 0
+    while stack:
+        node = stack.pop()
+        count += 1
+        stack.extend(child for children in getattr(node, "children", {}).values() for child in children)
+    return count
+
+
 class DpobenchStep:
     def __init__(self, model: Any, pairs: list[Pair], batch: int, device: str, pad_id: int = 0,
                  compile: bool | str | None = None, variant: str = "dpo", steps: int = 10_000) -> None:  # fmt: skip

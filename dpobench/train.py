@@ -137,7 +137,9 @@ class CellTrainer:
         self.weights = torch.tensor([p.weight for p in train.pairs], dtype=torch.float32, device=device)
         self.needs_logsumsq = "logsumsq" in loss.inputs
         self.auto_compile = config.compile is None
-        mode = resolve_compile(config.compile, device, policy) and not (self.auto_compile and _COMPILE_FAILED)
+        mode = resolve_compile(config.compile, device, policy)  # True, False, or a torch.compile mode (a string)
+        if self.auto_compile and _COMPILE_FAILED:
+            mode = False  # compiled by default, and the compiler failed once in this process: eager from then on
         self.compiled = _compiled_layers(policy, mode, self.auto_compile) if mode else []
         # compile="reduce-overhead" (benchmarks only, for now): the compiled layers also run as CUDA graphs
         self.cudagraphs = config.compile == "reduce-overhead" and device.startswith("cuda")

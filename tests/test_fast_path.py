@@ -288,6 +288,31 @@ def test_prompt_sharing_is_on_by_default_for_the_cpu_and_models_that_allow_it(se
     assert resolve_share_prompt(None, "cpu", qwen2) is True
 
 
+@pytest.mark.parametrize(
+    ("requested", "failed_before", "expected"),
+    [("reduce-overhead", False, "reduce-overhead"), (True, False, None), (True, True, None), (None, True, "eager")],
+)
+def test_the_requested_compile_mode_reaches_torch_compile(
+    setup, start, monkeypatch, requested, failed_before, expected
+) -> None:
+    """``compile="reduce-overhead"`` (CUDA graphs) must reach torch.compile as that mode: it was once turned into
+    True, so the benchmarks' CUDA-graph rows ran compiled without graphs. A default compile that failed earlier in
+    the process trains eagerly; one asked for compiles anyway."""
+    policy, _, pad, pairs = setup
+    state, cached = start
+    modes = []
+    monkeypatch.setattr(
+        torch, "compile", lambda fn, **kw: modes.append(kw.get("mode")) or fn
+    )  # records, compiles nothing
+    monkeypatch.setattr("dpobench.train.resolve_compile", lambda value, device, model: True if value is None else value)
+    monkeypatch.setattr("dpobench.train._COMPILE_FAILED", ["an earlier failure"] if failed_before else [])
+    config = TrainConfig(steps=1, batch_size=8, compile=requested)
+    trainer = CellTrainer(policy, state, dpobench.get_loss("dpo"), PairSet(pairs), cached, pad, config, seed=0)
+    layers = len(policy.get_decoder().layers)
+    assert modes == ([] if expected == "eager" else [expected] * layers)
+    assert len(trainer.compiled) == (0 if expected == "eager" else layers)
+
+
 def _failing_backend(graph, example_inputs):
     raise RuntimeError("no C compiler found")  # what a broken toolchain looks like to dynamo
 
