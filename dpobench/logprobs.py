@@ -6,6 +6,7 @@ positions, in chunks, so no (B, T, V) float32 log-softmax is ever held.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
@@ -141,7 +142,7 @@ class _HeadLogprobs(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk: int, dtype, want_logsumsq: bool):  # type: ignore[override]
+    def forward(ctx, hidden, weight, targets, chunk: int, dtype, want_logsumsq: bool, fused: bool = False):  # type: ignore[override]
         w = weight.to(dtype)
         n = hidden.shape[0]
         token_logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
@@ -149,13 +150,20 @@ class _HeadLogprobs(torch.autograd.Function):
         lss = torch.empty(n, dtype=torch.float32, device=hidden.device) if want_logsumsq else None
         for start in range(0, n, chunk):
             end = min(n, start + chunk)
+            if fused:  # one compiled kernel reads the chunk's logits in their own dtype; no float32 copy
+                logits = hidden[start:end].to(dtype) @ w.T
+                lse[start:end], chunk_lss = _compiled_head_ops()[1 if lss is not None else 0](logits)
+                if lss is not None:
+                    lss[start:end] = chunk_lss
+                token_logp[start:end] = logits.gather(1, targets[start:end, None]).squeeze(1).float() - lse[start:end]
+                continue
             logits = (hidden[start:end].to(dtype) @ w.T).float()
             lse[start:end] = torch.logsumexp(logits, -1)
             token_logp[start:end] = logits.gather(1, targets[start:end, None]).squeeze(1) - lse[start:end]
             if lss is not None:  # log Σ_v p(v)², WPO's per-token statistic (a constant: no gradient)
                 lss[start:end] = torch.logsumexp(2 * logits, -1) - 2 * lse[start:end]
         ctx.save_for_backward(hidden, weight, targets, lse)
-        ctx.chunk, ctx.dtype = chunk, dtype
+        ctx.chunk, ctx.dtype, ctx.fused = chunk, dtype, fused
         if lss is None:
             return token_logp, token_logp.new_zeros(0)
         ctx.mark_non_differentiable(lss)
@@ -175,18 +183,46 @@ class _HeadLogprobs(torch.autograd.Function):
         for start in range(0, hidden.shape[0], ctx.chunk):
             end = min(hidden.shape[0], start + ctx.chunk)
             h = hidden[start:end].to(ctx.dtype)
-            grad = (h @ w.T).float().sub_(lse[start:end, None]).exp_()  # softmax, recomputed
             g = grad_logp[start:end].float()
-            grad.mul_(-g[:, None])
-            grad.scatter_add_(1, targets[start:end, None], g[:, None])  # (onehot − softmax) · g
-            grad = grad.to(ctx.dtype)
+            if ctx.fused:  # the same, as one compiled kernel from the logits to the gradient, both in ctx.dtype
+                grad = _compiled_head_ops()[2](h @ w.T, lse[start:end], g, targets[start:end])
+            else:  # in place: the fewest passes eagerly
+                grad = (h @ w.T).float().sub_(lse[start:end, None]).exp_()  # softmax, recomputed
+                grad.mul_(-g[:, None])
+                grad.scatter_add_(1, targets[start:end, None], g[:, None])  # (onehot − softmax) · g
+                grad = grad.to(ctx.dtype)
             if grad_hidden is not None:
                 grad_hidden[start:end] = grad @ w
             if grad_weight is not None:
                 grad_weight += (grad.T @ h).float()
         return (
-            grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), None, None, None, None
+            grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), None, None, None, None, None
         )  # fmt: skip
+
+
+def _head_lse(logits: Tensor) -> tuple[Tensor, None]:
+    """log Σ_v exp(z_v) per row, in float32, from logits in any dtype."""
+    return torch.logsumexp(logits.float(), -1), None
+
+
+def _head_lse_lss(logits: Tensor) -> tuple[Tensor, Tensor]:
+    """log Σ_v exp(z_v) and log Σ_v p(v)² per row, in float32."""
+    z = logits.float()
+    lse = torch.logsumexp(z, -1)
+    return lse, torch.logsumexp(2 * z, -1) - 2 * lse
+
+
+def _head_grad(logits: Tensor, lse: Tensor, g: Tensor, targets: Tensor) -> Tensor:
+    """∂(g · log p_target)/∂z = (onehot(target) − softmax(z)) · g per row, in the logits' dtype: pointwise, so
+    that inductor makes it one kernel that reads the logits and writes the gradient, and nothing in between."""
+    onehot = torch.arange(logits.shape[-1], device=logits.device) == targets[:, None]
+    return ((onehot.float() - (logits.float() - lse[:, None]).exp()) * g[:, None]).to(logits.dtype)
+
+
+@functools.cache
+def _compiled_head_ops() -> tuple[Any, Any, Any]:
+    """``_head_lse``, ``_head_lse_lss`` and ``_head_grad``, torch.compile'd once per process (on first use)."""
+    return tuple(torch.compile(f, dynamic=None) for f in (_head_lse, _head_lse_lss, _head_grad))
 
 
 def _layout(batch: Batch) -> dict[str, Tensor]:
@@ -232,12 +268,14 @@ def _compute_dtype(hidden: Tensor) -> torch.dtype:
 
 
 def sequence_logprobs(
-    model: Any, batch: Batch, *, logsumsq: bool = False, chunk_tokens: int | None = None
+    model: Any, batch: Batch, *, logsumsq: bool = False, chunk_tokens: int | None = None, compiled_head: bool = False
 ) -> tuple[Tensor, Tensor | None]:
     """Σ_t log π(y_t | x, y_<t) over completion tokens per row, float32; optionally Σ_t log Σ_v π(v)².
 
     The LM head is applied only at completion positions, ``chunk_tokens`` at a time (by default as many as fit
-    ``LOGITS_BUDGET``), through a fused head whose backward recomputes logits chunk by chunk."""
+    ``LOGITS_BUDGET``), through a fused head whose backward recomputes logits chunk by chunk. ``compiled_head``:
+    its softmax statistics and gradient come from torch.compile'd kernels that read each chunk's logits in their
+    own dtype (bf16 under autocast), rather than eager passes over a float32 copy."""
     head = model.get_output_embeddings()
     if _head_only_path(model) and getattr(head, "bias", None) is None:
         # one row per sequence gets no attention mask: rows are right-padded, so causal attention keeps every real
@@ -248,7 +286,7 @@ def sequence_logprobs(
         selected = hidden.flatten(0, 1).index_select(0, batch.positions)
         chunk = chunk_tokens or max(1, LOGITS_BUDGET // head.weight.shape[0])
         token_logp, token_lss = _HeadLogprobs.apply(
-            selected, head.weight, batch.targets, chunk, _compute_dtype(selected), logsumsq
+            selected, head.weight, batch.targets, chunk, _compute_dtype(selected), logsumsq, compiled_head
         )  # fmt: skip
     else:  # models that transform their logits (or have a head bias): take them whole
         logits = (

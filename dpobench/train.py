@@ -190,7 +190,8 @@ class CellTrainer:
         if self.cudagraphs:
             torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=config.autocast), _use_compiled(self.compiled):
-            sums, lss = sequence_logprobs(policy, batch, logsumsq=self.needs_logsumsq)
+            sums, lss = sequence_logprobs(policy, batch, logsumsq=self.needs_logsumsq,
+                                          compiled_head=bool(self.compiled))  # fmt: skip
         tokens = batch.tokens
         policy_lp = LogProbs(
             sums[:b], sums[b:], tokens[:b], tokens[b:], *((lss[:b], lss[b:]) if lss is not None else ())

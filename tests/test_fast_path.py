@@ -186,6 +186,42 @@ def test_fused_head_under_bf16_autocast_matches_autograd(setup) -> None:
         assert error < 0.05, (name, error)  # bf16 products: ~1 % apart; a wrong scale or sign is ≥ 100 %
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+def test_the_compiled_head_equals_the_eager_head(setup, autocast) -> None:
+    """CUDA's compiled steps take the head's softmax statistics and gradient from torch.compile'd pointwise kernels
+    (``compiled_head``); the eager head computes them in place. Same log-probs, WPO statistic and gradients: within
+    float32 rounding, and within bf16 rounding of the gradient under bf16 autocast (compiled here by inductor's CPU
+    backend, with a partial last chunk)."""
+    policy, _, pad, pairs = setup
+    batch = collate(pair_rows(pairs[:6]), pad)
+    results = []
+    for compiled in (True, False):
+        policy.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            sums, lss = sequence_logprobs(policy, batch, logsumsq=True, chunk_tokens=7, compiled_head=compiled)
+        (sums * torch.linspace(-1, 2, len(sums))).sum().backward()  # distinct weights per row, some negative
+        results.append((sums.detach(), lss, {n: p.grad.clone() for n, p in policy.named_parameters()}))
+    policy.zero_grad()
+    (sums, lss, grads), (eager_sums, eager_lss, eager_grads) = results
+    torch.testing.assert_close(sums, eager_sums, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(lss, eager_lss, rtol=1e-5, atol=1e-4)
+    for name, grad in grads.items():
+        error = float((grad - eager_grads[name]).norm() / eager_grads[name].norm())
+        assert error < (1e-2 if autocast else 1e-5), (name, error)  # a wrong sign or scale is ≥ 100 %
+
+
+def test_the_head_gradient_kernel_is_onehot_minus_softmax_times_g() -> None:
+    """``_head_grad``'s pointwise form, by hand: logits (0, ln 3) give softmax (1/4, 3/4); target 1, g = 2 gives
+    (0 − 1/4, 1 − 3/4) · 2 = (−1/2, 1/2)."""
+    from dpobench.logprobs import _head_grad, _head_lse_lss
+
+    logits = torch.tensor([[0.0, math.log(3.0)]])
+    lse, lss = _head_lse_lss(logits)
+    assert float(lse) == pytest.approx(math.log(4.0)) and float(lss) == pytest.approx(math.log(1 / 16 + 9 / 16))
+    grad = _head_grad(logits, lse, torch.tensor([2.0]), torch.tensor([1]))
+    torch.testing.assert_close(grad, torch.tensor([[-0.5, 0.5]]))
+
+
 @pytest.mark.parametrize("share_prompt", [False, True])
 def test_cudas_rounded_widths_train_as_exact_widths_do(setup, start, share_prompt) -> None:
     """CUDA rounds each batch's width up to a multiple of 16 (each new width costs a cuDNN plan and a compiled
@@ -240,8 +276,9 @@ def test_compiled_training_equals_eager_and_leaves_the_model_eager(setup) -> Non
     for name, value in runs[True][1].items():
         assert_adam_close(value, runs[False][1][name], 3e-3, name)
     assert all(layer._compiled_call_impl is None for layer in policy.get_decoder().layers)
-    # one graph for the first shape, one dynamic-shape recompile: not one (or eight) per layer
-    assert graphs[False] == 0 and 1 <= graphs[True] <= 2, graphs
+    # the layers: one graph for the first shape, one dynamic-shape recompile, not one (or eight) per layer; the
+    # compiled head: its statistics and its gradient, the same (a partial last chunk)
+    assert graphs[False] == 0 and 3 <= graphs[True] <= 6, graphs
 
 
 def test_compile_is_on_by_default_for_cuda_and_models_of_a_million_parameters(setup) -> None:
