@@ -4,17 +4,20 @@
 #
 #   bash benchmarks/gpu_check.sh --fetch-wheels      # here, once: TRL 1.16 and what the GPU image lacks, into .whl/
 #   bash benchmarks/gpu_check.sh                     # there, with .whl carried; the table also goes to $OUT
-#   GPU_CHECK_PART=1 bash benchmarks/gpu_check.sh    # the first half only (then GPU_CHECK_PART=2)
+#   GPU_CHECK_PART=1 bash benchmarks/gpu_check.sh    # one part only (1, 2 or 3), for a session that splits its time
 #
-# In order, most wanted first (a session can end early). Part 1 (about 5 minutes): CUDA graphs at 32 pairs per step
-# beside plain, in both layouts, with the graphs recorded counted (on 2026-11-27 a bug kept the mode from
-# torch.compile, so none ran; TORCH_LOGS=cudagraphs says why inductor skips any); then pairs of varying length at 32
-# pairs per step, the default (widths rounded up to 16), exact widths and --no-compile, each in its own process beside
-# plain (a process pays once per new shape, so rows must not share one). Part 2 (about 5.5 minutes): at 32 pairs per
-# step, one table of dpobench as `dpobench run` trains by default (compiled on CUDA), plain, TRL and --no-compile,
-# with a profile of 2 default steps; the same at 8 pairs, with CUDA graphs; where a CUDA-graph step's host time goes
-# (host_profile.py). Measured already on 2026-11-27 and left to run by hand: benchmarks/sync_check.py, and
-# step_ab.py's prompt-sharing A/B on fixed lengths.
+# In order, most wanted first (a session can end early). About 12 minutes on an H200 for all three parts.
+# Part 1 (about 4 minutes): CUDA graphs at 32 pairs per step beside plain, in both layouts, with the graphs recorded
+# counted (on 2026-11-27 a bug kept the mode from torch.compile, so none ran; TORCH_LOGS=cudagraphs says why inductor
+# skips any); then an interleaved A/B at 32 pairs of the default step against the same with the LM head's softmax
+# and gradient eager, as before the compiled head (2026-11-27, third GPU session).
+# Part 2 (about 4.5 minutes): pairs of varying length at 32 pairs per step, the default (widths rounded up to 16),
+# exact widths and --no-compile, each in its own process beside plain (a process pays once per new shape, so rows
+# must not share one); then the table at 8 pairs per step (default, plain, TRL, --no-compile, CUDA graphs).
+# Part 3 (about 3.5 minutes): the table at 32 pairs per step with a profile of 2 default steps; where a CUDA-graph
+# step's host time goes (host_profile.py).
+# Measured already on 2026-11-27 and left to run by hand: benchmarks/sync_check.py, and step_ab.py's prompt-sharing
+# A/B on fixed lengths.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "${1:-}" = "--fetch-wheels" ]; then
@@ -30,25 +33,28 @@ export PYTHONPATH="$site" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 python3 -c "import torch, transformers, trl; print('torch', torch.__version__, 'transformers', transformers.__version__, 'trl', trl.__version__)"
 out="${OUT:-/tmp}"
-part="${GPU_CHECK_PART:-all}"  # 1 or 2: half each (about 5 and 5.5 minutes), for a session that must split its time
-if [ "$part" != 2 ]; then
+part="${GPU_CHECK_PART:-all}"
+if [ "$part" = all ] || [ "$part" = 1 ]; then
     TORCH_LOGS=cudagraphs timeout 150 python3 benchmarks/step_speed.py --cudagraphs --share-prompt --pairs 32 "$@" \
         --only "dpobench --cudagraphs,plain,dpobench --cudagraphs --share-prompt" > "$out/gpu_check_cudagraphs_32.txt" \
         2>&1 || echo "CUDA graphs at 32 pairs: past 150 s"
     grep -v "cudagraph_trees\|__cudagraphs" "$out/gpu_check_cudagraphs_32.txt" || true
     grep -i "skipping" "$out/gpu_check_cudagraphs_32.txt" | sort | uniq -c | cut -c1-400 || true
+    timeout 100 python3 benchmarks/step_ab.py --size base --data fixed --pairs 32 --rounds 10 \
+        --rows "default,eager head" 2>&1 | tee "$out/gpu_check_ab_head.txt" || echo "the head A/B: past 100 s"
+fi
+if [ "$part" = all ] || [ "$part" = 2 ]; then
     for impl in "dpobench" "dpobench --exact-widths" "dpobench --no-compile"; do
         timeout 100 python3 benchmarks/step_speed.py --data varied --pairs 32 --steps 30 --no-trl --exact-widths \
             --only "$impl,plain" "$@" 2>&1 | tee -a "$out/gpu_check_varied.txt" || echo "$impl on varied data: past 100 s"
     done
+    timeout 150 python3 benchmarks/step_speed.py --pairs 8 --cudagraphs "$@" 2>&1 | tee "$out/gpu_check_8.txt" \
+        || echo "the 8-pair table did not finish within 150 s"
 fi
-if [ "$part" = 1 ]; then exit; fi
-# each batch size in its own process, so that torch.compile specialises to its shape (fixed-length data)
-for pairs in 32 8; do
-    profile=$([ "$pairs" = 32 ] && echo "--profile 2" || echo "--cudagraphs")
-    timeout 200 python3 benchmarks/step_speed.py --pairs "$pairs" $profile "$@" 2>&1 \
-        | tee "$out/gpu_check_$pairs.txt" || echo "the $pairs-pair table did not finish within 200 s"
-done
-timeout 90 python3 benchmarks/host_profile.py --pairs 32 --compile reduce-overhead --steps 10 --profile-steps 2 \
-    --rows 20 > "$out/gpu_check_host_cudagraphs.txt" 2>&1 || echo "host_profile did not finish within 90 s"
-grep -v "cudagraph_trees\|__cudagraphs" "$out/gpu_check_host_cudagraphs.txt" | head -40 || true
+if [ "$part" = all ] || [ "$part" = 3 ]; then
+    timeout 150 python3 benchmarks/step_speed.py --pairs 32 --profile 2 "$@" 2>&1 | tee "$out/gpu_check_32.txt" \
+        || echo "the 32-pair table did not finish within 150 s"
+    timeout 90 python3 benchmarks/host_profile.py --pairs 32 --compile reduce-overhead --steps 10 --profile-steps 2 \
+        --rows 20 > "$out/gpu_check_host_cudagraphs.txt" 2>&1 || echo "host_profile did not finish within 90 s"
+    grep -v "cudagraph_trees\|__cudagraphs" "$out/gpu_check_host_cudagraphs.txt" | head -40 || true
+fi

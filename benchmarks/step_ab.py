@@ -24,6 +24,8 @@ Rows:
   2026-11-27 (third GPU session); the CPU rounds nothing, so there the row equals ``default``. Use ``--data varied``
   or ``task``: fixed-length data has one width either way.
 - ``eager``: the default step without ``torch.compile`` (CUDA compiles by default; the CPU does not).
+- ``eager head``: compiled layers, but the LM head's softmax statistics and gradient computed eagerly, as before
+  2026-11-27 (third GPU session). Equals ``default`` where nothing compiles (the CPU, by default).
 
 On varying lengths, a CUDA process pays once for each new batch shape (a cuDNN attention plan, a compiled shape),
 and the row that meets a shape first pays for the rows after it: compare ``exact widths`` and ``eager`` there with
@@ -46,7 +48,7 @@ from benchmarks.steps import DpobenchStep, add_data_arguments, build_model, load
 from dpobench.models import SIZES
 
 ROWS = ("default", "prompt shared", "one row per sequence", "attention mask", "per-tensor AdamW", "synced", "as before",
-        "exact widths", "eager")  # fmt: skip
+        "exact widths", "eager", "eager head")  # fmt: skip
 
 
 def with_attention_mask(model, pad_id: int) -> None:
@@ -66,6 +68,8 @@ def make_row(row: str, model, pairs, batch: int, device: str, pad_id: int, compi
     trainer = step.trainer
     if row == "exact widths":
         trainer.pad_multiple = 1
+    if row == "eager head":
+        trainer.compile_head = False
     if row in ("per-tensor AdamW", "as before") and device == "cpu":
         lr, warmup = trainer.config.lr, trainer.schedule.lr_lambdas[0]  # the trainer's own warm-up
         trainer.optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, fused=False, foreach=False)

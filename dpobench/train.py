@@ -144,6 +144,9 @@ class CellTrainer:
         # compile="reduce-overhead" (benchmarks only, for now): the compiled layers also run as CUDA graphs
         self.cudagraphs = config.compile == "reduce-overhead" and device.startswith("cuda")
         self.pad_multiple = pad_multiple(device)
+        #: where the layers compile, so do the LM head's softmax statistics and gradient (``sequence_logprobs``'
+        #: ``compiled_head``); False keeps them eager (the benchmarks compare the two)
+        self.compile_head = True
         self.share_prompt = resolve_share_prompt(config.share_prompt, device, policy)
         lengths = [p.length for p in train.pairs]
         self.order = batch_order(
@@ -191,7 +194,7 @@ class CellTrainer:
             torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=config.autocast), _use_compiled(self.compiled):
             sums, lss = sequence_logprobs(policy, batch, logsumsq=self.needs_logsumsq,
-                                          compiled_head=bool(self.compiled))  # fmt: skip
+                                          compiled_head=self.compile_head and bool(self.compiled))  # fmt: skip
         tokens = batch.tokens
         policy_lp = LogProbs(
             sums[:b], sums[b:], tokens[:b], tokens[b:], *((lss[:b], lss[b:]) if lss is not None else ())
