@@ -88,6 +88,7 @@ def cell_finals(tidy: pd.DataFrame) -> pd.DataFrame:
         window = (last // 10).clip(lower=1)
         tail = steps[steps.step > last - window]
         train = tail.pivot_table(index="cell_id", columns="metric", values="value", aggfunc="mean")
+        train = _window_throughput(tail, train)
     else:
         train = pd.DataFrame(index=info.index)
     evals = tidy[tidy.source == "eval"]
@@ -101,6 +102,21 @@ def cell_finals(tidy: pd.DataFrame) -> pd.DataFrame:
         if metric not in frame:
             frame[metric] = math.nan
     return frame.reset_index()
+
+
+def _window_throughput(tail: pd.DataFrame, train: pd.DataFrame) -> pd.DataFrame:
+    """Pairs/s and tokens/s of the window as work over time (Σ pairs / Σ seconds), not the mean of per-step rates,
+    which one fast step dominates and which would then disagree with the window's mean step time."""
+    rates = tail[tail.metric.isin(["pairs_per_s", "tokens_per_s", "step_time_ms"])]
+    rates = rates.pivot_table(index=["cell_id", "step"], columns="metric", values="value", aggfunc="mean")
+    if "step_time_ms" not in rates:
+        return train
+    seconds = rates.step_time_ms / 1e3
+    total = seconds.groupby(level="cell_id").sum()
+    for metric in ("pairs_per_s", "tokens_per_s"):
+        if metric in rates:
+            train[metric] = (rates[metric] * seconds).groupby(level="cell_id").sum() / total
+    return train
 
 
 def configuration_labels(finals: pd.DataFrame) -> pd.Series:

@@ -70,6 +70,27 @@ def test_finals_average_the_last_tenth_of_steps(store_dir: Path) -> None:
     assert finals.loc["ref-0", "gold_reward"] == 0.0
 
 
+def test_throughput_is_the_windows_work_over_its_time(tmp_path: Path) -> None:
+    """Pairs/s over the last tenth of steps is Σ pairs / Σ seconds, so it agrees with the mean step time: steps of
+    10 ms and 1 ms at 32 pairs make 64 pairs in 11 ms, 5818 pairs/s, not the 17600 that averaging the rates gives."""
+    store = Store(tmp_path / "results.sqlite")
+    store.add_run("run-1", command="dpobench run", config={}, dpobench_version="0.1.0", torch_version="2.13.0",
+                  transformers_version="5.24.0", model="tiny", model_hash="abc", device="cpu", dtype="float32")  # fmt: skip
+    cell = {"cell_id": "c", "run_id": "run-1", "variant": "dpo", "plugin": "p", "plugin_version": "1",
+            "params": "{}", "beta": 0.1, "seed": 0, "scenario": "clean", "model": "tiny", "model_hash": "abc",
+            "device": "cpu", "dtype": "float32", "config": "{}", "status": "done", "error": "", "started": 0.0,
+            "finished": 1.0, "seconds": 1.0}  # fmt: skip
+    ms = [5.0] * 18 + [10.0, 1.0]  # 20 steps: the window is steps 19 and 20
+    steps = [{"step": s + 1, "loss": 0.5, "step_time_ms": t, "pairs_per_s": 32 / (t / 1e3),
+              "tokens_per_s": 3200 / (t / 1e3)} for s, t in enumerate(ms)]  # fmt: skip
+    store.write_cell(cell, steps, [])
+    store.close()
+    final = cell_finals(read_tidy(tmp_path)).set_index("cell_id").loc["c"]
+    assert final.step_time_ms == pytest.approx(5.5)
+    assert final.pairs_per_s == pytest.approx(64 / 0.011) and final.tokens_per_s == pytest.approx(6400 / 0.011)
+    assert final.pairs_per_s == pytest.approx(32 / (final.step_time_ms / 1e3))
+
+
 def test_confidence_interval_is_a_t_interval_over_seeds(store_dir: Path) -> None:
     table = aggregate(cell_finals(read_tidy(store_dir)), ["gold_reward", "kl_to_reference"]).set_index(
         ["variant", "beta"]
