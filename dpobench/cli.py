@@ -384,8 +384,18 @@ def report(
     database = store / "results.sqlite" if store.is_dir() else store
     if not database.is_file():
         raise CLIError(f"{store}: no results.sqlite here; give the --out directory of `dpobench run`")
+    try:  # pandas wraps sqlite's errors in its own DatabaseError: a file that is not a store, or a foreign one
+        runs = run_info(database)
+    except Exception as error:
+        if "Database" not in type(error).__name__:
+            raise
+        raise CLIError(
+            f"{database}: not a dpobench results store ({str(error).splitlines()[0]}); give the --out directory of `dpobench run`"
+        ) from None
+    if not runs:
+        raise CLIError(f"{database}: the store holds no runs yet; run `dpobench run --out {store}` first")
     _load()
-    target = to or Path("reports") / run_info(database)[-1]["run_id"]
+    target = to or Path("reports") / runs[-1]["run_id"]
     try:
         written = write_report(database, target, formats, metric, bench)
     except ValueError as error:

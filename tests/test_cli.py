@@ -98,6 +98,29 @@ def test_user_errors_are_one_line_without_traceback(args: list[str], message: st
     assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1
 
 
+def test_report_on_what_is_not_a_store_with_runs_is_one_line(tmp_path: Path) -> None:
+    """A run's summary.csv, another program's SQLite file, a store with no run yet: each named, no traceback."""
+    import sqlite3
+
+    from dpobench.store import Store
+
+    (tmp_path / "summary.csv").write_text("variant,beta\ndpo,0.1\n")
+    with sqlite3.connect(tmp_path / "other.sqlite") as db:
+        db.execute("CREATE TABLE customers (id INTEGER)")
+    (tmp_path / "empty").mkdir()
+    Store(tmp_path / "empty" / "results.sqlite").close()
+    cases = {
+        "summary.csv": "not a dpobench results store (",
+        "other.sqlite": "not a dpobench results store (",
+        "empty": "the store holds no runs yet; run `dpobench run --out",
+    }
+    for name, message in cases.items():
+        result = subprocess.run([sys.executable, "-m", "dpobench", "report", str(tmp_path / name)],
+                                capture_output=True, text=True, env=subprocess_env(), timeout=120)  # fmt: skip
+        assert result.returncode == 2 and message in result.stderr, (name, result.stderr)
+        assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1, (name, result.stderr)
+
+
 def test_landscape_writes_a_tidy_csv(tmp_path: Path) -> None:
     out = tmp_path / "sub" / "landscape.csv"
     result = invoke(
