@@ -295,6 +295,9 @@ def run(
         raise CLIError(f"--preset {preset_name!r}: use one of {', '.join(PRESETS)}")
     chosen = {**PRESETS[preset_name], **settings}
     grids: dict[str, dict[str, tuple]] = {}
+    if not isinstance(chosen.get("params", {}), dict):
+        raise CLIError("--config: params must be a table, [params.VARIANT] with KEY = [values]; "
+                       "on the command line, --param VARIANT.KEY=V1,V2")  # fmt: skip
     for variant, values in dict(chosen.get("params", {})).items():  # TOML: [params.VARIANT] key = [v1, v2]
         if not isinstance(values, dict):
             raise CLIError(f"--config: params.{variant} must be a table of key = [values]")

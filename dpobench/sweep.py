@@ -101,6 +101,33 @@ def open_store(out: Path) -> Store:
         raise SweepError(f"{out / 'results.sqlite'} is not a dpobench store ({error}); choose another --out") from None
 
 
+def plan_cells(config: SweepConfig, specs: list[Any]) -> list[tuple[Any, Any, float, int, str]]:
+    """(spec, loss, β, seed, scenario) of every cell, each loss built (so its parameters are checked) before
+    anything trains. A variant's own β values (``--param VARIANT.beta=…``) replace ``--betas`` for it alone."""
+    cells = []
+    for spec in specs:
+        grid = dict(config.params.get(spec.name, {}))
+        betas = config.betas
+        if "beta" in grid and "beta" in spec.params:
+            betas = tuple(_own_beta(spec.name, value) for value in grid.pop("beta"))
+        for beta, seed, scenario in itertools.product(betas, config.seeds, config.scenarios):
+            for values in itertools.product(*grid.values()):
+                params = {**dict(zip(grid, values, strict=True)), **({"beta": beta} if "beta" in spec.params else {})}
+                loss = spec.build(**params)  # parameters validated before anything trains
+                cells.append((spec, loss, beta if "beta" in spec.params else math.nan, seed, scenario))
+    return cells
+
+
+def _own_beta(variant: str, value: object) -> float:
+    try:
+        beta = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise SweepError(f"--param {variant}.beta={value!r}: β must be a number > 0") from None
+    if not beta > 0:
+        raise SweepError(f"--param {variant}.beta={value!r}: β must be a number > 0")
+    return beta
+
+
 def _git_commit() -> str | None:
     try:
         root = Path(__file__).resolve().parents[1]
@@ -138,13 +165,7 @@ def run_sweep(
     for variant in config.params:
         if variant not in names:
             raise SweepError(f"--param {variant}.…: {variant!r} is not among the variants of this sweep")
-    cells = []
-    for spec, beta, seed, scenario in itertools.product(specs, config.betas, config.seeds, config.scenarios):
-        grid = config.params.get(spec.name, {})
-        for values in itertools.product(*grid.values()):
-            params = {**dict(zip(grid, values, strict=True)), **({"beta": beta} if "beta" in spec.params else {})}
-            loss = spec.build(**params)  # parameters validated before anything trains
-            cells.append((spec, loss, beta if "beta" in spec.params else math.nan, seed, scenario))
+    cells = plan_cells(config, specs)
     if config.data and set(config.scenarios) != {"clean"}:
         raise SweepError(
             "--scenarios noisy/length-biased need the synthetic task's gold labels; drop --data or use clean"

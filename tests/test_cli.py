@@ -176,6 +176,7 @@ def test_run_from_a_toml_config(tmp_path: Path, untrained_model: Path) -> None:
         ("lr = -1.0\n", "lr = -1.0: must be ≥ 0"),
         ("betas = [0.1, true]\n", "betas = [0.1, True]: expected comma-separated float values"),
         ("preset = 'huge'\n", "--preset 'huge': use one of quick, standard"),
+        ('params = "dpo.label_smoothing=0.1"\n', "--config: params must be a table, [params.VARIANT] with KEY"),
     ],
 )
 def test_run_config_errors_are_one_line(tmp_path: Path, content: str, message: str) -> None:

@@ -18,7 +18,7 @@ import dpobench
 from dpobench.data import DataRecipe, decode_completion, make_task_data
 from dpobench.models import SFTRecipe, load_model, reference_model
 from dpobench.store import Store
-from dpobench.sweep import SweepConfig, SweepError, run_sweep
+from dpobench.sweep import SweepConfig, SweepError, plan_cells, run_sweep
 from dpobench.train import TrainConfig, batch_order, train_cell
 
 SFT = SFTRecipe(size="tiny", steps=300, corpus=6000)
@@ -165,3 +165,16 @@ def test_bradley_terry_labels_are_noisy_where_rewards_are_close() -> None:
     # σ(Δ/0.1) labels: some pairs are flipped, and those are the close ones.
     assert 0 < len(inverted) < 0.25 * len(bt)
     assert max(p.rejected_gold - p.chosen_gold for p in inverted) < 0.5
+
+
+def test_a_variants_own_beta_replaces_the_swept_betas_for_it_alone() -> None:
+    """``--param simpo.beta=2`` gives SimPO its paper's β while the others sweep ``--betas``; it was once overridden
+    by ``--betas`` without a word. A β that is not a number > 0 is refused before anything trains."""
+    registry = dpobench.get_losses()
+    specs = [registry["dpo"], registry["simpo"]]
+    config = SweepConfig(variants=("dpo", "simpo"), betas=(0.1, 0.5), seeds=(0,), params={"simpo": {"beta": ("2",)}})
+    cells = {(spec.name, beta, loss.hparams["beta"]) for spec, loss, beta, _, _ in plan_cells(config, specs)}
+    assert cells == {("dpo", 0.1, 0.1), ("dpo", 0.5, 0.5), ("simpo", 2.0, 2.0)}
+    for bad in ("0", "-1", "two"):
+        with pytest.raises(SweepError, match=rf"--param simpo.beta='{bad}': β must be a number > 0"):
+            plan_cells(replace(config, params={"simpo": {"beta": (bad,)}}), specs)
