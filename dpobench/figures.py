@@ -205,7 +205,8 @@ def geometry(landscape: pd.DataFrame, colors: dict, family: str, margin_for_beta
 
 def custom_loss_study(finals: pd.DataFrame) -> Figure | None:
     """The seed's custom-loss configurations (length normalisation × confidence weighting), if run."""
-    cells = finals[(finals.variant == "seed_custom_dpo") & (finals.status == "done")].copy()
+    name = finals.loss_name if "loss_name" in finals else finals.variant  # the report labels configurations
+    cells = finals[(name == "seed_custom_dpo") & (finals.status == "done")].copy()
     if cells.empty:
         return None
     params = cells.params.map(json.loads)

@@ -19,6 +19,7 @@ from dpobench._util import atomic_path
 from dpobench.report import (
     beta_table,
     cell_finals,
+    configuration_labels,
     read_tidy,
     run_info,
     scenario_table,
@@ -88,7 +89,7 @@ def build_report(store: str | Path, metric: str = "gold_reward", bench: str | Pa
     tidy = read_tidy(store)
     if tidy.empty:
         raise ValueError(f"{store}: the store holds no finished cells yet")
-    finals = cell_finals(tidy)
+    finals, tidy = _label_configurations(cell_finals(tidy), tidy)
     runs = run_info(store)
     colors = figures.variant_colors([v for v in finals.variant.unique() if v != "(reference)"])
     summary = summary_table(finals, metric)
@@ -161,12 +162,22 @@ def build_report(store: str | Path, metric: str = "gold_reward", bench: str | Pa
     return Report(title="dpobench report", header=header, sections=sections)
 
 
+def _label_configurations(finals: pd.DataFrame, tidy: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Every table and figure of the report keeps a variant's settings apart: ``variant`` becomes its configuration
+    label (``dpo[label_smoothing=0.2]``, see ``configuration_labels``) wherever cells of one variant differ in more
+    than β and the seed, in the cells and in the per-step frame alike; ``loss_name`` keeps the registered name."""
+    labels = configuration_labels(finals).where(finals.variant != "(reference)", finals.variant)
+    by_cell = dict(zip(finals.cell_id, labels, strict=True))
+    finals = finals.assign(loss_name=finals.variant, variant=labels)
+    return finals, tidy.assign(variant=tidy.cell_id.map(by_cell).fillna(tidy.variant))
+
+
 def _geometry_section(finals: pd.DataFrame, colors: dict) -> Section | None:
     from dpobench.landscape import landscape
     from dpobench.plugins import get_losses
 
     registry = get_losses()
-    specs = [registry[v] for v in sorted(set(finals.variant)) if v in registry]
+    specs = [registry[v] for v in sorted(set(finals.loss_name)) if v in registry]
     if not specs:
         return None
     frame = landscape(specs, betas=(0.01, 0.03, 0.1, 0.3, 1.0), margins=tuple(x / 4 for x in range(-40, 41)))

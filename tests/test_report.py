@@ -206,6 +206,35 @@ def test_cells_from_runs_with_other_settings_are_not_pooled_as_seeds(store_dir: 
     assert table.loc[("dpo[steps=None]", 0.1)].seeds == 2
 
 
+def test_every_table_and_figure_keeps_a_variants_settings_apart(store_dir: Path, tmp_path: Path) -> None:
+    """Cells of one variant with other loss parameters (a --param grid) are separate lines and rows everywhere in
+    the report, not only in the ranked summary: the β table once averaged dpo's two settings into one row."""
+    shutil.copy(store_dir / "results.sqlite", tmp_path / "results.sqlite")
+    store = Store(tmp_path / "results.sqlite")
+    for beta, seed, gold in [(0.1, 0, 0.9), (0.1, 1, 0.8), (0.5, 0, 0.6), (0.5, 1, 0.6)]:
+        store.write_cell(
+            {"cell_id": f"ls-{beta}-{seed}", "run_id": "run-1", "variant": "dpo", "plugin": "p", "plugin_version": "1",
+             "params": json.dumps({"beta": beta, "label_smoothing": 0.2}), "beta": beta, "seed": seed,
+             "scenario": "clean", "model": "tiny", "model_hash": "abc", "device": "cpu", "dtype": "float32",
+             "config": "{}", "status": "done", "error": "", "started": 0.0, "finished": 1.0, "seconds": 1.0},
+            [{"step": s, "loss": 2.0, "reward_accuracy": 0.5, "reward_margin": 0.0, "chosen_reward": 0.0,
+              "rejected_reward": 0.0, "pairs_per_s": 50.0, "tokens_per_s": 500.0, "peak_memory_mb": 50.0}
+             for s in range(1, 21)],
+            [{"step": 20, "gold_reward": gold, "gold_reward_se": 0.01, "kl_to_reference": 1.0}],
+        )  # fmt: skip
+    store.close()
+    report = build_report(tmp_path)
+    sections = {s.id: s for s in report.sections}
+    plain, smoothed = "dpo[label_smoothing=None]", "dpo[label_smoothing=0.2]"
+    beta = sections["beta"].tables[0][1].set_index("variant")
+    assert beta.loc[smoothed, 0.1] == pytest.approx(0.85) and beta.loc[plain, 0.1] == pytest.approx(0.35)
+    assert beta.loc[plain, 0.5] == pytest.approx(0.21) and EVIL in beta.index
+    curves = sections["training"].figures[0].axes[0]
+    assert {plain, smoothed} <= {line.get_label() for line in curves.get_lines()}
+    speed = sections["throughput"].tables[0][1].set_index("variant")
+    assert speed.loc[smoothed, "pairs_per_s"] == pytest.approx(50.0) and speed.loc[plain, "pairs_per_s"] > 99
+
+
 def test_the_header_says_how_batches_were_laid_out(store_dir: Path) -> None:
     """A run records whether it shared each pair's prompt; runs that record nothing came before prompt sharing."""
     assert "one row per sequence" in render_html(build_report(store_dir))  # the hand-made run records nothing
