@@ -282,6 +282,7 @@ def load_pairs_file(
         pairs.append(Pair(tuple(prompt), tuple(chosen), tuple(rejected), weight))
     if len(pairs) < 2:
         raise DataError(f"{path}: needs at least 2 pairs, found {len(pairs)}")
+    _refuse_unknown_tokens(path, tokenizer, pairs)
     order = list(range(len(pairs)))
     random.Random(seed).shuffle(order)
     n_held = max(1, round(heldout_fraction * len(pairs)))
@@ -294,6 +295,25 @@ def load_pairs_file(
         has_gold=False,
         info={"file": str(path), "pairs": len(pairs), "truncated": truncated},
     )
+
+
+#: the most of a data file's tokens that may be the tokenizer's unknown token: beyond it the model would train on
+#: ``<unk>``s (the default model's word-level tokenizer knows only the synthetic task's 75 words)
+MAX_UNKNOWN_SHARE = 0.05
+
+
+def _refuse_unknown_tokens(path: Path, tokenizer: Any, pairs: list[Pair]) -> None:
+    unknown = getattr(tokenizer, "unk_token_id", None)
+    if unknown is None:  # byte-level tokenizers (GPT-2, Llama 3, …) have no unknown token
+        return
+    tokens = [t for p in pairs for part in (p.prompt, p.chosen, p.rejected) for t in part]
+    share = sum(t == unknown for t in tokens) / max(1, len(tokens))
+    if share > MAX_UNKNOWN_SHARE:
+        raise DataError(
+            f"{path}: {share:.0%} of its tokens are unknown to the model's tokenizer ({len(tokenizer)} entries); "
+            "pass --model with a model whose tokenizer covers this text (the default model knows only the "
+            "synthetic task's words)"
+        )
 
 
 def _read_rows(path: Path) -> list[tuple[str, dict[str, Any]]]:

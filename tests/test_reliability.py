@@ -88,6 +88,10 @@ GOOD = {"prompt": "the movie was great .", "chosen": "i loved the plot .", "reje
         ([GOOD, {**GOOD, "rejected": 3}], "pairs.jsonl:line 2: 'rejected' must be a non-empty string"),
         ([GOOD, {**GOOD, "rejected": GOOD["chosen"]}], "pairs.jsonl:line 2: chosen and rejected are identical"),
         ([GOOD, {**GOOD, "weight": "heavy"}], "pairs.jsonl:line 2: weight 'heavy' is not a number"),
+        (
+            [GOOD, {"prompt": "Paris is the capital of", "chosen": "France.", "rejected": "Spain, surely."}],
+            "pairs.jsonl: 21% of its tokens are unknown to the model's tokenizer (75 entries); pass --model",
+        ),
     ],
 )
 def test_bad_data_is_one_line_and_claims_nothing(
