@@ -512,10 +512,10 @@ class _CellProgress:
     def advance(self, step: int) -> None:
         self.progress.update(self.task, completed=step)
 
-    def done(self, label: str, status: str) -> None:
+    def done(self, label: str, status: str, error: str = "") -> None:
         self.training = False
-        if status != "done":
-            err.print(f"[bold red]{status}:[/] {escape(label)}", highlight=False)
+        if status != "done":  # the cell's step and error, as the store and the report record them
+            err.print(f"[bold red]{status}:[/] {escape(label)}{': ' + escape(error) if error else ''}", highlight=False)
 
     def __exit__(self, *exc: object) -> None:
         if self.progress is not None:

@@ -288,6 +288,6 @@ def run_sweep(
             result.steps, result.evaluations,
         )  # fmt: skip
         if cell_progress:
-            cell_progress.done(label, result.status)
+            cell_progress.done(label, result.status, result.error)
     store.close()
     return cell_finals(read_tidy(out / "results.sqlite"))

@@ -61,6 +61,12 @@ def test_broken_plugins_fail_their_cells_and_the_sweep_goes_on(tmp_path: Path, u
     html = (out / "report.html").read_text()
     assert "Failed and diverged cells" in html and "this loss is broken on purpose" in html
     assert "plugin error: plugin 'misspelled_hook'" in result.stderr  # import-time failures are named too
+    terminal = " ".join(result.stderr.split())  # the terminal says why a cell failed, not only that it did
+    assert (
+        "failed: [" in terminal
+        and "raising_loss β=0.1 seed=0 clean: step 1: RuntimeError: this loss is broken on purpose" in terminal
+    )
+    assert "diverged: [" in terminal and "nan_loss β=0.1 seed=0 clean: loss is nan at step 0" in terminal
     with sqlite3.connect(out / "results.sqlite") as db:
         steps = dict(
             db.execute("SELECT variant, COUNT(step) FROM cells LEFT JOIN steps USING (cell_id) GROUP BY variant")
