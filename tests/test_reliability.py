@@ -140,6 +140,22 @@ def test_bad_settings_are_one_line_and_claim_nothing(
     assert claims_nothing(out)
 
 
+def test_a_missing_data_file_or_unusable_store_is_refused_before_the_model_is_built(tmp_path: Path) -> None:
+    """With a cold cache the default model takes its SFT training first; these errors must not wait for it."""
+    other = tmp_path / "other"
+    other.mkdir()
+    with sqlite3.connect(other / "results.sqlite") as db:
+        db.execute("CREATE TABLE customers (id INTEGER)")
+    cache = tmp_path / "cache"
+    cases = [(["--data", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "out")], "nope.jsonl: no such file"),
+             (["--out", str(other)], "an SQLite file that dpobench did not write")]  # fmt: skip
+    for args, message in cases:
+        result = dpobench_run("run", "--variants", "dpo", *args, DPOBENCH_CACHE=str(cache))
+        assert result.returncode == 2 and message in result.stderr, result.stderr
+        assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+        assert not any(cache.rglob("*.safetensors")), args  # no model was built
+
+
 def test_debug_shows_the_traceback(tmp_path: Path, untrained_model: Path) -> None:
     result = dpobench_run(
         "--debug", "run", "--model", str(untrained_model), "--variants", "dpoo", "--out", str(tmp_path)
