@@ -6,6 +6,7 @@ synthetic task, cached with ``save_pretrained`` (safetensors) and reloaded with 
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import math
@@ -154,6 +155,20 @@ def train_sft(recipe: SFTRecipe, device: str = "cpu"):
     log.append({"seconds": round(time.perf_counter() - start, 1)})
     model.eval()
     return model, tokenizer, log
+
+
+def check_model_source(source: str) -> None:
+    """Fail at once, before any slow work, for a ``--model`` that is neither a size, nor a folder, nor plausibly a
+    Hub id: a path that does not exist, or a misspelt size (which would otherwise wait on the Hub's retries)."""
+    if source in SIZES or Path(source).expanduser().is_dir():
+        return
+    if source.startswith((".", "/", "~")) or Path(source).expanduser().exists():
+        raise ModelError(f"--model {source!r}: no such folder; give a folder written by save_pretrained, a Hub id, "
+                         f"or a size ({', '.join(SIZES)})")  # fmt: skip
+    close = difflib.get_close_matches(source, list(SIZES), n=1, cutoff=0.75)
+    if close:
+        raise ModelError(f"--model {source!r}: did you mean {close[0]!r}? (sizes: {', '.join(SIZES)}; or a folder "
+                         "written by save_pretrained, or a Hub id)")  # fmt: skip
 
 
 def load_model(source: str | Path, device: str = "cpu"):

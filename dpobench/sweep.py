@@ -22,7 +22,15 @@ import torch
 import dpobench
 from dpobench.data import SCENARIOS, DataError, DataRecipe, TaskData, apply_scenario, load_pairs_file, make_task_data
 from dpobench.logprobs import cached_reference_logprobs
-from dpobench.models import SIZES, SFTRecipe, cache_root, load_model, model_fingerprint, reference_model
+from dpobench.models import (
+    SIZES,
+    SFTRecipe,
+    cache_root,
+    check_model_source,
+    load_model,
+    model_fingerprint,
+    reference_model,
+)
 from dpobench.plugins import get_losses
 from dpobench.report import cell_finals, read_tidy
 from dpobench.store import Store
@@ -173,6 +181,7 @@ def run_sweep(
     device = resolve_device(config.train.device)
     train_config = replace(config.train, device=device)
     check_writable(out)  # before the slow work: an unwritable --out fails at once
+    check_model_source(config.model)  # as does a --model that names nothing
     if config.data and not Path(config.data).is_file():  # and a missing data file, before the model is built
         raise DataError(f"{config.data}: no such file; --data takes a JSONL, CSV or Parquet file of pairs")
     if (out / "results.sqlite").exists():  # and a store that cannot be used, before the model is built

@@ -124,7 +124,8 @@ def test_bad_data_is_one_line_and_claims_nothing(
         ),
         (["--device", "cuda"], "error: --device cuda: no CUDA GPU is visible to PyTorch; use --device cpu or auto"),
         (["--out", "/proc/dpobench-out"], "is not writable"),
-        (["--model", "/no/such/model"], "error: cannot load model '/no/such/model'"),
+        (["--model", "/no/such/model"], "error: --model '/no/such/model': no such folder"),
+        (["--model", "tinyy"], "error: --model 'tinyy': did you mean 'tiny'?"),
     ],
 )
 def test_bad_settings_are_one_line_and_claim_nothing(
