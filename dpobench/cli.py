@@ -433,10 +433,15 @@ def _parse_list(value: object, kind: type, key: str = "value") -> list:
     items = value.split(",") if isinstance(value, str) else list(value)
     if any(isinstance(v, bool) for v in items):
         raise CLIError(f"{key} = {value!r}: expected comma-separated {kind.__name__} values")
+    if kind is int and any(isinstance(v, float) and not v.is_integer() for v in items):  # int(0.5) would be 0
+        raise CLIError(f"{key} = {value!r}: expected comma-separated int values")
     try:
-        return [kind(v.strip() if isinstance(v, str) else v) for v in items if str(v).strip()]
+        parsed = [kind(v.strip() if isinstance(v, str) else v) for v in items if str(v).strip()]
     except (TypeError, ValueError):
         raise CLIError(f"{key} = {value!r}: expected comma-separated {kind.__name__} values") from None
+    if isinstance(value, str) and value.strip() and not parsed:  # "," names nothing: not "all"
+        raise CLIError(f"{key} = {value!r}: names no {kind.__name__} value")
+    return parsed
 
 
 def _choice(settings: dict[str, object], key: str, choices: tuple[str, ...], default: str) -> str:

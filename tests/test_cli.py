@@ -177,6 +177,8 @@ def test_run_from_a_toml_config(tmp_path: Path, untrained_model: Path) -> None:
         ("betas = [0.1, true]\n", "betas = [0.1, True]: expected comma-separated float values"),
         ("preset = 'huge'\n", "--preset 'huge': use one of quick, standard"),
         ('params = "dpo.label_smoothing=0.1"\n', "--config: params must be a table, [params.VARIANT] with KEY"),
+        ("seeds = [0.5]\n", "seeds = [0.5]: expected comma-separated int values"),
+        ("variants = ','\n", "variants = ',': names no str value"),
     ],
 )
 def test_run_config_errors_are_one_line(tmp_path: Path, content: str, message: str) -> None:
