@@ -158,7 +158,27 @@ def run_sweep(
     cell_progress: Any = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> pd.DataFrame:
-    """Run every cell not yet in ``out/results.sqlite``; return the per-cell summary."""
+    """Run every cell not yet in ``out/results.sqlite``; return the per-cell summary. A sweep refused before it
+    wrote anything leaves no empty ``out`` behind."""
+    created = not out.exists()
+    try:
+        return _run_sweep(config, out, command=command, progress=progress, cell_progress=cell_progress,
+                          should_stop=should_stop)  # fmt: skip
+    except BaseException:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
+
+
+def _run_sweep(
+    config: SweepConfig,
+    out: Path,
+    *,
+    command: str,
+    progress: Callable[[str], None],
+    cell_progress: Any,
+    should_stop: Callable[[], bool] | None,
+) -> pd.DataFrame:
     import transformers
 
     registry = get_losses()

@@ -110,7 +110,7 @@ def test_bad_data_is_one_line_and_claims_nothing(
     )
     assert result.returncode == 2 and message in result.stderr, result.stderr
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
-    assert claims_nothing(out)
+    assert claims_nothing(out) and not out.exists()  # not even an empty --out folder is left behind
 
 
 @pytest.mark.parametrize(
@@ -138,7 +138,7 @@ def test_bad_settings_are_one_line_and_claim_nothing(
     result = dpobench_run(*full)
     assert result.returncode == 2 and message in result.stderr, result.stderr
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
-    assert claims_nothing(out)
+    assert claims_nothing(out) and not out.exists()
 
 
 def test_a_missing_data_file_or_unusable_store_is_refused_before_the_model_is_built(tmp_path: Path) -> None:
