@@ -273,6 +273,7 @@ def _run_sweep(
         s: apply_scenario(data.train, s, noise=config.noise, length_bonus=config.length_bonus) for s in config.scenarios
     }
     todo = []
+    ours = {_cell_id("reference", seed, model_hash, data_hash, train_config.max_grad_norm) for seed in config.seeds}
     for spec, loss, beta, seed, scenario in cells:
         # share_prompt is the run's (its info), not the cell's: a batch layout whose log-probs equal the other's within
         # float rounding (tests/test_logprobs.py), so a store resumes either way and its report pools both
@@ -280,6 +281,7 @@ def _run_sweep(
                       "compile": compiled}  # fmt: skip
         cell_id = _cell_id(spec.name, loss.hparams, seed, scenario, model_hash, data_hash, train_json, device,
                            config.noise, config.length_bonus)  # fmt: skip
+        ours.add(cell_id)
         if store.finished(cell_id):
             continue
         todo.append((cell_id, spec, loss, beta, seed, scenario, train_json))
@@ -323,4 +325,9 @@ def _run_sweep(
         if cell_progress:
             cell_progress.done(label, result.status, result.error)
     store.close()
-    return cell_finals(read_tidy(out / "results.sqlite"))
+    finals = cell_finals(read_tidy(out / "results.sqlite"))
+    others = int((~finals.cell_id.isin(ours)).sum())
+    if others:  # the store accumulates runs; this command's summary is its own cells
+        progress(f"the store also holds {others} cells of other commands' settings: the report compares them all; "
+                 "this summary and summary.csv hold this command's cells")  # fmt: skip
+    return finals[finals.cell_id.isin(ours)].reset_index(drop=True)

@@ -95,6 +95,8 @@ def test_rerun_skips_finished_cells(tmp_path: Path) -> None:
     assert len(first) == 2 and len(second) == 3  # (reference) + dpo, then + hinge
     assert (cells.finished[finished.index] == finished).all()  # dpo was not trained again
     assert set(cells.variant) == {"(reference)", "dpo", "hinge"}
+    third = sweep(tmp_path, variants=("hinge",), steps=5)  # the summary is this command's cells, not the store's
+    assert sorted(third.variant) == ["(reference)", "hinge"]
 
 
 def test_provenance_on_every_cell(tmp_path: Path) -> None:
