@@ -19,5 +19,6 @@ def register_losses(register: RegisterLoss) -> None:
 
     Call ``register(LossClass)`` once per variant. To register a preset of an existing
     class under another name with other defaults, pass the name and keyword overrides:
-    ``register(DPOLoss, name="cdpo", label_smoothing=0.1)``.
+    ``register(DPOLoss, name="cdpo", label_smoothing=0.1)``. A preset from another paper than its class's names
+    it: ``register(DPOLoss, name="fdpo_js", paper="arXiv:2309.16240", f_divergence="js_divergence")``.
     """

@@ -27,7 +27,9 @@ class UnknownLossError(KeyError):
 
 
 class RegisterLoss(Protocol):
-    def __call__(self, cls: type[PreferenceLoss], name: str | None = None, **defaults: Any) -> None: ...
+    def __call__(
+        self, cls: type[PreferenceLoss], name: str | None = None, *, paper: str | None = None, **defaults: Any
+    ) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,8 @@ class LossSpec:
     version: str = ""
     #: the class's own name when this spec is a preset of it under another name (``cdpo`` of ``dpo``)
     preset_of: str | None = None
+    #: the preset's own paper, where it is not the class's (f-DPO's presets of DPO)
+    paper_override: str | None = None
 
     def build(self, **overrides: Any) -> PreferenceLoss:
         """A fresh loss object; ``overrides`` replace the preset's defaults and are validated."""
@@ -63,7 +67,7 @@ class LossSpec:
 
     @property
     def paper(self) -> str:
-        return self.cls.paper
+        return self.paper_override or self.cls.paper
 
     @property
     def summary(self) -> str:
@@ -98,14 +102,17 @@ class Registry(Mapping[str, LossSpec]):
     def callback(self, plugin: str, version: str) -> RegisterLoss:
         """The ``register`` function handed to one plugin's ``register_losses`` hook."""
 
-        def register(cls: type[PreferenceLoss], name: str | None = None, **defaults: Any) -> None:
-            self.add(cls, name=name, plugin=plugin, version=version, **defaults)
+        def register(
+            cls: type[PreferenceLoss], name: str | None = None, *, paper: str | None = None, **defaults: Any
+        ) -> None:
+            self.add(cls, name=name, plugin=plugin, version=version, paper=paper, **defaults)
 
         return register
 
     def add(
-        self, cls: type[PreferenceLoss], *, name: str | None = None, plugin: str, version: str, **defaults: Any
-    ) -> LossSpec:
+        self, cls: type[PreferenceLoss], *, name: str | None = None, plugin: str, version: str,
+        paper: str | None = None, **defaults: Any,
+    ) -> LossSpec:  # fmt: skip
         who = f"plugin {plugin!r}"
         if not (isinstance(cls, type) and issubclass(cls, PreferenceLoss)):
             raise RegistrationError(f"{who} registered {cls!r}, which is not a dpobench.PreferenceLoss subclass")
@@ -131,6 +138,7 @@ class Registry(Mapping[str, LossSpec]):
             plugin=plugin,
             version=version,
             preset_of=cls.name if spec_name != cls.name else None,
+            paper_override=paper,
         )
         self._specs[spec_name] = spec
         return spec

@@ -244,13 +244,16 @@ class DiscoPOPLoss(_RewardDifferenceLoss):
         return (1 - m) * -F.logsigmoid(z) + m * torch.exp((-z).clamp(max=80.0))
 
 
+F_DPO = "arXiv:2309.16240"  # Wang et al., Beyond Reverse KL (f-DPO)
+
+
 @hookimpl
 def register_losses(register) -> None:  # type: ignore[no-untyped-def]
     register(DPOLoss)
-    register(DPOLoss, name="cdpo", label_smoothing=0.1)
-    register(DPOLoss, name="fdpo_forward_kl", f_divergence="forward_kl")
-    register(DPOLoss, name="fdpo_js", f_divergence="js_divergence")
-    register(DPOLoss, name="fdpo_alpha", f_divergence="alpha_divergence", f_alpha=0.5)
+    register(DPOLoss, name="cdpo", paper="Mitchell 2023, cDPO note", label_smoothing=0.1)
+    register(DPOLoss, name="fdpo_forward_kl", paper=F_DPO, f_divergence="forward_kl")
+    register(DPOLoss, name="fdpo_js", paper=F_DPO, f_divergence="js_divergence")
+    register(DPOLoss, name="fdpo_alpha", paper=F_DPO, f_divergence="alpha_divergence", f_alpha=0.5)
     register(DPONormLoss)
     register(HingeLoss)
     register(IPOLoss)

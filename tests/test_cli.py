@@ -38,6 +38,9 @@ def test_list_shows_every_variant_with_plugin_version_and_paper() -> None:
     assert set(rows) == EXPECTED_VARIANTS
     assert rows["simpo"] == ["simpo", "reference_free", dpobench.__version__, "yes", "arXiv:2405.14734"]
     assert rows["cdpo"][0] == "cdpo (dpo preset)"
+    # a preset from another paper than its class's cites its own (register(..., paper=...))
+    assert rows["fdpo_js"][-1] == "arXiv:2309.16240" and rows["mpo"][-1] == "arXiv:2411.10442"
+    assert rows["dpo"][-1] == "arXiv:2305.18290" and rows["rpo"][-1] == "arXiv:2404.19733"
     assert rows["rpo"][3] == "no"  # DPO + SFT needs the reference
 
 
