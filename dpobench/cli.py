@@ -387,11 +387,13 @@ def report(
     database = store / "results.sqlite" if store.is_dir() else store
     if not database.is_file():
         raise CLIError(f"{store}: no results.sqlite here; give the --out directory of `dpobench run`")
-    try:  # pandas wraps sqlite's errors in its own DatabaseError: a file that is not a store, or a foreign one
+    import sqlite3
+
+    import pandas as pd
+
+    try:  # a file that is not a store, or another program's: sqlite's error, or pandas' wrapping of it
         runs = run_info(database)
-    except Exception as error:
-        if "Database" not in type(error).__name__:
-            raise
+    except (sqlite3.DatabaseError, pd.errors.DatabaseError) as error:
         raise CLIError(
             f"{database}: not a dpobench results store ({str(error).splitlines()[0]}); give the --out directory of `dpobench run`"
         ) from None

@@ -316,9 +316,13 @@ def _refuse_unknown_tokens(path: Path, tokenizer: Any, pairs: list[Pair]) -> Non
         )
 
 
-def _read_rows(path: Path) -> list[tuple[str, dict[str, Any]]]:
+def require_pairs_file(path: Path) -> None:
     if not path.is_file():
         raise DataError(f"{path}: no such file; --data takes a JSONL, CSV or Parquet file of pairs")
+
+
+def _read_rows(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    require_pairs_file(path)
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json"):
         rows = []

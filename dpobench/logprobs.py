@@ -11,7 +11,7 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -148,20 +148,15 @@ class _HeadLogprobs(torch.autograd.Function):
         token_logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
         lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
         lss = torch.empty(n, dtype=torch.float32, device=hidden.device) if want_logsumsq else None
+        ops = _compiled_head_ops() if fused else _HEAD_OPS  # compiled: one kernel reads the logits in their dtype
+        statistics = ops.lse_lss if lss is not None else ops.lse
         for start in range(0, n, chunk):
             end = min(n, start + chunk)
-            if fused:  # one compiled kernel reads the chunk's logits in their own dtype; no float32 copy
-                logits = hidden[start:end].to(dtype) @ w.T
-                lse[start:end], chunk_lss = _compiled_head_ops()[1 if lss is not None else 0](logits)
-                if lss is not None:
-                    lss[start:end] = chunk_lss
-                token_logp[start:end] = logits.gather(1, targets[start:end, None]).squeeze(1).float() - lse[start:end]
-                continue
-            logits = (hidden[start:end].to(dtype) @ w.T).float()
-            lse[start:end] = torch.logsumexp(logits, -1)
-            token_logp[start:end] = logits.gather(1, targets[start:end, None]).squeeze(1) - lse[start:end]
+            logits = hidden[start:end].to(dtype) @ w.T
+            lse[start:end], chunk_lss = statistics(logits)
             if lss is not None:  # log Σ_v p(v)², WPO's per-token statistic (a constant: no gradient)
-                lss[start:end] = torch.logsumexp(2 * logits, -1) - 2 * lse[start:end]
+                lss[start:end] = chunk_lss
+            token_logp[start:end] = logits.gather(1, targets[start:end, None]).squeeze(1).float() - lse[start:end]
         ctx.save_for_backward(hidden, weight, targets, lse)
         ctx.chunk, ctx.dtype, ctx.fused = chunk, dtype, fused
         if lss is None:
@@ -185,7 +180,7 @@ class _HeadLogprobs(torch.autograd.Function):
             h = hidden[start:end].to(ctx.dtype)
             g = grad_logp[start:end].float()
             if ctx.fused:  # the same, as one compiled kernel from the logits to the gradient, both in ctx.dtype
-                grad = _compiled_head_ops()[2](h @ w.T, lse[start:end], g, targets[start:end])
+                grad = _compiled_head_ops().grad(h @ w.T, lse[start:end], g, targets[start:end])
             else:  # in place: the fewest passes eagerly
                 grad = (h @ w.T).float().sub_(lse[start:end, None]).exp_()  # softmax, recomputed
                 grad.mul_(-g[:, None])
@@ -219,10 +214,19 @@ def _head_grad(logits: Tensor, lse: Tensor, g: Tensor, targets: Tensor) -> Tenso
     return ((onehot.float() - (logits.float() - lse[:, None]).exp()) * g[:, None]).to(logits.dtype)
 
 
+class _HeadOps(NamedTuple):
+    lse: Any
+    lse_lss: Any
+    grad: Any
+
+
+_HEAD_OPS = _HeadOps(_head_lse, _head_lse_lss, _head_grad)
+
+
 @functools.cache
-def _compiled_head_ops() -> tuple[Any, Any, Any]:
-    """``_head_lse``, ``_head_lse_lss`` and ``_head_grad``, torch.compile'd once per process (on first use)."""
-    return tuple(torch.compile(f, dynamic=None) for f in (_head_lse, _head_lse_lss, _head_grad))
+def _compiled_head_ops() -> _HeadOps:
+    """``_HEAD_OPS``, torch.compile'd once per process (on first use)."""
+    return _HeadOps(*(torch.compile(f, dynamic=None) for f in _HEAD_OPS))
 
 
 def _layout(batch: Batch) -> dict[str, Tensor]:

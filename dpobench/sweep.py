@@ -20,7 +20,15 @@ import pandas as pd
 import torch
 
 import dpobench
-from dpobench.data import SCENARIOS, DataError, DataRecipe, TaskData, apply_scenario, load_pairs_file, make_task_data
+from dpobench.data import (
+    SCENARIOS,
+    DataRecipe,
+    TaskData,
+    apply_scenario,
+    load_pairs_file,
+    make_task_data,
+    require_pairs_file,
+)
 from dpobench.logprobs import cached_reference_logprobs
 from dpobench.models import (
     SIZES,
@@ -202,8 +210,8 @@ def _run_sweep(
     train_config = replace(config.train, device=device)
     check_writable(out)  # before the slow work: an unwritable --out fails at once
     check_model_source(config.model)  # as does a --model that names nothing
-    if config.data and not Path(config.data).is_file():  # and a missing data file, before the model is built
-        raise DataError(f"{config.data}: no such file; --data takes a JSONL, CSV or Parquet file of pairs")
+    if config.data:  # and a missing data file, before the model is built
+        require_pairs_file(Path(config.data))
     if (out / "results.sqlite").exists():  # and a store that cannot be used, before the model is built
         open_store(out).close()
 
@@ -258,8 +266,9 @@ def _run_sweep(
                  "dtype": train_config.dtype}  # fmt: skip
 
     # The reference model's own metrics: the point every variant starts from (KL 0), per seed.
-    for seed in config.seeds:
-        cell_id = _cell_id("reference", seed, model_hash, data_hash, train_config.max_grad_norm)
+    references = {seed: _cell_id("reference", seed, model_hash, data_hash, train_config.max_grad_norm)
+                  for seed in config.seeds}  # fmt: skip
+    for seed, cell_id in references.items():
         if not store.finished(cell_id):
             evaluation = evaluator(reference, 0, None, seed)
             store.write_cell(
@@ -273,7 +282,7 @@ def _run_sweep(
         s: apply_scenario(data.train, s, noise=config.noise, length_bonus=config.length_bonus) for s in config.scenarios
     }
     todo = []
-    ours = {_cell_id("reference", seed, model_hash, data_hash, train_config.max_grad_norm) for seed in config.seeds}
+    ours = set(references.values())  # this command's cells: the summary it returns
     for spec, loss, beta, seed, scenario in cells:
         # share_prompt is the run's (its info), not the cell's: a batch layout whose log-probs equal the other's within
         # float rounding (tests/test_logprobs.py), so a store resumes either way and its report pools both

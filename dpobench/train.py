@@ -142,7 +142,7 @@ class CellTrainer:
             mode = False  # compiled by default, and the compiler failed once in this process: eager from then on
         self.compiled = _compiled_layers(policy, mode, self.auto_compile) if mode else []
         # compile="reduce-overhead" (benchmarks only, for now): the compiled layers also run as CUDA graphs
-        self.cudagraphs = config.compile == "reduce-overhead" and device.startswith("cuda")
+        self.cudagraphs = mode == "reduce-overhead" and device.startswith("cuda")
         self.pad_multiple = pad_multiple(device)
         #: where the layers compile, so do the LM head's softmax statistics and gradient (``sequence_logprobs``'
         #: ``compiled_head``); False keeps them eager (the benchmarks compare the two)
@@ -293,8 +293,8 @@ def pad_multiple(device: str) -> int:
 
 def resolve_share_prompt(share: bool | None, device: str, model: Any) -> bool:
     """``TrainConfig.share_prompt`` made definite for ``model``. None (the default): on for the CPU when the model
-    can take shared-prompt rows (``can_share_prompt``); off on CUDA, where a base-size H200 step ran 0.95x as fast with it (bound by
-    the host) in 0.79x the memory. True for a model that cannot take them is refused."""
+    can take shared-prompt rows (``can_share_prompt``); off on CUDA, where a base-size H200 step ran 0.95x as fast
+    with it (bound by the host) in 0.79x the memory. True for a model that cannot take them is refused."""
     if share is None:
         return not device.startswith("cuda") and can_share_prompt(model)
     if share and not can_share_prompt(model):
