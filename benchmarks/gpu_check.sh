@@ -6,18 +6,17 @@
 #   bash benchmarks/gpu_check.sh                     # there, with .whl carried; the table also goes to $OUT
 #   GPU_CHECK_PART=1 bash benchmarks/gpu_check.sh    # one part only (1, 2 or 3), for a session that splits its time
 #
-# In order, most wanted first (a session can end early). About 12 minutes on an H200 for all three parts.
-# Part 1 (about 4 minutes): CUDA graphs at 32 pairs per step beside plain, in both layouts, with the graphs recorded
-# counted (on 2026-11-27 a bug kept the mode from torch.compile, so none ran; TORCH_LOGS=cudagraphs says why inductor
-# skips any); then an interleaved A/B at 32 pairs of the default step against the same with the LM head's softmax
-# and gradient eager, as before the compiled head (2026-11-27, third GPU session).
-# Part 2 (about 4.5 minutes): pairs of varying length at 32 pairs per step, the default (widths rounded up to 16),
-# exact widths and --no-compile, each in its own process beside plain (a process pays once per new shape, so rows
-# must not share one); then the table at 8 pairs per step (default, plain, TRL, --no-compile, CUDA graphs).
-# Part 3 (about 3.5 minutes): the table at 32 pairs per step with a profile of 2 default steps; where a CUDA-graph
-# step's host time goes (host_profile.py).
-# Measured already on 2026-11-27 and left to run by hand: benchmarks/sync_check.py, and step_ab.py's prompt-sharing
-# A/B on fixed lengths.
+# In order, most wanted first (a session can end early). About 11 minutes on an H200 for all three parts.
+# Part 1 (about 4 minutes): the tables at 8 and 32 pairs per step (the default, with CUDA graphs since 2026-11-27,
+# fourth GPU session; plain; TRL; --no-compile; --no-cudagraphs), 20 timed steps each; then an interleaved A/B at
+# 32 pairs: the default against the prompt shared, without CUDA graphs, and with the LM head eager.
+# Part 2 (about 3.5 minutes): varying lengths at 32 pairs, 150 steps: three cells without graphs, with them, and with
+# them again (cudagraph_check.py: the break-even of CUDA_GRAPH_MIN_STEPS_PER_WIDTH, numbers against no graphs); then
+# the default and --no-cudagraphs on varying lengths, each in its own process.
+# Part 3 (about 3.5 minutes): a real sweep of `small` on CUDA, by default and --no-cuda-graphs (compare_runs.py); a
+# profile of 2 default steps at 32 pairs.
+# Measured already on 2026-11-27 and left to run by hand: benchmarks/sync_check.py, host_profile.py, and the
+# varied-length widths rounded to 16 against exact (--exact-widths, one process per row).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "${1:-}" = "--fetch-wheels" ]; then
@@ -35,26 +34,32 @@ python3 -c "import torch, transformers, trl; print('torch', torch.__version__, '
 out="${OUT:-/tmp}"
 part="${GPU_CHECK_PART:-all}"
 if [ "$part" = all ] || [ "$part" = 1 ]; then
-    TORCH_LOGS=cudagraphs timeout 150 python3 benchmarks/step_speed.py --cudagraphs --share-prompt --pairs 32 "$@" \
-        --only "dpobench --cudagraphs,plain,dpobench --cudagraphs --share-prompt" > "$out/gpu_check_cudagraphs_32.txt" \
-        2>&1 || echo "CUDA graphs at 32 pairs: past 150 s"
-    grep -v "cudagraph_trees\|__cudagraphs" "$out/gpu_check_cudagraphs_32.txt" || true
-    grep -i "skipping" "$out/gpu_check_cudagraphs_32.txt" | sort | uniq -c | cut -c1-400 || true
+    timeout 170 python3 benchmarks/step_speed.py --pairs 8,32 --steps 20 "$@" 2>&1 \
+        | grep -v "cudagraph_utils\|Recording too many" | tee "$out/gpu_check_table.txt" \
+        || echo "the table did not finish within 170 s"
     timeout 100 python3 benchmarks/step_ab.py --size base --data fixed --pairs 32 --rounds 10 \
-        --rows "default,eager head" 2>&1 | tee "$out/gpu_check_ab_head.txt" || echo "the head A/B: past 100 s"
+        --rows "default,prompt shared,no CUDA graphs,eager head" 2>&1 | tee "$out/gpu_check_ab.txt" \
+        || echo "the A/B: past 100 s"
 fi
 if [ "$part" = all ] || [ "$part" = 2 ]; then
-    for impl in "dpobench" "dpobench --exact-widths" "dpobench --no-compile"; do
-        timeout 100 python3 benchmarks/step_speed.py --data varied --pairs 32 --steps 30 --no-trl --exact-widths \
-            --only "$impl,plain" "$@" 2>&1 | tee -a "$out/gpu_check_varied.txt" || echo "$impl on varied data: past 100 s"
+    timeout 130 python3 benchmarks/cudagraph_check.py "$@" 2>&1 | grep -v "cudagraph_utils\|Recording too many" \
+        | tee "$out/gpu_check_cudagraph_varied.txt" || echo "cudagraph_check: past 130 s"
+    for impl in "dpobench" "dpobench --no-cudagraphs"; do
+        timeout 40 python3 benchmarks/step_speed.py --data varied --pairs 32 --steps 60 --no-trl --only "$impl" "$@" \
+            2>&1 | grep -v "cudagraph_utils\|Recording too many" | tee -a "$out/gpu_check_varied.txt" \
+            || echo "$impl on varied data: past 40 s"
     done
-    timeout 150 python3 benchmarks/step_speed.py --pairs 8 --cudagraphs "$@" 2>&1 | tee "$out/gpu_check_8.txt" \
-        || echo "the 8-pair table did not finish within 150 s"
 fi
 if [ "$part" = all ] || [ "$part" = 3 ]; then
-    timeout 150 python3 benchmarks/step_speed.py --pairs 32 --profile 2 "$@" 2>&1 | tee "$out/gpu_check_32.txt" \
-        || echo "the 32-pair table did not finish within 150 s"
-    timeout 90 python3 benchmarks/host_profile.py --pairs 32 --compile reduce-overhead --steps 10 --profile-steps 2 \
-        --rows 20 > "$out/gpu_check_host_cudagraphs.txt" 2>&1 || echo "host_profile did not finish within 90 s"
-    grep -v "cudagraph_trees\|__cudagraphs" "$out/gpu_check_host_cudagraphs.txt" | head -40 || true
+    for mode in --cuda-graphs --no-cuda-graphs; do
+        rm -rf "/tmp/run$mode"
+        start=$(date +%s)
+        timeout 150 python3 -m dpobench run --device cuda --model small --variants dpo,ipo,simpo --no-report "$mode" \
+            --out "/tmp/run$mode" > "$out/run$mode.txt" 2>&1 || echo "dpobench run $mode failed or ran past 150 s"
+        echo "dpobench run --model small $mode: $(($(date +%s) - start)) s wall"
+        tail -6 "$out/run$mode.txt"
+    done
+    python3 benchmarks/compare_runs.py /tmp/run--no-cuda-graphs /tmp/run--cuda-graphs 2>&1 | tee "$out/compare.txt"
+    timeout 60 python3 benchmarks/step_speed.py --pairs 32 --only "dpobench" --no-trl --profile 2 "$@" 2>&1 \
+        | tee "$out/gpu_check_profile.txt" || echo "the profile did not finish within 60 s"
 fi

@@ -2,7 +2,7 @@
 (sorted by own time), for one compile setting at a time. A step that waits on the device shows it as the time of
 the step's one readback (``tolist``); everything else in the listing is host work that the device may wait on.
 
-    python benchmarks/host_profile.py --size base --pairs 8 --compile default reduce-overhead   # on a GPU
+    python benchmarks/host_profile.py --size base --pairs 8 --compile default no-cudagraphs     # on a GPU
     python benchmarks/host_profile.py --size tiny --pairs 4 --device cpu --compile off           # a smoke run
 """
 
@@ -27,7 +27,10 @@ from benchmarks.step_ab import with_attention_mask
 from benchmarks.steps import DpobenchStep, add_data_arguments, build_model, cuda_graphs_recorded, load_data, sync
 from dpobench.models import SIZES
 
-SETTINGS = {"default": None, "on": True, "off": False, "reduce-overhead": "reduce-overhead"}
+#: --compile settings: TrainConfig.compile, and TrainConfig.cuda_graphs (None: the default's rule; on CUDA graphs run
+#: where the plan has few widths per step, as fixed-length data does)
+SETTINGS = {"default": (None, None), "on": (True, None), "off": (False, None), "no-cudagraphs": (True, False),
+            "reduce-overhead": ("reduce-overhead", None)}  # fmt: skip
 
 
 def main() -> None:
@@ -57,12 +60,12 @@ def main() -> None:
         if not hasattr(section, name):
             parser.error(f"--inductor {item}: torch._inductor.config has no {key}")
         setattr(section, name, ast.literal_eval(value))
-    if "reduce-overhead" in args.compile:  # why inductor skips CUDA graphs, if it does (it falls back silently)
+    if args.device.startswith("cuda"):  # why inductor skips CUDA graphs, if it does (it falls back silently)
         torch._logging.set_logs(cudagraphs=True)
     pairs, vocab, pad = load_data(args, args.pairs * (args.steps + args.profile_steps + 8))
     for setting in args.compile:
         step = DpobenchStep(build_model(args.size, vocab, "cpu"), pairs, args.pairs, args.device, pad,
-                            compile=SETTINGS[setting])  # fmt: skip
+                            compile=SETTINGS[setting][0], cuda_graphs=SETTINGS[setting][1])  # fmt: skip
         step.trainer.share_prompt = args.share_prompt or step.trainer.share_prompt
         if args.attention_mask:
             with_attention_mask(step.trainer.policy, pad)

@@ -10,7 +10,8 @@ copied over each step (a blocking copy).
 
 Rows:
 - ``default``: the step as ``dpobench run`` trains.
-- ``prompt shared``: each pair as one row, its prompt through the model once (the CPU's default; on CUDA, 0.95x on an H200).
+- ``prompt shared``: each pair as one row, its prompt through the model once (the CPU's default; on CUDA, 0.95x on an
+  H200 without CUDA graphs, 1.13x with them in one non-interleaved measurement).
 - ``one row per sequence``: chosen and rejected in rows of their own, the prompt in both (the default before on the
   CPU, and still on CUDA), instead of one row per pair with its prompt once.
 - ``attention mask``: one row per sequence, and the decoder gets the batch's attention mask, as before. The rows are
@@ -26,6 +27,8 @@ Rows:
 - ``eager``: the default step without ``torch.compile`` (CUDA compiles by default; the CPU does not).
 - ``eager head``: compiled layers, but the LM head's softmax statistics and gradient computed eagerly, as before
   2026-11-27 (third GPU session). Equals ``default`` where nothing compiles (the CPU, by default).
+- ``no CUDA graphs``: compiled layers launched one kernel at a time by the host, as before 2026-11-27 (fourth GPU
+  session), when CUDA graphs became CUDA's default. Equals ``default`` on the CPU.
 
 On varying lengths, a CUDA process pays once for each new batch shape (a cuDNN attention plan, a compiled shape),
 and the row that meets a shape first pays for the rows after it: compare ``exact widths`` and ``eager`` there with
@@ -48,7 +51,7 @@ from benchmarks.steps import DpobenchStep, add_data_arguments, build_model, load
 from dpobench.models import SIZES
 
 ROWS = ("default", "prompt shared", "one row per sequence", "attention mask", "per-tensor AdamW", "synced", "as before",
-        "exact widths", "eager", "eager head")  # fmt: skip
+        "exact widths", "eager", "eager head", "no CUDA graphs")  # fmt: skip
 
 
 def with_attention_mask(model, pad_id: int) -> None:
@@ -64,7 +67,8 @@ def with_attention_mask(model, pad_id: int) -> None:
 
 
 def make_row(row: str, model, pairs, batch: int, device: str, pad_id: int, compile) -> DpobenchStep:
-    step = DpobenchStep(model, pairs, batch, device, pad_id, compile=False if row == "eager" else compile)
+    step = DpobenchStep(model, pairs, batch, device, pad_id, compile=False if row == "eager" else compile,
+                        cuda_graphs=False if row == "no CUDA graphs" else None)  # fmt: skip
     trainer = step.trainer
     if row == "exact widths":
         trainer.pad_multiple = 1

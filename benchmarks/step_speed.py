@@ -75,6 +75,7 @@ def measure(args: argparse.Namespace, batch: int, data, peak_tflops: float) -> l
     implementations = ["dpobench", "plain"] + (["trl"] if trl_available() and not args.no_trl else [])
     # "dpobench" is the default (compiled on CUDA for models of 1 M parameters or more); beside it, the other setting
     implementations += ["dpobench --no-compile"] if args.device.startswith("cuda") else []
+    implementations += ["dpobench --no-cudagraphs"] if args.device.startswith("cuda") else []
     implementations += ["dpobench --compile"] if args.compile else []
     implementations += ["dpobench --cudagraphs"] if args.cudagraphs else []
     implementations += ["dpobench --compile --synced"] if args.synced else []
@@ -96,7 +97,12 @@ def measure(args: argparse.Namespace, batch: int, data, peak_tflops: float) -> l
         setting = name.removesuffix(" --share-prompt")
         compile = {"dpobench --compile": True, "dpobench --compile --synced": True, "dpobench --no-compile": False,
                    "dpobench --cudagraphs": "reduce-overhead"}.get(setting)  # fmt: skip
-        step = make_step(name.split()[0], model, pairs, batch, args.device, pad, compile=compile)
+        may_compile = name.startswith("dpobench") and compile is not False
+        warmup = 5 if may_compile else 2
+        use_graphs = False if setting == "dpobench --no-cudagraphs" else None
+        # dpobench plans the steps timed here: by default CUDA graphs run where the plan has few widths per step
+        step = make_step(name.split()[0], model, pairs, batch, args.device, pad, compile=compile,
+                         steps=warmup + args.steps, cuda_graphs=use_graphs)  # fmt: skip
         if name.endswith("--share-prompt"):
             step.trainer.share_prompt = True
         if name.endswith("--exact-widths"):  # CUDA rounds widths up to a multiple of 16 by default
@@ -106,8 +112,7 @@ def measure(args: argparse.Namespace, batch: int, data, peak_tflops: float) -> l
         skips, graphs = counters["inductor"]["cudagraph_skips"], cuda_graphs_recorded()  # inductor can go without
         try:
             warm = time.perf_counter()
-            may_compile = name.startswith("dpobench") and compile is not False
-            times = time_steps(step, args.steps, 5 if may_compile else 2, args.device)
+            times = time_steps(step, args.steps, warmup, args.device)
             warm = time.perf_counter() - warm - sum(times)  # the warm-up steps: compilation, where there is one
         finally:
             if hasattr(step, "close"):
@@ -131,8 +136,9 @@ def measure(args: argparse.Namespace, batch: int, data, peak_tflops: float) -> l
                      "peak GB": memory, "params M": params / 1e6})  # fmt: skip
         skips, graphs = counters["inductor"]["cudagraph_skips"] - skips, cuda_graphs_recorded() - graphs
         note = ""
-        if "--cudagraphs" in name:  # say whether graphs ran: inductor goes without them silently
-            note = f"; {graphs} CUDA graphs recorded" + (" (none: the row ran without them)" if not graphs else "")
+        if name.startswith("dpobench") and args.device.startswith("cuda"):  # whether graphs ran (inductor can skip)
+            note = f"; {graphs} CUDA graphs recorded"
+            note += " (none: the row ran without them)" if not graphs and step.trainer.cudagraphs else ""
             note += f", {skips} skipped (TORCH_LOGS=cudagraphs says why)" if skips else ""
         print(f"measured: {name}, {batch} pairs/step: {batch / mean:.1f} pairs/s, {memory:.2f} GB "
               f"(warm-up steps took {warm:.1f} s){note}", flush=True)  # fmt: skip

@@ -99,10 +99,13 @@ def cuda_graphs_recorded() -> int:
 
 class DpobenchStep:
     def __init__(self, model: Any, pairs: list[Pair], batch: int, device: str, pad_id: int = 0,
-                 compile: bool | str | None = None, variant: str = "dpo", steps: int = 10_000) -> None:  # fmt: skip
+                 compile: bool | str | None = None, variant: str = "dpo", steps: int = 10_000,
+                 cuda_graphs: bool | None = None) -> None:  # fmt: skip
         state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         reference = (torch.zeros(len(pairs)), torch.zeros(len(pairs)))
-        config = TrainConfig(steps=steps, batch_size=batch, lr=1e-6, device=device, compile=compile)
+        # steps: the plan's length, which decides CUDA graphs by default (the steps per batch width)
+        config = TrainConfig(steps=steps, batch_size=batch, lr=1e-6, device=device, compile=compile,
+                             cuda_graphs=cuda_graphs)  # fmt: skip
         loss = dpobench.get_loss(variant).to(device)  # as the sweep does: a loss may hold buffers
         self.trainer = CellTrainer(model, state, loss, PairSet(pairs), reference, pad_id, config, seed=0)
 
@@ -130,10 +133,11 @@ class PlainStep:
 
 
 def make_step(implementation: str, model: Any, pairs: list[Pair], batch: int, device: str, pad_id: int = 0,
-              compile: bool | str | None = None) -> Any:  # fmt: skip
-    """The step callable of ``implementation`` (dpobench, plain or trl), training ``model``."""
+              compile: bool | str | None = None, steps: int = 10_000, cuda_graphs: bool | None = None) -> Any:  # fmt: skip
+    """The step callable of ``implementation`` (dpobench, plain or trl), training ``model``; dpobench's plans
+    ``steps`` steps."""
     if implementation == "dpobench":
-        return DpobenchStep(model, pairs, batch, device, pad_id, compile=compile)
+        return DpobenchStep(model, pairs, batch, device, pad_id, compile=compile, steps=steps, cuda_graphs=cuda_graphs)
     if implementation == "plain":
         return PlainStep(model, pairs, batch, device, pad_id)
     if implementation == "trl":

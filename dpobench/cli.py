@@ -222,7 +222,8 @@ def landscape_command(
 
 
 _RUN_KEYS = {"variants", "betas", "seeds", "scenarios", "steps", "batch_size", "lr", "model", "data", "device",
-             "eval_every", "preset", "params", "labels", "length_buckets", "compile", "share_prompt"}  # fmt: skip
+             "eval_every", "preset", "params", "labels", "length_buckets", "compile", "share_prompt",
+             "cuda_graphs"}  # fmt: skip
 
 
 @app.command("run")
@@ -250,6 +251,13 @@ def run(
         bool | None,
         typer.Option(
             "--compile/--no-compile", help="torch.compile each decoder layer for training (default: on CUDA only)."
+        ),
+    ] = None,
+    cuda_graphs: Annotated[
+        bool | None,
+        typer.Option(
+            "--cuda-graphs/--no-cuda-graphs",
+            help="Run the compiled layers as CUDA graphs (default: on CUDA where a cell has 10+ steps per batch width).",
         ),
     ] = None,
     share_prompt: Annotated[
@@ -288,7 +296,8 @@ def run(
     given = {"variants": variants, "betas": betas, "seeds": seeds, "scenarios": scenarios, "steps": steps,
              "batch_size": batch_size, "lr": lr, "model": model, "data": data, "device": device,
              "eval_every": eval_every, "preset": preset, "labels": labels,
-             "length_buckets": length_buckets, "compile": compile, "share_prompt": share_prompt}  # fmt: skip
+             "length_buckets": length_buckets, "compile": compile, "share_prompt": share_prompt,
+             "cuda_graphs": cuda_graphs}  # fmt: skip
     settings.update({k: v for k, v in given.items() if v is not None})
     preset_name = str(settings.pop("preset", "quick"))
     if preset_name not in PRESETS:
@@ -327,6 +336,7 @@ def run(
                 length_buckets=_setting(chosen, "length_buckets", int, 16, minimum=0),
                 compile=_flag(chosen, "compile"),
                 share_prompt=_flag(chosen, "share_prompt"),
+                cuda_graphs=_flag(chosen, "cuda_graphs"),
                 device=str(chosen.get("device", "auto")),
             ),
         )

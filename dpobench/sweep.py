@@ -42,7 +42,16 @@ from dpobench.models import (
 from dpobench.plugins import get_losses
 from dpobench.report import cell_finals, read_tidy
 from dpobench.store import Store
-from dpobench.train import CellResult, Evaluator, TrainConfig, resolve_compile, resolve_share_prompt, train_cell
+from dpobench.train import (
+    CUDA_GRAPH_MIN_STEPS_PER_WIDTH,
+    CellResult,
+    Evaluator,
+    TrainConfig,
+    check_cuda_graphs,
+    resolve_compile,
+    resolve_share_prompt,
+    train_cell,
+)
 
 __all__ = ["PRESETS", "SweepConfig", "SweepError", "run_sweep"]
 
@@ -208,6 +217,10 @@ def _run_sweep(
         )
     device = resolve_device(config.train.device)
     train_config = replace(config.train, device=device)
+    try:
+        check_cuda_graphs(train_config.cuda_graphs, device, False if train_config.compile is False else None)
+    except ValueError as error:
+        raise SweepError(f"--cuda-graphs: {error}") from None
     check_writable(out)  # before the slow work: an unwritable --out fails at once
     check_model_source(config.model)  # as does a --model that names nothing
     if config.data:  # and a missing data file, before the model is built
@@ -225,6 +238,10 @@ def _run_sweep(
     reference_state = {k: v.detach().clone() for k, v in reference.state_dict().items()}
     model_hash = model_fingerprint(model_path)
     compiled = resolve_compile(train_config.compile, device, reference)  # as every cell will train: part of its id
+    try:
+        check_cuda_graphs(train_config.cuda_graphs, device, compiled)
+    except ValueError as error:
+        raise SweepError(f"--cuda-graphs: {error}") from None
     try:
         shared = resolve_share_prompt(train_config.share_prompt, device, reference)
     except ValueError as error:
@@ -260,7 +277,8 @@ def _run_sweep(
     store.add_run(
         run_id, command=command, config=config.to_json(), git_commit=_git_commit(), model=str(config.model),
         model_hash=model_hash, data_hash=data_hash, device=device, dtype=train_config.dtype,
-        info={**data.info, "truncated": data.train.truncated, "share_prompt": shared}, **versions,
+        info={**data.info, "truncated": data.train.truncated, "share_prompt": shared,
+              "cuda_graphs": train_config.cuda_graphs}, **versions,
     )  # fmt: skip
     base_cell = {"run_id": run_id, "model": str(config.model), "model_hash": model_hash, "device": device,
                  "dtype": train_config.dtype}  # fmt: skip
@@ -285,9 +303,10 @@ def _run_sweep(
     ours = set(references.values())  # this command's cells: the summary it returns
     for spec, loss, beta, seed, scenario in cells:
         # share_prompt is the run's (its info), not the cell's: a batch layout whose log-probs equal the other's within
-        # float rounding (tests/test_logprobs.py), so a store resumes either way and its report pools both
-        train_json = {**{k: v for k, v in asdict(train_config).items() if k not in ("device", "share_prompt")},
-                      "compile": compiled}  # fmt: skip
+        # float rounding (tests/test_logprobs.py), so a store resumes either way and its report pools both. So is
+        # cuda_graphs: the compiled layers' own kernels, replayed (within bf16 rounding on an H200, benchmarks/RESULTS.md)
+        train_json = {**{k: v for k, v in asdict(train_config).items()
+                         if k not in ("device", "share_prompt", "cuda_graphs")}, "compile": compiled}  # fmt: skip
         cell_id = _cell_id(spec.name, loss.hparams, seed, scenario, model_hash, data_hash, train_json, device,
                            config.noise, config.length_bonus)  # fmt: skip
         ours.add(cell_id)
@@ -298,6 +317,9 @@ def _run_sweep(
     if todo:  # after the data and settings checks, so that an error there stays the only line
         if compiled:
             progress("training steps compile once per process (torch.compile; --no-compile: eager)")
+            if device.startswith("cuda") and train_config.cuda_graphs is None:
+                progress(f"and run as CUDA graphs in cells of {CUDA_GRAPH_MIN_STEPS_PER_WIDTH} or more steps per "
+                         "batch width (--no-cuda-graphs: never)")  # fmt: skip
         if shared:
             progress(
                 "each pair trains as one row, its prompt through the model once (--no-share-prompt: separate rows)"

@@ -24,7 +24,16 @@ from dpobench.logprobs import can_share_prompt, collate, collate_shared, pair_ro
 from dpobench.losses import LogProbs, PreferenceLoss, call_loss
 from dpobench.task import gold_reward, is_grammatical
 
-__all__ = ["CellResult", "CellStopped", "CellTrainer", "Evaluator", "TrainConfig", "batch_order", "train_cell"]
+__all__ = [
+    "CellResult",
+    "CellStopped",
+    "CellTrainer",
+    "Evaluator",
+    "TrainConfig",
+    "batch_order",
+    "batch_widths",
+    "train_cell",
+]
 
 
 @dataclass(frozen=True)
@@ -49,6 +58,11 @@ class TrainConfig:
     #: rounding, fewer tokens. None: on for the CPU (where it was measured to pay) when the model allows it (see
     #: ``resolve_share_prompt``), off on CUDA, where it saves memory but not time (an H200, benchmarks/RESULTS.md)
     share_prompt: bool | None = None
+    #: where the layers compile on CUDA, run them as CUDA graphs too (torch.compile's "reduce-overhead"): the step's
+    #: ~1,500 kernel launches replayed from the device instead of issued one by one by the host. Numbers are
+    #: unchanged; each batch width records its graphs once per process. None: on when the cell's planned batches come
+    #: in few widths (see ``resolve_cuda_graphs``); True: always; False: never
+    cuda_graphs: bool | None = None
 
     @property
     def autocast(self) -> bool:
@@ -136,22 +150,30 @@ class CellTrainer:
         self.reference_chosen, self.reference_rejected = (t.to(device) for t in reference_logps)
         self.weights = torch.tensor([p.weight for p in train.pairs], dtype=torch.float32, device=device)
         self.needs_logsumsq = "logsumsq" in loss.inputs
-        self.auto_compile = config.compile is None
-        mode = resolve_compile(config.compile, device, policy)  # True, False, or a torch.compile mode (a string)
-        if self.auto_compile and _COMPILE_FAILED:
-            mode = False  # compiled by default, and the compiler failed once in this process: eager from then on
-        self.compiled = _compiled_layers(policy, mode, self.auto_compile) if mode else []
-        # compile="reduce-overhead" (benchmarks only, for now): the compiled layers also run as CUDA graphs
-        self.cudagraphs = mode == "reduce-overhead" and device.startswith("cuda")
-        self.pad_multiple = pad_multiple(device)
-        #: where the layers compile, so do the LM head's softmax statistics and gradient (``sequence_logprobs``'
-        #: ``compiled_head``); False keeps them eager (the benchmarks compare the two)
-        self.compile_head = True
         self.share_prompt = resolve_share_prompt(config.share_prompt, device, policy)
+        self.pad_multiple = pad_multiple(device)
         lengths = [p.length for p in train.pairs]
         self.order = batch_order(
             len(train.pairs), config.steps, config.batch_size, seed, lengths, config.length_buckets
         )
+        self.auto_compile = config.compile is None
+        mode = resolve_compile(config.compile, device, policy)  # True, False, or a torch.compile mode (a string)
+        if self.auto_compile and _COMPILE_FAILED:
+            mode = False  # compiled by default, and the compiler failed once in this process: eager from then on
+        #: whether the compiled layers also run as CUDA graphs (``TrainConfig.cuda_graphs``)
+        self.cudagraphs = resolve_cuda_graphs(
+            config.cuda_graphs, device, mode,
+            lambda: len(set(batch_widths(self.order, self.pairs, self.share_prompt, self.pad_multiple))),
+            config.steps,
+        )  # fmt: skip
+        if self.cudagraphs:
+            mode = "reduce-overhead"
+        elif mode == "reduce-overhead" and config.cuda_graphs is False:
+            mode = True  # the mode asked for graphs, and cuda_graphs=False refused them: compiled without
+        self.compiled = _compiled_layers(policy, mode, self.auto_compile) if mode else []
+        #: where the layers compile, so do the LM head's softmax statistics and gradient (``sequence_logprobs``'
+        #: ``compiled_head``); False keeps them eager (the benchmarks compare the two)
+        self.compile_head = True
         self.done = 0
         #: check a fused optimizer's loss for finiteness on the device (no mid-step sync); False: ask the host before
         #: the backward pass, as the unfused path does (the benchmarks compare the two)
@@ -289,6 +311,59 @@ def pad_multiple(device: str) -> int:
     """What a training batch's width is rounded up to: ``CUDA_PAD_MULTIPLE`` on CUDA; 1 on the CPU, where a padded
     position costs its full compute and shapes cost nothing."""
     return CUDA_PAD_MULTIPLE if device.startswith("cuda") else 1
+
+
+#: CUDA graphs by default (``TrainConfig.cuda_graphs=None``) when a cell's planned steps number at least this many per
+#: distinct batch width. Each new width records its graphs once per process, and the following steps of that width
+#: repay it. Measured on an H200 (benchmarks/cudagraph_check.py; benchmarks/RESULTS.md, 2026-11-27, fourth GPU
+#: session), base size, 32 pairs of varying length per step: recording cost 203 ms per new width beyond a step, and a
+#: step at a known width took 68.4 ms against 114.3 ms without graphs, so graphs paid after 4 steps per width; a
+#: second cell reused the first one's graphs. 10 leaves a margin (the cost was measured with the compiled shapes warm)
+CUDA_GRAPH_MIN_STEPS_PER_WIDTH = 10
+
+
+def resolve_cuda_graphs(
+    cuda_graphs: bool | None, device: str, mode: bool | str, distinct_widths: Callable[[], int], steps: int
+) -> bool:
+    """``TrainConfig.cuda_graphs`` made definite for a cell compiled with ``mode`` (``resolve_compile``'s) whose
+    ``steps`` planned batches come in ``distinct_widths()`` widths. Graphs need CUDA and compiled layers: None is then
+    False, as is True on the CPU (``check_cuda_graphs`` refuses the request before a sweep starts). A compile mode
+    asked by name decides for itself ("reduce-overhead": graphs; any other: none) unless ``cuda_graphs`` is given.
+    None otherwise: graphs when there are at least ``CUDA_GRAPH_MIN_STEPS_PER_WIDTH`` steps per width."""
+    if not mode or not device.startswith("cuda"):
+        return False
+    if cuda_graphs is not None:
+        return cuda_graphs
+    if isinstance(mode, str):
+        return mode == "reduce-overhead"
+    return steps >= CUDA_GRAPH_MIN_STEPS_PER_WIDTH * distinct_widths()
+
+
+def check_cuda_graphs(cuda_graphs: bool | None, device: str, compile: bool | str | None) -> None:
+    """Refuse ``cuda_graphs=True`` where no graph can run: on the CPU, or where the layers do not compile (``compile``
+    as ``resolve_compile`` made it definite; None: not known yet, not checked)."""
+    if not cuda_graphs:
+        return
+    if not device.startswith("cuda"):
+        raise ValueError(f"CUDA graphs need a CUDA device (this sweep's: {device!r}); drop --cuda-graphs")
+    if compile is False:
+        raise ValueError(
+            "CUDA graphs run the compiled layers, and this sweep does not compile them (--no-compile, or a model "
+            "under 1 M parameters): add --compile, or drop --cuda-graphs"
+        )
+
+
+def batch_widths(order: Sequence[torch.Tensor], pairs: Sequence[Any], share_prompt: bool, multiple: int) -> list[int]:
+    """The width of each planned batch, as ``collate`` (or ``collate_shared``) will pad it: its longest row rounded
+    up to ``multiple``."""
+    if share_prompt:
+        row = torch.tensor([len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs])
+    else:
+        row = torch.tensor([len(p.prompt) + max(len(p.chosen), len(p.rejected)) for p in pairs])
+    if not len(order):
+        return []
+    longest = row[torch.stack(list(order))].amax(dim=1)
+    return (-(-longest // multiple) * multiple).tolist()
 
 
 def resolve_share_prompt(share: bool | None, device: str, model: Any) -> bool:

@@ -173,7 +173,8 @@ def test_run_from_a_toml_config(tmp_path: Path, untrained_model: Path) -> None:
 @pytest.mark.parametrize(
     ("content", "message"),
     [
-        ("stepz = 3\n", "unknown key 'stepz'; valid keys: batch_size, betas, compile, data, device"),
+        ("stepz = 3\n", "unknown key 'stepz'; valid keys: batch_size, betas, compile, cuda_graphs, data, device"),
+        ("cuda_graphs = true\ndevice = 'cpu'\n", "--cuda-graphs: CUDA graphs need a CUDA device (this sweep's: 'cpu')"),
         ("steps = \n", "not valid TOML"),
         ('steps = "many"\n', "steps = 'many': expected an integer"),
         ("lr = -1.0\n", "lr = -1.0: must be ≥ 0"),

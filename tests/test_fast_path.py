@@ -24,12 +24,16 @@ from dpobench.data import Pair, PairSet
 from dpobench.logprobs import collate, pair_rows, reference_logprobs, sequence_logprobs
 from dpobench.models import SIZES, load_model
 from dpobench.train import (
+    CUDA_GRAPH_MIN_STEPS_PER_WIDTH,
     CellStopped,
     CellTrainer,
     TrainConfig,
     batch_order,
+    batch_widths,
+    check_cuda_graphs,
     pad_multiple,
     resolve_compile,
+    resolve_cuda_graphs,
     resolve_share_prompt,
     train_cell,
 )
@@ -348,6 +352,68 @@ def test_the_requested_compile_mode_reaches_torch_compile(
     layers = len(policy.get_decoder().layers)
     assert modes == ([] if expected == "eager" else [expected] * layers)
     assert len(trainer.compiled) == (0 if expected == "eager" else layers)
+
+
+def test_batch_widths_are_the_widths_collate_pads_to() -> None:
+    """The planned widths that decide CUDA graphs: hand-worked, and equal to the batches' real widths, in both
+    layouts, rounded to 16 (CUDA) and not (the CPU)."""
+    lengths = [(5, 3, 9), (20, 1, 2), (2, 30, 1), (7, 7, 7)]  # prompt, chosen, rejected
+    pairs = [Pair(tuple(range(1, p + 1)), tuple(range(1, c + 1)), tuple(range(1, r + 1))) for p, c, r in lengths]
+    order = [torch.tensor([0, 1]), torch.tensor([2, 3]), torch.tensor([3, 0])]
+    # one row per sequence: the longest prompt + completion (14, 22 | 32, 14 | 14, 14); shared: prompt + both
+    assert batch_widths(order, pairs, share_prompt=False, multiple=1) == [22, 32, 14]
+    assert batch_widths(order, pairs, share_prompt=False, multiple=16) == [32, 32, 16]
+    assert batch_widths(order, pairs, share_prompt=True, multiple=1) == [23, 33, 21]
+    assert batch_widths(order, pairs, share_prompt=True, multiple=16) == [32, 48, 32]
+    for multiple in (1, 16):
+        for index, width in zip(order, batch_widths(order, pairs, False, multiple), strict=True):
+            part = [pairs[i] for i in index.tolist()]
+            assert collate(pair_rows(part), 0, multiple).input_ids.shape[1] == width
+    assert batch_widths([], pairs, False, 16) == []
+
+
+@pytest.mark.parametrize(
+    ("requested", "device", "mode", "widths", "steps", "expected"),
+    [
+        (None, "cuda", True, 3, 3 * CUDA_GRAPH_MIN_STEPS_PER_WIDTH, True),  # enough steps per width
+        (None, "cuda", True, 3, 3 * CUDA_GRAPH_MIN_STEPS_PER_WIDTH - 1, False),  # one short
+        (None, "cuda:1", True, 1, CUDA_GRAPH_MIN_STEPS_PER_WIDTH, True),
+        (None, "cpu", True, 1, 10_000, False),  # no graphs on the CPU
+        (True, "cpu", True, 1, 10_000, False),
+        (None, "cuda", False, 1, 10_000, False),  # nor without compiled layers
+        (True, "cuda", False, 1, 10_000, False),
+        (True, "cuda", True, 50, 1, True),  # asked for: whatever the plan
+        (False, "cuda", True, 1, 10_000, False),
+        (None, "cuda", "reduce-overhead", 50, 1, True),  # a mode asked by name decides
+        (None, "cuda", "default", 1, 10_000, False),
+        (True, "cuda", "default", 1, 10_000, True),
+        (False, "cuda", "reduce-overhead", 1, 10_000, False),
+    ],
+)
+def test_cuda_graphs_run_where_the_plan_has_enough_steps_per_width(requested, device, mode, widths, steps, expected):
+    assert resolve_cuda_graphs(requested, device, mode, lambda: widths, steps) is expected
+
+
+def test_cuda_graphs_asked_for_where_none_can_run_are_refused() -> None:
+    check_cuda_graphs(None, "cpu", False)
+    check_cuda_graphs(False, "cpu", False)
+    check_cuda_graphs(True, "cuda", True)
+    check_cuda_graphs(True, "cuda", None)  # compilation not yet known
+    with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
+        check_cuda_graphs(True, "cpu", True)
+    with pytest.raises(ValueError, match="does not compile them"):
+        check_cuda_graphs(True, "cuda", False)
+
+
+def test_cuda_graphs_refused_compile_the_layers_without_them(setup, start, monkeypatch) -> None:
+    """``compile="reduce-overhead"`` with ``cuda_graphs=False``: the layers compile in the default mode."""
+    policy, _, pad, pairs = setup
+    state, cached = start
+    modes = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: modes.append(kw.get("mode")) or fn)
+    config = TrainConfig(steps=1, batch_size=8, compile="reduce-overhead", cuda_graphs=False)
+    trainer = CellTrainer(policy, state, dpobench.get_loss("dpo"), PairSet(pairs), cached, pad, config, seed=0)
+    assert set(modes) == {None} and not trainer.cudagraphs
 
 
 def _failing_backend(graph, example_inputs):
