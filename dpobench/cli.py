@@ -158,9 +158,14 @@ def check(
     specs: list[LossSpec] = []
     for target in targets or list(registry):
         if target.endswith(".py") or Path(target).is_file():
-            stem = Path(target).stem
-            found = [s for s in registry.values() if s.plugin == stem]
-            if not found and not any(f"plugin {stem!r}" in e for e in state.errors):
+            # the variants of the plugin loaded from this very file: a built-in or another file of the same stem is
+            # not it (a file named like a built-in module, dpo.py, is refused with an error, and checks nothing)
+            path = Path(target).resolve()
+            loaded = {
+                i.name for i in state.info.values() if i.source.endswith(".py") and Path(i.source).resolve() == path
+            }
+            found = [s for s in registry.values() if s.plugin in loaded]
+            if not found and not any(f"({Path(target).expanduser()})" in e for e in state.errors):
                 raise CLIError(f"plugin file {target!r} registers no variant: call register(...) in register_losses")
             specs += found
         else:

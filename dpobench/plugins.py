@@ -155,9 +155,11 @@ def _import_file(path: Path) -> ModuleType:
 def _add(state: Plugins, obj: Any, info: PluginInfo) -> None:
     if info.name in state.info:
         other = state.info[info.name]
+        # a loose file is named by its stem: one named like a built-in module (dpo.py) or like another file
+        fix = "; rename the file" if Path(info.source).suffix == ".py" else ""
         state.errors.append(
             f"plugin {info.name!r} ({info.source}) has the same name as plugin {other.name!r} ({other.source}); "
-            "it was not loaded"
+            f"it was not loaded{fix}"
         )
         return
     unmarked = [h for h in HOOKS if callable(getattr(obj, h, None)) and not _is_marked(getattr(obj, h))]

@@ -73,6 +73,21 @@ def test_check_names_and_files() -> None:
     assert "✗ shapes and finite values: losses has shape () for a batch of 8 pairs" in bad.stdout
 
 
+def test_check_of_a_file_named_like_a_builtin_checks_that_file_only(tmp_path: Path) -> None:
+    """A loose dpo.py has the built-in module's plugin name, so it is refused; check used to go on and check the
+    built-in dpo plugin's 12 variants in its place, as if they were the file's."""
+    example = (Path(__file__).parents[1] / "docs" / "example-plugin" / "dpobench_example.py").read_text()
+    (tmp_path / "dpo.py").write_text(example)
+    clash = invoke("check", str(tmp_path / "dpo.py"))
+    assert clash.exit_code == 1 and "0 of 0 variants pass the loss contract" in clash.stdout, clash.stdout
+    assert f"plugin 'dpo' ({tmp_path / 'dpo.py'}) has the same name as plugin 'dpo' (builtin); it was not loaded; " \
+        "rename the file" in " ".join(clash.stderr.split())  # fmt: skip
+    (tmp_path / "offset.py").write_text(example)
+    renamed = invoke("check", str(tmp_path / "offset.py"))
+    assert renamed.exit_code == 0 and "1 of 1 variants pass the loss contract" in renamed.stdout
+    assert "offset_dpo" in renamed.stdout and "robust_dpo" not in renamed.stdout
+
+
 def test_plugin_errors_make_list_fail_but_list_the_rest() -> None:
     result = invoke("--plugins-dir", str(BROKEN_PLUGINS), "list")
     assert result.exit_code == 1
