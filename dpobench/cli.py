@@ -223,7 +223,10 @@ def landscape_command(
     for name, error in frame.attrs.get("errors", {}).items():
         err.print(f"[bold red]left out:[/] {escape(name)}: {escape(error)}", highlight=False)
     _write_atomic_csv(frame, output)
-    out.print(f"wrote {len(frame)} rows ({len(specs)} variants) to {output}", highlight=False)
+    written = frame.variant.nunique()
+    out.print(f"wrote {len(frame)} rows ({written} variant{'s' * (written != 1)}) to {output}", highlight=False)
+    if frame.attrs.get("errors"):  # the others are written; the exit status says some were left out
+        raise typer.Exit(1)
 
 
 _RUN_KEYS = {"variants", "betas", "seeds", "scenarios", "steps", "batch_size", "lr", "model", "data", "device",

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from dpobench.losses import LogProbs, call_loss
+from dpobench.losses import LogProbs, call_loss, check_output
 from dpobench.registry import LossSpec
 
 __all__ = ["DEFAULT_BETAS", "DEFAULT_MARGINS", "landscape"]
@@ -82,6 +82,7 @@ def _evaluate(loss: torch.nn.Module, margins: torch.Tensor, tokens: int) -> tupl
         # log Σ p² = log p here, so WPO's pair weight is exactly 1 and the landscape is its base's.
         policy = LogProbs(base + h / 2, base - h / 2, length, length, base + h.detach() / 2, base - h.detach() / 2)
         out = call_loss(loss, policy, reference, weights=torch.ones(1, dtype=torch.float64))
+        check_output(out, 1)  # as training does: a loss that is not per pair is left out, as `dpobench check` fails it
         (grad,) = torch.autograd.grad(out.losses.sum(), h)
         values.append(float(out.losses.detach()[0]))
         grads.append(-float(grad[0]))

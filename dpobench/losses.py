@@ -265,3 +265,13 @@ def call_loss(
     if "weights" in loss.inputs and weights is not None:
         extras["weights"] = weights
     return loss(policy, None if loss.reference_free else reference, **extras)
+
+
+def check_output(out: Any, batch_size: int) -> None:
+    """The harness's own contract check on every call: per-pair tensors of shape (B,)."""
+    for name, value in zip(("losses", "chosen_rewards", "rejected_rewards"), out, strict=True):
+        if not isinstance(value, torch.Tensor) or tuple(value.shape) != (batch_size,):
+            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(
+                f"the loss returned {name} of shape {shape} for {batch_size} pairs; expected ({batch_size},)"
+            )

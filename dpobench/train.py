@@ -21,7 +21,7 @@ import torch
 from dpobench._util import one_line as _one_line
 from dpobench.data import PairSet, TaskData, decode_completion, sample_completions
 from dpobench.logprobs import can_share_prompt, collate, collate_shared, pair_rows, rows_logprobs, sequence_logprobs
-from dpobench.losses import LogProbs, PreferenceLoss, call_loss
+from dpobench.losses import LogProbs, PreferenceLoss, call_loss, check_output
 from dpobench.task import gold_reward, is_grammatical
 
 __all__ = [
@@ -228,7 +228,7 @@ class CellTrainer:
         step = self.done + 1
         try:  # a plugin's fault fails this cell, not the sweep
             out = call_loss(self.loss, policy_lp, reference, self.weights.index_select(0, on_device))
-            _check_output(out, b)
+            check_output(out, b)
         except Exception as error:
             raise CellStopped("failed", f"step {step}: {_one_line(error)}") from error
         mean_loss = out.losses.mean()
@@ -469,16 +469,6 @@ def _evaluate_into(
     except Exception as error:  # the held-out rewards call the plugin's loss too
         result.status, result.error = "failed", f"evaluation at step {step}: {_one_line(error)}"
         return False
-
-
-def _check_output(out: Any, batch_size: int) -> None:
-    """The harness's own contract check on every call: per-pair tensors of shape (B,)."""
-    for name, value in zip(("losses", "chosen_rewards", "rejected_rewards"), out, strict=True):
-        if not isinstance(value, torch.Tensor) or tuple(value.shape) != (batch_size,):
-            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-            raise ValueError(
-                f"the loss returned {name} of shape {shape} for {batch_size} pairs; expected ({batch_size},)"
-            )
 
 
 @dataclass
