@@ -77,6 +77,19 @@ def _fmt_table(frame: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def plugin_sources(finals: pd.DataFrame, runs: list[dict[str, object]]) -> str:
+    """The plugins whose variants the cells trained, with their versions (a loose file's: the hash of its text) and,
+    where a run recorded it, their source: "builtin", an installed distribution, or a loose file's path."""
+    sources: dict[tuple[str, str], str] = {}
+    for run in runs:
+        info = run.get("info")
+        for name, plugin in (info.get("plugins") or {}).items() if isinstance(info, dict) else ():
+            sources[(name, str(plugin.get("version", "")))] = str(plugin.get("source", ""))
+    cells = finals.loc[finals.variant != "(reference)", ["plugin", "plugin_version"]].dropna().drop_duplicates()
+    pairs = sorted((str(p), str(v)) for p, v in cells.itertuples(index=False))
+    return ", ".join(f"{p} {v}" + (f" ({sources[(p, v)]})" if sources.get((p, v)) else "") for p, v in pairs)
+
+
 def batch_layout(runs: list[dict[str, object]]) -> str:
     """How the runs' training batches were laid out: a run's ``info`` records whether it shared each pair's prompt
     (runs from before it did record nothing, and did not)."""
@@ -106,6 +119,7 @@ def build_report(store: str | Path, metric: str = "gold_reward", bench: str | Pa
               ("versions", ", ".join(sorted({f"dpobench {r['dpobench_version']}, torch {r['torch_version']}, "
                                              f"transformers {r['transformers_version']}" for r in runs}))),
               ("git commit", ", ".join(sorted({str(r["git_commit"]) for r in runs}))),
+              ("plugins", plugin_sources(finals, runs)),
               ("configuration", "; ".join(json.dumps(r["config"], sort_keys=True) for r in runs)),
               ("batch layout", batch_layout(runs)),
               ("ranked by", metric), ("report by", f"dpobench {dpobench.__version__}")]  # fmt: skip

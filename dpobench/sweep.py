@@ -40,6 +40,7 @@ from dpobench.models import (
     reference_model,
 )
 from dpobench.plugins import get_losses
+from dpobench.plugins import state as plugin_state
 from dpobench.report import cell_finals, read_tidy
 from dpobench.store import Store
 from dpobench.train import (
@@ -124,6 +125,14 @@ def open_store(out: Path) -> Store:
         return Store(out / "results.sqlite")
     except sqlite3.DatabaseError as error:
         raise SweepError(f"{out / 'results.sqlite'} is not a dpobench store ({error}); choose another --out") from None
+
+
+def _plugin_sources(specs: list[Any]) -> dict[str, dict[str, str]]:
+    """Where the sweep's variants came from: per plugin, its version (a loose file's: the hash of its text) and its
+    source ("builtin", "entry point of DIST", or the file's path), for the report."""
+    loaded = plugin_state().info
+    return {s.plugin: {"version": s.version, "source": loaded[s.plugin].source if s.plugin in loaded else ""}
+            for s in specs}  # fmt: skip
 
 
 def plan_cells(config: SweepConfig, specs: list[Any]) -> list[tuple[Any, Any, float, int, str]]:
@@ -278,7 +287,7 @@ def _run_sweep(
         run_id, command=command, config=config.to_json(), git_commit=_git_commit(), model=str(config.model),
         model_hash=model_hash, data_hash=data_hash, device=device, dtype=train_config.dtype,
         info={**data.info, "truncated": data.train.truncated, "share_prompt": shared,
-              "cuda_graphs": train_config.cuda_graphs}, **versions,
+              "cuda_graphs": train_config.cuda_graphs, "plugins": _plugin_sources(specs)}, **versions,
     )  # fmt: skip
     base_cell = {"run_id": run_id, "model": str(config.model), "model_hash": model_hash, "device": device,
                  "dtype": train_config.dtype}  # fmt: skip

@@ -195,7 +195,11 @@ def test_run_from_a_toml_config(tmp_path: Path, untrained_model: Path) -> None:
     with sqlite3.connect(tmp_path / "out" / "results.sqlite") as db:
         layouts = [json.loads(i)["share_prompt"] for (i,) in db.execute("SELECT info FROM runs ORDER BY created")]
         configs = {c for (c,) in db.execute("SELECT config FROM cells WHERE variant = 'dpo'")}
+        plugins = [json.loads(i)["plugins"] for (i,) in db.execute("SELECT info FROM runs ORDER BY created")]
     assert layouts == [True, False] and len(configs) == 1 and "share_prompt" not in configs.pop()
+    version = dpobench.__version__  # the built-in plugins: dpo (the module) and reference_free (simpo's)
+    assert plugins[0] == {"dpo": {"version": version, "source": "builtin"},
+                          "reference_free": {"version": version, "source": "builtin"}}  # fmt: skip
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 from dpobench import figures
-from dpobench.render import batch_layout, build_report, render_html, write_report
+from dpobench.render import batch_layout, build_report, plugin_sources, render_html, write_report
 from dpobench.report import aggregate, cell_finals, rank, read_tidy, summary_table
 from dpobench.store import Store
 
@@ -233,6 +233,20 @@ def test_every_table_and_figure_keeps_a_variants_settings_apart(store_dir: Path,
     assert {plain, smoothed} <= {line.get_label() for line in curves.get_lines()}
     speed = sections["throughput"].tables[0][1].set_index("variant")
     assert speed.loc[smoothed, "pairs_per_s"] == pytest.approx(50.0) and speed.loc[plain, "pairs_per_s"] > 99
+
+
+def test_the_header_names_each_plugin_with_its_version_and_source() -> None:
+    """A loose plugin file is named by its path and the hash of its text (its version), as the run recorded them;
+    runs from before the sources were recorded still show the cells' plugin and version."""
+    finals = pd.DataFrame({"variant": ["(reference)", "dpo", "ipo", "offset_dpo", "old_one"],
+                           "plugin": ["", "dpo", "dpo", "offset", "legacy"],
+                           "plugin_version": ["", "0.1.0", "0.1.0", "file-0123456789ab", "2.0"]})  # fmt: skip
+    runs = [{"info": {"plugins": {"dpo": {"version": "0.1.0", "source": "builtin"},
+                                  "offset": {"version": "file-0123456789ab", "source": "/home/me/offset.py"}}}},
+            {"info": {}}, {"info": "not a dict"}]  # fmt: skip
+    assert plugin_sources(finals, runs) == (
+        "dpo 0.1.0 (builtin), legacy 2.0, offset file-0123456789ab (/home/me/offset.py)"
+    )
 
 
 def test_the_header_says_how_batches_were_laid_out(store_dir: Path) -> None:
