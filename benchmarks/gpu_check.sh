@@ -6,13 +6,14 @@
 #   bash benchmarks/gpu_check.sh                     # there, with .whl carried; the table also goes to $OUT
 #   GPU_CHECK_PART=1 bash benchmarks/gpu_check.sh    # one part only (1, 2 or 3), for a session that splits its time
 #
-# In order, most wanted first (a session can end early). About 11 minutes on an H200 for all three parts.
-# Part 1 (about 4 minutes): the tables at 8 and 32 pairs per step (the default, with CUDA graphs since 2026-11-27,
+# In order, most wanted first (a session can end early). About 14 minutes on an H200 for all three parts: one
+# session runs parts 1 and 2.
+# Part 1 (about 5.5 minutes): the tables at 32 and 8 pairs per step (the default, with CUDA graphs since 2026-11-27,
 # fourth GPU session; plain; TRL; --no-compile; --no-cudagraphs), 20 timed steps each; then an interleaved A/B at
 # 32 pairs: the default against the prompt shared, without CUDA graphs, and with the LM head eager.
-# Part 2 (about 3.5 minutes): varying lengths at 32 pairs, 150 steps: three cells without graphs, with them, and with
-# them again (cudagraph_check.py: the break-even of CUDA_GRAPH_MIN_STEPS_PER_WIDTH, numbers against no graphs); then
-# the default and --no-cudagraphs on varying lengths, each in its own process.
+# Part 2 (about 5.5 minutes): varying lengths at 32 pairs, 150 steps: four cells, without graphs, with them, with them
+# again and without them again (cudagraph_check.py: the break-even of CUDA_GRAPH_MIN_STEPS_PER_WIDTH, graphs' reuse,
+# their numbers against two runs without); then the default and --no-cudagraphs on varying lengths, one process each.
 # Part 3 (about 3.5 minutes): a real sweep of `small` on CUDA, by default and --no-cuda-graphs (compare_runs.py); a
 # profile of 2 default steps at 32 pairs.
 # Measured already on 2026-11-27 and left to run by hand: benchmarks/sync_check.py, host_profile.py, and the
@@ -34,20 +35,23 @@ python3 -c "import torch, transformers, trl; print('torch', torch.__version__, '
 out="${OUT:-/tmp}"
 part="${GPU_CHECK_PART:-all}"
 if [ "$part" = all ] || [ "$part" = 1 ]; then
-    timeout 170 python3 benchmarks/step_speed.py --pairs 8,32 --steps 20 "$@" 2>&1 \
-        | grep -v "cudagraph_utils\|Recording too many" | tee "$out/gpu_check_table.txt" \
-        || echo "the table did not finish within 170 s"
+    for pairs in 32 8; do  # the 32-pair table first: issue #5's MFU target
+        timeout 150 python3 benchmarks/step_speed.py --pairs $pairs --steps 20 "$@" 2>&1 \
+            | grep -v "cudagraph_utils\|Recording too many" | tee "$out/gpu_check_table_$pairs.txt" \
+            || echo "the $pairs-pair table did not finish within 150 s"
+    done
     timeout 100 python3 benchmarks/step_ab.py --size base --data fixed --pairs 32 --rounds 10 \
         --rows "default,prompt shared,no CUDA graphs,eager head" 2>&1 | tee "$out/gpu_check_ab.txt" \
         || echo "the A/B: past 100 s"
 fi
 if [ "$part" = all ] || [ "$part" = 2 ]; then
-    timeout 130 python3 benchmarks/cudagraph_check.py "$@" 2>&1 | grep -v "cudagraph_utils\|Recording too many" \
-        | tee "$out/gpu_check_cudagraph_varied.txt" || echo "cudagraph_check: past 130 s"
+    timeout 170 python3 benchmarks/cudagraph_check.py "$@" 2>&1 | grep -v "cudagraph_utils\|Recording too many" \
+        | tee "$out/gpu_check_cudagraph_varied.txt" || echo "cudagraph_check: past 170 s"
     for impl in "dpobench" "dpobench --no-cudagraphs"; do
-        timeout 40 python3 benchmarks/step_speed.py --data varied --pairs 32 --steps 60 --no-trl --only "$impl" "$@" \
+        # 150 steps (a cell's default) over about 10 widths: the default's rule picks graphs
+        timeout 75 python3 benchmarks/step_speed.py --data varied --pairs 32 --steps 150 --no-trl --only "$impl" "$@" \
             2>&1 | grep -v "cudagraph_utils\|Recording too many" | tee -a "$out/gpu_check_varied.txt" \
-            || echo "$impl on varied data: past 40 s"
+            || echo "$impl on varied data: past 75 s"
     done
 fi
 if [ "$part" = all ] || [ "$part" = 3 ]; then
