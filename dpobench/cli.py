@@ -390,7 +390,12 @@ def report(
     store: Annotated[Path, typer.Argument(help="An output directory of `dpobench run` (holds results.sqlite).")],
     to: Annotated[Path | None, typer.Option(help="Where to write (default: reports/<run-id>/).")] = None,
     format: Annotated[str, typer.Option("--format", help="html, pdf or html,pdf.")] = "html,pdf",
-    metric: Annotated[str, typer.Option(help="Metric to rank variants by.")] = "gold_reward",
+    metric: Annotated[
+        str | None,
+        typer.Option(
+            help="Metric to rank variants by (default: gold_reward; for pairs from --data, heldout_reward_accuracy)."
+        ),
+    ] = None,
     bench: Annotated[Path | None, typer.Option(help="pytest-benchmark JSON to add as a throughput table.")] = None,
 ) -> None:
     """Rebuild the HTML and PDF report from a results store (several runs in one store are compared)."""
@@ -400,8 +405,12 @@ def report(
     formats = tuple(f.strip() for f in format.split(",") if f.strip())
     if not formats or set(formats) - {"html", "pdf"}:
         raise CLIError(f"--format {format!r}: use html, pdf or html,pdf")
-    if metric not in HIGHER_IS_BETTER:
-        raise CLIError(f"--metric {metric!r}: use one of {', '.join(sorted(HIGHER_IS_BETTER))}")
+    if metric is not None and metric not in HIGHER_IS_BETTER:
+        import difflib
+
+        close = difflib.get_close_matches(metric, list(HIGHER_IS_BETTER), n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise CLIError(f"--metric {metric!r}: {hint}use one of {', '.join(sorted(HIGHER_IS_BETTER))}")
     database = store / "results.sqlite" if store.is_dir() else store
     if not database.is_file():
         raise CLIError(f"{store}: no results.sqlite here; give the --out directory of `dpobench run`")
@@ -423,6 +432,10 @@ def report(
         written = write_report(database, target, formats, metric, bench)
     except ValueError as error:
         raise CLIError(str(error)) from None
+    except OSError as error:  # --to names a file, or a place that cannot be written
+        raise CLIError(
+            f"--to {str(target)!r} is not writable ({error.strerror or error}); choose another directory"
+        ) from None
     for path in written:
         out.print(f"wrote {path}", highlight=False)
 

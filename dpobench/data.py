@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import math
 import random
@@ -269,6 +270,8 @@ def load_pairs_file(
             weight = float(1.0 if weight in (None, "") else weight)
         except (TypeError, ValueError):
             raise DataError(f"{path}:{where}: weight {weight!r} is not a number") from None
+        if not math.isfinite(weight) or weight < 0:  # a negative weight turns the pair's loss upside down
+            raise DataError(f"{path}:{where}: weight {weight!r} must be a finite number ≥ 0")
         prompt = encode_prompt(tokenizer, row["prompt"])
         chosen, rejected = encode_completion(tokenizer, row["chosen"]), encode_completion(tokenizer, row["rejected"])
         room = max_length - len(prompt)
@@ -321,12 +324,25 @@ def require_pairs_file(path: Path) -> None:
         raise DataError(f"{path}: no such file; --data takes a JSONL, CSV or Parquet file of pairs")
 
 
+def _read_text(path: Path) -> str:
+    """The file as UTF-8 text, less a byte-order mark (Excel's "CSV UTF-8" writes one); other encodings are refused
+    with the line of the first byte that is not UTF-8."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise DataError(
+            f"{path}:line {line}: not UTF-8 text (byte 0x{data[error.start]:02x}); save the file as UTF-8"
+        ) from None
+
+
 def _read_rows(path: Path) -> list[tuple[str, dict[str, Any]]]:
     require_pairs_file(path)
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json"):
         rows = []
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        for number, line in enumerate(_read_text(path).splitlines(), start=1):
             if not line.strip():
                 continue
             try:
@@ -340,8 +356,8 @@ def _read_rows(path: Path) -> list[tuple[str, dict[str, Any]]]:
             rows.append((f"line {number}", value))
         return rows
     if suffix == ".csv":
-        with path.open(newline="", encoding="utf-8") as handle:
-            return [(f"row {i}", dict(r)) for i, r in enumerate(csv.DictReader(handle), start=2)]
+        reader = csv.DictReader(io.StringIO(_read_text(path), newline=""))
+        return [(f"row {i}", dict(r)) for i, r in enumerate(reader, start=2)]
     if suffix == ".parquet":
         import pandas as pd
 

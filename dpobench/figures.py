@@ -81,6 +81,14 @@ def training_curves(tidy: pd.DataFrame, colors: dict, scenario: str = "clean", b
     return fig
 
 
+def _quality_panel(table: pd.DataFrame, gold_label: str) -> tuple[str, str]:
+    """The gold reward where the cells have one; for pairs from ``--data`` (no gold reward model), the held-out
+    implicit-reward accuracy."""
+    if "gold_reward" in table and table.gold_reward.notna().any():
+        return "gold_reward", gold_label
+    return "heldout_reward_accuracy", "held-out implicit reward accuracy"
+
+
 def beta_sensitivity(table: pd.DataFrame, colors: dict, scenario: str = "clean") -> Figure:
     """Final loss, reward margin, gold reward and KL against β (log axis), one line per variant —
     the seed's "DPO Variant Sensitivity to Beta" and "Beta vs Reward Margin" from real runs."""
@@ -89,7 +97,7 @@ def beta_sensitivity(table: pd.DataFrame, colors: dict, scenario: str = "clean")
     fig.suptitle(f"β sensitivity at the end of training ({scenario}; mean over seeds, bars: 95% CI)")
     axes = fig.subplots(2, 2)
     panels = [("loss", "final loss (nats)"), ("reward_margin", "final implicit reward margin"),
-              ("gold_reward", "gold reward of samples (−1…1)"), ("kl_to_reference", "KL(π‖π_ref) (nats)")]  # fmt: skip
+              _quality_panel(table, "gold reward of samples (−1…1)"), ("kl_to_reference", "KL(π‖π_ref) (nats)")]  # fmt: skip
     for ax, (metric, label) in zip(axes.flat, panels, strict=True):
         for variant, group in data.groupby("variant"):
             group = group.sort_values("beta")
@@ -213,14 +221,14 @@ def custom_loss_study(finals: pd.DataFrame) -> Figure | None:
     names = {(False, False): "standard", (True, False): "length-normalised", (False, True): "confidence-weighted",
              (True, True): "full"}  # fmt: skip
     cells["configuration"] = [names[(bool(p["length_normalization"]), bool(p["confidence_weighting"]))] for p in params]
-    grouped = cells.groupby("configuration")[["loss", "reward_margin", "reward_accuracy", "gold_reward"]].mean()
+    quality = _quality_panel(cells, "gold reward")
+    grouped = cells.groupby("configuration")[["loss", "reward_margin", "reward_accuracy", quality[0]]].mean()
     grouped = grouped.reindex([n for n in names.values() if n in grouped.index])
     fig = Figure(figsize=WIDE, layout="constrained")
     fig.suptitle("The seed's custom DPO loss, trained: each configuration (means over its cells)")
     axes = fig.subplots(1, 4)
     for ax, (column, label) in zip(axes, [("loss", "final loss (nats)"), ("reward_margin", "implicit reward margin"),
-                                          ("reward_accuracy", "implicit reward accuracy"),
-                                          ("gold_reward", "gold reward")], strict=True):  # fmt: skip
+                                          ("reward_accuracy", "implicit reward accuracy"), quality], strict=True):  # fmt: skip
         ax.bar(grouped.index, grouped[column], color="tab:blue")
         ax.set_ylabel(label)
         ax.tick_params(axis="x", rotation=30, labelsize=7)

@@ -20,7 +20,9 @@ from dpobench.report import (
     beta_table,
     cell_finals,
     configuration_labels,
+    has_gold,
     read_tidy,
+    resolve_metric,
     run_info,
     scenario_table,
     summary_table,
@@ -98,11 +100,16 @@ def batch_layout(runs: list[dict[str, object]]) -> str:
     return " and ".join(names[layout] for layout in sorted(shared, reverse=True))
 
 
-def build_report(store: str | Path, metric: str = "gold_reward", bench: str | Path | None = None) -> Report:
+def build_report(store: str | Path, metric: str | None = None, bench: str | Path | None = None) -> Report:
+    """The report of a store, ranked by ``metric`` (None: ``resolve_metric``'s default, the gold reward where the
+    cells have one). Without a gold reward (pairs from ``--data``) its columns and the gold-vs-KL figure are left
+    out."""
     tidy = read_tidy(store)
     if tidy.empty:
         raise ValueError(f"{store}: the store holds no finished cells yet")
     finals, tidy = _label_configurations(cell_finals(tidy), tidy)
+    metric = resolve_metric(finals, metric)
+    gold = has_gold(finals)
     runs = run_info(store)
     colors = figures.variant_colors([v for v in finals.variant.unique() if v != "(reference)"])
     summary = summary_table(finals, metric)
@@ -130,8 +137,14 @@ def build_report(store: str | Path, metric: str = "gold_reward", bench: str | Pa
             f"Per variant × β × scenario at the end of training: means over seeds with 95% confidence intervals "
             f"(`_ci` columns: Student-t over seeds; with one seed the gold-reward interval is 1.96 × the standard "
             f"error of its samples, and other metrics have none). Ranked by {metric} within each scenario; "
-            f"variants whose intervals overlap share a rank. The SFT reference scores a gold reward of "
-            f"{reference_gold:+.3f}. {HONESTY}",
+            f"variants whose intervals overlap share a rank. "
+            + (
+                f"The SFT reference scores a gold reward of {reference_gold:+.3f}. "
+                if gold
+                else "The pairs came from --data, so there is no gold reward: heldout_reward_accuracy is the fraction of "
+                "held-out pairs whose implicit reward prefers the chosen response. "
+            )
+            + HONESTY,
             tables=[("ranked summary", summary)],
         ),
         Section(
@@ -145,9 +158,10 @@ def build_report(store: str | Path, metric: str = "gold_reward", bench: str | Pa
         sections.append(Section("beta", "β sensitivity", "Final metrics against β.",
                                 figures=[figures.beta_sensitivity(summary, colors, main_scenario)],
                                 tables=[(f"{metric} by β", beta_table(finals, metric).reset_index())]))  # fmt: skip
-    sections.append(Section("frontier", "Gold reward vs KL", "The trade-off each variant buys: reward gained per nat of "
-                            "divergence from the reference. Up and left is better.",
-                            figures=[figures.frontier(summary, colors, reference_gold, main_scenario)]))  # fmt: skip
+    if gold:
+        sections.append(Section("frontier", "Gold reward vs KL", "The trade-off each variant buys: reward gained per nat "
+                                "of divergence from the reference. Up and left is better.",
+                                figures=[figures.frontier(summary, colors, reference_gold, main_scenario)]))  # fmt: skip
     if len(scenarios) > 1:
         table = scenario_table(finals)
         sections.append(Section("scenarios", "Robustness", "Noisy: 20% of training labels flipped. Length-biased: the "
@@ -280,7 +294,7 @@ def _table_pages(title: str, table: pd.DataFrame, rows_per_page: int = 32) -> li
 
 
 def write_report(store: str | Path, out_dir: str | Path, formats: tuple[str, ...] = ("html", "pdf"),
-                 metric: str = "gold_reward", bench: str | Path | None = None) -> list[Path]:  # fmt: skip
+                 metric: str | None = None, bench: str | Path | None = None) -> list[Path]:  # fmt: skip
     """Build the report and write ``report.html`` / ``report.pdf`` atomically (write, then rename)."""
     report = build_report(store, metric, bench)
     out = Path(out_dir)

@@ -19,13 +19,16 @@ import pandas as pd
 from dpobench.store import EVAL_METRICS, STEP_METRICS
 
 __all__ = [
+    "GOLD_METRICS",
     "HIGHER_IS_BETTER",
     "T_975",
     "aggregate",
     "beta_table",
     "cell_finals",
+    "has_gold",
     "rank",
     "read_tidy",
+    "resolve_metric",
     "run_info",
     "scenario_table",
     "summary_table",
@@ -186,10 +189,38 @@ def rank(table: pd.DataFrame, metric: str, higher_is_better: bool | None = None)
     return ranks
 
 
+#: metrics that only the synthetic task has: its gold reward model and grammar. Pairs from ``--data`` have neither
+GOLD_METRICS = ("gold_reward", "grammatical_fraction")
+
+
+def has_gold(finals: pd.DataFrame) -> bool:
+    """Whether any cell measured the synthetic task's gold reward (cells trained on ``--data`` pairs have none)."""
+    return "gold_reward" in finals and bool(finals.gold_reward.notna().any())
+
+
+def resolve_metric(finals: pd.DataFrame, metric: str | None) -> str:
+    """The metric to rank by: ``metric``, or by default the gold reward where the cells have one and the held-out
+    implicit-reward accuracy where they do not (pairs from ``--data``). A gold metric asked of cells without one is
+    refused (ValueError)."""
+    if metric is None:
+        return "gold_reward" if has_gold(finals) else "heldout_reward_accuracy"
+    if metric in GOLD_METRICS and not has_gold(finals):
+        raise ValueError(
+            f"--metric {metric}: these cells trained on pairs from --data, which have no gold reward model; "
+            "rank by heldout_reward_accuracy (the default for them), kl_to_reference or loss"
+        )
+    return metric
+
+
 def summary_table(finals: pd.DataFrame, metric: str = "gold_reward") -> pd.DataFrame:
-    """Per variant × β × scenario at the end of training, ranked by ``metric`` within each scenario."""
+    """Per variant × β × scenario at the end of training, ranked by ``metric`` within each scenario. Without a
+    gold reward (pairs from ``--data``), its columns are left out."""
     metrics = ["gold_reward", "kl_to_reference", "reward_accuracy", "reward_margin", "loss", "response_length",
                "grammatical_fraction", "heldout_reward_accuracy", "pairs_per_s"]  # fmt: skip
+    if not has_gold(finals):
+        metrics = [m for m in metrics if m not in GOLD_METRICS]
+    if metric not in metrics:  # any metric of HIGHER_IS_BETTER can rank: step_time_ms, say
+        metrics.append(metric)
     table = aggregate(finals[finals.variant != "(reference)"], metrics)
     table["rank"] = pd.Series(dtype="Int64")
     for _, group in table.groupby("scenario"):
@@ -246,9 +277,12 @@ def run_info(store: str | Path) -> list[dict[str, object]]:
 def variant_table(finals: pd.DataFrame) -> pd.DataFrame:
     """The terminal summary: one formatted row per variant × β × scenario, the reference first."""
     frame = aggregate(finals, ["loss", "reward_margin", "reward_accuracy", "gold_reward", "kl_to_reference",
-                               "response_length", "grammatical_fraction", "pairs_per_s"])  # fmt: skip
+                               "response_length", "grammatical_fraction", "pairs_per_s",
+                               "heldout_reward_accuracy"])  # fmt: skip
     frame["order"] = (frame.variant != "(reference)").astype(int)
-    frame = frame.sort_values(["order", "scenario", "gold_reward"], ascending=[True, True, False])
+    gold = has_gold(finals)  # pairs from --data have no gold reward: held-out accuracy takes its place
+    frame = frame.sort_values(["order", "scenario", "gold_reward" if gold else "heldout_reward_accuracy"],
+                              ascending=[True, True, False])  # fmt: skip
 
     def fmt(value: float, spec: str) -> str:
         return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
@@ -272,6 +306,10 @@ def variant_table(finals: pd.DataFrame) -> pd.DataFrame:
             "status": ["failed" if f else "ok" for f in frame.failed],
         }
     )
+    if not gold:
+        table = table.drop(columns=["gold ± 95% CI", "gram"])
+        table.insert(table.columns.get_loc("KL"), "held-out acc",
+                     [fmt(v, ".2f") for v in frame.heldout_reward_accuracy])  # fmt: skip
     if frame.scenario.nunique() <= 1:
         table = table.drop(columns="scenario")
     if not frame.failed.any():

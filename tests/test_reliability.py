@@ -75,7 +75,8 @@ def test_broken_plugins_fail_their_cells_and_the_sweep_goes_on(tmp_path: Path, u
 
 
 def write_jsonl(path: Path, rows: list) -> Path:
-    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
+    text = "\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n"
+    path.write_bytes(text.encode("utf-8", errors="surrogateescape"))  # "\udce9": the byte 0xe9, not UTF-8
     return path
 
 
@@ -94,6 +95,12 @@ GOOD = {"prompt": "the movie was great .", "chosen": "i loved the plot .", "reje
         ([GOOD, {**GOOD, "rejected": 3}], "pairs.jsonl:line 2: 'rejected' must be a non-empty string"),
         ([GOOD, {**GOOD, "rejected": GOOD["chosen"]}], "pairs.jsonl:line 2: chosen and rejected are identical"),
         ([GOOD, {**GOOD, "weight": "heavy"}], "pairs.jsonl:line 2: weight 'heavy' is not a number"),
+        ([GOOD, {**GOOD, "weight": float("nan")}], "pairs.jsonl:line 2: weight nan must be a finite number ≥ 0"),
+        ([GOOD, {**GOOD, "weight": -1}], "pairs.jsonl:line 2: weight -1.0 must be a finite number ≥ 0"),
+        (
+            [json.dumps(GOOD), json.dumps(GOOD).replace("great", "gr\udce9at")],
+            "pairs.jsonl:line 2: not UTF-8 text (byte 0xe9); save the file as UTF-8",
+        ),
         (
             [GOOD, {"prompt": "Paris is the capital of", "chosen": "France.", "rejected": "Spain, surely."}],
             "pairs.jsonl: 21% of its tokens are unknown to the model's tokenizer (75 entries); pass --model",
@@ -111,6 +118,21 @@ def test_bad_data_is_one_line_and_claims_nothing(
     assert result.returncode == 2 and message in result.stderr, result.stderr
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     assert claims_nothing(out) and not out.exists()  # not even an empty --out folder is left behind
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_column(tmp_path: Path) -> None:
+    """Excel's "CSV UTF-8" starts with a byte-order mark: the header's first key was read as '\ufeffprompt', and the
+    file refused with "missing key 'prompt'"; a JSONL with one failed as invalid JSON."""
+    from dpobench.data import _read_rows
+
+    csv_file = tmp_path / "pairs.csv"
+    csv_file.write_bytes(b"\xef\xbb\xbfprompt,chosen,rejected\r\nthe movie,i loved it,i hated it\r\n")
+    assert _read_rows(csv_file) == [
+        ("row 2", {"prompt": "the movie", "chosen": "i loved it", "rejected": "i hated it"})
+    ]
+    jsonl = tmp_path / "pairs.jsonl"
+    jsonl.write_bytes(b"\xef\xbb\xbf" + json.dumps(GOOD).encode() + b"\n")
+    assert _read_rows(jsonl) == [("line 1", GOOD)]
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,7 @@ import pytest
 
 from dpobench import figures
 from dpobench.render import batch_layout, build_report, plugin_sources, render_html, write_report
-from dpobench.report import aggregate, cell_finals, rank, read_tidy, summary_table
+from dpobench.report import aggregate, cell_finals, rank, read_tidy, summary_table, variant_table
 from dpobench.store import Store
 
 EVIL = "<script>alert(1)</script>"
@@ -52,6 +52,65 @@ def store_dir(tmp_path_factory) -> Path:
     )  # fmt: skip
     store.close()
     return out
+
+
+@pytest.fixture(scope="module")
+def data_store_dir(tmp_path_factory) -> Path:
+    """A store of cells trained on pairs from --data: no gold reward, no grammar; held-out implicit-reward
+    accuracy 0.6 (dpo) and 0.8 (ipo), steps of 10 ms (dpo) and 5 ms (ipo)."""
+    out = tmp_path_factory.mktemp("data_store")
+    store = Store(out / "results.sqlite")
+    store.add_run("run-1", command="dpobench run --data pairs.jsonl", config={}, dpobench_version="0.1.0",
+                  torch_version="2.13.0", transformers_version="5.24.0", model="m", model_hash="abc",
+                  device="cpu", dtype="float32")  # fmt: skip
+    for variant, accuracy, ms in (("dpo", 0.6, 10.0), ("ipo", 0.8, 5.0)):
+        cell = {"cell_id": variant, "run_id": "run-1", "variant": variant, "plugin": "p", "plugin_version": "1",
+                "params": "{}", "beta": 0.1, "seed": 0, "scenario": "clean", "model": "m", "model_hash": "abc",
+                "device": "cpu", "dtype": "float32", "config": "{}", "status": "done", "error": "", "started": 0.0,
+                "finished": 1.0, "seconds": 1.0}  # fmt: skip
+        steps = [{"step": s, "loss": 0.5, "reward_accuracy": 0.5, "reward_margin": 0.1, "step_time_ms": ms,
+                  "chosen_reward": 0.0, "rejected_reward": 0.0,
+                  "pairs_per_s": 32 / (ms / 1e3), "tokens_per_s": 1000.0, "peak_memory_mb": 50.0}
+                 for s in range(1, 11)]  # fmt: skip
+        evals = [{"step": 10, "kl_to_reference": 0.5, "response_length": 12.0, "heldout_reward_accuracy": accuracy}]
+        store.write_cell(cell, steps, evals)
+    store.write_cell(
+        {"cell_id": "ref-0", "run_id": "run-1", "variant": "(reference)", "plugin": "", "plugin_version": "",
+         "params": "{}", "beta": math.nan, "seed": 0, "scenario": "clean", "model": "m", "model_hash": "abc",
+         "device": "cpu", "dtype": "float32", "config": "{}", "status": "done", "error": "", "started": 0.0,
+         "finished": 0.0, "seconds": 0.0},
+        [], [{"step": 0, "kl_to_reference": 0.0, "response_length": 11.0}],
+    )  # fmt: skip
+    store.close()
+    return out
+
+
+def test_a_report_of_data_pairs_ranks_by_held_out_accuracy_and_omits_gold(data_store_dir: Path) -> None:
+    """Pairs from --data have no gold reward: the report ranked by an all-NaN gold reward (every rank <NA>), said
+    "the SFT reference scores a gold reward of +nan" and drew an empty gold-vs-KL figure."""
+    report = build_report(data_store_dir)
+    assert dict(report.header)["ranked by"] == "heldout_reward_accuracy"
+    sections = {s.id: s for s in report.sections}
+    assert "frontier" not in sections
+    summary = sections["summary"].tables[0][1]
+    assert not {"gold_reward", "gold_reward_ci", "grammatical_fraction"} & set(summary)
+    assert summary.variant.tolist() == ["ipo", "dpo"] and summary["rank"].tolist() == [1, 2]
+    assert "+nan" not in sections["summary"].text and "no gold reward" in sections["summary"].text
+    with pytest.raises(ValueError, match="--metric gold_reward: these cells trained on pairs from --data"):
+        build_report(data_store_dir, metric="gold_reward")
+    terminal = variant_table(cell_finals(read_tidy(data_store_dir)))
+    assert "gold ± 95% CI" not in terminal and "gram" not in terminal
+    assert terminal.variant.tolist() == ["(reference)", "ipo", "dpo"]
+    assert terminal["held-out acc"].tolist() == ["–", "0.80", "0.60"]
+
+
+@pytest.mark.parametrize("metric", ["step_time_ms", "tokens_per_s", "peak_memory_mb"])
+def test_every_metric_the_cli_offers_can_rank(data_store_dir: Path, metric: str) -> None:
+    """Three metrics of HIGHER_IS_BETTER (the --metric list) were not among the summary's columns: a KeyError."""
+    summary = {s.id: s for s in build_report(data_store_dir, metric=metric).sections}["summary"].tables[0][1]
+    assert metric in summary
+    if metric == "step_time_ms":  # lower is better: ipo's 5 ms steps first
+        assert summary.variant.tolist() == ["ipo", "dpo"] and summary.step_time_ms.tolist() == [5.0, 10.0]
 
 
 def test_tidy_frame_is_long_with_provenance(store_dir: Path) -> None:
