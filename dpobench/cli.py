@@ -408,7 +408,9 @@ def report(
     if metric is not None and metric not in HIGHER_IS_BETTER:
         import difflib
 
-        close = difflib.get_close_matches(metric, list(HIGHER_IS_BETTER), n=1)
+        close = [m for m in sorted(HIGHER_IS_BETTER) if m.startswith(metric)] or difflib.get_close_matches(
+            metric, list(HIGHER_IS_BETTER), n=1
+        )
         hint = f"did you mean {close[0]!r}? " if close else ""
         raise CLIError(f"--metric {metric!r}: {hint}use one of {', '.join(sorted(HIGHER_IS_BETTER))}")
     database = store / "results.sqlite" if store.is_dir() else store

@@ -314,3 +314,23 @@ def test_the_header_says_how_batches_were_laid_out(store_dir: Path) -> None:
     assert batch_layout([{"info": {"share_prompt": True}}]) == "prompt shared (one row per pair)"
     both = [{"info": {"share_prompt": False}}, {"info": {"share_prompt": True}}, {"info": {}}]
     assert batch_layout(both) == "prompt shared (one row per pair) and one row per sequence"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--to", "FILE"], "is not writable (File exists); choose another directory"),
+        (["--metric", "gold"], "--metric 'gold': did you mean 'gold_reward'? use one of"),
+    ],
+)
+def test_report_errors_are_one_line(data_store_dir: Path, tmp_path: Path, args: list, message: str) -> None:
+    """--to naming a file ended in a FileExistsError traceback; a misspelt metric got no suggestion."""
+    import os
+    import sys
+
+    (tmp_path / "FILE").write_text("not a folder")
+    args = [str(tmp_path / a) if a == "FILE" else a for a in args]
+    result = subprocess.run([sys.executable, "-m", "dpobench", "report", str(data_store_dir), *args],
+                            capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "200"})  # fmt: skip
+    assert result.returncode == 2 and message in " ".join(result.stderr.split()), result.stderr
+    assert "Traceback" not in result.stderr and (tmp_path / "FILE").read_text() == "not a folder"
