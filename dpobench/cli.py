@@ -373,8 +373,13 @@ def run(
     if report:
         from dpobench.render import write_report
 
-        with err.status("writing report.html and report.pdf"):
-            write_report(out / "results.sqlite", out)
+        try:
+            with err.status("writing report.html and report.pdf"):
+                write_report(out / "results.sqlite", out)
+        except KeyboardInterrupt:  # after the status line is gone, so that this line stays
+            err.print(f"interrupted while writing the report: every cell is in the store; `dpobench report {out}` "
+                      "writes it", highlight=False)  # fmt: skip
+            raise typer.Exit(130) from None
     out.mkdir(parents=True, exist_ok=True)
     err.print(
         f"{len(summary)} cells in {out / 'results.sqlite'}; summary in {out / 'summary.csv'}"

@@ -364,6 +364,11 @@ def _run_sweep(
         )  # fmt: skip
         if cell_progress:
             cell_progress.done(label, result.status, result.error)
+        if should_stop is not None and should_stop():  # Ctrl-C after the cell's last step: it is kept, and so is
+            store.close()  # the request to stop (the cells left, or the summary and report, wait for a rerun)
+            raise SweepInterrupted(
+                f"stopped after cell {spec.name}; {number} of {len(todo)} cells of this run finished"
+            )
     store.close()
     finals = cell_finals(read_tidy(out / "results.sqlite"))
     others = int((~finals.cell_id.isin(ours)).sum())

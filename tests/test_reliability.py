@@ -309,6 +309,33 @@ def test_ctrl_c_finishes_the_step_keeps_finished_cells_and_exits_cleanly(tmp_pat
     assert statuses == {"done"} and all(n == 25 for (n,) in per_cell)  # no half-trained cell was written
 
 
+def test_ctrl_c_after_a_cells_last_step_stops_the_sweep_after_that_cell(tmp_path: Path, untrained_model: Path) -> None:
+    """Ctrl-C during a cell's evaluation (after its last step) was acknowledged, then forgotten: the sweep trained
+    the next cells, or, after the last one, wrote the report and exited 0. The cell is kept, and the sweep stops."""
+    from dpobench.data import DataRecipe
+    from dpobench.sweep import SweepConfig, SweepInterrupted, run_sweep
+    from dpobench.train import TrainConfig
+
+    class StopDuringFirstEvaluation:  # the CLI's progress display; the stop request arrives as the cell ends
+        stop = False
+
+        def start(self, label: str, total: int) -> None: ...
+
+        def advance(self, step: int) -> None: ...
+
+        def done(self, label: str, status: str, error: str = "") -> None:
+            self.stop = True
+
+    progress = StopDuringFirstEvaluation()
+    config = SweepConfig(variants=("dpo", "ipo"), model=str(untrained_model), train=TrainConfig(steps=2, batch_size=8),
+                         data_recipe=DataRecipe(train_prompts=64, heldout_prompts=16, eval_prompts=16))  # fmt: skip
+    with pytest.raises(SweepInterrupted, match="stopped after cell dpo; 1 of 2 cells of this run finished"):
+        run_sweep(config, tmp_path, progress=lambda m: None, cell_progress=progress, should_stop=lambda: progress.stop)
+    with sqlite3.connect(tmp_path / "results.sqlite") as db:
+        cells = dict(db.execute("SELECT variant, status FROM cells"))
+    assert cells == {"(reference)": "done", "dpo": "done"}
+
+
 def test_csv_pairs_with_weights(tmp_path: Path) -> None:
     tokenizer = build_tokenizer()
     path = tmp_path / "pairs.csv"
