@@ -165,7 +165,8 @@ def check(
                 i.name for i in state.info.values() if i.source.endswith(".py") and Path(i.source).resolve() == path
             }
             found = [s for s in registry.values() if s.plugin in loaded]
-            if not found and not any(f"({Path(target).expanduser()})" in e for e in state.errors):
+            named = (f"({Path(target).expanduser()})", f"plugin {Path(target).stem!r}")  # the file's error, if any
+            if not found and not any(n in e for n in named for e in state.errors):
                 raise CLIError(f"plugin file {target!r} registers no variant: call register(...) in register_losses")
             specs += found
         else:
@@ -307,6 +308,8 @@ def run(
              "length_buckets": length_buckets, "compile": compile, "share_prompt": share_prompt,
              "cuda_graphs": cuda_graphs}  # fmt: skip
     settings.update({k: v for k, v in given.items() if v is not None})
+    if isinstance(settings.get("variants"), (str, list)) and not str(settings["variants"]).strip(" ,[]'\""):
+        raise CLIError(f"variants = {settings['variants']!r}: names no variant; leave it out to run every variant")
     preset_name = str(settings.pop("preset", "quick"))
     if preset_name not in PRESETS:
         raise CLIError(f"--preset {preset_name!r}: use one of {', '.join(PRESETS)}")
@@ -319,6 +322,12 @@ def run(
         if not isinstance(values, dict):
             raise CLIError(f"--config: params.{variant} must be a table of key = [values]")
         grids[variant] = {k: tuple(v if isinstance(v, list) else [v]) for k, v in values.items()}
+    if variants is not None:  # --variants narrows a config file: its grids for the variants left out do not apply
+        named = {v.strip() for v in variants.split(",")}
+        for variant in [v for v in grids if v not in named]:
+            message = f"--config: [params.{variant}] left out: {variant} is not in --variants"
+            err.print(f"[dim]{escape(message)}[/]", highlight=False)
+            del grids[variant]
     for item in param or []:
         target, _, values = item.partition("=")
         variant, _, key = target.partition(".")
@@ -381,8 +390,10 @@ def run(
                       "writes it", highlight=False)  # fmt: skip
             raise typer.Exit(130) from None
     out.mkdir(parents=True, exist_ok=True)
+    ours = int((summary.variant != "(reference)").sum())
     err.print(
-        f"{len(summary)} cells in {out / 'results.sqlite'}; summary in {out / 'summary.csv'}"
+        f"{ours} cell{'s' * (ours != 1)} of this command (and the reference) in {out / 'results.sqlite'}; "
+        f"summary in {out / 'summary.csv'}"
         f"{'; report.html and report.pdf beside them' if report else ''} "
         f"({time.perf_counter() - started:.0f} s)", highlight=False,
     )  # fmt: skip

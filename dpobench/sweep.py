@@ -218,7 +218,10 @@ def _run_sweep(
             raise SweepError(f"β = {beta}: every β must be > 0")
     for variant in config.params:
         if variant not in names:
-            raise SweepError(f"--param {variant}.…: {variant!r} is not among the variants of this sweep")
+            raise SweepError(
+                f"--param {variant}.KEY (or the config's [params.{variant}]): {variant!r} is not among the variants "
+                "of this sweep; add it to --variants"
+            )
     cells = plan_cells(config, specs)
     if config.data and set(config.scenarios) != {"clean"}:
         raise SweepError(

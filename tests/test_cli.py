@@ -73,6 +73,15 @@ def test_check_names_and_files() -> None:
     assert "✗ shapes and finite values: losses has shape () for a batch of 8 pairs" in bad.stdout
 
 
+@pytest.mark.parametrize("plugin", ["hook_raises.py", "misspelled_hook.py", "import_error.py"])
+def test_check_of_a_broken_plugin_file_names_its_error_only(plugin: str) -> None:
+    """Its load error, and nothing else: check also said the file "registers no variant" (exit 2) when its hook
+    raised or was misspelt."""
+    result = invoke("check", str(BROKEN_PLUGINS / plugin))
+    assert result.exit_code == 1 and "0 of 0 variants pass the loss contract" in result.stdout
+    assert f"plugin '{plugin[:-3]}'" in result.stderr and "registers no variant" not in result.stderr
+
+
 def test_check_of_a_file_named_like_a_builtin_checks_that_file_only(tmp_path: Path) -> None:
     """A loose dpo.py has the built-in module's plugin name, so it is refused; check used to go on and check the
     built-in dpo plugin's 12 variants in its place, as if they were the file's."""
@@ -202,6 +211,22 @@ def test_run_from_a_toml_config(tmp_path: Path, untrained_model: Path) -> None:
                           "reference_free": {"version": version, "source": "builtin"}}  # fmt: skip
 
 
+def test_the_readmes_config_example_runs_and_variants_narrows_it(tmp_path: Path, untrained_model: Path) -> None:
+    """The README's TOML example named params for a variant it did not run, so it failed as written; and a
+    --variants that leaves such a variant out failed the same way instead of narrowing the file."""
+    config = tmp_path / "sweep.toml"
+    config.write_text(f'variants = ["dpo", "seed_custom_dpo"]\nbetas = [0.1, 0.5]\nsteps = 2\nmodel = "{untrained_model}"\n'
+                      "[params.seed_custom_dpo]\ntemperature = [0.5, 1.0]\n")  # fmt: skip
+    narrowed = invoke("run", "--config", str(config), "--variants", "dpo", "--no-report", "--out", str(tmp_path / "a"))
+    assert narrowed.exit_code == 0, narrowed.stderr
+    assert "--config: [params.seed_custom_dpo] left out: seed_custom_dpo is not in --variants" in narrowed.stderr
+    assert sorted(pd.read_csv(tmp_path / "a" / "summary.csv").variant) == ["(reference)", "dpo", "dpo"]
+    whole = invoke("run", "--config", str(config), "--no-report", "--out", str(tmp_path / "b"))
+    assert whole.exit_code == 0, whole.stderr
+    summary = pd.read_csv(tmp_path / "b" / "summary.csv")
+    assert (summary.variant == "seed_custom_dpo").sum() == 4  # 2 temperatures × 2 β
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [
@@ -214,7 +239,8 @@ def test_run_from_a_toml_config(tmp_path: Path, untrained_model: Path) -> None:
         ("preset = 'huge'\n", "--preset 'huge': use one of quick, standard"),
         ('params = "dpo.label_smoothing=0.1"\n', "--config: params must be a table, [params.VARIANT] with KEY"),
         ("seeds = [0.5]\n", "seeds = [0.5]: expected comma-separated int values"),
-        ("variants = ','\n", "variants = ',': names no str value"),
+        ("variants = ','\n", "variants = ',': names no variant; leave it out to run every variant"),
+        ("variants = []\n", "variants = []: names no variant; leave it out to run every variant"),
     ],
 )
 def test_run_config_errors_are_one_line(tmp_path: Path, content: str, message: str) -> None:

@@ -148,6 +148,7 @@ def test_a_byte_order_mark_is_not_part_of_the_first_column(tmp_path: Path) -> No
         (["--out", "/proc/dpobench-out"], "is not writable"),
         (["--model", "/no/such/model"], "error: --model '/no/such/model': no such folder"),
         (["--model", "tinyy"], "error: --model 'tinyy': did you mean 'tiny'?"),
+        (["--variants", ""], "error: variants = '': names no variant; leave it out to run every variant"),
     ],
 )
 def test_bad_settings_are_one_line_and_claim_nothing(
