@@ -281,6 +281,12 @@ def variant_table(finals: pd.DataFrame) -> pd.DataFrame:
                                "heldout_reward_accuracy"])  # fmt: skip
     frame["order"] = (frame.variant != "(reference)").astype(int)
     gold = has_gold(finals)  # pairs from --data have no gold reward: held-out accuracy takes its place
+    labelled = finals.assign(configuration=configuration_labels(finals)) if "configuration" not in finals else finals
+    statuses = {  # "failed", "diverged" or both, for the group's cells that did not finish
+        (v, c, b if b == b else None, s): ", ".join(sorted(set(g.status) - {"done"}))  # a NaN β (none): None
+        for (v, c, b, s), g in labelled.groupby(["variant", "configuration", "beta", "scenario"], dropna=False)
+        if (g.status != "done").any()
+    }
     frame = frame.sort_values(["order", "scenario", "gold_reward" if gold else "heldout_reward_accuracy"],
                               ascending=[True, True, False])  # fmt: skip
 
@@ -303,7 +309,10 @@ def variant_table(finals: pd.DataFrame) -> pd.DataFrame:
             "len": [fmt(v, ".1f") for v in frame.response_length],
             "gram": [fmt(v, ".2f") for v in frame.grammatical_fraction],
             "pairs/s": [fmt(v, ".0f") for v in frame.pairs_per_s],
-            "status": ["failed" if f else "ok" for f in frame.failed],
+            "status": [
+                statuses.get((v, c, b if b == b else None, s), "ok")
+                for v, c, b, s in zip(frame.variant, frame.configuration, frame.beta, frame.scenario, strict=True)
+            ],
         }
     )
     if not gold:

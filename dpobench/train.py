@@ -273,7 +273,7 @@ class CellTrainer:
 
 def _stop_unless_finite(mean_loss: float, step: int) -> None:
     if not math.isfinite(mean_loss):  # recorded as diverged, at this step; the sweep goes on
-        raise CellStopped("diverged", f"loss is {mean_loss} at step {step - 1}")
+        raise CellStopped("diverged", f"step {step}: the loss is {mean_loss}")  # as a failed step says "step N: …"
 
 
 #: the smallest model that TrainConfig.compile=None compiles on CUDA. Measured on an H200 (benchmarks/RESULTS.md):

@@ -51,7 +51,7 @@ def test_broken_plugins_fail_their_cells_and_the_sweep_goes_on(tmp_path: Path, u
     assert summary.loc["raising_loss", "status"] == "failed"
     assert summary.loc["raising_loss", "error"] == "step 1: RuntimeError: this loss is broken on purpose"
     assert summary.loc["nan_loss", "status"] == "diverged"
-    assert summary.loc["nan_loss", "error"] == "loss is nan at step 0"
+    assert summary.loc["nan_loss", "error"] == "step 1: the loss is nan"
     assert summary.loc["wrong_shape", "status"] == "failed"
     assert "the loss returned losses of shape () for 32 pairs; expected (32,)" in summary.loc["wrong_shape", "error"]
     assert summary.loc["backward_raises", "status"] == "failed"  # its backward pass raised: the sweep went on
@@ -66,7 +66,9 @@ def test_broken_plugins_fail_their_cells_and_the_sweep_goes_on(tmp_path: Path, u
         "failed: [" in terminal
         and "raising_loss β=0.1 seed=0 clean: step 1: RuntimeError: this loss is broken on purpose" in terminal
     )
-    assert "diverged: [" in terminal and "nan_loss β=0.1 seed=0 clean: loss is nan at step 0" in terminal
+    assert "diverged: [" in terminal and "nan_loss β=0.1 seed=0 clean: step 1: the loss is nan" in terminal
+    table = {line.split()[0]: line.split()[-1] for line in result.stdout.splitlines() if line.strip()}
+    assert table["nan_loss"] == "diverged" and table["raising_loss"] == "failed" and table["dpo"] == "ok"
     with sqlite3.connect(out / "results.sqlite") as db:
         steps = dict(
             db.execute("SELECT variant, COUNT(step) FROM cells LEFT JOIN steps USING (cell_id) GROUP BY variant")
