@@ -102,7 +102,7 @@ def list_variants(
                 "yes" if spec.reference_free else "no",
                 spec.paper.replace("https://arxiv.org/abs/", "arXiv:"),
             )
-        out.print(table)
+        Console(width=max(out.width, 120)).print(table)  # piped output is 80 wide: names would break mid-word
     if state.errors:
         raise typer.Exit(1)
 
@@ -242,10 +242,12 @@ def run(
     ] = None,
     betas: Annotated[str | None, typer.Option(help="Comma-separated β values (default 0.1).")] = None,
     seeds: Annotated[str | None, typer.Option(help="Comma-separated seeds (default 0).")] = None,
-    scenarios: Annotated[str | None, typer.Option(help="clean, noisy, length-biased (comma-separated).")] = None,
-    steps: Annotated[int | None, typer.Option(help="Training steps per cell.", min=1)] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Pairs per step.", min=1)] = None,
-    lr: Annotated[float | None, typer.Option(help="AdamW learning rate.")] = None,
+    scenarios: Annotated[
+        str | None, typer.Option(help="clean, noisy, length-biased (comma-separated; default clean).")
+    ] = None,
+    steps: Annotated[int | None, typer.Option(help="Training steps per cell (default 150).", min=1)] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Pairs per step (default 32).", min=1)] = None,
+    lr: Annotated[float | None, typer.Option(help="AdamW learning rate (default 1e-4).")] = None,
     model: Annotated[str | None, typer.Option(help="tiny, small, base, or a save_pretrained folder / Hub id.")] = None,
     data: Annotated[Path | None, typer.Option(help="JSONL / CSV / Parquet of prompt, chosen, rejected.")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda.")] = None,
@@ -259,7 +261,9 @@ def run(
     compile: Annotated[
         bool | None,
         typer.Option(
-            "--compile/--no-compile", help="torch.compile each decoder layer for training (default: on CUDA only)."
+            "--compile/--no-compile",
+            help="torch.compile each decoder layer for training (default: on CUDA, for models of 1 M parameters "
+            "or more).",
         ),
     ] = None,
     cuda_graphs: Annotated[
@@ -282,11 +286,15 @@ def run(
         "dpobench-results"
     ),
     labels: Annotated[
-        str | None, typer.Option(help="How the synthetic pairs are labelled: hard (higher gold reward wins) or bt.")
+        str | None,
+        typer.Option(help="How the synthetic pairs are labelled: hard (higher gold reward wins; the default) or bt."),
     ] = None,
     param: Annotated[
         list[str] | None,
-        typer.Option(help="A parameter grid, VARIANT.KEY=V1,V2 (repeatable), e.g. seed_custom_dpo.temperature=0.5,1"),
+        typer.Option(
+            metavar="VARIANT.KEY=V1,V2",
+            help="A parameter grid (repeatable), e.g. seed_custom_dpo.temperature=0.5,1",
+        ),
     ] = None,
     report: Annotated[bool, typer.Option(help="Write report.html and report.pdf beside the store.")] = True,
 ) -> None:
@@ -555,6 +563,7 @@ class _CellProgress:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         self.training = True
+        self.started = time.perf_counter()
         if self.progress is None:
             self.progress = Progress(
                 TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err,
@@ -572,6 +581,8 @@ class _CellProgress:
         self.training = False
         if status != "done":  # the cell's step and error, as the store and the report record them
             err.print(f"[bold red]{status}:[/] {escape(label)}{': ' + escape(error) if error else ''}", highlight=False)
+        elif not err.is_terminal:  # a log file gets no progress bar: one line per finished cell instead
+            err.print(f"{escape(label)}: done in {time.perf_counter() - self.started:.1f} s", highlight=False)
 
     def __exit__(self, *exc: object) -> None:
         if self.progress is not None:
@@ -591,10 +602,12 @@ def _print_summary(summary: object) -> None:
         title="per variant at the end of training (loss, margin, acc: mean of the last 10% of steps)",
         title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
     )  # fmt: skip
+    # a configuration's label wraps at its spaces, never inside a word (min_width: its longest word)
+    words = max((len(w) for label in table_frame.variant for w in str(label).split()), default=8)
     for column in table_frame.columns:
         table.add_column(
             column, justify="left" if column in ("variant", "scenario", "status") else "right",
-            no_wrap=column != "variant", overflow="fold",
+            no_wrap=column != "variant", overflow="fold", min_width=min(words, 60) if column == "variant" else None,
         )  # fmt: skip
     for row in table_frame.itertuples(index=False):
         table.add_row(*[escape(str(v)) for v in row])  # "[...]" in a label is text, not rich markup

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import textwrap
 from collections.abc import Sequence
 
 import numpy as np
@@ -160,9 +161,14 @@ def throughput(table: pd.DataFrame, colors: dict, device: str, bench: pd.DataFra
     fig = Figure(figsize=A4_LANDSCAPE, layout="constrained")
     fig.suptitle(f"Throughput and memory during training, device: {device} (means over the last 10% of steps)")
     axes = fig.subplots(1, 3 if bench is None or bench.empty else 4, sharey=False)
-    for ax, (column, label) in zip(axes, [("pairs_per_s", "pairs / s"), ("tokens_per_s", "tokens / s"),
-                                          ("peak_memory_mb", "peak memory (MB)")], strict=False):  # fmt: skip
-        ax.barh(data.variant, data[column], color=[colors.get(v) for v in data.variant])
+    # one set of labels, on the first panel (a configuration's label can be long: wrapped, not repeated per panel)
+    rows = np.arange(len(data))
+    names = [textwrap.fill(str(v), 40, break_long_words=False, break_on_hyphens=False) for v in data.variant]
+    for i, (ax, (column, label)) in enumerate(zip(axes, [("pairs_per_s", "pairs / s"), ("tokens_per_s", "tokens / s"),
+                                                         ("peak_memory_mb", "peak memory (MB)")], strict=False)):  # fmt: skip
+        ax.barh(rows, data[column], color=[colors.get(v) for v in data.variant])
+        ax.set_yticks(rows, names if i == 0 else [""] * len(rows))
+        ax.set_ylim(-0.6, len(rows) - 0.4)
         ax.set_xlabel(label)
         ax.tick_params(axis="y", labelsize=7)
         ax.grid(alpha=0.3, axis="x")

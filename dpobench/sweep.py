@@ -223,6 +223,10 @@ def _run_sweep(
                 "of this sweep; add it to --variants"
             )
     cells = plan_cells(config, specs)
+    if config.data and config.data_recipe.labels != DataRecipe().labels:
+        raise SweepError(
+            f"--labels {config.data_recipe.labels}: labels the synthetic task's pairs; drop it with --data"
+        )
     if config.data and set(config.scenarios) != {"clean"}:
         raise SweepError(
             "--scenarios noisy/length-biased need the synthetic task's gold labels; drop --data or use clean"

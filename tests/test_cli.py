@@ -189,6 +189,9 @@ def test_run_from_a_toml_config(tmp_path: Path, untrained_model: Path) -> None:
     assert sorted(summary.variant.unique()) == ["(reference)", "dpo", "simpo"]
     assert sorted(summary[summary.variant == "dpo"].beta) == [0.1, 0.5]
     assert (summary.status == "done").all()
+    # not a terminal, so no progress bar: a line per finished cell, so that a log shows the sweep moving
+    assert sum(": done in " in line for line in result.stderr.splitlines()) == 4, result.stderr
+    assert "[1/4] dpo β=0.1 seed=0 clean: done in" in result.stderr
     first_words = {line.split()[0] for line in result.stdout.splitlines() if line.strip()}
     assert {"dpo", "simpo", "(reference)"} <= first_words  # the terminal summary
     # The command line overrides the file: one more β, the finished cells are not run again. Without the compile key

@@ -151,6 +151,10 @@ def test_a_byte_order_mark_is_not_part_of_the_first_column(tmp_path: Path) -> No
         (["--model", "/no/such/model"], "error: --model '/no/such/model': no such folder"),
         (["--model", "tinyy"], "error: --model 'tinyy': did you mean 'tiny'?"),
         (["--variants", ""], "error: variants = '': names no variant; leave it out to run every variant"),
+        (
+            ["--data", "PAIRS", "--labels", "bt"],
+            "error: --labels bt: labels the synthetic task's pairs; drop it with --data",
+        ),
     ],
 )
 def test_bad_settings_are_one_line_and_claim_nothing(
@@ -159,6 +163,8 @@ def test_bad_settings_are_one_line_and_claim_nothing(
     if "cuda" in args and torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     out = tmp_path / "out"
+    args = [str(write_jsonl(tmp_path / "pairs.jsonl", [GOOD, GOOD | {"chosen": "i liked it ."}])) if a == "PAIRS" else a
+            for a in args]  # fmt: skip
     full = ["run", "--model", str(untrained_model), "--steps", "2", "--out", str(out), *args]
     result = dpobench_run(*full)
     assert result.returncode == 2 and message in result.stderr, result.stderr

@@ -334,3 +334,20 @@ def test_report_errors_are_one_line(data_store_dir: Path, tmp_path: Path, args: 
                             capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "200"})  # fmt: skip
     assert result.returncode == 2 and message in " ".join(result.stderr.split()), result.stderr
     assert "Traceback" not in result.stderr and (tmp_path / "FILE").read_text() == "not a folder"
+
+
+def test_throughput_labels_long_configurations_once_and_lays_out(recwarn) -> None:
+    """A --param grid's labels, repeated on each of three panels, collapsed them: matplotlib warned that
+    constrained_layout was not applied, and labels ran over the neighbouring panels."""
+    import io
+
+    labels = [f"seed_custom_dpo[confidence_weighting={c}, length_normalization={n}, temperature={t}]"
+              for c in (False, True) for n in (False, True) for t in (0.5, 1)]  # fmt: skip
+    table = pd.DataFrame({"variant": labels, "device": "cpu", "pairs_per_s": np.arange(1.0, 9.0),
+                          "tokens_per_s": 10.0, "step_time_ms": 5.0, "peak_memory_mb": 100.0})  # fmt: skip
+    fig = figures.throughput(table, figures.variant_colors(labels), "cpu")
+    fig.savefig(io.BytesIO(), format="svg")
+    assert not [w for w in recwarn if "constrained_layout not applied" in str(w.message)]
+    first, *others = fig.axes
+    assert [t.get_text().replace("\n", " ") for t in first.get_yticklabels()] == labels  # by pairs/s, wrapped
+    assert all(t.get_text() == "" for ax in others for t in ax.get_yticklabels())
