@@ -157,10 +157,19 @@ def train_sft(recipe: SFTRecipe, device: str = "cpu"):
     return model, tokenizer, log
 
 
+#: files of which a folder written by ``tokenizer.save_pretrained`` holds at least one
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+
+
 def check_model_source(source: str) -> None:
     """Fail at once, before any slow work, for a ``--model`` that is neither a size, nor a folder, nor plausibly a
-    Hub id: a path that does not exist, or a misspelt size (which would otherwise wait on the Hub's retries)."""
-    if source in SIZES or Path(source).expanduser().is_dir():
+    Hub id: a path that does not exist, or a misspelt size (which would otherwise wait on the Hub's retries); and
+    for a folder without a tokenizer (transformers' own message names no file)."""
+    folder = Path(source).expanduser()
+    if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelError(f"--model {source!r}: the folder has no tokenizer ({', '.join(TOKENIZER_FILES[:2])}, …); "
+                         "save it beside the model with tokenizer.save_pretrained(folder)")  # fmt: skip
+    if source in SIZES or folder.is_dir():
         return
     if source.startswith((".", "/", "~")) or Path(source).expanduser().exists():
         raise ModelError(f"--model {source!r}: no such folder; give a folder written by save_pretrained, a Hub id, "

@@ -150,6 +150,10 @@ def test_a_byte_order_mark_is_not_part_of_the_first_column(tmp_path: Path) -> No
         (["--out", "/proc/dpobench-out"], "is not writable"),
         (["--model", "/no/such/model"], "error: --model '/no/such/model': no such folder"),
         (["--model", "tinyy"], "error: --model 'tinyy': did you mean 'tiny'?"),
+        (
+            ["--model", "NO_TOKENIZER"],
+            "the folder has no tokenizer (tokenizer.json, tokenizer_config.json, …); save it",
+        ),
         (["--variants", ""], "error: variants = '': names no variant; leave it out to run every variant"),
         (
             ["--data", "PAIRS", "--labels", "bt"],
@@ -165,6 +169,12 @@ def test_bad_settings_are_one_line_and_claim_nothing(
     out = tmp_path / "out"
     args = [str(write_jsonl(tmp_path / "pairs.jsonl", [GOOD, GOOD | {"chosen": "i liked it ."}])) if a == "PAIRS" else a
             for a in args]  # fmt: skip
+    if "NO_TOKENIZER" in args:  # the model's weights and config alone
+        bare = tmp_path / "bare"
+        bare.mkdir()
+        for name in ("config.json", "model.safetensors"):
+            (bare / name).write_bytes((untrained_model / name).read_bytes())
+        args = [str(bare) if a == "NO_TOKENIZER" else a for a in args]
     full = ["run", "--model", str(untrained_model), "--steps", "2", "--out", str(out), *args]
     result = dpobench_run(*full)
     assert result.returncode == 2 and message in result.stderr, result.stderr
