@@ -79,6 +79,14 @@ def _fmt_table(frame: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def _shown_config(config: object) -> object:
+    """A run's configuration as the header shows it: with pairs from ``--data``, less the synthetic task's recipe and
+    scenario settings, which that run did not use."""
+    if isinstance(config, dict) and config.get("data"):
+        return {k: v for k, v in config.items() if k not in ("data_recipe", "noise", "length_bonus")}
+    return config
+
+
 def plugin_sources(finals: pd.DataFrame, runs: list[dict[str, object]]) -> str:
     """The plugins whose variants the cells trained, with their versions (a loose file's: the hash of its text) and,
     where a run recorded it, their source: "builtin", an installed distribution, or a loose file's path."""
@@ -127,7 +135,7 @@ def build_report(store: str | Path, metric: str | None = None, bench: str | Path
                                              f"transformers {r['transformers_version']}" for r in runs}))),
               ("git commit", ", ".join(sorted({str(r["git_commit"]) for r in runs}))),
               ("plugins", plugin_sources(finals, runs)),
-              ("configuration", "; ".join(json.dumps(r["config"], sort_keys=True) for r in runs)),
+              ("configuration", "; ".join(json.dumps(_shown_config(r["config"]), sort_keys=True) for r in runs)),
               ("batch layout", batch_layout(runs)),
               ("ranked by", metric), ("report by", f"dpobench {dpobench.__version__}")]  # fmt: skip
     sections = [

@@ -60,7 +60,8 @@ def data_store_dir(tmp_path_factory) -> Path:
     accuracy 0.6 (dpo) and 0.8 (ipo), steps of 10 ms (dpo) and 5 ms (ipo)."""
     out = tmp_path_factory.mktemp("data_store")
     store = Store(out / "results.sqlite")
-    store.add_run("run-1", command="dpobench run --data pairs.jsonl", config={}, dpobench_version="0.1.0",
+    config = {"data": "pairs.jsonl", "data_recipe": {"labels": "hard"}, "noise": 0.2, "variants": ["dpo", "ipo"]}
+    store.add_run("run-1", command="dpobench run --data pairs.jsonl", config=config, dpobench_version="0.1.0",
                   torch_version="2.13.0", transformers_version="5.24.0", model="m", model_hash="abc",
                   device="cpu", dtype="float32")  # fmt: skip
     for variant, accuracy, ms in (("dpo", 0.6, 10.0), ("ipo", 0.8, 5.0)):
@@ -90,6 +91,8 @@ def test_a_report_of_data_pairs_ranks_by_held_out_accuracy_and_omits_gold(data_s
     "the SFT reference scores a gold reward of +nan" and drew an empty gold-vs-KL figure."""
     report = build_report(data_store_dir)
     assert dict(report.header)["ranked by"] == "heldout_reward_accuracy"
+    shown = json.loads(dict(report.header)["configuration"])  # without the synthetic task's unused settings
+    assert shown == {"data": "pairs.jsonl", "variants": ["dpo", "ipo"]}
     sections = {s.id: s for s in report.sections}
     assert "frontier" not in sections
     summary = sections["summary"].tables[0][1]
