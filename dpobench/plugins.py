@@ -84,7 +84,14 @@ def load_plugins(paths: Sequence[str | os.PathLike[str]] = (), extra: dict[str, 
 
     allowed = os.environ.get("DPOBENCH_LOAD_PLUGINS")
     allowed_names = None if allowed is None else {n.strip() for n in allowed.split(",") if n.strip()}
-    for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: (not _is_builtin(e.value), e.name)):
+    installed = sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: (not _is_builtin(e.value), e.name))
+    named = {n for ep in installed for n in (ep.name, ep.dist.name if ep.dist else "")}
+    for name in sorted((allowed_names or set()) - named):  # a typo would load nothing without a word
+        state.errors.append(
+            f"DPOBENCH_LOAD_PLUGINS names {name!r}, which is no installed plugin or distribution; `dpobench plugins` "
+            "lists the installed ones"
+        )
+    for ep in installed:
         builtin = _is_builtin(ep.value)
         dist = ep.dist.name if ep.dist else "unknown"
         if not builtin and allowed_names is not None and not ({ep.name, dist} & allowed_names):

@@ -271,7 +271,10 @@ def _run_sweep(
         progress("sampling preference pairs from the reference model")
         data = make_task_data(reference, tokenizer, config.data_recipe, device=device)
     data_hash = data.train.fingerprint() + data.heldout.fingerprint()
-    progress(f"{len(data.train.pairs)} training pairs, {len(data.heldout.pairs)} held-out pairs")
+    cut = data.train.truncated
+    progress(f"{len(data.train.pairs)} training pairs, {len(data.heldout.pairs)} held-out pairs"
+             + (f"; {cut} pair{'s' * (cut != 1)} cut to the model's length (completions truncated, EOS kept)"
+                if cut else ""))  # fmt: skip
 
     ref_key = f"{model_hash}|{data_hash}"
     cache = cache_root()

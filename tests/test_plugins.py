@@ -175,6 +175,11 @@ def test_load_plugins_filter_applies_to_external_plugins_only(monkeypatch: pytes
     assert set(dpobench.get_losses()) == EXPECTED_VARIANTS
     monkeypatch.setenv("DPOBENCH_LOAD_PLUGINS", "something-else")
     assert set(dpobench.get_losses()) == EXPECTED_VARIANTS
+    # a name that no installed plugin has is a typo, said once: it loaded nothing without a word
+    assert plugins.plugin_errors() == [
+        "DPOBENCH_LOAD_PLUGINS names 'something-else', which is no installed plugin or distribution; "
+        "`dpobench plugins` lists the installed ones"
+    ]
 
 
 def test_temporary_plugin_registers_and_unregisters() -> None:
