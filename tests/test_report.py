@@ -43,15 +43,20 @@ def store_dir(tmp_path_factory) -> Path:
         evals = [{"step": 20, "gold_reward": gold, "gold_reward_se": 0.01, "kl_to_reference": beta * 10 + seed,
                   "response_length": 15.0, "grammatical_fraction": 0.9}]  # fmt: skip
         store.write_cell(cell, steps, evals)
-    store.write_cell(
-        {"cell_id": "ref-0", "run_id": "run-1", "variant": "(reference)", "plugin": "", "plugin_version": "",
-         "params": "{}", "beta": math.nan, "seed": 0, "scenario": "clean", "model": "tiny", "model_hash": "abc",
-         "device": "cpu", "dtype": "float32", "config": "{}", "status": "done", "error": "", "started": 0.0,
-         "finished": 0.0, "seconds": 0.0},
-        [], [{"step": 0, "gold_reward": 0.0, "gold_reward_se": 0.02, "kl_to_reference": 0.0}],
-    )  # fmt: skip
+    write_reference(store, "tiny", {"gold_reward": 0.0, "gold_reward_se": 0.02, "kl_to_reference": 0.0})
     store.close()
     return out
+
+
+def write_reference(store: Store, model: str, evaluation: dict[str, float]) -> None:
+    """The reference's cell: no steps, one evaluation at step 0."""
+    store.write_cell(
+        {"cell_id": "ref-0", "run_id": "run-1", "variant": "(reference)", "plugin": "", "plugin_version": "",
+         "params": "{}", "beta": math.nan, "seed": 0, "scenario": "clean", "model": model, "model_hash": "abc",
+         "device": "cpu", "dtype": "float32", "config": "{}", "status": "done", "error": "", "started": 0.0,
+         "finished": 0.0, "seconds": 0.0},
+        [], [{"step": 0, **evaluation}],
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -75,13 +80,7 @@ def data_store_dir(tmp_path_factory) -> Path:
                  for s in range(1, 11)]  # fmt: skip
         evals = [{"step": 10, "kl_to_reference": 0.5, "response_length": 12.0, "heldout_reward_accuracy": accuracy}]
         store.write_cell(cell, steps, evals)
-    store.write_cell(
-        {"cell_id": "ref-0", "run_id": "run-1", "variant": "(reference)", "plugin": "", "plugin_version": "",
-         "params": "{}", "beta": math.nan, "seed": 0, "scenario": "clean", "model": "m", "model_hash": "abc",
-         "device": "cpu", "dtype": "float32", "config": "{}", "status": "done", "error": "", "started": 0.0,
-         "finished": 0.0, "seconds": 0.0},
-        [], [{"step": 0, "kl_to_reference": 0.0, "response_length": 11.0}],
-    )  # fmt: skip
+    write_reference(store, "m", {"kl_to_reference": 0.0, "response_length": 11.0})
     store.close()
     return out
 
