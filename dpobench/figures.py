@@ -165,7 +165,7 @@ def throughput(table: pd.DataFrame, colors: dict, device: str, bench: pd.DataFra
     rows = np.arange(len(data))
     names = [textwrap.fill(str(v), 40, break_long_words=False, break_on_hyphens=False) for v in data.variant]
     for i, (ax, (column, label)) in enumerate(zip(axes, [("pairs_per_s", "pairs / s"), ("tokens_per_s", "tokens / s"),
-                                                         ("peak_memory_mb", "peak memory (MB)")], strict=False)):  # fmt: skip
+                                                         ("peak_memory_mb", "peak memory (MiB)")], strict=False)):  # fmt: skip
         ax.barh(rows, data[column], color=[colors.get(v) for v in data.variant])
         ax.set_yticks(rows, names if i == 0 else [""] * len(rows))
         ax.set_ylim(-0.6, len(rows) - 0.4)

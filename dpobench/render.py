@@ -184,8 +184,11 @@ def build_report(store: str | Path, metric: str | None = None, bench: str | Path
     speed_tables = [("throughput and memory", speed)]
     if bench_frame is not None:
         speed_tables.append(("loss kernels (pytest-benchmark, 1e6 pairs)", bench_frame))
-    sections.append(Section("throughput", "Throughput and memory", f"Measured per training step on {devices}; "
-                            "peak memory is CUDA max_memory_allocated, or the process's peak RSS on the CPU.",
+    sections.append(Section("throughput", "Throughput and memory", f"Measured per training step on {devices}, one "
+                            "cell after another: on a shared machine, differences of about 20 % between variants "
+                            "can be noise (benchmarks/ times steps side by side). Tokens count each pair's prompt "
+                            "twice. Peak memory (MiB) is CUDA's max_memory_allocated, or on the CPU the process's "
+                            "peak RSS so far, which a cell inherits from the cells before it.",
                             figures=[figures.throughput(speed, colors, devices, bench_frame)], tables=speed_tables))  # fmt: skip
     geometry = _geometry_section(finals, colors)
     if geometry is not None:

@@ -160,8 +160,8 @@ def aggregate(
             row[metric] = values.mean() if len(values) else math.nan
             if len(values) > 1:
                 row[f"{metric}_ci"] = t_quantile(len(values) - 1) * values.std(ddof=1) / math.sqrt(len(values))
-            elif len(values) == 1 and metric == "gold_reward" and not math.isnan(done.gold_reward_se.iloc[0]):
-                row[f"{metric}_ci"] = 1.96 * float(done.gold_reward_se.iloc[0])
+            elif len(values) == 1 and metric == "gold_reward" and not math.isnan(done.gold_reward_se[values.index[0]]):
+                row[f"{metric}_ci"] = 1.96 * float(done.gold_reward_se[values.index[0]])  # the se of that very cell
             else:
                 row[f"{metric}_ci"] = math.nan
         rows.append(row)

@@ -127,6 +127,18 @@ def open_store(out: Path) -> Store:
         raise SweepError(f"{out / 'results.sqlite'} is not a dpobench store ({error}); choose another --out") from None
 
 
+def distinct_variants(registry: Any) -> list[str]:
+    """Every variant, less those that would train the very same loss as a named preset of the same class at their
+    defaults: the generic ``combined`` (DPO + SFT by default) is RPO, which ``rpo`` names. "All variants" then
+    trains each loss once; a variant named in ``--variants`` always trains."""
+
+    def identity(spec: Any) -> tuple[type, str]:
+        return spec.cls, repr(sorted((k, p.default) for k, p in spec.params.items()))
+
+    presets = {identity(spec) for spec in registry.values() if spec.preset_of is not None}
+    return [name for name, spec in registry.items() if spec.preset_of is not None or identity(spec) not in presets]
+
+
 def _plugin_sources(specs: list[Any]) -> dict[str, dict[str, str]]:
     """Where the sweep's variants came from: per plugin, its version (a loose file's: the hash of its text) and its
     source ("builtin", "entry point of DIST", or the file's path), for the report."""
@@ -208,7 +220,7 @@ def _run_sweep(
     import transformers
 
     registry = get_losses()
-    names = list(config.variants) or list(registry)
+    names = list(config.variants) or distinct_variants(registry)
     specs = [registry[n] for n in names]  # unknown names fail here, before any training
     for scenario in config.scenarios:
         if scenario not in SCENARIOS:

@@ -267,3 +267,14 @@ def test_readme_api_example_runs() -> None:
     exec(compile(code, "README.md", "exec"), namespace)
     # IPO (TRL, length-normalised) on Δc = 1 over 5 tokens, Δr = −1 over 4: (0.2 + 0.25 − 5)²
     assert float(namespace["out"].losses[0]) == pytest.approx((0.45 - 5) ** 2)
+
+
+def test_all_variants_train_each_loss_once() -> None:
+    """The default run trained `combined` (DPO + SFT at its defaults) and `rpo` (its preset DPO + SFT): the same
+    loss twice, bit-identical cells listed as two variants. A generic variant whose defaults equal a named preset's
+    is left out of "all"; one with other defaults (dpo beside cdpo) is not."""
+    from dpobench.sweep import distinct_variants
+
+    registry = dpobench.get_losses()
+    assert registry["combined"].build().hparams == registry["rpo"].build().hparams
+    assert distinct_variants(registry) == [name for name in registry if name != "combined"]

@@ -353,3 +353,13 @@ def test_throughput_labels_long_configurations_once_and_lays_out(recwarn) -> Non
     first, *others = fig.axes
     assert [t.get_text().replace("\n", " ") for t in first.get_yticklabels()] == labels  # by pairs/s, wrapped
     assert all(t.get_text() == "" for ax in others for t in ax.get_yticklabels())
+
+
+def test_one_gold_value_among_seeds_gets_its_own_cells_interval() -> None:
+    """Of two finished seeds, only the second measured a gold reward: its interval is 1.96 × its own standard
+    error, not the first cell's (which was NaN, and made the interval silently NaN)."""
+    finals = pd.DataFrame({"variant": "dpo", "configuration": "dpo", "beta": 0.1, "scenario": "clean",
+                           "status": "done", "seed": [0, 1], "gold_reward": [math.nan, 0.3],
+                           "gold_reward_se": [math.nan, 0.02]})  # fmt: skip
+    row = aggregate(finals, ["gold_reward"]).iloc[0]
+    assert row.gold_reward == pytest.approx(0.3) and row.gold_reward_ci == pytest.approx(1.96 * 0.02)
