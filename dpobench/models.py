@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from dpobench._util import atomic_path
+from dpobench._util import one_line as _one_line
 from dpobench.task import TASK_VERSION, build_tokenizer, sample_review
 
 __all__ = ["SIZES", "ModelError", "SFTRecipe", "cache_root", "load_model", "model_fingerprint", "reference_model"]
@@ -178,6 +179,32 @@ def check_model_source(source: str) -> None:
     if close:
         raise ModelError(f"--model {source!r}: did you mean {close[0]!r}? (sizes: {', '.join(SIZES)}; or a folder "
                          "written by save_pretrained, or a Hub id)")  # fmt: skip
+    _check_hub_id(source)
+
+
+def _check_hub_id(source: str) -> None:
+    """A ``--model`` that is neither a size nor a folder is a Hub id: loadable from the Hub's local cache, or from the
+    Hub itself. One quick request tells a name the Hub does not have, or a Hub that cannot be reached (offline,
+    here), from a model to fetch; transformers would retry for about 45 s first and then name neither."""
+    from huggingface_hub import HfApi, try_to_load_from_cache
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    what = f"--model {source!r}: not a size ({', '.join(SIZES)}) or a folder"
+    try:
+        if isinstance(try_to_load_from_cache(source, "config.json"), str):
+            return  # in the Hub's local cache: it loads without the network
+        HfApi().model_info(source, timeout=10)
+    except GatedRepoError:
+        return  # it exists; loading says what access it needs
+    except RepositoryNotFoundError:
+        raise ModelError(f"{what}, and the Hugging Face Hub has no model {source!r}") from None
+    except ValueError as error:  # not a valid repository id
+        raise ModelError(f"{what}, nor a valid Hub id ({_one_line(error)})") from None
+    except Exception as error:  # the network, or offline mode
+        raise ModelError(
+            f"{what}, and the Hugging Face Hub cannot be reached to fetch it ({_one_line(error)}); give a folder "
+            "written by save_pretrained"
+        ) from None
 
 
 def load_model(source: str | Path, device: str = "cpu"):

@@ -371,3 +371,19 @@ def test_parquet_without_pyarrow_or_corrupt_is_one_line(tmp_path: Path) -> None:
     path.write_bytes(b"not parquet")
     with pytest.raises(DataError, match=r"pairs.parquet: (reading Parquet needs pyarrow|not a readable Parquet file)"):
         load_pairs_file(path, build_tokenizer(), 64)
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"HF_ENDPOINT": "http://127.0.0.1:9"}, "the Hugging Face Hub cannot be reached to fetch it (ConnectError"),
+        ({"HF_HUB_OFFLINE": "1"}, "the Hugging Face Hub cannot be reached to fetch it (OfflineModeIsEnabled"),
+    ],
+)
+def test_a_hub_id_that_cannot_be_fetched_fails_at_once(tmp_path: Path, env: dict, message: str) -> None:
+    """A --model that is no size and no folder is a Hub id; offline, transformers retried for about 45 s and then
+    named neither the Hub nor the network. One quick request now says which (a closed port stands in for no
+    network; offline mode is transformers' own)."""
+    result = dpobench_run("run", "--model", "someorg/no-such-model", "--out", str(tmp_path / "out"), **env)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert result.stderr.count("\n") == 1 and not (tmp_path / "out").exists()
