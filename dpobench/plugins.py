@@ -103,6 +103,8 @@ def load_plugins(paths: Sequence[str | os.PathLike[str]] = (), extra: dict[str, 
         except Exception as err:  # a broken plugin must not take the others down
             state.errors.append(f"plugin {ep.name!r} ({ep.value}) failed to import: {_one_line(err)}")
             continue
+        if not builtin:  # an editable install keeps its version while its code changes: the code's hash tells
+            version = f"{version}+src-{_source_hash(module)}"
         _add(state, module, PluginInfo(ep.name, version, source, builtin))
 
     for path in _plugin_files([*_env_paths(), *paths]):
@@ -121,6 +123,16 @@ def load_plugins(paths: Sequence[str | os.PathLike[str]] = (), extra: dict[str, 
     _check_pending(state)
     _fill_registry(state)
     return state
+
+
+def _source_hash(module: ModuleType) -> str:
+    """12 hex digits of the SHA-256 of a plugin module's source: its file, or every ``.py`` file of its package."""
+    path = Path(getattr(module, "__file__", None) or "")
+    files = sorted(path.parent.rglob("*.py")) if path.name == "__init__.py" else [path] if path.is_file() else []
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(str(file.relative_to(path.parent)).encode() + b"\0" + file.read_bytes())
+    return digest.hexdigest()[:12]
 
 
 def _is_builtin(value: str) -> bool:

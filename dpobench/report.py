@@ -124,12 +124,13 @@ def _window_throughput(tail: pd.DataFrame, train: pd.DataFrame) -> pd.DataFrame:
 
 def configuration_labels(finals: pd.DataFrame) -> pd.Series:
     """``variant`` alone, or ``variant[key=value, ...]`` with what varies between its cells besides β and the
-    seed: loss parameters, training settings (runs with other steps or lr), the model or the device. Cells
+    seed: loss parameters, training settings (runs with other steps or lr), the model, the device or the plugin's
+    version (its code). Cells
     that differ in more than their seed are never pooled as if they were seeds."""
 
     def settings(row: pd.Series) -> dict[str, object]:
         loads = lambda v: json.loads(v) if isinstance(v, str) and v else {}  # noqa: E731
-        extra = {k: row[k] for k in ("model", "device", "dtype") if k in row}
+        extra = {k: row[k] for k in ("model", "device", "dtype", "plugin_version") if k in row}
         return {**loads(row.get("config")), **extra, **loads(row.get("params"))}
 
     params = finals.apply(settings, axis=1) if len(finals) else pd.Series(dtype=object)

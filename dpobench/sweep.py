@@ -332,14 +332,18 @@ def _run_sweep(
     }
     todo = []
     ours = set(references.values())  # this command's cells: the summary it returns
+    builtin_plugins = {name for name, info in plugin_state().info.items() if info.builtin}
     for spec, loss, beta, seed, scenario in cells:
         # share_prompt is the run's (its info), not the cell's: a batch layout whose log-probs equal the other's within
         # float rounding (tests/test_logprobs.py), so a store resumes either way and its report pools both. So is
         # cuda_graphs: the compiled layers' own kernels, replayed (within bf16 rounding on an H200, benchmarks/RESULTS.md)
         train_json = {**{k: v for k, v in asdict(train_config).items()
                          if k not in ("device", "share_prompt", "cuda_graphs")}, "compile": compiled}  # fmt: skip
+        # a plugin's code is part of its cells' identity (its version: a loose file's hash, an installed plugin's
+        # version and source hash), so edited code trains anew; the built-ins' is dpobench's, whose run records it
+        code = () if spec.plugin in builtin_plugins else (spec.version,)
         cell_id = _cell_id(spec.name, loss.hparams, seed, scenario, model_hash, data_hash, train_json, device,
-                           config.noise, config.length_bonus)  # fmt: skip
+                           config.noise, config.length_bonus, *code)  # fmt: skip
         ours.add(cell_id)
         if store.finished(cell_id):
             continue

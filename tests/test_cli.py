@@ -82,6 +82,32 @@ def test_check_of_a_broken_plugin_file_names_its_error_only(plugin: str) -> None
     assert f"plugin '{plugin[:-3]}'" in result.stderr and "registers no variant" not in result.stderr
 
 
+def test_a_plugin_whose_code_changed_trains_anew(tmp_path: Path, untrained_model: Path) -> None:
+    """Editing a plugin and rerunning into the same --out reused the old code's cells without a word: a plugin's
+    version (a loose file's hash) is now part of its cells' identity, and the report labels the two apart."""
+    from dpobench.render import build_report
+
+    example = (Path(__file__).parents[1] / "docs" / "example-plugin" / "dpobench_example.py").read_text()
+    plugin = tmp_path / "plugins" / "offset.py"
+    plugin.parent.mkdir()
+    plugin.write_text(example)
+    run = ["--plugins-dir", str(plugin.parent), "run", "--model", str(untrained_model), "--variants", "offset_dpo",
+           "--steps", "2", "--no-report", "--out", str(tmp_path / "out")]  # fmt: skip
+    assert invoke(*run).exit_code == 0
+    again = invoke(*run)
+    assert "1 cells, 1 already in the store, 0 to run" in " ".join(again.stderr.split())  # unchanged: resumed
+    edited = example.replace("- self.gamma)", "- self.gamma) + 1.0")  # the same parameters, another loss
+    assert edited != example
+    plugin.write_text(edited)
+    rerun = invoke(*run)
+    assert rerun.exit_code == 0 and "1 cells, 0 already in the store, 1 to run" in " ".join(rerun.stderr.split())
+    summary = {s.id: s for s in build_report(tmp_path / "out").sections}["summary"].tables[0][1]
+    labels = sorted(summary.variant)
+    assert len(labels) == 2 and all(label.startswith("offset_dpo[plugin_version=file-") for label in labels)
+    low, high = sorted(summary.loss)  # a constant added to the loss: the same gradients, the loss 1 higher
+    assert high - low == pytest.approx(1.0, abs=1e-5)
+
+
 def test_check_of_a_file_named_like_a_builtin_checks_that_file_only(tmp_path: Path) -> None:
     """A loose dpo.py has the built-in module's plugin name, so it is refused; check used to go on and check the
     built-in dpo plugin's 12 variants in its place, as if they were the file's."""

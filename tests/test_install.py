@@ -5,6 +5,7 @@ Both build real wheels with pip into a temporary --target directory (a few secon
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import subprocess
@@ -62,7 +63,10 @@ def test_third_party_package_is_listed_and_checked(tmp_path: Path) -> None:
     )
     assert listed.returncode == 0, listed.stderr
     row = next(line for line in listed.stdout.splitlines() if "offset_dpo" in line)
-    assert re.search(r"offset_dpo\s*│\s*example\s*│\s*0\.1\.0\s*│\s*no\s*│\s*arXiv:2402\.10571", row), row
+    # the version: the distribution's, and the hash of the module's source (an editable install's edits change it)
+    source = (EXAMPLE / "dpobench_example.py").read_bytes()
+    code = hashlib.sha256(b"dpobench_example.py\0" + source).hexdigest()[:12]
+    assert re.search(rf"offset_dpo\s*│\s*example\s*│\s*0\.1\.0\+src-{code}\s*│\s*no\s*│\s*arXiv:2402\.10571", row), row
     # With DPOBENCH_LOAD_PLUGINS unset, as on a user's machine, every installed plugin loads.
     checked = run_dpobench(["check", "offset_dpo"], tmp_path, PYTHONPATH=str(target), DPOBENCH_LOAD_PLUGINS=None)
     assert checked.returncode == 0, checked.stdout + checked.stderr
