@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any, ClassVar, NamedTuple
 
 import torch
@@ -135,6 +135,8 @@ class Param:
                 raise ParamError(f"{where} must be true or false")
             return value
         if isinstance(self.valid, tuple):
+            if isinstance(value, str) and value not in self.valid:  # from the command line: "2" for 2 (or 2.0)
+                value = next((v for v in self.valid if _same_number(value, v)), value)
             if value not in self.valid:
                 raise ParamError(f"{where} must be one of {', '.join(map(repr, self.valid))}")
             return value
@@ -160,6 +162,16 @@ class Param:
                     raise ParamError(f"{where} is outside its valid range {self.valid.strip()}")
             return int(number) if isinstance(default, int) else number
         return value
+
+
+def _same_number(text: str, value: Any) -> bool:
+    """Whether ``text`` (from the command line) names the number ``value``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return float(text) == float(value)
+    except ValueError:
+        return False
 
 
 class PreferenceLoss(nn.Module):
@@ -260,10 +272,16 @@ def smoothed_logsigmoid_loss(z: Tensor, label_smoothing: float = 0.0) -> Tensor:
 def call_loss(
     loss: PreferenceLoss, policy: LogProbs, reference: LogProbs | None, weights: Tensor | None = None
 ) -> LossOutput:
-    """Call ``loss`` the way the harness does: extras only when the variant declares them."""
+    """Call ``loss`` the way the harness does: extras only when the variant declares them. The per-token statistics
+    (``LogProbs.*_logsumsq``) are the policy's alone, and only for variants that declare ``"logsumsq"``: training
+    computes nothing else, so the contract check and the landscape give nothing else either."""
     extras: dict[str, Tensor] = {}
     if "weights" in loss.inputs and weights is not None:
         extras["weights"] = weights
+    if "logsumsq" not in loss.inputs:
+        policy = replace(policy, chosen_logsumsq=None, rejected_logsumsq=None)
+    if reference is not None:
+        reference = replace(reference, chosen_logsumsq=None, rejected_logsumsq=None)
     return loss(policy, None if loss.reference_free else reference, **extras)
 
 

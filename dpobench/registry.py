@@ -12,6 +12,10 @@ from typing import Any, Protocol
 
 from dpobench.losses import Param, ParamError, PreferenceLoss
 
+#: the extras a variant can ask for in ``inputs``: per-pair ``weights`` (a forward argument), and ``logsumsq``
+#: (the policy's ``LogProbs.chosen_logsumsq`` / ``rejected_logsumsq``)
+KNOWN_INPUTS = frozenset({"weights", "logsumsq"})
+
 __all__ = ["LossSpec", "RegisterLoss", "RegistrationError", "Registry", "UnknownLossError", "docstring_section"]
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -127,8 +131,16 @@ class Registry(Mapping[str, LossSpec]):
                 f"variant {spec_name!r} is registered twice: by plugin {other.plugin!r} and by plugin {plugin!r}; "
                 "rename one of them"
             )
+        unknown = sorted(set(cls.inputs) - KNOWN_INPUTS)
+        if unknown:  # a typo ("weight") would train the variant without the input, silently
+            raise RegistrationError(
+                f"{who}, variant {spec_name!r}: unknown input {unknown[0]!r} in inputs; known: "
+                f"{', '.join(sorted(KNOWN_INPUTS))}"
+            )
         try:
-            cls.resolve_params(defaults, owner=f"{who}, variant {spec_name!r}")
+            # the class's own defaults too: one outside its declared range was never refused
+            cls.resolve_params({**{k: p.default for k, p in cls.params.items()}, **defaults},
+                               owner=f"{who}, variant {spec_name!r}")  # fmt: skip
         except ParamError as err:
             raise RegistrationError(str(err)) from None
         spec = LossSpec(

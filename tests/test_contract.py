@@ -151,6 +151,26 @@ def test_unvalidated_parameter_fails() -> None:
     )
 
 
+@pytest.mark.parametrize("declared", [False, True])
+def test_per_token_statistics_come_as_training_gives_them(declared: bool) -> None:
+    """The check filled *_logsumsq on policy and reference for every variant; training fills the policy's only,
+    and only for variants that declare "logsumsq". A variant that read them undeclared, or read the reference's,
+    passed the check and failed its first training step."""
+
+    class ReadsStatistics(_Base):
+        inputs = frozenset({"logsumsq"}) if declared else frozenset()
+
+        def forward(self, policy, reference, **extras):
+            source = reference if declared else policy  # declared: it reads the reference's, which never exist
+            dc, dr = log_ratios(policy, reference)
+            shift = source.chosen_logsumsq - source.rejected_logsumsq
+            return LossOutput(-F.logsigmoid(self.beta * (dc - dr) + 0 * shift), (self.beta * dc).detach(),
+                              (self.beta * dr).detach())  # fmt: skip
+
+    report = check_loss(ReadsStatistics)
+    assert not report.ok and "NoneType" in " ".join(r.message for r in report.results if not r.ok)
+
+
 def test_make_batch_is_deterministic_and_plausible() -> None:
     a, _, w = make_batch(16, seed=7)
     b, _, _ = make_batch(16, seed=7)

@@ -95,6 +95,11 @@ def test_parameters_are_validated_when_the_loss_is_built(name: str, params: dict
 def test_parameters_from_strings_are_coerced() -> None:
     loss = dpobench.get_loss("ipo", beta="0.5", length_normalize="false")
     assert loss.beta == 0.5 and loss.length_normalize is False
+    # allowed values given as numbers: "--param x.scale=2" arrives as "2", which was refused as not among 1, 2, 4
+    scale = dpobench.Param(1, (1, 2, 4.0), "scale")
+    assert scale.check("scale", "2", "loss 'x'") == 2 and scale.check("scale", "4", "loss 'x'") == 4.0
+    with pytest.raises(dpobench.ParamError, match=r"loss 'x': parameter scale='3' must be one of 1, 2, 4.0"):
+        scale.check("scale", "3", "loss 'x'")
 
 
 def broken_state() -> plugins.Plugins:
@@ -213,6 +218,10 @@ def test_unmarked_hook_and_hookless_plugin_are_reported() -> None:
     ]
 
 
+def _subclass(**attributes) -> type:
+    return type("Custom", (dpobench.get_losses()["dpo"].cls,), {"name": "custom", **attributes})
+
+
 @pytest.mark.parametrize(
     ("registration", "message"),
     [
@@ -225,6 +234,14 @@ def test_unmarked_hook_and_hookless_plugin_are_reported() -> None:
         (
             lambda register: register(dpobench.get_losses()["dpo"].cls, name="dpo_zero", beta=0.0),
             "plugin 'bad', variant 'dpo_zero': parameter beta=0.0 is outside its valid range (0, inf)",
+        ),
+        (  # the class's own default, never checked: it trained
+            lambda register: register(_subclass(params={"scale": dpobench.Param(20.0, "(0, 10]", "s")})),
+            "plugin 'bad', variant 'custom': parameter scale=20.0 is outside its valid range (0, 10]",
+        ),
+        (  # "weight" for "weights": it trained unweighted, silently
+            lambda register: register(_subclass(inputs=frozenset({"weight"}))),
+            "plugin 'bad', variant 'custom': unknown input 'weight' in inputs; known: logsumsq, weights",
         ),
     ],
 )
