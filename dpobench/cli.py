@@ -133,7 +133,7 @@ def list_plugins() -> None:
     for info in state.info.values():
         names = [s.name for s in state.registry.values() if s.plugin == info.name]
         table.add_row(escape(info.name), escape(info.version), escape(info.source), escape(", ".join(names)))
-    out.print(table)
+    Console(width=max(out.width, 120)).print(table)  # piped output is 80 wide: paths would break mid-word
     if state.errors:
         raise typer.Exit(1)
 

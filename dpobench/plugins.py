@@ -115,7 +115,7 @@ def load_plugins(paths: Sequence[str | os.PathLike[str]] = (), extra: dict[str, 
         except Exception as err:
             state.errors.append(f"plugin {name!r} ({path}) failed to import: {_one_line(err)}")
             continue
-        _add(state, module, PluginInfo(name, version, str(path)))
+        _add(state, module, PluginInfo(name, version, str(path.resolve())))  # absolute: the store keeps it
 
     for name, obj in (extra or {}).items():
         _add(state, obj, PluginInfo(name, "test", "registered in-process"))

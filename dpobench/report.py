@@ -213,6 +213,12 @@ def resolve_metric(finals: pd.DataFrame, metric: str | None) -> str:
     return metric
 
 
+def _parameters(params: object) -> str:
+    """A cell's loss parameters as ``key=value, …``, β left out."""
+    values = json.loads(params) if isinstance(params, str) and params else {}
+    return ", ".join(f"{k}={v}" for k, v in sorted(values.items()) if k != "beta")
+
+
 def summary_table(finals: pd.DataFrame, metric: str = "gold_reward") -> pd.DataFrame:
     """Per variant × β × scenario at the end of training, ranked by ``metric`` within each scenario. Without a
     gold reward (pairs from ``--data``), its columns are left out."""
@@ -222,7 +228,14 @@ def summary_table(finals: pd.DataFrame, metric: str = "gold_reward") -> pd.DataF
         metrics = [m for m in metrics if m not in GOLD_METRICS]
     if metric not in metrics:  # any metric of HIGHER_IS_BETTER can rank: step_time_ms, say
         metrics.append(metric)
-    table = aggregate(finals[finals.variant != "(reference)"], metrics)
+    cells = finals[finals.variant != "(reference)"]
+    table = aggregate(cells, metrics)
+    # every parameter each configuration trained with, besides β (its own column): the swept ones, and the rest
+    labels = cells.configuration if "configuration" in cells else configuration_labels(cells)
+    shown = {(v, c): _parameters(p) for v, c, p in zip(cells.variant, labels, cells.params, strict=True)}
+    table.insert(
+        2, "parameters", [shown.get((v, c), "") for v, c in zip(table.variant, table.configuration, strict=True)]
+    )
     table["rank"] = pd.Series(dtype="Int64")
     for _, group in table.groupby("scenario"):
         table.loc[group.index, "rank"] = rank(group, metric)

@@ -175,8 +175,16 @@ def _leaves(policy: LogProbs, reference: LogProbs) -> tuple[LogProbs, LogProbs]:
 
 def _check_shapes(build: Callable[[], PreferenceLoss], cls: type) -> CheckResult:
     out = _run(build(), *make_batch(8))
-    problem = _shape_problem(out, 8) or _finite_problem(out, "ordinary inputs")
+    problem = _shape_problem(out, 8) or _finite_problem(out, "ordinary inputs") or _dtype_problem(out, torch.float32)
     return CheckResult("shapes and finite values", problem is None, problem or "")
+
+
+def _dtype_problem(out: LossOutput, dtype: torch.dtype) -> str | None:
+    """Every cell trains in the same precision: a loss computes in its inputs' dtype, not in its own."""
+    for field_name, value in zip(LossOutput._fields, out, strict=True):
+        if value.dtype != dtype:
+            return f"{field_name} has dtype {value.dtype} for {dtype} inputs; compute in the inputs' dtype"
+    return None
 
 
 def _check_batch_of_one(build: Callable[[], PreferenceLoss], cls: type) -> CheckResult:

@@ -171,6 +171,20 @@ def test_per_token_statistics_come_as_training_gives_them(declared: bool) -> Non
     assert not report.ok and "NoneType" in " ".join(r.message for r in report.results if not r.ok)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_a_loss_in_its_own_precision_fails(dtype: torch.dtype) -> None:
+    """bfloat16 losses for float32 inputs passed every check (within the bf16 check's 5 %) and trained."""
+
+    class OwnPrecision(_Base):
+        def forward(self, policy, reference, **extras):
+            out = super().forward(policy, reference, **extras)
+            return LossOutput(out.losses.to(dtype), out.chosen_rewards, out.rejected_rewards)
+
+    assert failure(OwnPrecision, "shapes and finite values") == (
+        f"losses has dtype {dtype} for torch.float32 inputs; compute in the inputs' dtype"
+    )
+
+
 def test_make_batch_is_deterministic_and_plausible() -> None:
     a, _, w = make_batch(16, seed=7)
     b, _, _ = make_batch(16, seed=7)

@@ -287,6 +287,8 @@ def test_every_table_and_figure_keeps_a_variants_settings_apart(store_dir: Path,
     report = build_report(tmp_path)
     sections = {s.id: s for s in report.sections}
     plain, smoothed = "dpo[label_smoothing=None]", "dpo[label_smoothing=0.2]"
+    parameters = dict(zip(*sections["summary"].tables[0][1][["variant", "parameters"]].values.T, strict=True))
+    assert parameters[smoothed] == "label_smoothing=0.2" and parameters[plain] == ""  # β has its own column
     beta = sections["beta"].tables[0][1].set_index("variant")
     assert beta.loc[smoothed, 0.1] == pytest.approx(0.85) and beta.loc[plain, 0.1] == pytest.approx(0.35)
     assert beta.loc[plain, 0.5] == pytest.approx(0.21) and EVIL in beta.index
