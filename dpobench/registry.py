@@ -127,6 +127,8 @@ class Registry(Mapping[str, LossSpec]):
             )
         if spec_name in self._specs:
             other = self._specs[spec_name]
+            if other.plugin == plugin:
+                raise RegistrationError(f"{who} registers variant {spec_name!r} twice; register it once")
             raise RegistrationError(
                 f"variant {spec_name!r} is registered twice: by plugin {other.plugin!r} and by plugin {plugin!r}; "
                 "rename one of them"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import difflib
 import hashlib
 import itertools
 import json
@@ -230,9 +231,11 @@ def _run_sweep(
             raise SweepError(f"β = {beta}: every β must be > 0")
     for variant in config.params:
         if variant not in names:
+            close = difflib.get_close_matches(variant, names, n=1)
+            fix = f"did you mean {close[0]!r}?" if close else "add it to --variants"
             raise SweepError(
                 f"--param {variant}.KEY (or the config's [params.{variant}]): {variant!r} is not among the variants "
-                "of this sweep; add it to --variants"
+                f"of this sweep; {fix}"
             )
     cells = plan_cells(config, specs)
     if config.data and config.data_recipe.labels != DataRecipe().labels:

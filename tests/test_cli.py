@@ -65,6 +65,13 @@ def test_plugins_lists_sources() -> None:
     ]
 
 
+def test_verbose_list_shows_a_presets_own_paper() -> None:
+    """cdpo (a preset of dpo) cites its own paper in `list`; `list -v` showed none, and the class's summary line."""
+    result = invoke("list", "-v")
+    block = result.stdout.split("cdpo  (dpo")[1].split("\n\n")[0]
+    assert f"paper: {dpobench.get_losses()['cdpo'].paper}" in block  # Mitchell 2023, not the DPO paper
+
+
 def test_check_names_and_files() -> None:
     ok = invoke("check", "dpo", "simpo")
     assert ok.exit_code == 0 and "2 of 2 variants pass the loss contract" in ok.stdout

@@ -239,6 +239,10 @@ def _subclass(**attributes) -> type:
             lambda register: register(_subclass(params={"scale": dpobench.Param(20.0, "(0, 10]", "s")})),
             "plugin 'bad', variant 'custom': parameter scale=20.0 is outside its valid range (0, 10]",
         ),
+        (  # one plugin, one name, two registrations: the message named the plugin twice as if two were involved
+            lambda register: [register(_subclass()), register(_subclass())],
+            "plugin 'bad' registers variant 'custom' twice; register it once",
+        ),
         (  # "weight" for "weights": it trained unweighted, silently
             lambda register: register(_subclass(inputs=frozenset({"weight"}))),
             "plugin 'bad', variant 'custom': unknown input 'weight' in inputs; known: logsumsq, weights",

@@ -156,6 +156,10 @@ def test_a_byte_order_mark_is_not_part_of_the_first_column(tmp_path: Path) -> No
         ),
         (["--variants", ""], "error: variants = '': names no variant; leave it out to run every variant"),
         (
+            ["--variants", "dpo,ipo", "--param", "ipp.beta=0.5"],
+            "'ipp' is not among the variants of this sweep; did you mean 'ipo'?",
+        ),
+        (
             ["--data", "PAIRS", "--labels", "bt"],
             "error: --labels bt: labels the synthetic task's pairs; drop it with --data",
         ),
