@@ -35,6 +35,11 @@ err = Console(stderr=True)
 _options: dict[str, object] = {"debug": False}
 
 
+def _wide() -> Console:
+    """stdout at least 120 columns wide: piped output is 80, which would break names and paths mid-word."""
+    return Console(width=max(out.width, 120))
+
+
 class CLIError(Exception):
     """An error the user can fix: printed as one line, exit code 2."""
 
@@ -102,7 +107,7 @@ def list_variants(
                 "yes" if spec.reference_free else "no",
                 spec.paper.replace("https://arxiv.org/abs/", "arXiv:"),
             )
-        Console(width=max(out.width, 120)).print(table)  # piped output is 80 wide: names would break mid-word
+        _wide().print(table)  # piped output is 80 wide: names would break mid-word
     if state.errors:
         raise typer.Exit(1)
 
@@ -134,7 +139,7 @@ def list_plugins() -> None:
     for info in state.info.values():
         names = [s.name for s in state.registry.values() if s.plugin == info.name]
         table.add_row(escape(info.name), escape(info.version), escape(info.source), escape(", ".join(names)))
-    Console(width=max(out.width, 120)).print(table)  # piped output is 80 wide: paths would break mid-word
+    _wide().print(table)  # piped output is 80 wide: paths would break mid-word
     if state.errors:
         raise typer.Exit(1)
 
@@ -613,7 +618,7 @@ def _print_summary(summary: object) -> None:
     for row in table_frame.itertuples(index=False):
         table.add_row(*[escape(str(v)) for v in row])  # "[...]" in a label is text, not rich markup
     # A summary squeezed into 80 columns is unreadable; wider lines wrap in a narrow terminal instead.
-    Console(width=max(out.width, 120)).print(table)
+    _wide().print(table)
 
 
 def _parse_floats(text: str, option: str) -> list[float]:

@@ -14,6 +14,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from dpobench.report import has_gold
+
 __all__ = [
     "beta_sensitivity",
     "custom_loss_study",
@@ -85,7 +87,7 @@ def training_curves(tidy: pd.DataFrame, colors: dict, scenario: str = "clean", b
 def _quality_panel(table: pd.DataFrame, gold_label: str) -> tuple[str, str]:
     """The gold reward where the cells have one; for pairs from ``--data`` (no gold reward model), the held-out
     implicit-reward accuracy."""
-    if "gold_reward" in table and table.gold_reward.notna().any():
+    if has_gold(table):
         return "gold_reward", gold_label
     return "heldout_reward_accuracy", "held-out implicit reward accuracy"
 

@@ -279,10 +279,17 @@ def call_loss(
     if "weights" in loss.inputs and weights is not None:
         extras["weights"] = weights
     if "logsumsq" not in loss.inputs:
-        policy = replace(policy, chosen_logsumsq=None, rejected_logsumsq=None)
+        policy = _without_logsumsq(policy)
     if reference is not None:
-        reference = replace(reference, chosen_logsumsq=None, rejected_logsumsq=None)
+        reference = _without_logsumsq(reference)
     return loss(policy, None if loss.reference_free else reference, **extras)
+
+
+def _without_logsumsq(logps: LogProbs) -> LogProbs:
+    """``logps`` less its per-token statistics; itself where it has none (training's usual case: no copy)."""
+    if logps.chosen_logsumsq is None and logps.rejected_logsumsq is None:
+        return logps
+    return replace(logps, chosen_logsumsq=None, rejected_logsumsq=None)
 
 
 def check_output(out: Any, batch_size: int) -> None:

@@ -140,10 +140,9 @@ def distinct_variants(registry: Any) -> list[str]:
     return [name for name, spec in registry.items() if spec.preset_of is not None or identity(spec) not in presets]
 
 
-def _plugin_sources(specs: list[Any]) -> dict[str, dict[str, str]]:
+def _plugin_sources(specs: list[Any], loaded: dict[str, Any]) -> dict[str, dict[str, str]]:
     """Where the sweep's variants came from: per plugin, its version (a loose file's: the hash of its text) and its
     source ("builtin", "entry point of DIST", or the file's path), for the report."""
-    loaded = plugin_state().info
     return {s.plugin: {"version": s.version, "source": loaded[s.plugin].source if s.plugin in loaded else ""}
             for s in specs}  # fmt: skip
 
@@ -220,7 +219,7 @@ def _run_sweep(
 ) -> pd.DataFrame:
     import transformers
 
-    registry = get_losses()
+    registry, loaded = get_losses(), plugin_state().info
     names = list(config.variants) or distinct_variants(registry)
     specs = [registry[n] for n in names]  # unknown names fail here, before any training
     for scenario in config.scenarios:
@@ -312,7 +311,7 @@ def _run_sweep(
         run_id, command=command, config=config.to_json(), git_commit=_git_commit(), model=str(config.model),
         model_hash=model_hash, data_hash=data_hash, device=device, dtype=train_config.dtype,
         info={**data.info, "truncated": data.train.truncated, "share_prompt": shared,
-              "cuda_graphs": train_config.cuda_graphs, "plugins": _plugin_sources(specs)}, **versions,
+              "cuda_graphs": train_config.cuda_graphs, "plugins": _plugin_sources(specs, loaded)}, **versions,
     )  # fmt: skip
     base_cell = {"run_id": run_id, "model": str(config.model), "model_hash": model_hash, "device": device,
                  "dtype": train_config.dtype}  # fmt: skip
@@ -335,7 +334,7 @@ def _run_sweep(
     }
     todo = []
     ours = set(references.values())  # this command's cells: the summary it returns
-    builtin_plugins = {name for name, info in plugin_state().info.items() if info.builtin}
+    builtin_plugins = {name for name, info in loaded.items() if info.builtin}
     for spec, loss, beta, seed, scenario in cells:
         # share_prompt is the run's (its info), not the cell's: a batch layout whose log-probs equal the other's within
         # float rounding (tests/test_logprobs.py), so a store resumes either way and its report pools both. So is

@@ -20,7 +20,15 @@ import torch
 
 from dpobench._util import one_line as _one_line
 from dpobench.data import PairSet, TaskData, decode_completion, sample_completions
-from dpobench.logprobs import can_share_prompt, collate, collate_shared, pair_rows, rows_logprobs, sequence_logprobs
+from dpobench.logprobs import (
+    _round_up,
+    can_share_prompt,
+    collate,
+    collate_shared,
+    pair_rows,
+    rows_logprobs,
+    sequence_logprobs,
+)
 from dpobench.losses import LogProbs, PreferenceLoss, call_loss, check_output
 from dpobench.task import gold_reward, is_grammatical
 
@@ -356,14 +364,8 @@ def check_cuda_graphs(cuda_graphs: bool | None, device: str, compile: bool | str
 def batch_widths(order: Sequence[torch.Tensor], pairs: Sequence[Any], share_prompt: bool, multiple: int) -> list[int]:
     """The width of each planned batch, as ``collate`` (or ``collate_shared``) will pad it: its longest row rounded
     up to ``multiple``."""
-    if share_prompt:
-        row = torch.tensor([len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs])
-    else:
-        row = torch.tensor([len(p.prompt) + max(len(p.chosen), len(p.rejected)) for p in pairs])
-    if not len(order):
-        return []
-    longest = row[torch.stack(list(order))].amax(dim=1)
-    return (-(-longest // multiple) * multiple).tolist()
+    row = [len(p.prompt) + len(p.chosen) + len(p.rejected) if share_prompt else p.length for p in pairs]
+    return [_round_up(max(row[i] for i in index.tolist()), multiple) for index in order]
 
 
 def resolve_share_prompt(share: bool | None, device: str, model: Any) -> bool:
