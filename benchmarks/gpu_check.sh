@@ -16,6 +16,9 @@
 # their numbers against two runs without); then the default and --no-cudagraphs on varying lengths, one process each.
 # Part 3 (about 3.5 minutes): a real sweep of `small` on CUDA, by default and --no-cuda-graphs (compare_runs.py); a
 # profile of 2 default steps at 32 pairs.
+# Part kernels (about 5 minutes; GPU_CHECK_PART=kernels, not part of "all"): where a 32-pair step's device time goes
+# (host_profile.py --kernels) with CUDA graphs, without them, with SDPA's flash kernel only and with the prompt
+# shared; an interleaved A/B of the default against the prompt shared; the 32-pair table (dpobench and plain).
 # Measured already on 2026-11-27 and left to run by hand: benchmarks/sync_check.py, host_profile.py, and the
 # varied-length widths rounded to 16 against exact (--exact-widths, one process per row).
 set -euo pipefail
@@ -53,6 +56,20 @@ if [ "$part" = all ] || [ "$part" = 2 ]; then
             2>&1 | grep -v "cudagraph_utils\|Recording too many" | tee -a "$out/gpu_check_varied.txt" \
             || echo "$impl on varied data: past 75 s"
     done
+fi
+if [ "$part" = kernels ]; then
+    profile="python3 benchmarks/host_profile.py --size base --pairs 32 --kernels --steps 10 --profile-steps 3"
+    timeout 130 $profile --compile default no-cudagraphs --rows 30 2>&1 | grep -v "cudagraph_utils\|Recording too many" \
+        | tee "$out/kernels_default.txt" || echo "the default's kernel profile: past 130 s"
+    for extra in "--sdpa flash" "--share-prompt"; do
+        timeout 80 $profile --compile default --rows 12 $extra 2>&1 | grep -v "cudagraph_utils\|Recording too many" \
+            | tee -a "$out/kernels_settings.txt" || echo "the kernel profile $extra: past 80 s"
+    done
+    timeout 100 python3 benchmarks/step_ab.py --size base --data fixed --pairs 32 --rounds 10 \
+        --rows "default,prompt shared" 2>&1 | tee "$out/gpu_check_ab.txt" || echo "the A/B: past 100 s"
+    timeout 90 python3 benchmarks/step_speed.py --pairs 32 --steps 20 --only dpobench,plain --no-trl 2>&1 \
+        | grep -v "cudagraph_utils\|Recording too many" | tee "$out/gpu_check_table_32.txt" \
+        || echo "the 32-pair table: past 90 s"
 fi
 if [ "$part" = all ] || [ "$part" = 3 ]; then
     for mode in --cuda-graphs --no-cuda-graphs; do

@@ -1,17 +1,18 @@
-"""Where the host's time goes in dpobench's training step: wall time per step, then cProfile over a few steps
-(sorted by own time), for one compile setting at a time. A step that waits on the device shows it as the time of
-the step's one readback (``tolist``); everything else in the listing is host work that the device may wait on.
+"""Where the time goes in dpobench's training step: wall time per step, then cProfile over a few steps (sorted by
+own time), for one compile setting at a time. A step that waits on the device shows it as the time of the step's
+one readback (``tolist``); everything else in the listing is host work that the device may wait on. ``--kernels``:
+the device's side instead, torch.profiler's CUDA kernels over the same steps, summed by kind (matrix products,
+attention, inductor's fused kernels, the optimizer, …) in ms per step, then the costliest kernels.
 
     python benchmarks/host_profile.py --size base --pairs 8 --compile default no-cudagraphs     # on a GPU
+    python benchmarks/host_profile.py --size base --pairs 32 --kernels --sdpa flash             # on a GPU
     python benchmarks/host_profile.py --size tiny --pairs 4 --device cpu --compile off           # a smoke run
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
 import cProfile
-import functools
 import io
 import pstats
 import statistics
@@ -24,7 +25,16 @@ from torch._dynamo.utils import counters
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.step_ab import with_attention_mask
-from benchmarks.steps import DpobenchStep, add_data_arguments, build_model, cuda_graphs_recorded, load_data, sync
+from benchmarks.steps import (
+    DpobenchStep,
+    add_data_arguments,
+    add_kernel_arguments,
+    apply_kernel_arguments,
+    build_model,
+    cuda_graphs_recorded,
+    load_data,
+    sync,
+)
 from dpobench.models import SIZES
 
 #: --compile settings: TrainConfig.compile, and TrainConfig.cuda_graphs (None: the default's rule; on CUDA graphs run
@@ -43,23 +53,14 @@ def main() -> None:
     parser.add_argument("--compile", nargs="+", default=["default"], choices=list(SETTINGS))
     parser.add_argument("--share-prompt", action="store_true")
     parser.add_argument("--rows", type=int, default=30, help="lines of the profile to print")
-    parser.add_argument("--no-cudnn-attention", action="store_true", help="SDPA without its cuDNN kernels")
+    parser.add_argument("--kernels", action="store_true",
+                        help="profile the device's kernels (torch.profiler) rather than the host (cProfile)")  # fmt: skip
     parser.add_argument("--attention-mask", action="store_true",
                         help="give the decoder the batch's attention mask, as before 2026-11-27 (step_ab.py's row)")  # fmt: skip
-    parser.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
-                        help="set torch._inductor.config.KEY (dotted, e.g. triton.cudagraph_trees=False or "
-                        "combo_kernels=True) to a Python literal; repeatable")  # fmt: skip
+    add_kernel_arguments(parser)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
-    if args.no_cudnn_attention:
-        torch.backends.cuda.enable_cudnn_sdp(False)
-    for item in args.inductor:
-        key, _, value = item.partition("=")
-        *path, name = key.split(".")
-        section = functools.reduce(getattr, path, torch._inductor.config)
-        if not hasattr(section, name):
-            parser.error(f"--inductor {item}: torch._inductor.config has no {key}")
-        setattr(section, name, ast.literal_eval(value))
+    apply_kernel_arguments(parser, args)
     if args.device.startswith("cuda"):  # why inductor skips CUDA graphs, if it does (it falls back silently)
         torch._logging.set_logs(cudagraphs=True)
     pairs, vocab, pad = load_data(args, args.pairs * (args.steps + args.profile_steps + 8))
@@ -77,6 +78,13 @@ def main() -> None:
             start = time.perf_counter()
             step()
             times.append(time.perf_counter() - start)
+        head = (f"\n== {args.size}, {args.pairs} pairs, compile={setting}, share_prompt={step.trainer.share_prompt}, "
+                f"SDPA kernels {args.sdpa}, attention mask={args.attention_mask}, inductor {args.inductor or 'defaults'}, "
+                f"CUDA graphs recorded {cuda_graphs_recorded()} and skipped {counters['inductor']['cudagraph_skips']} "
+                f"times so far: median step {statistics.median(times) * 1e3:.1f} ms")  # fmt: skip
+        if args.kernels:
+            kernel_profile(step, args, head, statistics.median(times))
+            continue
         profiler = cProfile.Profile()
         sync(args.device)
         start = time.perf_counter()
@@ -85,16 +93,70 @@ def main() -> None:
             step()
         profiler.disable()
         wall = (time.perf_counter() - start) / args.profile_steps
-        print(f"\n== {args.size}, {args.pairs} pairs, compile={setting}, share_prompt={step.trainer.share_prompt}, "
-              f"cuDNN attention={not args.no_cudnn_attention}, attention mask={args.attention_mask}, "
-              f"inductor {args.inductor or 'defaults'}, CUDA graphs recorded {cuda_graphs_recorded()} and skipped "
-              f"{counters['inductor']['cudagraph_skips']} times so far: "
-              f"median step {statistics.median(times) * 1e3:.1f} ms, under cProfile {wall * 1e3:.1f} ms", flush=True)  # fmt: skip
+        print(f"{head}, under cProfile {wall * 1e3:.1f} ms", flush=True)
         for key in ("tottime", "cumulative"):
             text = io.StringIO()
             pstats.Stats(profiler, stream=text).sort_stats(key).print_stats(args.rows)
             body = text.getvalue()
             print(f"-- by {key}, per {args.profile_steps} steps\n" + body[body.find("   ncalls") :], flush=True)
+
+
+#: kinds of CUDA kernel, by substrings of the kernel's name (lower case), the first kind that matches wins: attention
+#: before matrix products (cutlass's attention kernels are named fmha_cutlass…), inductor's matmul templates
+#: (triton_tem_…) before its fused kernels
+KERNEL_KINDS = (
+    ("attention (SDPA)", ("sdpa", "flash", "fmha", "attention", "attn")),
+    ("matrix products", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "triton_tem", "splitk", "sm90_", "sm80_")),
+    ("inductor's fused kernels", ("triton",)),
+    ("optimizer", ("multi_tensor", "adam")),
+    ("embedding backward and sorts", ("embedding", "segment", "sort")),
+    ("copies and fills", ("copy", "fill", "memset", "memcpy", "cat_")),
+    ("reductions (eager)", ("reduce",)),
+    ("elementwise (eager)", ("elementwise",)),
+)
+
+
+def kernel_kind(name: str) -> str:
+    """What a CUDA kernel named ``name`` computes, as one of ``KERNEL_KINDS`` (else "other")."""
+    lower = name.lower()
+    return next((kind for kind, keys in KERNEL_KINDS if any(key in lower for key in keys)), "other")
+
+
+def kernel_profile(step, args: argparse.Namespace, head: str, median: float) -> None:
+    """torch.profiler over ``args.profile_steps`` steps: device time by kernel kind, and the costliest kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = args.device.startswith("cuda")
+    sync(args.device)
+    start = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        for _ in range(args.profile_steps):
+            step()
+    wall = (time.perf_counter() - start) / args.profile_steps
+    print(f"{head}, under the profiler {wall * 1e3:.1f} ms", flush=True)
+    kernels = [e for e in prof.key_averages() if str(getattr(e, "device_type", "")).endswith("CUDA")]
+    if not kernels:
+        print("-- no device kernels were recorded (a CPU run)")
+        return
+    per_step = lambda us: us / 1e3 / args.profile_steps  # noqa: E731  µs over all steps → ms per step
+    busy = per_step(sum(e.self_device_time_total for e in kernels))
+    print(f"-- device busy {busy:.1f} ms per step ({busy / (median * 1e3):.0%} of the median step) in "
+          f"{sum(e.count for e in kernels) / args.profile_steps:.0f} kernels per step")  # fmt: skip
+    if busy < 0.5 * median * 1e3:
+        print("   (kernels replayed inside CUDA graphs may go unrecorded: profile --compile no-cudagraphs to see them)")
+    kinds: dict[str, list[float]] = {}
+    for e in kernels:
+        kind = kinds.setdefault(kernel_kind(e.key), [0.0, 0.0])
+        kind[0] += per_step(e.self_device_time_total)
+        kind[1] += e.count / args.profile_steps
+    print("| kernels | ms per step | share of device time | launches per step |\n|---|---|---|---|")
+    for kind, (ms, count) in sorted(kinds.items(), key=lambda item: -item[1][0]):
+        print(f"| {kind} | {ms:.2f} | {ms / busy:.1%} | {count:.0f} |")
+    print("| kernel | kind | ms per step | launches per step |\n|---|---|---|---|")
+    for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[: args.rows]:
+        print(f"| {e.key[:100]} | {kernel_kind(e.key)} | {per_step(e.self_device_time_total):.2f} | "
+              f"{e.count / args.profile_steps:.0f} |")  # fmt: skip
+    sys.stdout.flush()
 
 
 if __name__ == "__main__":

@@ -74,6 +74,39 @@ def load_data(args: Any, n: int) -> tuple[list[Pair], int, int]:
     return random_pairs(n, args.prompt, args.completion, args.vocab, varied=args.data == "varied"), args.vocab, 0
 
 
+#: --sdpa settings: which of SDPA's CUDA kernels may run (process-wide: torch.compile bakes the choice into what it
+#: compiles, so settings are compared one process each). "default" leaves torch's own order (cuDNN first on Hopper)
+SDPA_SETTINGS = ("default", "flash", "efficient", "cudnn", "no-cudnn")
+
+
+def add_kernel_arguments(parser: Any) -> None:
+    """The kernel options that host_profile.py and device_profile.py share (see ``apply_kernel_arguments``)."""
+    parser.add_argument("--sdpa", default="default", choices=SDPA_SETTINGS,
+                        help="SDPA's CUDA kernels allowed: one of them, all but cuDNN, or torch's default")  # fmt: skip
+    parser.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
+                        help="set torch._inductor.config.KEY (dotted, e.g. triton.cudagraph_trees=False or "
+                        "coordinate_descent_tuning=True) to a Python literal; repeatable")  # fmt: skip
+
+
+def apply_kernel_arguments(parser: Any, args: Any) -> None:
+    """Set the process-wide flags that ``add_kernel_arguments``' options ask for (before anything compiles)."""
+    import ast
+    import functools
+
+    if args.sdpa != "default":
+        allowed = {"flash": {"flash"}, "efficient": {"mem_efficient"}, "cudnn": {"cudnn"},
+                   "no-cudnn": {"flash", "mem_efficient"}}[args.sdpa]  # fmt: skip
+        for kernel in ("flash", "mem_efficient", "cudnn"):
+            getattr(torch.backends.cuda, f"enable_{kernel}_sdp")(kernel in allowed)
+    for item in args.inductor:
+        key, _, value = item.partition("=")
+        *path, name = key.split(".")
+        section = functools.reduce(getattr, path, torch._inductor.config)
+        if not hasattr(section, name):
+            parser.error(f"--inductor {item}: torch._inductor.config has no {key}")
+        setattr(section, name, ast.literal_eval(value))
+
+
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
