@@ -19,6 +19,9 @@
 # Part kernels (about 5 minutes; GPU_CHECK_PART=kernels, not part of "all"): where a 32-pair step's device time goes
 # (host_profile.py --kernels) with CUDA graphs, without them, with SDPA's flash kernel only and with the prompt
 # shared; an interleaved A/B of the default against the prompt shared; the 32-pair table (dpobench and plain).
+# Part regions (about 5 minutes; GPU_CHECK_PART=regions, not part of "all"): the interleaved A/B at 32 pairs of the
+# default (CUDA graphs over regions of 3 layers, the LM head in 3 chunks) against one and five layers per region, the
+# head in 12 chunks, and the prompt shared; then the 32- and 8-pair tables (dpobench and plain), one process each.
 # Measured already on 2026-11-27 and left to run by hand: benchmarks/sync_check.py, host_profile.py, and the
 # varied-length widths rounded to 16 against exact (--exact-widths, one process per row).
 set -euo pipefail
@@ -70,6 +73,16 @@ if [ "$part" = kernels ]; then
     timeout 90 python3 benchmarks/step_speed.py --pairs 32 --steps 20 --only dpobench,plain --no-trl 2>&1 \
         | grep -v "cudagraph_utils\|Recording too many" | tee "$out/gpu_check_table_32.txt" \
         || echo "the 32-pair table: past 90 s"
+fi
+if [ "$part" = regions ]; then
+    timeout 220 python3 benchmarks/step_ab.py --size base --data fixed --pairs 32 --rounds 10 \
+        --rows "default,one layer per region,five layers per region,small head chunks,prompt shared" 2>&1 \
+        | grep -v "cudagraph_utils\|Recording too many" | tee "$out/gpu_check_ab_regions.txt" || echo "the A/B: past 220 s"
+    for pairs in 32 8; do
+        timeout 80 python3 benchmarks/step_speed.py --pairs $pairs --steps 20 --only dpobench,plain --no-trl 2>&1 \
+            | grep -v "cudagraph_utils\|Recording too many" | tee "$out/gpu_check_table_$pairs.txt" \
+            || echo "the $pairs-pair table: past 80 s"
+    done
 fi
 if [ "$part" = all ] || [ "$part" = 3 ]; then
     for mode in --cuda-graphs --no-cuda-graphs; do

@@ -29,6 +29,12 @@ Rows:
   2026-11-27 (third GPU session). Equals ``default`` where nothing compiles (the CPU, by default).
 - ``no CUDA graphs``: compiled layers launched one kernel at a time by the host, as before 2026-11-27 (fourth GPU
   session), when CUDA graphs became CUDA's default. Equals ``default`` on the CPU.
+- ``one layer per region``, ``two layers per region``, ``five layers per region``: the compiled decoder in regions
+  of that many layers (with CUDA graphs, one graph to replay per region and pass) rather than the default's
+  ``layers_per_region`` (3 for the 30-layer base size); one layer per region was the step before 2026-11-27 (fifth
+  GPU session). Where nothing compiles (the CPU, by default), they equal ``default``; ``--compile on`` compiles them.
+- ``small head chunks``: the LM head in chunks of ``LOGITS_BUDGET`` logits (12 chunks at 32 base-size pairs) rather
+  than CUDA's ``CUDA_LOGITS_BUDGET`` (3), as before 2026-11-27 (fifth GPU session). Equals ``default`` on the CPU.
 
 On varying lengths, a CUDA process pays once for each new batch shape (a cuDNN attention plan, a compiled shape),
 and the row that meets a shape first pays for the rows after it: compare ``exact widths`` and ``eager`` there with
@@ -48,10 +54,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.steps import DpobenchStep, add_data_arguments, build_model, load_data, sync
+from dpobench.logprobs import LOGITS_BUDGET
 from dpobench.models import SIZES
+from dpobench.train import _compiled_layers, layers_per_region
 
 ROWS = ("default", "prompt shared", "one row per sequence", "attention mask", "per-tensor AdamW", "synced", "as before",
-        "exact widths", "eager", "eager head", "no CUDA graphs")  # fmt: skip
+        "exact widths", "eager", "eager head", "no CUDA graphs", "one layer per region", "two layers per region",
+        "five layers per region", "small head chunks")  # fmt: skip
+REGION_ROWS = {"one layer per region": 1, "two layers per region": 2, "five layers per region": 5}
 
 
 def with_attention_mask(model, pad_id: int) -> None:
@@ -74,6 +84,12 @@ def make_row(row: str, model, pairs, batch: int, device: str, pad_id: int, compi
         trainer.pad_multiple = 1
     if row == "eager head":
         trainer.compile_head = False
+    if row in REGION_ROWS and trainer.compiled:
+        mode = "reduce-overhead" if trainer.cudagraphs else True
+        trainer.layers_per_region = layers_per_region(model, most=REGION_ROWS[row])
+        trainer.compiled = _compiled_layers(model, mode, trainer.auto_compile, trainer.layers_per_region)
+    if row == "small head chunks":
+        trainer.head_chunk_tokens = LOGITS_BUDGET // model.get_output_embeddings().weight.shape[0]
     if row in ("per-tensor AdamW", "as before") and device == "cpu":
         lr, warmup = trainer.config.lr, trainer.schedule.lr_lambdas[0]  # the trainer's own warm-up
         trainer.optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, fused=False, foreach=False)
@@ -108,9 +124,13 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown --rows {sorted(unknown)}: choose from {', '.join(ROWS)}")
     steps = {r: make_row(r, copy.deepcopy(base), pairs, args.pairs, args.device, pad_id, compile) for r in rows}
-    for step in steps.values():
+    warm: dict[str, float] = {}  # s: the warm-up steps, compilation and graph recording included
+    for row, step in steps.items():
+        start = time.perf_counter()
         for _ in range(args.warmup):
             step()
+        sync(args.device)
+        warm[row] = time.perf_counter() - start
     times: dict[str, list[float]] = {r: [] for r in rows}
     peak: dict[str, float] = dict.fromkeys(rows, 0.0)  # CUDA: the most any one step of the row allocated
     cuda = args.device.startswith("cuda")
@@ -128,12 +148,15 @@ def main() -> None:
     print(f"\n{args.size}, {args.data} data, {args.pairs} pairs/step, {args.rounds} interleaved rounds, {name}, "
           f"torch {torch.__version__}")  # fmt: skip
     reference = statistics.median(times[rows[-1]])
-    print(f"| row | median step ms | mean step ms | speed × {rows[-1]} | peak GB (CUDA; with every row's weights) |")
-    print("|---|---|---|---|---|")
+    print(f"| row | median step ms | mean step ms | speed × {rows[-1]} | peak GB (CUDA; with every row's weights) | "
+          f"{args.warmup} warm-up steps, s |")  # fmt: skip
+    print("|---|---|---|---|---|---|")
     for row in rows:
         median, mean = statistics.median(times[row]), statistics.fmean(times[row])
         memory = f"{peak[row]:.2f}" if cuda else "–"
-        print(f"| {row} | {median * 1e3:.2f} | {mean * 1e3:.2f} | {reference / median:.2f} | {memory} |")
+        print(
+            f"| {row} | {median * 1e3:.2f} | {mean * 1e3:.2f} | {reference / median:.2f} | {memory} | {warm[row]:.1f} |"
+        )
 
 
 if __name__ == "__main__":

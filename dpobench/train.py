@@ -149,7 +149,8 @@ class CellTrainer:
         torch.manual_seed(seed)
         # fused on the CPU too: one kernel for all parameters (on 2 cores 3.3-4.1x the per-tensor loop's speed,
         # benchmarks/optimizer_speed.py), and its found_inf lets a non-finite step be skipped on the device
-        self.optimizer = torch.optim.AdamW(policy.parameters(), lr=config.lr, weight_decay=0.0, fused=True)
+        self.parameters = list(policy.parameters())  # listed once: the step's gradient clipping walks no modules
+        self.optimizer = torch.optim.AdamW(self.parameters, lr=config.lr, weight_decay=0.0, fused=True)
         self.schedule = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / max(1, config.warmup_steps))
         )  # fmt: skip
@@ -178,10 +179,16 @@ class CellTrainer:
             mode = "reduce-overhead"
         elif mode == "reduce-overhead" and config.cuda_graphs is False:
             mode = True  # the mode asked for graphs, and cuda_graphs=False refused them: compiled without
-        self.compiled = _compiled_layers(policy, mode, self.auto_compile) if mode else []
+        #: consecutive decoder layers per compiled region: with CUDA graphs, each region is one graph to replay per
+        #: pass, and each replay costs the host as much as a small step's work (``layers_per_region``)
+        self.layers_per_region = layers_per_region(policy) if self.cudagraphs else 1
+        self.compiled = _compiled_layers(policy, mode, self.auto_compile, self.layers_per_region) if mode else []
         #: where the layers compile, so do the LM head's softmax statistics and gradient (``sequence_logprobs``'
         #: ``compiled_head``); False keeps them eager (the benchmarks compare the two)
         self.compile_head = True
+        #: completion tokens per chunk of the LM head; None: as many as ``LOGITS_BUDGET`` allows (the benchmarks
+        #: compare settings)
+        self.head_chunk_tokens: int | None = None
         self.done = 0
         #: check a fused optimizer's loss for finiteness on the device (no mid-step sync); False: ask the host before
         #: the backward pass, as the unfused path does (the benchmarks compare the two)
@@ -223,7 +230,7 @@ class CellTrainer:
         if self.cudagraphs:
             torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=config.autocast), _use_compiled(self.compiled):
-            sums, lss = sequence_logprobs(policy, batch, logsumsq=self.needs_logsumsq,
+            sums, lss = sequence_logprobs(policy, batch, logsumsq=self.needs_logsumsq, chunk_tokens=self.head_chunk_tokens,
                                           compiled_head=self.compile_head and bool(self.compiled))  # fmt: skip
         tokens = batch.tokens
         policy_lp = LogProbs(
@@ -255,7 +262,7 @@ class CellTrainer:
             self.optimizer.zero_grad(set_to_none=True)
             _stop_unless_finite(mean_loss.item(), step)
             raise CellStopped("failed", f"step {step}: backward: {_one_line(error)}") from error
-        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters, config.max_grad_norm)
         self.optimizer.step()
         self.schedule.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -389,14 +396,77 @@ def _decoder_layers(model: Any) -> list[Any] | None:
     return list(layers) if isinstance(layers, torch.nn.ModuleList) and len(layers) else None
 
 
-def _compiled_layers(policy: Any, mode: bool | str = True, auto: bool = False) -> list[tuple[Any, Any]]:
+#: with CUDA graphs, up to this many consecutive decoder layers compile into one region, replayed as one graph forward
+#: and one backward. A replay costs the host about as much whatever it holds (torch.compile's wrappers, the graph
+#: tree's checks; about 0.5 ms per layer, forward and backward, under cProfile on an H200's host), so a 30-layer step
+#: paid for 60 of them and its device waited: 72 ms a step for 60 ms of kernels (benchmarks/RESULTS.md, 2026-11-27,
+#: fifth GPU session). Compile time grows with the region
+CUDA_GRAPH_LAYERS_PER_REGION = 3
+
+
+def layers_per_region(model: Any, most: int | None = None) -> int:
+    """How many consecutive decoder layers of ``model`` to compile as one region: the largest divisor of the layer
+    count up to ``most`` (``CUDA_GRAPH_LAYERS_PER_REGION``), where every layer is of one class and attention type
+    (the config's ``layer_types``: the decoder gives each layer its type's mask, and a region passes the first
+    one's on); else 1."""
+    most = CUDA_GRAPH_LAYERS_PER_REGION if most is None else most
+    layers = _decoder_layers(model)
+    types = set(getattr(model.config, "layer_types", None) or ())
+    if not layers or len(types) > 1 or len({(type(m), getattr(m, "attention_type", None)) for m in layers}) > 1:
+        return 1
+    return max(k for k in range(1, max(1, most) + 1) if len(layers) % k == 0)
+
+
+def _run_layers(layers: tuple[Any, ...], *args: Any, **kwargs: Any) -> Any:
+    """Consecutive decoder layers, each called as the decoder calls the first (the same mask, positions and
+    options), each on the hidden states that the one before returned."""
+    out = layers[0]._call_impl(*args, **kwargs)
+    for layer in layers[1:]:
+        hidden = out[0] if isinstance(out, tuple) else out
+        out = (
+            layer._call_impl(hidden, *args[1:], **kwargs)
+            if args
+            else layer._call_impl(**kwargs | {"hidden_states": hidden})
+        )
+    return out
+
+
+class _Region:
+    """A compiled region of consecutive layers: the first layer's call runs them all, the others pass on what they
+    are given (the region's output, which they have already applied), in the form the layers return."""
+
+    def __init__(self, layers: tuple[Any, ...], compiled: Callable[..., Any]) -> None:
+        self.layers, self.compiled, self.returns_tuple = layers, compiled, False
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        out = self.compiled(self.layers, *args, **kwargs)
+        self.returns_tuple = isinstance(out, tuple)
+        return out
+
+    def passthrough(self, *args: Any, **kwargs: Any) -> Any:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        return (hidden,) if self.returns_tuple else hidden
+
+
+def _compiled_layers(
+    policy: Any, mode: bool | str = True, auto: bool = False, per_region: int = 1
+) -> list[tuple[Any, Any]]:
     """(layer, compiled call) for each decoder layer; the whole decoder where it has no ``layers`` list (not by
     default, ``auto``: a whole deep decoder can take minutes to compile). ``mode``: True, or a ``torch.compile``
-    mode such as "reduce-overhead" (CUDA graphs)."""
+    mode such as "reduce-overhead" (CUDA graphs). ``per_region`` > 1 (a divisor of the layer count): that many
+    consecutive layers per compiled region (``layers_per_region``); one compiled graph serves every region."""
     modules = _decoder_layers(policy)
+    torch_mode = None if mode is True else mode
     if modules is None:
         modules = [] if auto else [policy.get_decoder()]
-    return [(m, torch.compile(m._call_impl, dynamic=None, mode=None if mode is True else mode)) for m in modules]
+    if per_region <= 1 or len(modules) % per_region:
+        return [(m, torch.compile(m._call_impl, dynamic=None, mode=torch_mode)) for m in modules]
+    compiled = torch.compile(_run_layers, dynamic=None, mode=torch_mode)
+    calls = []
+    for start in range(0, len(modules), per_region):
+        region = _Region(tuple(modules[start : start + per_region]), compiled)
+        calls += [(region.layers[0], region)] + [(m, region.passthrough) for m in region.layers[1:]]
+    return calls
 
 
 def _is_compile_error(error: BaseException) -> bool:

@@ -24,6 +24,7 @@ from dpobench.data import Pair, PairSet
 from dpobench.logprobs import collate, pair_rows, reference_logprobs, sequence_logprobs
 from dpobench.models import SIZES, load_model
 from dpobench.train import (
+    CUDA_GRAPH_LAYERS_PER_REGION,
     CUDA_GRAPH_MIN_STEPS_PER_WIDTH,
     CellStopped,
     CellTrainer,
@@ -31,6 +32,7 @@ from dpobench.train import (
     batch_order,
     batch_widths,
     check_cuda_graphs,
+    layers_per_region,
     pad_multiple,
     resolve_compile,
     resolve_cuda_graphs,
@@ -283,6 +285,105 @@ def test_compiled_training_equals_eager_and_leaves_the_model_eager(setup) -> Non
     # the layers: one graph for the first shape, one dynamic-shape recompile, not one (or eight) per layer; the
     # compiled head: its statistics and its gradient, the same (a partial last chunk)
     assert graphs[False] == 0 and 3 <= graphs[True] <= 6, graphs
+
+
+def _llama(layers: int, vocab: int, **extra):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                         num_key_value_heads=2, num_hidden_layers=layers, tie_word_embeddings=True, **extra)  # fmt: skip
+    return LlamaForCausalLM(config)
+
+
+def test_layers_per_region_is_the_largest_divisor_up_to_the_limit() -> None:
+    """With CUDA graphs, consecutive layers compile into regions: as many per region as divide the layer count, up
+    to ``CUDA_GRAPH_LAYERS_PER_REGION`` (3); 1 where layers differ in attention type (each gets its own mask)."""
+    assert CUDA_GRAPH_LAYERS_PER_REGION == 3
+    assert [layers_per_region(_llama(n, 50)) for n in (30, 4, 2, 7, 9, 1)] == [3, 2, 2, 1, 3, 1]
+    assert layers_per_region(_llama(30, 50), most=5) == 5 and layers_per_region(_llama(30, 50), most=4) == 3
+    mixed = _llama(6, 50, layer_types=["full_attention", "sliding_attention"] * 3, sliding_window=4)
+    assert layers_per_region(mixed) == 1
+
+
+def test_layers_compiled_in_regions_give_the_eager_log_probs_and_gradients(setup) -> None:
+    """Regions of 3 layers (6 in all) as CUDA graphs would run them, compiled here by inductor on the CPU: the same
+    log-probs and gradients as eager, within float32 rounding, from one compiled graph that both regions share;
+    the model is eager again after the block."""
+    from torch._dynamo.utils import counters
+
+    from dpobench.train import _compiled_layers, _use_compiled
+
+    _, _, pad, pairs = setup
+    policy = _llama(6, 300)
+    batch = collate(pair_rows(pairs[:6]), pad)
+    results = {}
+    for per_region in (0, 3):  # 0: eager
+        policy.zero_grad(set_to_none=True)
+        compiled = _compiled_layers(policy, True, per_region=per_region) if per_region else []
+        before = counters["stats"]["unique_graphs"]
+        with _use_compiled(compiled):
+            sums, _ = sequence_logprobs(policy, batch)
+            sums.sum().backward()
+        results[per_region] = (sums.detach(), [p.grad.clone() for p in policy.parameters()])
+        graphs = counters["stats"]["unique_graphs"] - before
+        assert graphs == (1 if per_region else 0)
+    assert len(compiled) == 6 and sum(call.__class__.__name__ == "_Region" for _, call in compiled) == 2
+    assert torch.allclose(results[3][0], results[0][0], rtol=1e-5, atol=1e-5)
+    for got, expected in zip(results[3][1], results[0][1], strict=True):
+        assert torch.allclose(got, expected, rtol=1e-4, atol=1e-6)
+    assert all(layer._compiled_call_impl is None for layer in policy.get_decoder().layers)
+
+
+def test_a_region_runs_its_layers_in_turn_and_passes_tuples_on_as_tuples() -> None:
+    """Layers that return tuples (older transformers) as a decoder loop calls them: the first layer's call runs the
+    region, each later one hands on its input, as a tuple again; keyword calls alike."""
+    from dpobench.train import _Region, _run_layers
+
+    class Layer(torch.nn.Module):
+        def __init__(self, scale: float, tuples: bool) -> None:
+            super().__init__()
+            self.scale, self.tuples = scale, tuples
+
+        def forward(self, hidden_states, bias=0.0):
+            out = hidden_states * self.scale + bias
+            return (out, "attention weights") if self.tuples else out
+
+    x = torch.tensor([1.0, 2.0])
+    for tuples in (False, True):
+        layers = [Layer(s, tuples) for s in (2.0, 3.0, 5.0, 7.0)]
+        expected = x
+        for layer in layers:  # hand-worked: ((((x·2 + 1)·3 + 1)·5 + 1)·7 + 1)
+            out = layer(expected, bias=1.0)
+            expected = out[0] if tuples else out
+        assert expected.tolist() == [(((1 * 2 + 1) * 3 + 1) * 5 + 1) * 7 + 1, (((2 * 2 + 1) * 3 + 1) * 5 + 1) * 7 + 1]
+        regions = [_Region(tuple(layers[i : i + 2]), _run_layers) for i in (0, 2)]
+        for positional in (True, False):
+            hidden = x
+            for region in regions:
+                for call in (region, region.passthrough):
+                    out = call(hidden, bias=1.0) if positional else call(hidden_states=hidden, bias=1.0)
+                    assert isinstance(out, tuple) == tuples
+                    hidden = out[0] if tuples else out
+            assert torch.equal(hidden, expected)
+
+
+@pytest.mark.parametrize("graphs", [True, False])
+def test_cuda_graphs_compile_the_layers_in_regions(setup, start, monkeypatch, graphs) -> None:
+    """Where CUDA graphs run, the trainer compiles the decoder in regions (one torch.compile call for all of them,
+    in "reduce-overhead" mode); without graphs, layer by layer."""
+    policy, _, pad, pairs = setup
+    state, cached = start
+    layers = len(policy.get_decoder().layers)
+    modes = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: modes.append(kw.get("mode")) or fn)
+    monkeypatch.setattr("dpobench.train.resolve_cuda_graphs", lambda *args: graphs)
+    config = TrainConfig(steps=1, batch_size=8, compile=True)
+    trainer = CellTrainer(policy, state, dpobench.get_loss("dpo"), PairSet(pairs), cached, pad, config, seed=0)
+    per_region = layers_per_region(policy) if graphs else 1
+    assert trainer.layers_per_region == per_region and (per_region > 1) == graphs
+    assert modes == ["reduce-overhead" if graphs else None] * (layers // per_region)
+    assert len(trainer.compiled) == layers
 
 
 def test_compile_is_on_by_default_for_cuda_and_models_of_a_million_parameters(setup) -> None:
