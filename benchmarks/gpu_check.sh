@@ -19,9 +19,12 @@
 # Part kernels (about 5 minutes; GPU_CHECK_PART=kernels, not part of "all"): where a 32-pair step's device time goes
 # (host_profile.py --kernels) with CUDA graphs, without them, with SDPA's flash kernel only and with the prompt
 # shared; an interleaved A/B of the default against the prompt shared; the 32-pair table (dpobench and plain).
-# Part regions (about 5 minutes; GPU_CHECK_PART=regions, not part of "all"): the interleaved A/B at 32 pairs of the
-# default (CUDA graphs over regions of 3 layers, the LM head in 3 chunks) against one and five layers per region, the
-# head in 12 chunks, and the prompt shared; then the 32- and 8-pair tables (dpobench and plain), one process each.
+# Part regions (about 3 minutes; GPU_CHECK_PART=regions, not part of "all"; run at commit 5dd2a3b4, when regions of
+# 3 layers were the default): the interleaved A/B at 32 pairs of 3 layers per CUDA-graph region against one and five,
+# the LM head in 12 chunks rather than 3, and the prompt shared; then the 32- and 8-pair tables (dpobench and plain),
+# one process each.
+# Part confirm (about 3 minutes; GPU_CHECK_PART=confirm): the 32-pair table twice, one process each, and an
+# interleaved A/B of the default against the prompt shared, 20 rounds.
 # Measured already on 2026-11-27 and left to run by hand: benchmarks/sync_check.py, host_profile.py, and the
 # varied-length widths rounded to 16 against exact (--exact-widths, one process per row).
 set -euo pipefail
@@ -83,6 +86,15 @@ if [ "$part" = regions ]; then
             | grep -v "cudagraph_utils\|Recording too many" | tee "$out/gpu_check_table_$pairs.txt" \
             || echo "the $pairs-pair table: past 80 s"
     done
+fi
+if [ "$part" = confirm ]; then
+    for run in 1 2; do
+        timeout 80 python3 benchmarks/step_speed.py --pairs 32 --steps 20 --only dpobench,plain --no-trl 2>&1 \
+            | grep -v "cudagraph_utils\|Recording too many" | tee -a "$out/gpu_check_table_32.txt" \
+            || echo "the 32-pair table: past 80 s"
+    done
+    timeout 100 python3 benchmarks/step_ab.py --size base --data fixed --pairs 32 --rounds 20 \
+        --rows "default,prompt shared" 2>&1 | tee "$out/gpu_check_ab.txt" || echo "the A/B: past 100 s"
 fi
 if [ "$part" = all ] || [ "$part" = 3 ]; then
     for mode in --cuda-graphs --no-cuda-graphs; do

@@ -30,9 +30,9 @@ Rows:
 - ``no CUDA graphs``: compiled layers launched one kernel at a time by the host, as before 2026-11-27 (fourth GPU
   session), when CUDA graphs became CUDA's default. Equals ``default`` on the CPU.
 - ``one layer per region``, ``two layers per region``, ``five layers per region``: the compiled decoder in regions
-  of that many layers (with CUDA graphs, one graph to replay per region and pass) rather than the default's
-  ``layers_per_region`` (3 for the 30-layer base size); one layer per region was the step before 2026-11-27 (fifth
-  GPU session). Where nothing compiles (the CPU, by default), they equal ``default``; ``--compile on`` compiles them.
+  of that many layers (with CUDA graphs, one graph to replay per region and pass). The default is one
+  (``CUDA_GRAPH_LAYERS_PER_REGION``): 3 and 5 were measured within noise of it on an H200. Where nothing compiles (the
+  CPU, by default), they equal ``default``; ``--compile on`` compiles them.
 - ``small head chunks``: the LM head in chunks of ``LOGITS_BUDGET`` logits (12 chunks at 32 base-size pairs) rather
   than CUDA's ``CUDA_LOGITS_BUDGET`` (3), as before 2026-11-27 (fifth GPU session). Equals ``default`` on the CPU.
 

@@ -179,8 +179,8 @@ class CellTrainer:
             mode = "reduce-overhead"
         elif mode == "reduce-overhead" and config.cuda_graphs is False:
             mode = True  # the mode asked for graphs, and cuda_graphs=False refused them: compiled without
-        #: consecutive decoder layers per compiled region: with CUDA graphs, each region is one graph to replay per
-        #: pass, and each replay costs the host as much as a small step's work (``layers_per_region``)
+        #: consecutive decoder layers per compiled region, where CUDA graphs run (``layers_per_region``; the
+        #: benchmarks compare settings)
         self.layers_per_region = layers_per_region(policy) if self.cudagraphs else 1
         self.compiled = _compiled_layers(policy, mode, self.auto_compile, self.layers_per_region) if mode else []
         #: where the layers compile, so do the LM head's softmax statistics and gradient (``sequence_logprobs``'
@@ -397,11 +397,13 @@ def _decoder_layers(model: Any) -> list[Any] | None:
 
 
 #: with CUDA graphs, up to this many consecutive decoder layers compile into one region, replayed as one graph forward
-#: and one backward. A replay costs the host about as much whatever it holds (torch.compile's wrappers, the graph
-#: tree's checks; about 0.5 ms per layer, forward and backward, under cProfile on an H200's host), so a 30-layer step
-#: paid for 60 of them and its device waited: 72 ms a step for 60 ms of kernels (benchmarks/RESULTS.md, 2026-11-27,
-#: fifth GPU session). Compile time grows with the region
-CUDA_GRAPH_LAYERS_PER_REGION = 3
+#: and one backward. 1: layer by layer. A replay costs the host the same whatever it holds (torch.compile's wrappers,
+#: the graph tree's checks: about 0.5 ms per layer, forward and backward, under cProfile on an H200's host), so
+#: regions were to take that off a host-bound step. Measured on an H200 (benchmarks/RESULTS.md, 2026-11-27, fifth GPU
+#: session; step_ab.py, base size, 32 pairs, 10 interleaved rounds): 64.85 ms a step with 3 layers per region, 64.69
+#: with 5, 65.38 with 1, within noise, since the step had become bound by the device (the head's larger chunks and
+#: a faster collate, the same session). So it stays 1, and a region costs no extra compile time
+CUDA_GRAPH_LAYERS_PER_REGION = 1
 
 
 def layers_per_region(model: Any, most: int | None = None) -> int:

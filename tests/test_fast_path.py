@@ -297,13 +297,14 @@ def _llama(layers: int, vocab: int, **extra):
 
 
 def test_layers_per_region_is_the_largest_divisor_up_to_the_limit() -> None:
-    """With CUDA graphs, consecutive layers compile into regions: as many per region as divide the layer count, up
-    to ``CUDA_GRAPH_LAYERS_PER_REGION`` (3); 1 where layers differ in attention type (each gets its own mask)."""
-    assert CUDA_GRAPH_LAYERS_PER_REGION == 3
-    assert [layers_per_region(_llama(n, 50)) for n in (30, 4, 2, 7, 9, 1)] == [3, 2, 2, 1, 3, 1]
+    """With CUDA graphs, consecutive layers can compile into regions: as many per region as divide the layer count,
+    up to a limit (``CUDA_GRAPH_LAYERS_PER_REGION``: 1, measured not to pay); 1 where layers differ in attention type
+    (each gets its own mask)."""
+    assert CUDA_GRAPH_LAYERS_PER_REGION == 1 and layers_per_region(_llama(30, 50)) == 1
+    assert [layers_per_region(_llama(n, 50), most=3) for n in (30, 4, 2, 7, 9, 1)] == [3, 2, 2, 1, 3, 1]
     assert layers_per_region(_llama(30, 50), most=5) == 5 and layers_per_region(_llama(30, 50), most=4) == 3
     mixed = _llama(6, 50, layer_types=["full_attention", "sliding_attention"] * 3, sliding_window=4)
-    assert layers_per_region(mixed) == 1
+    assert layers_per_region(mixed, most=3) == 1
 
 
 def test_layers_compiled_in_regions_give_the_eager_log_probs_and_gradients(setup) -> None:
@@ -370,8 +371,10 @@ def test_a_region_runs_its_layers_in_turn_and_passes_tuples_on_as_tuples() -> No
 
 @pytest.mark.parametrize("graphs", [True, False])
 def test_cuda_graphs_compile_the_layers_in_regions(setup, start, monkeypatch, graphs) -> None:
-    """Where CUDA graphs run, the trainer compiles the decoder in regions (one torch.compile call for all of them,
-    in "reduce-overhead" mode); without graphs, layer by layer."""
+    """Where CUDA graphs run and regions are asked for (``CUDA_GRAPH_LAYERS_PER_REGION`` > 1), the trainer compiles
+    the decoder in regions (one torch.compile call for all of them, in "reduce-overhead" mode); without graphs,
+    layer by layer."""
+    monkeypatch.setattr("dpobench.train.CUDA_GRAPH_LAYERS_PER_REGION", 3)
     policy, _, pad, pairs = setup
     state, cached = start
     layers = len(policy.get_decoder().layers)
