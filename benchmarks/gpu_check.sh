@@ -25,6 +25,9 @@
 # one process each.
 # Part confirm (about 3 minutes; GPU_CHECK_PART=confirm): the 32-pair table twice, one process each, and an
 # interleaved A/B of the default against the prompt shared, 20 rounds.
+# Part share (about 4 minutes; GPU_CHECK_PART=share, for the next session): whether prompt sharing pays with CUDA
+# graphs on varying lengths too (it did at fixed lengths, 1.11x), 150 steps of 32 pairs, each setting in a process
+# of its own: the default, then the prompt shared.
 # Measured already on 2026-11-27 and left to run by hand: benchmarks/sync_check.py, host_profile.py, and the
 # varied-length widths rounded to 16 against exact (--exact-widths, one process per row).
 set -euo pipefail
@@ -95,6 +98,13 @@ if [ "$part" = confirm ]; then
     done
     timeout 100 python3 benchmarks/step_ab.py --size base --data fixed --pairs 32 --rounds 20 \
         --rows "default,prompt shared" 2>&1 | tee "$out/gpu_check_ab.txt" || echo "the A/B: past 100 s"
+fi
+if [ "$part" = share ]; then
+    for impl in "dpobench" "dpobench --share-prompt"; do
+        timeout 100 python3 benchmarks/step_speed.py --data varied --pairs 32 --steps 150 --no-trl --share-prompt \
+            --only "$impl" "$@" 2>&1 | grep -v "cudagraph_utils\|Recording too many" | tee -a "$out/gpu_check_share.txt" \
+            || echo "$impl on varied data: past 100 s"
+    done
 fi
 if [ "$part" = all ] || [ "$part" = 3 ]; then
     for mode in --cuda-graphs --no-cuda-graphs; do

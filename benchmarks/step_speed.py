@@ -191,10 +191,12 @@ def main() -> None:
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        plain = base[r["pairs/step"]]
-        print(f"| {r['implementation']} | {r['pairs/step']} | {r['pairs/s']:.1f} | {r['pairs/s'] / plain['pairs/s']:.2f} | "
+        plain = base.get(r["pairs/step"])  # absent where --only leaves the plain loop out: no ratios then
+        speed, memory = (("–", "–") if plain is None else
+                         (f"{r['pairs/s'] / plain['pairs/s']:.2f}", f"{r['peak GB'] / plain['peak GB']:.2f}"))  # fmt: skip
+        print(f"| {r['implementation']} | {r['pairs/step']} | {r['pairs/s']:.1f} | {speed} | "
               f"{r['tokens/s']:.0f} | {r['step ms']:.1f} | {r['MFU']:.1%} | {r['MFU done']:.1%} | {r['peak GB']:.2f} | "
-              f"{r['peak GB'] / plain['peak GB']:.2f} |")  # fmt: skip
+              f"{memory} |")  # fmt: skip
     if args.profile:
         profile(args, batches[0], data)
 
