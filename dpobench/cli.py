@@ -362,7 +362,7 @@ def run(
             train=TrainConfig(
                 steps=_setting(chosen, "steps", int, 150, minimum=1),
                 batch_size=_setting(chosen, "batch_size", int, 32, minimum=1),
-                lr=_setting(chosen, "lr", float, 1e-4, minimum=0.0),
+                lr=_setting(chosen, "lr", float, 1e-4, minimum=float("-inf")),  # the sweep refuses lr ≤ 0
                 eval_every=_setting(chosen, "eval_every", int, 0, minimum=0),
                 length_buckets=_setting(chosen, "length_buckets", int, 16, minimum=0),
                 compile=_flag(chosen, "compile"),

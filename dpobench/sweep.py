@@ -228,6 +228,11 @@ def _run_sweep(
     for beta in config.betas:
         if not beta > 0:
             raise SweepError(f"β = {beta}: every β must be > 0")
+    for seed in config.seeds:
+        if seed < 0:  # torch would take it; tools that read -1 as "random" would not have fixed it
+            raise SweepError(f"seed {seed}: seeds must be ≥ 0 (each is one fixed seed; none means random)")
+    if not config.train.lr > 0:
+        raise SweepError(f"lr = {config.train.lr:g}: must be > 0 (at 0 every cell would stay the reference model)")
     for variant in config.params:
         if variant not in names:
             close = difflib.get_close_matches(variant, names, n=1)

@@ -142,6 +142,8 @@ def test_a_byte_order_mark_is_not_part_of_the_first_column(tmp_path: Path) -> No
     [
         (["--variants", "dpo,simpo_tlr"], "error: unknown loss variant 'simpo_tlr'; did you mean 'simpo_trl'?"),
         (["--betas", "0.1,0"], "error: β = 0.0: every β must be > 0"),
+        (["--seeds", "-1"], "error: seed -1: seeds must be ≥ 0"),
+        (["--lr", "0"], "error: lr = 0: must be > 0"),
         (
             ["--variants", "cdpo", "--param", "cdpo.label_smoothing=0.7"],
             "parameter label_smoothing='0.7' is outside its valid range [0, 0.5)",

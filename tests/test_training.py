@@ -144,6 +144,8 @@ def test_model_from_a_save_pretrained_folder(tmp_path: Path) -> None:
     [
         ({"variants": ("dpoo",)}, "unknown loss variant 'dpoo'; did you mean 'dpo'?"),
         ({"betas": (0.0,)}, "every β must be > 0"),
+        ({"seeds": (0, -1)}, "seed -1: seeds must be ≥ 0 (each is one fixed seed; none means random)"),
+        ({"train": TrainConfig(lr=0.0)}, "lr = 0: must be > 0 (at 0 every cell would stay the reference model)"),
         ({"scenarios": ("dirty",)}, "unknown scenario 'dirty'"),
         ({"train": TrainConfig(device="cuda")}, "--device cuda: no CUDA GPU is visible"),
     ],
