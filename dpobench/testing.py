@@ -11,9 +11,10 @@ Each check says in words what is wrong and what to do; ``dpobench check NAME|FIL
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import torch
@@ -225,6 +226,29 @@ def _check_gradients(build: Callable[[], PreferenceLoss], cls: type) -> CheckRes
     return CheckResult(name, True)
 
 
+def _check_pair_independent(build: Callable[[], PreferenceLoss], cls: type) -> CheckResult:
+    """Pair 0's loss and rewards in two batches that share only pair 0: equal, unless the variant declares
+    ``batch_coupled`` (its losses then depend on the rest of the batch, as AOT's sorted margins do)."""
+    name = "a pair's loss is its own"
+    loss = build()
+    if loss.batch_coupled:
+        return CheckResult(name, True, "not claimed (batch_coupled = True)", skipped=True)
+    (p1, r1, w1), (p2, r2, w2) = make_batch(8, seed=5), make_batch(8, seed=6)
+    first = lambda a, b: torch.cat([a[:1], b[1:]]) if a is not None else None  # noqa: E731  pair 0 of a, the rest b
+    mixed = [LogProbs(**{f.name: first(getattr(a, f.name), getattr(b, f.name)) for f in fields(a)})
+             for a, b in ((p1, p2), (r1, r2))]  # fmt: skip
+    one, other = _run(build(), p1, r1, w1), _run(build(), *mixed, first(w1, w2))
+    for field_name, a, b in zip(LossOutput._fields, one, other, strict=True):
+        a0, b0 = float(a[0]), float(b[0])
+        if not math.isclose(a0, b0, rel_tol=1e-5, abs_tol=1e-6):
+            return CheckResult(
+                name, False,
+                f"pair 0's {field_name} went from {a0:.6g} to {b0:.6g} when only the other pairs of the batch changed; "
+                "a variant whose losses depend on the rest of the batch declares `batch_coupled = True`",
+            )  # fmt: skip
+    return CheckResult(name, True)
+
+
 def _check_rewards_detached(build: Callable[[], PreferenceLoss], cls: type) -> CheckResult:
     policy, reference, weights = make_batch(8, seed=3)
     policy, reference = _leaves(policy, reference)
@@ -359,10 +383,11 @@ _CHECKS: list[tuple[str, Callable[[Callable[[], PreferenceLoss], type], CheckRes
     ("batch of one", _check_batch_of_one),
     ("gradients reach the policy, not the reference", _check_gradients),
     ("rewards detached", _check_rewards_detached),
+    ("a pair's loss is its own", _check_pair_independent),
     ("finite at extreme inputs", _check_extreme_inputs),
     ("bfloat16 agrees with float32", _check_bfloat16),
     ("loss falls as the margin grows", _check_monotone),
     ("parameters declared and validated", _check_parameters),
     ("docstring convention", _check_docstring),
 ]
-_NEEDS_CALL = {title for title, _ in _CHECKS[1:7]}
+_NEEDS_CALL = {title for title, _ in _CHECKS[1:8]}

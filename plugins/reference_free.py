@@ -5,6 +5,7 @@ model for them; their rewards are β times the policy's (summed or averaged) log
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +41,10 @@ class CPOLoss(LabelSmoothingMixin, PreferenceLoss):
         "label_smoothing": Param(0.0, "[0, 0.5)", "ε, cDPO-style label smoothing"),
         "cpo_alpha": Param(1.0, "[0, inf)", "weight of the NLL on chosen"),
     }
+
+    def __init__(self, **hparams: Any) -> None:
+        super().__init__(**hparams)
+        self.batch_coupled = self.cpo_alpha > 0  # NLL_c is the batch's token mean: each pair's loss shares it
 
     def forward(self, policy: LogProbs, reference: LogProbs | None, **extras: Tensor) -> LossOutput:
         losses = smoothed_logsigmoid_loss(self.beta * (policy.chosen - policy.rejected), self.label_smoothing)
@@ -79,6 +84,10 @@ class SimPOLoss(LabelSmoothingMixin, PreferenceLoss):
         "sft_weight": Param(0.0, "[0, inf)", "weight of the NLL on chosen"),
     }
 
+    def __init__(self, **hparams: Any) -> None:
+        super().__init__(**hparams)
+        self.batch_coupled = self.sft_weight > 0  # NLL_c is the batch's token mean: each pair's loss shares it
+
     def forward(self, policy: LogProbs, reference: LogProbs | None, **extras: Tensor) -> LossOutput:
         avg_c = policy.chosen / policy.chosen_tokens.clamp(min=1)
         avg_r = policy.rejected / policy.rejected_tokens.clamp(min=1)
@@ -110,6 +119,7 @@ class ORPOLoss(PreferenceLoss):
     name = "orpo"
     paper = "https://arxiv.org/abs/2403.07691"
     reference_free = True
+    batch_coupled = True  # NLL_c is the batch's token mean
     params = {"beta": Param(0.1, "(0, inf)", "λ, weight of the odds-ratio term")}
 
     def forward(self, policy: LogProbs, reference: LogProbs | None, **extras: Tensor) -> LossOutput:
@@ -145,6 +155,7 @@ class SFTLoss(PreferenceLoss):
     name = "sft"
     paper = "https://arxiv.org/abs/2404.19733"
     reference_free = True
+    batch_coupled = True  # the batch's token mean, the same for every pair
     params = {"beta": Param(0.1, "(0, inf)", "scale of the reported rewards")}
 
     def forward(self, policy: LogProbs, reference: LogProbs | None, **extras: Tensor) -> LossOutput:

@@ -106,6 +106,40 @@ def test_a_false_monotone_claim_fails() -> None:
     assert "set `monotone = False`" in failure(Target, "loss falls as the margin grows")
 
 
+def test_a_loss_that_reads_the_rest_of_the_batch_must_say_so() -> None:
+    """A pair's loss that moves with the other pairs (here: margins centred on the batch's mean) fails unless the
+    variant declares ``batch_coupled``; declared, the check is skipped."""
+
+    class Centred(_Base):
+        def forward(self, policy, reference, **extras):
+            dc, dr = log_ratios(policy, reference)
+            h = dc - dr
+            return LossOutput(
+                -F.logsigmoid(self.beta * (h - h.mean())), (self.beta * dc).detach(), (self.beta * dr).detach()
+            )
+
+    message = failure(Centred, "a pair's loss is its own")
+    assert message.startswith("pair 0's losses went from ") and message.endswith(
+        "when only the other pairs of the batch changed; a variant whose losses depend on the rest of the batch "
+        "declares `batch_coupled = True`"
+    )
+
+    class Declared(Centred):
+        batch_coupled = True
+
+    result = next(r for r in check_loss(Declared).results if r.check == "a pair's loss is its own")
+    assert (result.ok, result.skipped, result.message) == (True, True, "not claimed (batch_coupled = True)")
+
+
+def test_the_batch_coupled_built_ins_are_those_with_a_batch_wide_term() -> None:
+    """AOT sorts the batch; TRL's NLL term on chosen is the batch's token mean, the same for every pair, so every
+    variant that adds it is coupled (the contract check found cpo, orpo, sft, simpo_trl, rpo, mpo undeclared)."""
+    coupled = {name for name in ALL_VARIANTS if dpobench.get_loss(name).batch_coupled}
+    assert coupled == {"aot", "aot_unpaired", "combined", "cpo", "mpo", "orpo", "rpo", "sft", "simpo_trl"}
+    assert not dpobench.get_loss("cpo", cpo_alpha=0.0).batch_coupled  # no NLL term, nothing shared
+    assert dpobench.get_loss("simpo", sft_weight=0.5).batch_coupled
+
+
 def test_bfloat16_drift_fails() -> None:
     class PrecisionSensitive(_Base):
         def forward(self, policy, reference, **extras):
