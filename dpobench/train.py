@@ -186,8 +186,8 @@ class CellTrainer:
         #: where the layers compile, so do the LM head's softmax statistics and gradient (``sequence_logprobs``'
         #: ``compiled_head``); False keeps them eager (the benchmarks compare the two)
         self.compile_head = True
-        #: completion tokens per chunk of the LM head; None: as many as ``LOGITS_BUDGET`` allows (the benchmarks
-        #: compare settings)
+        #: completion tokens per chunk of the LM head; None: as many as ``LOGITS_BUDGET`` (``CUDA_LOGITS_BUDGET``
+        #: with the compiled head on CUDA) allows (the benchmarks compare settings)
         self.head_chunk_tokens: int | None = None
         self.done = 0
         #: check a fused optimizer's loss for finiteness on the device (no mid-step sync); False: ask the host before
@@ -406,15 +406,28 @@ def _decoder_layers(model: Any) -> list[Any] | None:
 CUDA_GRAPH_LAYERS_PER_REGION = 1
 
 
+#: architectures whose decoder calls every layer alike and chains only the hidden states, which a region assumes
+#: (tests/test_fast_path.py compares regions with eager). Others give layers their own arguments (per-layer rotary
+#: bases in GraniteSWA) or pass one layer's extra output to the next (GLM-MoE-DSA's top-k indices), which a region
+#: would get wrong
+REGION_MODEL_TYPES = frozenset({"llama"})
+
+
 def layers_per_region(model: Any, most: int | None = None) -> int:
     """How many consecutive decoder layers of ``model`` to compile as one region: the largest divisor of the layer
     count up to ``most`` (``CUDA_GRAPH_LAYERS_PER_REGION``), where every layer is of one class and attention type
     (the config's ``layer_types``: the decoder gives each layer its type's mask, and a region passes the first
-    one's on); else 1."""
+    one's on) and the architecture is one of ``REGION_MODEL_TYPES``; else 1."""
     most = CUDA_GRAPH_LAYERS_PER_REGION if most is None else most
-    layers = _decoder_layers(model)
-    types = set(getattr(model.config, "layer_types", None) or ())
-    if not layers or len(types) > 1 or len({(type(m), getattr(m, "attention_type", None)) for m in layers}) > 1:
+    layers, config = _decoder_layers(model), model.config
+    types = set(getattr(config, "layer_types", None) or ())
+    if (
+        config.model_type not in REGION_MODEL_TYPES
+        or not layers
+        or len(layers) != getattr(config, "num_hidden_layers", None)  # a decoder that runs only some of its list
+        or len(types) > 1
+        or len({(type(m), getattr(m, "attention_type", None)) for m in layers}) > 1
+    ):
         return 1
     return max(k for k in range(1, max(1, most) + 1) if len(layers) % k == 0)
 
@@ -443,6 +456,10 @@ class _Region:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         out = self.compiled(self.layers, *args, **kwargs)
         self.returns_tuple = isinstance(out, tuple)
+        if self.returns_tuple and len(out) > 1:  # what else a layer returns, the later layers could not hand on
+            raise TypeError(
+                f"a region's layers return {len(out)} values; regions take layers that return the hidden states"
+            )
         return out
 
     def passthrough(self, *args: Any, **kwargs: Any) -> Any:

@@ -305,6 +305,14 @@ def test_layers_per_region_is_the_largest_divisor_up_to_the_limit() -> None:
     assert layers_per_region(_llama(30, 50), most=5) == 5 and layers_per_region(_llama(30, 50), most=4) == 3
     mixed = _llama(6, 50, layer_types=["full_attention", "sliding_attention"] * 3, sliding_window=4)
     assert layers_per_region(mixed, most=3) == 1
+    from transformers import MistralConfig, MistralForCausalLM  # not checked to chain only hidden states
+
+    mistral = MistralForCausalLM(MistralConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                                               num_key_value_heads=2, num_hidden_layers=6))  # fmt: skip
+    assert layers_per_region(mistral, most=3) == 1
+    shorter = _llama(6, 50)
+    shorter.config.num_hidden_layers = 4  # the decoder runs only the first 4 of its 6 layers
+    assert layers_per_region(shorter, most=3) == 1
 
 
 def test_layers_compiled_in_regions_give_the_eager_log_probs_and_gradients(setup) -> None:
@@ -337,8 +345,9 @@ def test_layers_compiled_in_regions_give_the_eager_log_probs_and_gradients(setup
 
 
 def test_a_region_runs_its_layers_in_turn_and_passes_tuples_on_as_tuples() -> None:
-    """Layers that return tuples (older transformers) as a decoder loop calls them: the first layer's call runs the
-    region, each later one hands on its input, as a tuple again; keyword calls alike."""
+    """Layers that return 1-tuples (older transformers) as a decoder loop calls them: the first layer's call runs the
+    region, each later one hands on its input, as a tuple again; keyword calls alike. Layers that return more than
+    the hidden states are refused: the later layers could not hand the rest on."""
     from dpobench.train import _Region, _run_layers
 
     class Layer(torch.nn.Module):
@@ -348,7 +357,7 @@ def test_a_region_runs_its_layers_in_turn_and_passes_tuples_on_as_tuples() -> No
 
         def forward(self, hidden_states, bias=0.0):
             out = hidden_states * self.scale + bias
-            return (out, "attention weights") if self.tuples else out
+            return (out,) if self.tuples else out
 
     x = torch.tensor([1.0, 2.0])
     for tuples in (False, True):
@@ -367,6 +376,13 @@ def test_a_region_runs_its_layers_in_turn_and_passes_tuples_on_as_tuples() -> No
                     assert isinstance(out, tuple) == tuples
                     hidden = out[0] if tuples else out
             assert torch.equal(hidden, expected)
+
+    class Two(Layer):
+        def forward(self, hidden_states, bias=0.0):
+            return hidden_states, "attention weights"
+
+    with pytest.raises(TypeError, match="a region's layers return 2 values"):
+        _Region((Two(1.0, True), Two(1.0, True)), _run_layers)(x)
 
 
 @pytest.mark.parametrize("graphs", [True, False])

@@ -55,6 +55,25 @@ def test_matches_full_log_softmax(model, chunk_tokens: int) -> None:
     assert batch.tokens.tolist() == [3.0, 5.0, 1.0]
 
 
+def test_collated_ids_are_each_rows_tokens_then_the_pad_id() -> None:
+    """Both layouts' token ids, hand-worked with a pad id of 7 (tokens as tuples and as lists, an empty part, a
+    row as wide as the batch), and against the nested-list padding that ``_pad_rows`` replaced, on random rows."""
+    rows = [((1, 2), (3,)), ([4], [5, 6, 8, 9]), ((), (10, 11))]
+    assert collate(rows, 7).input_ids.tolist() == [[1, 2, 3, 7, 7], [4, 5, 6, 8, 9], [10, 11, 7, 7, 7]]
+    assert collate(rows, 7, multiple=4).input_ids.tolist() == [[1, 2, 3, 7, 7, 7, 7, 7], [4, 5, 6, 8, 9, 7, 7, 7],
+                                                               [10, 11, 7, 7, 7, 7, 7, 7]]  # fmt: skip
+    pairs = [Pair((1, 2), (3,), (4, 5)), Pair((6,), (8, 9, 10), ())]
+    assert collate_shared(pairs, 7).input_ids.tolist() == [[1, 2, 3, 4, 5], [6, 8, 9, 10, 7]]
+    rng = random.Random(0)
+    for _ in range(50):
+        seq = lambda: tuple(rng.randrange(1, 500) for _ in range(rng.randint(0, 9)))  # noqa: E731
+        rows = [(seq(), seq() or (1,)) for _ in range(rng.randint(1, 6))]
+        pad, multiple = rng.randrange(0, 1000), rng.choice([1, 16])
+        ids = collate(rows, pad, multiple).input_ids
+        width = ids.shape[1]
+        assert torch.equal(ids, torch.tensor([[*p, *c, *([pad] * (width - len(p) - len(c)))] for p, c in rows]))
+
+
 def test_padding_does_not_change_a_row(model) -> None:
     alone = sequence_logprobs(model, collate(ROWS[:1], 0))[0]
     padded = sequence_logprobs(model, collate(ROWS, 0))[0][:1]
