@@ -133,6 +133,10 @@ class Registry(Mapping[str, LossSpec]):
                 f"variant {spec_name!r} is registered twice: by plugin {other.plugin!r} and by plugin {plugin!r}; "
                 "rename one of them"
             )
+        if paper is not None and not (isinstance(paper, str) and paper.strip()):
+            raise RegistrationError(
+                f"{who}, variant {spec_name!r}: paper={paper!r}; give the preset's paper as text, e.g. 'arXiv:2411.10442'"
+            )
         unknown = sorted(set(cls.inputs) - KNOWN_INPUTS)
         if unknown:  # a typo ("weight") would train the variant without the input, silently
             raise RegistrationError(

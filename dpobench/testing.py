@@ -360,22 +360,21 @@ def _out_of_range(param: Param) -> float | None:
 
 
 def _check_docstring(build: Callable[[], PreferenceLoss], cls: type) -> CheckResult:
-    name = "docstring convention"
+    """Every problem of the docstring and ``paper`` at once, so that one fix does not reveal the next."""
     doc = cls.__doc__ or ""
     first = doc.strip().splitlines()[0] if doc.strip() else ""
+    problems = []
     if not _ARXIV.search(first):
-        return CheckResult(
-            name, False, "the docstring's first line must cite the paper as https://arxiv.org/abs/NNNN.NNNNN"
-        )
+        problems.append("the docstring's first line must cite the paper as https://arxiv.org/abs/NNNN.NNNNN")
     if not docstring_section(doc, "Formula"):
-        return CheckResult(name, False, "the docstring needs a 'Formula:' section with the per-pair loss")
+        problems.append("the docstring needs a 'Formula:' section with the per-pair loss")
     args = docstring_section(doc, "Args")
     missing = [key for key in cls.params if not re.search(rf"^{re.escape(key)}\b", args, re.M)]
     if missing:
-        return CheckResult(name, False, f"the docstring's 'Args:' section does not describe {', '.join(missing)}")
+        problems.append(f"the docstring's 'Args:' section does not describe {', '.join(missing)}")
     if not getattr(cls, "paper", ""):
-        return CheckResult(name, False, "set the class attribute `paper` to the paper's URL")
-    return CheckResult(name, True)
+        problems.append("set the class attribute `paper` to the paper's URL")
+    return CheckResult("docstring convention", not problems, "; ".join(problems))
 
 
 _CHECKS: list[tuple[str, Callable[[Callable[[], PreferenceLoss], type], CheckResult]]] = [

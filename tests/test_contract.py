@@ -169,8 +169,19 @@ def test_docstring_convention_fails_without_arxiv_formula_or_args() -> None:
             ℓ = −logσ(β·h)
         """
 
+    class Bare(_Base):
+        """A loss with nothing."""
+
+        paper = ""
+        params = {"beta": Param(0.1, "(0, inf)", "β"), "gamma": Param(0.0, "[0, 1]", "γ")}
+
     assert "first line must cite the paper" in failure(NoArxiv, "docstring convention")
     assert "does not describe beta" in failure(NoArgs, "docstring convention")
+    assert failure(Bare, "docstring convention") == (  # every problem at once
+        "the docstring's first line must cite the paper as https://arxiv.org/abs/NNNN.NNNNN; the docstring needs a "
+        "'Formula:' section with the per-pair loss; the docstring's 'Args:' section does not describe beta, gamma; "
+        "set the class attribute `paper` to the paper's URL"
+    )
 
 
 def test_unvalidated_parameter_fails() -> None:

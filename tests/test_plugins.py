@@ -247,6 +247,14 @@ def _subclass(**attributes) -> type:
             lambda register: register(_subclass(inputs=frozenset({"weight"}))),
             "plugin 'bad', variant 'custom': unknown input 'weight' in inputs; known: logsumsq, weights",
         ),
+        (
+            lambda register: register(dpobench.get_losses()["dpo"].cls, name="dpo_two", paper=2024),
+            "plugin 'bad', variant 'dpo_two': paper=2024; give the preset's paper as text, e.g. 'arXiv:2411.10442'",
+        ),
+        (
+            lambda register: register(dpobench.get_losses()["dpo"].cls, name="dpo_two", paper=" "),
+            "variant 'dpo_two': paper=' '; give the preset's paper as text",
+        ),
     ],
 )
 def test_invalid_registrations_are_reported(registration, message: str) -> None:
