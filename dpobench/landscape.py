@@ -73,18 +73,25 @@ def landscape(
 
 
 def _evaluate(loss: torch.nn.Module, margins: torch.Tensor, tokens: int) -> tuple[list[float], ...]:
-    values, grads, probs = [], [], []
-    base = torch.tensor([-float(tokens)], dtype=torch.float64)
-    length = torch.tensor([float(tokens)], dtype=torch.float64)
+    """Loss, −∂loss/∂margin and σ(reward margin) at each margin: every margin one pair of one batch, or, for a
+    variant whose pairs see the rest of the batch (``batch_coupled``: AOT's sorting, TRL's batch-wide NLL), a batch
+    of one pair per margin. The contract check (``dpobench check``) holds the others to their pairs' own losses."""
+    if loss.batch_coupled:
+        columns = [_evaluate_batch(loss, margin[None], tokens) for margin in margins]
+        return tuple([value for column in part for value in column] for part in zip(*columns, strict=True))
+    return _evaluate_batch(loss, margins, tokens)
+
+
+def _evaluate_batch(loss: torch.nn.Module, margins: torch.Tensor, tokens: int) -> tuple[list[float], ...]:
+    n = margins.shape[0]
+    base = torch.full((n,), -float(tokens), dtype=torch.float64)
+    length = torch.full((n,), float(tokens), dtype=torch.float64)
     reference = LogProbs(base, base, length, length, base, base)
-    for margin in margins.tolist():
-        h = torch.tensor([margin], dtype=torch.float64, requires_grad=True)
-        # log Σ p² = log p here, so WPO's pair weight is exactly 1 and the landscape is its base's.
-        policy = LogProbs(base + h / 2, base - h / 2, length, length, base + h.detach() / 2, base - h.detach() / 2)
-        out = call_loss(loss, policy, reference, weights=torch.ones(1, dtype=torch.float64))
-        check_output(out, 1)  # as training does: a loss that is not per pair is left out, as `dpobench check` fails it
-        (grad,) = torch.autograd.grad(out.losses.sum(), h)
-        values.append(float(out.losses.detach()[0]))
-        grads.append(-float(grad[0]))
-        probs.append(float(torch.sigmoid(out.chosen_rewards - out.rejected_rewards)[0]))
-    return values, grads, probs
+    h = margins.detach().clone().requires_grad_(True)
+    # log Σ p² = log p here, so WPO's pair weight is exactly 1 and the landscape is its base's.
+    policy = LogProbs(base + h / 2, base - h / 2, length, length, base + h.detach() / 2, base - h.detach() / 2)
+    out = call_loss(loss, policy, reference, weights=torch.ones(n, dtype=torch.float64))
+    check_output(out, n)  # as training does: a loss that is not per pair is left out, as `dpobench check` fails it
+    (grad,) = torch.autograd.grad(out.losses.sum(), h)
+    probs = torch.sigmoid(out.chosen_rewards - out.rejected_rewards)
+    return out.losses.detach().tolist(), (-grad).tolist(), probs.tolist()

@@ -131,13 +131,14 @@ def test_check_of_a_file_named_like_a_builtin_checks_that_file_only(tmp_path: Pa
 
 
 def test_landscape_leaves_out_a_loss_that_is_not_per_pair(tmp_path: Path) -> None:
-    """A loss returning the batch's mean fails `check`; landscape plotted it (a batch of one hides the shape) until
-    it ran the harness's own per-pair check. The rest is written, the exit status says what was left out."""
+    """A loss returning the batch's mean fails `check`; landscape plotted it (a batch of one hid the shape) until
+    it ran the harness's own per-pair check (its margins now go as one batch, one pair each). The rest is written,
+    the exit status says what was left out."""
     out = tmp_path / "landscape.csv"
     result = invoke("--plugins-dir", str(BROKEN_PLUGINS / "wrong_shape.py"), "landscape", "--variants",
                     "wrong_shape,dpo", "--points", "3", "--betas", "0.1", "--out", str(out))  # fmt: skip
     assert result.exit_code == 1
-    assert "left out: wrong_shape: ValueError: the loss returned losses of shape () for 1 pairs; expected (1,)" in \
+    assert "left out: wrong_shape: ValueError: the loss returned losses of shape () for 3 pairs; expected (3,)" in \
         " ".join(result.stderr.split())  # fmt: skip
     assert "wrote 3 rows (1 variant) to" in result.stdout
     assert sorted(pd.read_csv(out).variant.unique()) == ["dpo"]

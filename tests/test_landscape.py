@@ -53,3 +53,20 @@ def test_wrappers_and_batch_coupled_match_their_base_on_one_pair(frame) -> None:
         other = frame[frame.variant == name].reset_index()
         assert other.loss.tolist() == pytest.approx(dpo.loss.tolist())
         assert other.grad_weight.tolist() == pytest.approx(dpo.grad_weight.tolist())
+
+
+@pytest.mark.parametrize("name", sorted(dpobench.get_losses()))
+def test_one_batch_of_margins_gives_each_margin_alone(name: str) -> None:
+    """The landscape evaluates a variant's margins as one batch, one pair per margin, unless the variant is
+    ``batch_coupled``: either way each margin's loss, gradient and preference probability equal those of the margin
+    as a batch of its own (what the landscape computed before, for every variant)."""
+    import torch
+
+    from dpobench.landscape import _evaluate, _evaluate_batch
+
+    loss = dpobench.get_loss(name)
+    margins = torch.linspace(-20.0, 20.0, 17, dtype=torch.float64)
+    together = _evaluate(loss, margins, 20)
+    alone = [_evaluate_batch(loss, margin[None], 20) for margin in margins]
+    for part, values in enumerate(together):
+        assert values == pytest.approx([a[part][0] for a in alone], rel=1e-12, abs=1e-12, nan_ok=True)
