@@ -38,6 +38,32 @@ HONESTY = (
 )
 
 
+#: what the summary's columns mean, and which way is better (the report's glossary)
+METRICS_TEXT = (
+    "Columns: gold_reward, the synthetic task's true reward of one sampled completion per evaluation prompt, "
+    "averaged (each in [−1, 1], higher is better); kl_to_reference, the KL from the SFT reference estimated on the "
+    "same samples, in nats per completion (lower keeps closer "
+    "to it); grammatical_fraction, the fraction of samples the task's grammar accepts (higher is better); "
+    "response_length, tokens per sample; heldout_reward_accuracy and heldout_reward_margin, how often and by how much "
+    "the policy's implicit reward prefers the chosen response of held-out pairs; loss, reward_accuracy and "
+    "reward_margin, training's last steps, each on its variant's own scale (they do not compare across variants); "
+    "pairs_per_s, training throughput. The SFT reference is the model every cell starts from, not the sft variant. "
+)
+
+
+def _degenerate(summary: pd.DataFrame) -> str:
+    """A sentence naming the configurations whose samples the task's grammar mostly rejects: their gold reward
+    does not say they work."""
+    if "grammatical_fraction" not in summary:
+        return ""
+    low = summary[summary.grammatical_fraction < 0.5]
+    if low.empty:
+        return ""
+    names = ", ".join(f"{c} ({g:.0%})" for c, g in zip(low.configuration, low.grammatical_fraction, strict=True))
+    return (f"Degenerate samples: under half of the samples of {names} are grammatical; read their gold reward "
+            "with that in mind. ")  # fmt: skip
+
+
 @dataclass
 class Section:
     id: str
@@ -152,6 +178,8 @@ def build_report(store: str | Path, metric: str | None = None, bench: str | Path
                 else "The pairs came from --data, so there is no gold reward: heldout_reward_accuracy is the fraction of "
                 "held-out pairs whose implicit reward prefers the chosen response. "
             )
+            + _degenerate(summary)
+            + METRICS_TEXT
             + HONESTY,
             tables=[("ranked summary", summary)],
         ),
@@ -167,8 +195,9 @@ def build_report(store: str | Path, metric: str | None = None, bench: str | Path
                                 figures=[figures.beta_sensitivity(summary, colors, main_scenario)],
                                 tables=[(f"{metric} by β", beta_table(finals, metric).reset_index())]))  # fmt: skip
     if gold:
-        sections.append(Section("frontier", "Gold reward vs KL", "The trade-off each variant buys: reward gained per nat "
-                                "of divergence from the reference. Up and left is better.",
+        sections.append(Section("frontier", "Gold reward vs KL", "The trade-off each variant buys: its gold reward "
+                                "against its KL from the reference (nats per completion). Up and left is better: more "
+                                "reward for less divergence.",
                                 figures=[figures.frontier(summary, colors, reference_gold, main_scenario)]))  # fmt: skip
     if len(scenarios) > 1:
         table = scenario_table(finals)
@@ -272,6 +301,7 @@ def render_pdf(report: Report, path: Path) -> None:
             y -= 0.018
         pdf.savefig(title)
         for section in report.sections:
+            pdf.savefig(_text_page(section.title, section.text))
             for fig in section.figures:
                 pdf.savefig(fig)
             for name, table in section.tables:
@@ -285,22 +315,44 @@ def _wrap(text: str, width: int) -> list[str]:
     return textwrap.wrap(text, width) or [""]
 
 
-def _table_pages(title: str, table: pd.DataFrame, rows_per_page: int = 32) -> list[Figure]:
+def _text_page(title: str, text: str) -> Figure:
+    """A section's title and text, as the HTML shows them above its figures."""
+    page = Figure(figsize=(8.27, 11.69))
+    page.text(0.08, 0.95, title, fontsize=16, weight="bold", va="top")
+    for i, line in enumerate(_wrap(text, 100)):
+        page.text(0.08, 0.90 - 0.018 * i, line, fontsize=8, va="top")
+    return page
+
+
+#: the columns that name a row, repeated on every page of a table too wide for one
+_ROW_NAMES = ("rank", "variant", "configuration", "beta", "scenario")
+
+
+def _table_pages(title: str, table: pd.DataFrame, rows_per_page: int = 36, columns_per_page: int = 12,
+                 cell_chars: int = 28) -> list[Figure]:  # fmt: skip
+    """A table on A4 landscape pages: every column, in groups of ``columns_per_page`` with the row-naming columns
+    repeated in each group; cells longer than ``cell_chars`` cut with "…"."""
+    names = [c for c in table.columns if c in _ROW_NAMES]
+    rest = [c for c in table.columns if c not in _ROW_NAMES]
+    width = max(1, columns_per_page - len(names))
+    groups = [names + rest[i : i + width] for i in range(0, len(rest), width)] or [names]
+    cut = lambda text, n: text if len(text) <= n else text[: n - 1] + "…"  # noqa: E731
     pages = []
-    columns = list(table.columns)[:12]  # A4 landscape fits about a dozen columns
-    for start in range(0, max(1, len(table)), rows_per_page):
-        part = table.iloc[start : start + rows_per_page][columns].astype(str)
-        fig = Figure(figsize=(11.69, 8.27))
-        fig.suptitle(f"{title} ({start + 1}–{start + len(part)} of {len(table)})", fontsize=10)
-        ax = fig.add_axes((0.03, 0.03, 0.94, 0.88))
-        ax.axis("off")
-        if len(part):
-            cell_table = ax.table(cellText=[[c[:28] for c in row] for row in part.values.tolist()],
-                                  colLabels=[str(c)[:16] for c in columns], loc="upper center", cellLoc="left")  # fmt: skip
-            cell_table.auto_set_font_size(False)
-            cell_table.set_fontsize(6.5)
-            cell_table.scale(1, 1.15)
-        pages.append(fig)
+    for number, columns in enumerate(groups, 1):
+        part_of = f", columns {number} of {len(groups)}" if len(groups) > 1 else ""
+        for start in range(0, max(1, len(table)), rows_per_page):
+            part = table.iloc[start : start + rows_per_page][columns].astype(str)
+            fig = Figure(figsize=(11.69, 8.27))
+            fig.suptitle(f"{title} (rows {start + 1}–{start + len(part)} of {len(table)}{part_of})", fontsize=10)
+            ax = fig.add_axes((0.03, 0.03, 0.94, 0.88))
+            ax.axis("off")
+            if len(part):
+                cell_table = ax.table(cellText=[[cut(c, cell_chars) for c in row] for row in part.values.tolist()],
+                                      colLabels=[cut(str(c), 20) for c in columns], loc="upper center", cellLoc="left")  # fmt: skip
+                cell_table.auto_set_font_size(False)
+                cell_table.set_fontsize(6.5)
+                cell_table.scale(1, 1.15)
+            pages.append(fig)
     return pages
 
 

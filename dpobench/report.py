@@ -240,6 +240,7 @@ def summary_table(finals: pd.DataFrame, metric: str = "gold_reward") -> pd.DataF
     for _, group in table.groupby("scenario"):
         table.loc[group.index, "rank"] = rank(group, metric)
     better = HIGHER_IS_BETTER.get(metric, True)
+    table = table[["rank", *(c for c in table.columns if c != "rank")]]  # the rank first: what the table is for
     return table.sort_values(["scenario", "rank", metric], ascending=[True, True, not better]).reset_index(drop=True)
 
 

@@ -183,6 +183,7 @@ def test_summary_ranks_by_the_chosen_metric(store_dir: Path) -> None:
     # With two seeds the intervals are wide (t = 12.7): every cell overlaps the leader.
     assert set(summary["rank"]) == {1}
     narrow = summary_table(cell_finals(read_tidy(store_dir)).query("seed == 0"), "gold_reward")
+    assert narrow.columns[0] == "rank"  # first: what the table is for (it came last, after 20 columns)
     assert narrow[["variant", "beta", "rank"]].values.tolist() == [
         ["dpo", 0.1, 1],
         ["dpo", 0.5, 2],
@@ -365,3 +366,46 @@ def test_one_gold_value_among_seeds_gets_its_own_cells_interval() -> None:
                            "gold_reward_se": [math.nan, 0.02]})  # fmt: skip
     row = aggregate(finals, ["gold_reward"]).iloc[0]
     assert row.gold_reward == pytest.approx(0.3) and row.gold_reward_ci == pytest.approx(1.96 * 0.02)
+
+
+def test_pdf_tables_keep_every_column_and_name_each_row_on_every_page() -> None:
+    """A table wider than a page goes onto several, each with the row-naming columns; it used to keep the first 12
+    columns only, so the PDF's ranked summary lost its rank. Long cells are cut visibly."""
+    from dpobench.render import _table_pages
+
+    columns = ["rank", "variant", "configuration", "parameters", *(f"m{i}" for i in range(20))]
+    table = pd.DataFrame([[1, "dpo", "dpo", "x" * 40, *range(20)], [2, "ipo", "ipo", "", *range(20, 40)]],
+                         columns=columns)  # fmt: skip
+    pages = _table_pages("Summary: ranked summary", table, columns_per_page=14)
+    assert len(pages) == 2  # 21 other columns, 11 per page beside the 3 names
+    shown = []
+    for page in pages:
+        cells = page.axes[0].tables[0].get_celld()
+        header = [cells[0, c].get_text().get_text() for c in range(max(col for _, col in cells) + 1)]
+        assert header[:3] == ["rank", "variant", "configuration"]
+        shown += header[3:]
+        rows = [[cells[r, c].get_text().get_text() for c in range(len(header))] for r in (1, 2)]
+        assert [row[:3] for row in rows] == [["1", "dpo", "dpo"], ["2", "ipo", "ipo"]]
+    assert shown == columns[3:]
+    first = pages[0].axes[0].tables[0].get_celld()
+    assert first[1, 3].get_text().get_text() == "x" * 27 + "…"
+    assert pages[1]._suptitle.get_text() == "Summary: ranked summary (rows 1–2 of 2, columns 2 of 2)"
+
+
+def test_the_summary_defines_its_columns_and_names_degenerate_samples(store_dir: Path) -> None:
+    """The summary's text says what each column means and which way is better, and names the configurations
+    whose samples are mostly ungrammatical; every section's text is in the PDF too, on a page of its own."""
+    from dpobench.render import _degenerate, _text_page
+
+    table = pd.DataFrame({"configuration": ["dpo", "apo_down", "ipo"], "grammatical_fraction": [0.9, 0.0, 0.49]})
+    assert _degenerate(table) == (
+        "Degenerate samples: under half of the samples of apo_down (0%), ipo (49%) are grammatical; read their gold "
+        "reward with that in mind. "
+    )
+    assert _degenerate(table.iloc[:1]) == "" and _degenerate(table.drop(columns="grammatical_fraction")) == ""
+    report = build_report(store_dir)
+    summary = report.sections[0]
+    assert "kl_to_reference, the KL from the SFT reference" in summary.text and "(higher is better)" in summary.text
+    page = _text_page(summary.title, summary.text)
+    assert page.texts[0].get_text() == "Summary"
+    assert " ".join(t.get_text() for t in page.texts[1:]) == " ".join(summary.text.split())
