@@ -158,23 +158,28 @@ def scenario_robustness(scenarios: pd.DataFrame, colors: dict) -> Figure:
 
 
 def throughput(table: pd.DataFrame, colors: dict, device: str, bench: pd.DataFrame | None = None) -> Figure:
-    """Training pairs/s, tokens/s and peak memory per variant, measured during the sweep."""
+    """Training pairs/s per variant, measured during the sweep, and CUDA's peak memory. tokens/s is pairs/s times
+    the data's tokens per pair, the same for every variant, so it has no panel (the table has it); the CPU's peak
+    memory is the process's so far, not a variant's own, so it has none either."""
     data = table.sort_values("pairs_per_s")
+    panels = [("pairs_per_s", "pairs / s")]
+    if "peak_memory_mb" in data and not data.device.eq("cpu").all():
+        panels.append(("peak_memory_mb", "peak memory (MiB)"))
+    with_bench = bench is not None and not bench.empty
     fig = Figure(figsize=A4_LANDSCAPE, layout="constrained")
-    fig.suptitle(f"Throughput and memory during training, device: {device} (means over the last 10% of steps)")
-    axes = fig.subplots(1, 3 if bench is None or bench.empty else 4, sharey=False)
+    fig.suptitle(f"Throughput during training, device: {device} (means over the last 10% of steps)")
+    axes = fig.subplots(1, len(panels) + with_bench, sharey=False, squeeze=False)[0]
     # one set of labels, on the first panel (a configuration's label can be long: wrapped, not repeated per panel)
     rows = np.arange(len(data))
     names = [textwrap.fill(str(v), 40, break_long_words=False, break_on_hyphens=False) for v in data.variant]
-    for i, (ax, (column, label)) in enumerate(zip(axes, [("pairs_per_s", "pairs / s"), ("tokens_per_s", "tokens / s"),
-                                                         ("peak_memory_mb", "peak memory (MiB)")], strict=False)):  # fmt: skip
+    for i, (ax, (column, label)) in enumerate(zip(axes, panels, strict=False)):
         ax.barh(rows, data[column], color=[colors.get(v) for v in data.variant])
         ax.set_yticks(rows, names if i == 0 else [""] * len(rows))
         ax.set_ylim(-0.6, len(rows) - 0.4)
         ax.set_xlabel(label)
         ax.tick_params(axis="y", labelsize=7)
         ax.grid(alpha=0.3, axis="x")
-    if bench is not None and not bench.empty:
+    if with_bench:
         ax = axes[-1]
         b = bench.sort_values("x_baseline")
         ax.barh(b.variant, b.x_baseline, color=[colors.get(v, "grey") for v in b.variant])
@@ -220,7 +225,8 @@ def geometry(landscape: pd.DataFrame, colors: dict, family: str, margin_for_beta
 
 
 def custom_loss_study(finals: pd.DataFrame) -> Figure | None:
-    """The seed's custom-loss configurations (length normalisation × confidence weighting), if run."""
+    """The seed's custom-loss configurations (length normalisation × confidence weighting), if two or more ran
+    (``--param seed_custom_dpo.length_normalization=true,false --param seed_custom_dpo.confidence_weighting=true,false``)."""
     name = finals.loss_name if "loss_name" in finals else finals.variant  # the report labels configurations
     cells = finals[(name == "seed_custom_dpo") & (finals.status == "done")].copy()
     if cells.empty:
@@ -229,6 +235,8 @@ def custom_loss_study(finals: pd.DataFrame) -> Figure | None:
     names = {(False, False): "standard", (True, False): "length-normalised", (False, True): "confidence-weighted",
              (True, True): "full"}  # fmt: skip
     cells["configuration"] = [names[(bool(p["length_normalization"]), bool(p["confidence_weighting"]))] for p in params]
+    if cells.configuration.nunique() < 2:  # one configuration is no study: nothing to compare it with
+        return None
     quality = _quality_panel(cells, "gold reward")
     grouped = cells.groupby("configuration")[["loss", "reward_margin", "reward_accuracy", quality[0]]].mean()
     grouped = grouped.reindex([n for n in names.values() if n in grouped.index])

@@ -216,8 +216,8 @@ def build_report(store: str | Path, metric: str | None = None, bench: str | Path
     sections.append(Section("throughput", "Throughput and memory", f"Measured per training step on {devices}, one "
                             "cell after another: on a shared machine, differences of about 20 % between variants "
                             "can be noise (benchmarks/ times steps side by side). Tokens count each pair's prompt "
-                            "twice. Peak memory (MiB) is CUDA's max_memory_allocated, or on the CPU the process's "
-                            "peak RSS so far, which a cell inherits from the cells before it.",
+                            "twice. Peak memory (MiB) is CUDA's max_memory_allocated; on the CPU it is left out, as the "
+                            "process's peak RSS so far is inherited from the cells before, not a variant's own.",
                             figures=[figures.throughput(speed, colors, devices, bench_frame)], tables=speed_tables))  # fmt: skip
     geometry = _geometry_section(finals, colors)
     if geometry is not None:

@@ -409,3 +409,36 @@ def test_the_summary_defines_its_columns_and_names_degenerate_samples(store_dir:
     page = _text_page(summary.title, summary.text)
     assert page.texts[0].get_text() == "Summary"
     assert " ".join(t.get_text() for t in page.texts[1:]) == " ".join(summary.text.split())
+
+
+def test_the_custom_loss_study_needs_two_configurations() -> None:
+    """The seed's study compares length normalisation × confidence weighting: with the default run's one
+    configuration it drew four panels of one bar each, and no figure is drawn now; with two, each panel has both."""
+    params = lambda ln, cw: json.dumps({"length_normalization": ln, "confidence_weighting": cw})  # noqa: E731
+    cells = pd.DataFrame({"variant": "seed_custom_dpo", "status": "done", "params": [params(True, True)],
+                          "loss": [0.5], "reward_margin": [1.0], "reward_accuracy": [0.8], "gold_reward": [0.3]})  # fmt: skip
+    assert figures.custom_loss_study(cells) is None
+    two = pd.concat([cells, cells.assign(params=params(False, False), loss=0.7, gold_reward=0.1)], ignore_index=True)
+    fig = figures.custom_loss_study(two)
+    heights = [[bar.get_height() for bar in ax.patches] for ax in fig.axes]
+    assert heights == [[0.7, 0.5], [1.0, 1.0], [0.8, 0.8], [0.1, 0.3]]  # standard, then full
+
+
+def test_peak_memory_is_shown_for_cuda_only() -> None:
+    """On the CPU a cell's peak memory is the process's peak RSS so far, inherited from the cells before it (about
+    the same 530 MB for every variant of the default run): the table and the figure leave it out there, and show
+    CUDA's max_memory_allocated. tokens/s, pairs/s times a constant, gets no panel."""
+    from dpobench.report import throughput_table
+
+    def finals(device: str) -> pd.DataFrame:
+        return pd.DataFrame({"variant": ["dpo", "ipo"], "device": device, "status": "done", "pairs_per_s": [2.0, 1.0],
+                             "tokens_per_s": [20.0, 10.0], "step_time_ms": [5.0, 10.0], "peak_memory_mb": [300.0, 200.0]})  # fmt: skip
+
+    cpu, cuda = throughput_table(finals("cpu")), throughput_table(finals("cuda"))
+    assert "peak_memory_mb" not in cpu and cuda.peak_memory_mb.tolist() == [300.0, 200.0]
+    colors = figures.variant_colors(["dpo", "ipo"])
+    assert [ax.get_xlabel() for ax in figures.throughput(cpu, colors, "cpu").axes] == ["pairs / s"]
+    assert [ax.get_xlabel() for ax in figures.throughput(cuda, colors, "cuda").axes] == [
+        "pairs / s",
+        "peak memory (MiB)",
+    ]
