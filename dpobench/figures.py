@@ -42,10 +42,21 @@ def variant_colors(variants: Sequence[str]) -> dict[str, tuple[float, ...]]:
     return dict(zip(names, palette, strict=True))
 
 
+#: marker shapes, paired with the colours: with more variants than colours, (colour, shape) still tells them apart
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+
+
+def variant_markers(colors: dict) -> dict[str, str]:
+    """A marker per variant of ``colors`` (``variant_colors``' variants, in its order): a different shape for each
+    variant that shares a colour with another (tab20 and tab20b repeat hues beyond 20)."""
+    return {name: MARKERS[i % len(MARKERS)] for i, name in enumerate(sorted(colors))}
+
+
 def _legend(fig: Figure, handles_from, ncol: int = 1) -> None:
+    """The figure's legend outside its panels, on the right (constrained layout makes room for it)."""
     handles, labels = handles_from.get_legend_handles_labels()
     if handles:
-        fig.legend(handles, labels, loc="center right", fontsize=7, ncol=ncol, frameon=False)
+        fig.legend(handles, labels, loc="outside right center", fontsize=7, ncol=ncol, frameon=False)
 
 
 def training_curves(tidy: pd.DataFrame, colors: dict, scenario: str = "clean", beta: float | None = None) -> Figure:
@@ -80,7 +91,6 @@ def training_curves(tidy: pd.DataFrame, colors: dict, scenario: str = "clean", b
     ax.set_ylabel("implicit reward (solid: chosen, dashed: rejected)")
     ax.grid(alpha=0.3)
     _legend(fig, axes.flat[0], ncol=1 if wide.index.get_level_values(0).nunique() <= 18 else 2)
-    fig.get_layout_engine().set(rect=(0, 0, 0.83, 1))
     return fig
 
 
@@ -112,7 +122,6 @@ def beta_sensitivity(table: pd.DataFrame, colors: dict, scenario: str = "clean")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3, which="both")
     _legend(fig, axes.flat[0], ncol=1 if data.variant.nunique() <= 18 else 2)
-    fig.get_layout_engine().set(rect=(0, 0, 0.83, 1))
     return fig
 
 
@@ -121,14 +130,17 @@ def frontier(table: pd.DataFrame, colors: dict, reference_gold: float | None, sc
     data = table[table.scenario == scenario]
     fig = Figure(figsize=WIDE, layout="constrained")
     ax = fig.subplots()
+    markers = variant_markers(colors)
     for variant, group in data.groupby("variant"):
         group = group.sort_values("kl_to_reference")
         ax.errorbar(group.kl_to_reference, group.gold_reward, yerr=group.gold_reward_ci.fillna(0), color=colors.get(variant),
-                    marker="o", markersize=4, linewidth=1, capsize=2, label=variant)  # fmt: skip
+                    marker=markers.get(variant, "o"), markersize=5, linewidth=1, capsize=2, label=variant)  # fmt: skip
     if reference_gold is not None and not math.isnan(reference_gold):
         ax.axhline(reference_gold, color="black", linestyle=":", linewidth=1, label="SFT reference")
     ax.set_xscale("symlog", linthresh=1.0)
-    ax.set_xlim(left=min(0.0, float(data.kl_to_reference.min()) if len(data) else 0.0))
+    largest = float(data.kl_to_reference.max()) if len(data) else 1.0
+    # room right of the largest KL (symlog: a factor, not an offset), so that its marker is not cut at the frame
+    ax.set_xlim(left=min(0.0, float(data.kl_to_reference.min()) if len(data) else 0.0), right=max(1.0, largest) * 1.6)
     ax.set_xlabel("KL(π‖π_ref), nats (symmetric log scale)")
     ax.set_ylabel("gold reward of samples (−1…1)")
     ax.set_title(f"Gold reward vs KL frontier ({scenario}; bars: 95% CI; a line joins one variant's β values)")

@@ -442,3 +442,18 @@ def test_peak_memory_is_shown_for_cuda_only() -> None:
         "pairs / s",
         "peak memory (MiB)",
     ]
+
+
+def test_frontier_tells_33_variants_apart_and_keeps_the_largest_kl_in_frame() -> None:
+    """With more variants than the palettes' distinct colours, each variant's (colour, marker) pair is its own; the
+    point at the largest KL (apo_down's 185 nats in the default run) lies inside the axes, not on the frame."""
+    names = [f"v{i:02d}" for i in range(33)]
+    colors = figures.variant_colors(names)
+    markers = figures.variant_markers(colors)
+    assert len({(colors[n], markers[n]) for n in names}) == 33
+    table = pd.DataFrame({"variant": names, "scenario": "clean", "kl_to_reference": np.linspace(0.1, 185.5, 33),
+                          "gold_reward": 0.2, "gold_reward_ci": 0.05})  # fmt: skip
+    ax = figures.frontier(table, colors, 0.0).axes[0]
+    assert ax.get_xlim()[1] > 185.5 * 1.5
+    drawn = {bars.get_label(): bars.lines[0].get_marker() for bars in ax.containers}
+    assert drawn == markers
