@@ -201,16 +201,23 @@ def throughput(table: pd.DataFrame, colors: dict, device: str, bench: pd.DataFra
     return fig
 
 
-def geometry(landscape: pd.DataFrame, colors: dict, family: str, margin_for_beta: float = 2.0) -> Figure:
-    """Loss and gradient weight against the log-ratio margin (each variant at its default β), and the
-    preference probability against β — the seed's "DPO Loss Landscape" and "Beta vs Preference Strength"."""
+def geometry(landscape: pd.DataFrame, colors: dict, family: str, margin_for_beta: float = 2.0,
+             betas: dict[str, float] | None = None) -> Figure:  # fmt: skip
+    """Loss and gradient weight against the log-ratio margin (each variant at the β it trained with, ``betas``,
+    else its default β), and the preference probability against β — the seed's "DPO Loss Landscape" and "Beta vs
+    Preference Strength"."""
     data = landscape[landscape.plugin == family]
+    betas = betas or {}
     fig = Figure(figsize=WIDE, layout="constrained")
     fig.suptitle(f"Model-free geometry, plugin '{family}' (analytic, no training)")
     axes = fig.subplots(1, 3)
+    drawn = []
     for variant, group in data.groupby("variant"):
+        trained = group[np.isclose(group.beta, betas[variant])] if variant in betas else group.iloc[:0]
         default = group[group.beta_is_default.astype(bool)]
-        curve = default if len(default) else group[np.isclose(group.beta, group.beta.iloc[0])]
+        curve = next((c for c in (trained, default) if len(c)), None)
+        curve = curve if curve is not None else group[np.isclose(group.beta, group.beta.iloc[0])]
+        drawn.append(curve)
         beta = curve.beta.iloc[0]
         label = f"{variant} (β={beta:g})" if not math.isnan(beta) else variant
         axes[0].plot(curve.margin, curve.loss, color=colors.get(variant), label=label)
@@ -223,9 +230,11 @@ def geometry(landscape: pd.DataFrame, colors: dict, family: str, margin_for_beta
         xlabel="β (log scale)", ylabel="σ(r_c − r_r)", title=f"preference probability at h = {margin_for_beta:g}"
     )
     axes[2].set_xscale("log")
+    curves = pd.concat(drawn) if drawn else data
     for ax, column in ((axes[0], "loss"), (axes[1], "grad_weight")):
-        # Exponential losses (forward-KL f-DPO) reach 1e3 at the grid's edge: clip to what most curves span.
-        values = data[column].replace([np.inf, -np.inf], np.nan).dropna()
+        # Exponential losses (forward-KL f-DPO) reach 1e3 at the grid's edge: clip to what most drawn curves span
+        # (the curves drawn only: a β nobody trained, Cal-DPO's 0.01 say, set the scale before)
+        values = curves[column].replace([np.inf, -np.inf], np.nan).dropna()
         if len(values):
             low, high = np.percentile(values, [2, 95])
             pad = 0.1 * (high - low or 1.0)

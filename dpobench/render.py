@@ -248,14 +248,20 @@ def _geometry_section(finals: pd.DataFrame, colors: dict) -> Section | None:
     specs = [registry[v] for v in sorted(set(finals.loss_name)) if v in registry]
     if not specs:
         return None
-    frame = landscape(specs, betas=(0.01, 0.03, 0.1, 0.3, 1.0), margins=tuple(x / 4 for x in range(-40, 41)))
+    # each variant's curve at the β its cells trained with (the most common, where several), as trained
+    cells = finals[finals.variant != "(reference)"]
+    trained = {name: float(b.mode().iloc[0]) for name, b in cells.groupby("loss_name").beta if b.notna().any()}
+    grid = sorted({0.01, 0.03, 0.1, 0.3, 1.0, *trained.values()})
+    frame = landscape(specs, betas=grid, margins=tuple(x / 4 for x in range(-40, 41)))
     failed = "; ".join(f"{name}: {error}" for name, error in frame.attrs.get("errors", {}).items())
     if frame.empty:
         return None
-    return Section("geometry", "Model-free geometry", "Loss and gradient weight against the log-ratio margin and "
-                   "preference probability against β, from each variant's formula (`dpobench landscape`)."
+    return Section("geometry", "Model-free geometry", "Loss and gradient weight against the log-ratio margin (each "
+                   "variant at the β its cells trained with), and preference probability against β, from each "
+                   "variant's formula (`dpobench landscape`)."
                    + (f" Left out because their loss failed: {failed}." if failed else ""),
-                   figures=[figures.geometry(frame, colors, family) for family in sorted(set(frame.plugin))])  # fmt: skip
+                   figures=[figures.geometry(frame, colors, family, betas=trained)
+                            for family in sorted(set(frame.plugin))])  # fmt: skip
 
 
 def _svg(fig: Figure) -> str:

@@ -457,3 +457,18 @@ def test_frontier_tells_33_variants_apart_and_keeps_the_largest_kl_in_frame() ->
     assert ax.get_xlim()[1] > 185.5 * 1.5
     drawn = {bars.get_label(): bars.lines[0].get_marker() for bars in ax.containers}
     assert drawn == markers
+
+
+def test_geometry_draws_each_variant_at_the_beta_it_trained_with() -> None:
+    """SimPO's default β is 2, and the default run trains every variant at 0.1: the report's geometry drew β = 2,
+    a loss that was never trained. It draws the trained β now, the default only where none is given."""
+    from dpobench.landscape import landscape
+    from dpobench.plugins import get_losses
+
+    frame = landscape([get_losses()["simpo"]], betas=(0.1, 0.5), margins=(-1.0, 0.0, 1.0))
+    colors = figures.variant_colors(["simpo"])
+    trained = figures.geometry(frame, colors, "reference_free", betas={"simpo": 0.1}).axes[0].get_lines()[0]
+    default = figures.geometry(frame, colors, "reference_free").axes[0].get_lines()[0]
+    assert trained.get_label() == "simpo (β=0.1)" and default.get_label() == "simpo (β=2)"
+    at = frame[np.isclose(frame.beta, 0.1)].sort_values("margin")
+    assert list(trained.get_ydata()) == at.loss.tolist()
