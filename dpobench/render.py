@@ -170,7 +170,8 @@ def build_report(store: str | Path, metric: str | None = None, bench: str | Path
             "Summary",
             f"Per variant × β × scenario at the end of training: means over seeds with 95% confidence intervals "
             f"(`_ci` columns: Student-t over seeds; with one seed the gold-reward interval is 1.96 × the standard "
-            f"error of its samples, and other metrics have none). Ranked by {metric} within each scenario; "
+            f"error of its samples, which leaves out training's seed-to-seed spread (--seeds 0,1,2 measures it), and "
+            f"other metrics have none). Ranked by {metric} within each scenario; "
             f"variants whose intervals overlap share a rank. "
             + (
                 f"The SFT reference scores a gold reward of {reference_gold:+.3f}. "
