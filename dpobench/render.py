@@ -319,7 +319,7 @@ def render_pdf(report: Report, path: Path) -> None:
 def _wrap(text: str, width: int) -> list[str]:
     import textwrap
 
-    return textwrap.wrap(text, width) or [""]
+    return textwrap.wrap(text, width, break_on_hyphens=False) or [""]
 
 
 def _text_page(title: str, text: str) -> Figure:
