@@ -21,6 +21,7 @@ from dpobench.report import (
     cell_finals,
     configuration_labels,
     has_gold,
+    read_samples,
     read_tidy,
     resolve_metric,
     run_info,
@@ -146,7 +147,8 @@ def build_report(store: str | Path, metric: str | None = None, bench: str | Path
     gold = has_gold(finals)
     runs = run_info(store)
     colors = figures.variant_colors([v for v in finals.variant.unique() if v != "(reference)"])
-    summary = summary_table(finals, metric)
+    summary = summary_table(finals, metric, read_samples(store))
+    paired = "gold_reward_gap" in summary
     reference = finals[finals.variant == "(reference)"]
     reference_gold = float(reference.gold_reward.mean()) if len(reference) else math.nan
     devices = ", ".join(sorted(set(finals.device.dropna())))
@@ -172,7 +174,14 @@ def build_report(store: str | Path, metric: str | None = None, bench: str | Path
             f"(`_ci` columns: Student-t over seeds; with one seed the gold-reward interval is 1.96 × the standard "
             f"error of its samples, which leaves out training's seed-to-seed spread (--seeds 0,1,2 measures it), and "
             f"other metrics have none). Ranked by {metric} within each scenario; "
-            f"variants whose intervals overlap share a rank. "
+            + (
+                "every cell was evaluated on the same prompts, so a configuration shares its rank's leader's rank "
+                "unless their paired difference, prompt by prompt, exceeds 1.96 standard errors "
+                "(gold_reward_gap ± gold_reward_gap_ci: the gold reward of the leader it was compared with, its "
+                "rank's or, where it starts a rank, the rank before's, minus its own). "
+                if paired
+                else "variants whose intervals overlap share a rank. "
+            )
             + (
                 f"The SFT reference scores a gold reward of {reference_gold:+.3f}. "
                 if gold

@@ -13,7 +13,9 @@ import math
 import sqlite3
 from contextlib import closing
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from dpobench.store import EVAL_METRICS, STEP_METRICS
@@ -26,7 +28,9 @@ __all__ = [
     "beta_table",
     "cell_finals",
     "has_gold",
+    "paired_rank",
     "rank",
+    "read_samples",
     "read_tidy",
     "resolve_metric",
     "run_info",
@@ -169,6 +173,53 @@ def aggregate(
     return pd.DataFrame(rows)
 
 
+def read_samples(store: str | Path) -> pd.DataFrame:
+    """Per-prompt gold rewards at each cell's last evaluation: ``cell_id``, ``prompt``, ``gold_reward``. Empty for
+    cells without a gold reward (pairs from ``--data``) and for stores written before the samples were kept."""
+    path = Path(store)
+    path = path / "results.sqlite" if path.is_dir() else path
+    with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if "samples" not in tables:
+            return pd.DataFrame(columns=["cell_id", "prompt", "gold_reward"])
+        return pd.read_sql_query(
+            "SELECT s.cell_id, s.prompt, s.gold_reward FROM samples s JOIN (SELECT cell_id, MAX(step) AS step FROM "
+            "evaluations GROUP BY cell_id) e ON s.cell_id = e.cell_id AND s.step = e.step ORDER BY s.cell_id, s.prompt",
+            db,
+        )
+
+
+def paired_rank(
+    table: pd.DataFrame, metric: str, samples: dict[Any, np.ndarray]
+) -> tuple[pd.Series, pd.Series, pd.Series]:
+    """Competition ranks by ``metric`` (higher is better), each row's per-prompt values in ``samples`` (one array
+    per row of ``table``, the same prompts in the same order): a row shares its group leader's rank unless the
+    mean of the paired differences (leader − row) exceeds 1.96 × their standard error. The cells were evaluated on
+    the same prompts, so prompt-to-prompt variation, which the unpaired intervals carry, cancels. Also returns
+    each row's paired gap to the leader it was compared with (its rank's, or where it starts a rank of its own,
+    the rank before's) and the gap's 95 % half-width; 0 and NaN for the first row."""
+    order = table[metric].sort_values(ascending=False, na_position="last").index
+    ranks = pd.Series(pd.NA, index=table.index, dtype="Int64")
+    gap = pd.Series(math.nan, index=table.index)
+    gap_ci = pd.Series(math.nan, index=table.index)
+    leader = None
+    for position, index in enumerate(order, start=1):
+        if pd.isna(table.at[index, metric]):
+            continue
+        if leader is not None:
+            d = samples[leader] - samples[index]
+            half = 1.96 * d.std(ddof=1) / math.sqrt(len(d)) if len(d) > 1 else 0.0
+            gap[index], gap_ci[index] = float(d.mean()), half
+            if d.mean() <= half:  # not told apart from the leader
+                ranks[index] = ranks[leader]
+                continue
+        if leader is None:
+            gap[index] = 0.0
+        leader = index
+        ranks[index] = position
+    return ranks, gap, gap_ci
+
+
 def rank(table: pd.DataFrame, metric: str, higher_is_better: bool | None = None) -> pd.Series:
     """Competition ranks by ``metric``; a variant whose interval overlaps its group leader's shares the rank."""
     better = HIGHER_IS_BETTER.get(metric, True) if higher_is_better is None else higher_is_better
@@ -219,9 +270,31 @@ def _parameters(params: object) -> str:
     return ", ".join(f"{k}={v}" for k, v in sorted(values.items()) if k != "beta")
 
 
-def summary_table(finals: pd.DataFrame, metric: str = "gold_reward") -> pd.DataFrame:
+def _row_samples(table: pd.DataFrame, finals: pd.DataFrame, samples: pd.DataFrame | None) -> dict[Any, np.ndarray]:
+    """Each summary row's per-prompt gold rewards, for rows of exactly one finished cell whose samples were kept
+    (several seeds are ranked by their t-intervals instead: those carry training's seed-to-seed spread)."""
+    if samples is None or samples.empty:
+        return {}
+    by_cell = {cell: group.gold_reward.to_numpy(float) for cell, group in samples.groupby("cell_id")}
+    done = finals[(finals.status == "done") & (finals.variant != "(reference)")]
+    keys = ["variant", "configuration", "beta", "scenario"]
+    cells = done.groupby(keys, dropna=False, sort=False).cell_id.agg(list)
+    out = {}
+    for index, row in table.iterrows():
+        ids = cells.get(tuple(row[k] for k in keys), [])
+        if len(ids) == 1 and ids[0] in by_cell:
+            out[index] = by_cell[ids[0]]
+    return out
+
+
+def summary_table(
+    finals: pd.DataFrame, metric: str = "gold_reward", samples: pd.DataFrame | None = None
+) -> pd.DataFrame:
     """Per variant × β × scenario at the end of training, ranked by ``metric`` within each scenario. Without a
-    gold reward (pairs from ``--data``), its columns are left out."""
+    gold reward (pairs from ``--data``), its columns are left out. With ``samples`` (``read_samples``), a scenario
+    whose rows are one cell each, all evaluated on the same prompts, is ranked by the gold reward's paired
+    differences (``paired_rank``), and ``gold_reward_gap`` ± ``gold_reward_gap_ci`` give each row's paired gap to
+    the leader it was compared with."""
     metrics = ["gold_reward", "kl_to_reference", "reward_accuracy", "reward_margin", "loss", "response_length",
                "grammatical_fraction", "heldout_reward_accuracy", "pairs_per_s"]  # fmt: skip
     if not has_gold(finals):
@@ -236,9 +309,19 @@ def summary_table(finals: pd.DataFrame, metric: str = "gold_reward") -> pd.DataF
     table.insert(
         2, "parameters", [shown.get((v, c), "") for v, c in zip(table.variant, table.configuration, strict=True)]
     )
+    if "configuration" not in cells:
+        cells = cells.assign(configuration=labels)
     table["rank"] = pd.Series(dtype="Int64")
+    vectors = _row_samples(table, cells, samples) if metric == "gold_reward" else {}
     for _, group in table.groupby("scenario"):
-        table.loc[group.index, "rank"] = rank(group, metric)
+        paired = [vectors.get(i) for i in group.index]
+        if all(v is not None for v in paired) and len({len(v) for v in paired}) == 1 and len(paired[0]) > 1:
+            ranks, gap, gap_ci = paired_rank(group, metric, {i: vectors[i] for i in group.index})
+            table.loc[group.index, "rank"] = ranks
+            table.loc[group.index, "gold_reward_gap"] = gap
+            table.loc[group.index, "gold_reward_gap_ci"] = gap_ci
+        else:
+            table.loc[group.index, "rank"] = rank(group, metric)
     better = HIGHER_IS_BETTER.get(metric, True)
     table = table[["rank", *(c for c in table.columns if c != "rank")]]  # the rank first: what the table is for
     return table.sort_values(["scenario", "rank", metric], ascending=[True, True, not better]).reset_index(drop=True)

@@ -1,4 +1,5 @@
-"""The results store: SQLite in the output directory (runs, cells, steps, evaluations).
+"""The results store: SQLite in the output directory (runs, cells, steps, evaluations, and the evaluations'
+per-prompt gold rewards, ``samples``).
 
 A finished cell is written in one transaction, so an interrupted sweep loses nothing finished and a
 rerun of the same command skips the cells already done.
@@ -46,6 +47,10 @@ CREATE TABLE IF NOT EXISTS steps (
 CREATE TABLE IF NOT EXISTS evaluations (
     cell_id TEXT NOT NULL REFERENCES cells(cell_id), step INTEGER NOT NULL,
     {", ".join(f"{m} REAL" for m in EVAL_METRICS)}, PRIMARY KEY (cell_id, step)
+);
+CREATE TABLE IF NOT EXISTS samples (
+    cell_id TEXT NOT NULL REFERENCES cells(cell_id), step INTEGER NOT NULL, prompt INTEGER NOT NULL,
+    gold_reward REAL, PRIMARY KEY (cell_id, step, prompt)
 );
 """
 
@@ -105,6 +110,7 @@ class Store:
         with self.db:
             self.db.execute("DELETE FROM steps WHERE cell_id=?", (cell["cell_id"],))
             self.db.execute("DELETE FROM evaluations WHERE cell_id=?", (cell["cell_id"],))
+            self.db.execute("DELETE FROM samples WHERE cell_id=?", (cell["cell_id"],))
             self.db.execute(
                 f"INSERT OR REPLACE INTO cells ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
                 [cell[c] for c in columns],
@@ -116,6 +122,14 @@ class Store:
             self.db.executemany(
                 f"INSERT INTO evaluations (cell_id, step, {', '.join(EVAL_METRICS)}) VALUES ({', '.join('?' * (len(EVAL_METRICS) + 2))})",
                 [(cell["cell_id"], e["step"], *(e.get(m) for m in EVAL_METRICS)) for e in evaluations],
+            )
+            self.db.executemany(  # each evaluation's per-prompt gold rewards, where the task has them
+                "INSERT INTO samples (cell_id, step, prompt, gold_reward) VALUES (?, ?, ?, ?)",
+                [
+                    (cell["cell_id"], e["step"], i, g)
+                    for e in evaluations
+                    for i, g in enumerate(e.get("gold_samples") or [])
+                ],
             )
 
     def frame(self, table: str) -> pd.DataFrame:

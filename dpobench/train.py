@@ -603,6 +603,7 @@ class Evaluator:
             texts = [decode_completion(self.tokenizer, s) for s in samples]
             gold = [gold_reward(t) for t in texts]
             metrics["gold_reward"] = statistics.fmean(gold)
+            metrics["gold_samples"] = gold  # per evaluation prompt, in order: the report pairs cells by prompt
             metrics["gold_reward_se"] = statistics.stdev(gold) / math.sqrt(len(gold)) if len(gold) > 1 else math.nan
             metrics["grammatical_fraction"] = statistics.fmean(float(is_grammatical(t)) for t in texts)
         return metrics

@@ -472,3 +472,61 @@ def test_geometry_draws_each_variant_at_the_beta_it_trained_with() -> None:
     assert trained.get_label() == "simpo (β=0.1)" and default.get_label() == "simpo (β=2)"
     at = frame[np.isclose(frame.beta, 0.1)].sort_values("margin")
     assert list(trained.get_ydata()) == at.loss.tolist()
+
+
+def test_paired_ranking_tells_apart_what_overlapping_intervals_do_not() -> None:
+    """Three configurations evaluated on the same 6 prompts. The prompts vary a lot (±0.9), so every unpaired
+    interval overlaps the leader's and the interval rule ties all three. Prompt by prompt, b trails a by exactly
+    0.05 (standard error 0: told apart), and c differs from b by ±0.3 alternately (mean gap 0.05, half-width
+    1.96 × 0.3286 / √6 = 0.263: not told apart from b, its rank's leader)."""
+    from dpobench.report import paired_rank
+
+    base = np.array([0.9, -0.9, 0.5, -0.5, 0.7, -0.7])
+    a, b = base + 0.1, base + 0.05
+    c = b - 0.05 + np.array([0.3, -0.3, 0.3, -0.3, 0.3, -0.3])
+    table = pd.DataFrame({"gold_reward": [x.mean() for x in (a, b, c)]}, index=["a", "b", "c"])
+    unpaired_ci = pd.Series([1.96 * x.std(ddof=1) / math.sqrt(6) for x in (a, b, c)], index=table.index)
+    assert rank(table.assign(gold_reward_ci=unpaired_ci), "gold_reward").tolist() == [1, 1, 1]
+    ranks, gap, gap_ci = paired_rank(table, "gold_reward", {"a": a, "b": b, "c": c})
+    assert ranks.tolist() == [1, 2, 2]
+    assert gap.tolist() == pytest.approx([0.0, 0.05, 0.05])  # b to a (why it starts rank 2), c to b
+    sd = np.array([0.3, -0.3] * 3).std(ddof=1)
+    assert math.isnan(gap_ci["a"]) and gap_ci["b"] == pytest.approx(0.0, abs=1e-15)
+    assert gap_ci["c"] == pytest.approx(1.96 * sd / math.sqrt(6))
+    same, _, _ = paired_rank(table.iloc[:2], "gold_reward", {"a": a, "b": a.copy()})
+    assert same.tolist() == [1, 1]  # identical samples: a gap of 0 is no difference
+
+
+def test_the_report_ranks_one_seed_runs_by_paired_differences(tmp_path: Path) -> None:
+    """A store keeps each final evaluation's per-prompt gold rewards; the summary of one-seed cells ranks by their
+    paired differences and says so, and a store without samples (written before) keeps the interval rule."""
+    from dpobench.report import read_samples
+    from dpobench.store import EVAL_METRICS, STEP_METRICS
+
+    store = Store(tmp_path / "results.sqlite")
+    store.add_run("run-1", command="dpobench run", config={}, dpobench_version="0.1.0", torch_version="2.13.0",
+                  transformers_version="5.24.0", model="tiny", model_hash="abc", device="cpu", dtype="float32")  # fmt: skip
+    base = np.array([0.9, -0.9, 0.5, -0.5, 0.7, -0.7])
+    for variant, shift in (("a", 0.1), ("b", 0.05)):
+        gold = (base + shift).tolist()
+        cell = {"cell_id": variant, "run_id": "run-1", "variant": variant, "plugin": "p", "plugin_version": "1",
+                "params": "{}", "beta": 0.1, "seed": 0, "scenario": "clean", "model": "tiny", "model_hash": "abc",
+                "device": "cpu", "dtype": "float32", "config": "{}", "status": "done", "error": "", "started": 0.0,
+                "finished": 1.0, "seconds": 1.0}  # fmt: skip
+        evaluation = {**dict.fromkeys(EVAL_METRICS, 0.5), "step": 10, "gold_reward": float(np.mean(gold)),
+                      "gold_reward_se": float(np.std(gold, ddof=1) / math.sqrt(6)), "gold_samples": gold}  # fmt: skip
+        steps = [{**dict.fromkeys(STEP_METRICS, 0.5), "step": s} for s in range(1, 11)]
+        store.write_cell(cell, steps, [{"step": 5, "gold_samples": [0.0] * 6}, evaluation])
+    store.close()
+    samples = read_samples(tmp_path)
+    assert samples.groupby("cell_id").gold_reward.apply(list).to_dict() == {
+        "a": (base + 0.1).tolist(),
+        "b": (base + 0.05).tolist(),
+    }
+    finals = cell_finals(read_tidy(tmp_path))
+    paired = summary_table(finals, "gold_reward", samples)
+    assert paired.set_index("variant")["rank"].to_dict() == {"a": 1, "b": 2}
+    assert paired.set_index("variant").gold_reward_gap["b"] == pytest.approx(0.05)
+    assert summary_table(finals, "gold_reward").set_index("variant")["rank"].to_dict() == {"a": 1, "b": 1}
+    text = build_report(tmp_path).sections[0].text
+    assert "unless their paired difference, prompt by prompt, exceeds 1.96 standard errors" in text

@@ -34,7 +34,23 @@ def sweep(out: Path, **changes) -> pd.DataFrame:
 @pytest.fixture(scope="session")
 def beta_sweep(tmp_path_factory) -> pd.DataFrame:
     out = tmp_path_factory.mktemp("beta-sweep")
-    return sweep(out, variants=("dpo",), betas=(0.05, 0.1, 0.5), steps=120, lr=1e-4)
+    summary = sweep(out, variants=("dpo",), betas=(0.05, 0.1, 0.5), steps=120, lr=1e-4)
+    summary.attrs["out"] = out
+    return summary
+
+
+def test_every_cell_keeps_its_per_prompt_gold_rewards(beta_sweep: pd.DataFrame) -> None:
+    """The store keeps each final evaluation's gold reward prompt by prompt (the report pairs cells by them): one
+    per evaluation prompt, averaging to the cell's gold reward, in the prompts' order for every cell."""
+    from dpobench.report import read_samples
+
+    samples = read_samples(beta_sweep.attrs["out"])
+    by_cell = samples.groupby("cell_id")
+    assert set(by_cell.size()) == {DATA.eval_prompts} and set(samples.cell_id) == set(beta_sweep.cell_id)
+    means = by_cell.gold_reward.mean()
+    for cell_id, gold in zip(beta_sweep.cell_id, beta_sweep.gold_reward, strict=True):
+        assert means[cell_id] == pytest.approx(gold, abs=1e-12)
+    assert (by_cell.prompt.apply(list) == [list(range(DATA.eval_prompts))] * len(means)).all()
 
 
 def test_dpo_raises_the_gold_reward_beyond_noise(beta_sweep: pd.DataFrame) -> None:
