@@ -55,13 +55,23 @@ def variant_markers(colors: dict) -> dict[str, str]:
 def _legend(fig: Figure, handles_from, ncol: int = 1) -> None:
     """The figure's legend outside its panels, on the right (constrained layout makes room for it)."""
     handles, labels = handles_from.get_legend_handles_labels()
+    last = [i for i, label in enumerate(labels) if label.startswith("others (")]  # the grey lines' entry: last
+    order = [i for i in range(len(labels)) if i not in last] + last
+    handles, labels = [handles[i] for i in order], [labels[i] for i in order]
     if handles:
         fig.legend(handles, labels, loc="outside right center", fontsize=7, ncol=ncol, frameon=False)
 
 
-def training_curves(tidy: pd.DataFrame, colors: dict, scenario: str = "clean", beta: float | None = None) -> Figure:
+#: with more variants than this, the training curves colour only ``highlight``'s and draw the rest in grey
+CURVES_IN_COLOUR = 10
+
+
+def training_curves(tidy: pd.DataFrame, colors: dict, scenario: str = "clean", beta: float | None = None,
+                    highlight: Sequence[str] | None = None) -> Figure:  # fmt: skip
     """Loss, reward margin, reward accuracy and chosen/rejected rewards per step, one line per variant
-    (mean over seeds, rolling mean over 10 steps) — the seed's "Training Dynamics" from real runs."""
+    (mean over seeds, rolling mean over 10 steps) — the seed's "Training Dynamics" from real runs. With more than
+    ``CURVES_IN_COLOUR`` variants, those of ``highlight`` (the report's best-ranked) are in colour and the others
+    thin and grey, under one legend entry: 33 coloured lines could not be told apart."""
     steps = tidy[(tidy.source == "step") & (tidy.scenario == scenario) & (tidy.variant != "(reference)")]
     if beta is None and len(steps):
         beta = float(steps.beta.mode().iloc[0])
@@ -72,25 +82,43 @@ def training_curves(tidy: pd.DataFrame, colors: dict, scenario: str = "clean", b
     panels = [("loss", "loss (nats)"), ("reward_margin", "implicit reward margin (chosen − rejected)"),
               ("reward_accuracy", "implicit reward accuracy (fraction)")]  # fmt: skip
     wide = steps.pivot_table(index=["variant", "step"], columns="metric", values="value", aggfunc="mean")
+    variants = wide.index.get_level_values("variant").unique()
+    shown = set(variants) if highlight is None or len(variants) <= CURVES_IN_COLOUR else set(highlight) & set(variants)
+    greyed = [v for v in variants if v not in shown]
+    if greyed:
+        fig.suptitle(f"Training dynamics ({scenario}, β = {beta:g}; mean over seeds, 10-step rolling mean; in colour the "
+                     f"{len(shown)} best-ranked, in grey the other {len(greyed)})")  # fmt: skip
+
+    ranked = {v: i for i, v in enumerate(highlight or ())}
+    order = lambda v: (v in shown, ranked.get(v, 0), v)  # noqa: E731  grey first (drawn under), then by rank
+
+    def style(variant: str, first: bool) -> dict:
+        if variant in shown:
+            return {"color": colors.get(variant), "linewidth": 1.2, "zorder": 2}
+        return {"color": "0.7", "linewidth": 0.6, "zorder": 1, "label": f"others ({len(greyed)})" if first else None}
+
     for ax, (metric, label) in zip(axes.flat, panels, strict=False):
-        for variant, group in wide.groupby(level="variant"):
-            series = group[metric].droplevel("variant").rolling(10, min_periods=1).mean()
-            ax.plot(series.index, series.values, color=colors.get(variant), label=variant, linewidth=1.2)
+        # grey first, under the coloured lines; the legend lists the coloured ones, then one entry for the grey
+        for i, variant in enumerate(sorted(variants, key=order)):
+            series = wide.loc[variant][metric].rolling(10, min_periods=1).mean()
+            kwargs = {"label": variant, **style(variant, i == 0)} if variant in shown else style(variant, i == 0)
+            ax.plot(series.index, series.values, **kwargs)
         ax.set_xlabel("training step")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     axes.flat[0].set_yscale("symlog", linthresh=1.0)  # IPO/SPPO/Cal-DPO losses are 10–100× DPO's
     axes.flat[0].set_ylabel("loss (nats, symmetric log scale)")
     ax = axes.flat[3]
-    for variant, group in wide.groupby(level="variant"):
-        chosen = group["chosen_reward"].droplevel("variant").rolling(10, min_periods=1).mean()
-        rejected = group["rejected_reward"].droplevel("variant").rolling(10, min_periods=1).mean()
-        ax.plot(chosen.index, chosen.values, color=colors.get(variant), linewidth=1.2)
-        ax.plot(rejected.index, rejected.values, color=colors.get(variant), linewidth=1.0, linestyle="--")
+    for variant in sorted(variants, key=order):
+        chosen = wide.loc[variant]["chosen_reward"].rolling(10, min_periods=1).mean()
+        rejected = wide.loc[variant]["rejected_reward"].rolling(10, min_periods=1).mean()
+        kwargs = {**style(variant, False), "label": None}
+        ax.plot(chosen.index, chosen.values, **kwargs)
+        ax.plot(rejected.index, rejected.values, **{**kwargs, "linestyle": "--"})
     ax.set_xlabel("training step")
     ax.set_ylabel("implicit reward (solid: chosen, dashed: rejected)")
     ax.grid(alpha=0.3)
-    _legend(fig, axes.flat[0], ncol=1 if wide.index.get_level_values(0).nunique() <= 18 else 2)
+    _legend(fig, axes.flat[0], ncol=1 if len(shown) + bool(greyed) <= 18 else 2)
     return fig
 
 

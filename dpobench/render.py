@@ -154,6 +154,7 @@ def build_report(store: str | Path, metric: str | None = None, bench: str | Path
     devices = ", ".join(sorted(set(finals.device.dropna())))
     scenarios = sorted(set(finals[finals.variant != "(reference)"].scenario))
     main_scenario = "clean" if "clean" in scenarios else scenarios[0]
+    best = summary[summary.scenario == main_scenario].variant.drop_duplicates().head(8).tolist()  # ranked first
 
     header = [("runs", ", ".join(r["run_id"] for r in runs)), ("device", devices),
               ("dtype", ", ".join(sorted(set(finals["dtype"].dropna())))),
@@ -197,7 +198,7 @@ def build_report(store: str | Path, metric: str | None = None, bench: str | Path
             "training",
             "Training dynamics",
             "Per-step metrics of every cell, from the store.",
-            figures=[figures.training_curves(tidy, colors, main_scenario)],
+            figures=[figures.training_curves(tidy, colors, main_scenario, highlight=best)],
         ),
     ]
     if finals.beta.nunique() > 1:

@@ -530,3 +530,26 @@ def test_the_report_ranks_one_seed_runs_by_paired_differences(tmp_path: Path) ->
     assert summary_table(finals, "gold_reward").set_index("variant")["rank"].to_dict() == {"a": 1, "b": 1}
     text = build_report(tmp_path).sections[0].text
     assert "unless their paired difference, prompt by prompt, exceeds 1.96 standard errors" in text
+
+
+def test_training_curves_colour_the_best_ranked_when_there_are_many() -> None:
+    """33 coloured lines could not be told apart: beyond 10 variants, the report's best-ranked are in colour (the
+    legend in rank order) and the rest grey under one entry; up to 10, every line has its colour."""
+    rows = [{"variant": f"v{i:02d}", "scenario": "clean", "beta": 0.1, "source": "step", "step": step, "metric": m,
+             "value": float(i + step)}
+            for i in range(12) for step in (1, 2)
+            for m in ("loss", "reward_margin", "reward_accuracy", "chosen_reward", "rejected_reward")]  # fmt: skip
+    tidy = pd.DataFrame(rows)
+    colors = figures.variant_colors(tidy.variant.unique())
+    fig = figures.training_curves(tidy, colors, highlight=["v05", "v00", "v11"])
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert legend == ["v05", "v00", "v11", "others (9)"]
+    lines = fig.axes[0].get_lines()
+    coloured = {line.get_label(): line.get_color() for line in lines if line.get_color() != "0.7"}
+    assert coloured == {v: colors[v] for v in ("v05", "v00", "v11")}
+    assert len(lines) == 12 and list(lines[-1].get_ydata()) == [
+        12.0,
+        12.5,
+    ]  # v11, last (on top): i + step, rolling mean
+    few = tidy[tidy.variant.isin([f"v{i:02d}" for i in range(10)])]
+    assert len(figures.training_curves(few, colors, highlight=["v00"]).legends[0].get_texts()) == 10
