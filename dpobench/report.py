@@ -323,7 +323,11 @@ def summary_table(
         else:
             table.loc[group.index, "rank"] = rank(group, metric)
     better = HIGHER_IS_BETTER.get(metric, True)
-    table = table[["rank", *(c for c in table.columns if c != "rank")]]  # the rank first: what the table is for
+    columns = [c for c in table.columns if c not in ("rank", "gold_reward_gap", "gold_reward_gap_ci")]
+    if "gold_reward_gap" in table:  # the paired gap beside the gold reward it ranks
+        at = columns.index("gold_reward_ci") + 1
+        columns[at:at] = ["gold_reward_gap", "gold_reward_gap_ci"]
+    table = table[["rank", *columns]]  # the rank first: what the table is for
     return table.sort_values(["scenario", "rank", metric], ascending=[True, True, not better]).reset_index(drop=True)
 
 
