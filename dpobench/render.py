@@ -147,8 +147,11 @@ def build_report(store: str | Path, metric: str | None = None, bench: str | Path
     gold = has_gold(finals)
     runs = run_info(store)
     colors = figures.variant_colors([v for v in finals.variant.unique() if v != "(reference)"])
-    summary = summary_table(finals, metric, read_samples(store))
-    paired = "gold_reward_gap" in summary
+    # cells pair by prompt only where they were evaluated on the same prompts: one data recipe for every run
+    same_prompts = len({r.get("data_hash") for r in runs}) == 1
+    summary = summary_table(finals, metric, read_samples(store) if same_prompts else None)
+    paired = sorted(summary[summary.gold_reward_gap.notna()].scenario.unique()) if "gold_reward_gap" in summary else []
+    unpaired = sorted(set(summary.scenario) - set(paired))
     reference = finals[finals.variant == "(reference)"]
     reference_gold = float(reference.gold_reward.mean()) if len(reference) else math.nan
     devices = ", ".join(sorted(set(finals.device.dropna())))
@@ -176,12 +179,18 @@ def build_report(store: str | Path, metric: str | None = None, bench: str | Path
             f"error of its samples, which leaves out training's seed-to-seed spread (--seeds 0,1,2 measures it), and "
             f"other metrics have none). Ranked by {metric} within each scenario; "
             + (
-                "every cell was evaluated on the same prompts, so a configuration shares its rank's leader's rank "
-                "unless their paired difference, prompt by prompt, exceeds 1.96 standard errors "
-                "(gold_reward_gap ± gold_reward_gap_ci: the gold reward of the leader it was compared with, its "
-                "rank's or, where it starts a rank, the rank before's, minus its own). "
+                f"In {'scenario' if len(paired) == 1 else 'scenarios'} {', '.join(paired)}, every configuration is one "
+                "cell evaluated on the same prompts, so a configuration's rank is 1 + the number of configurations "
+                "better than it by their paired difference, prompt by prompt (its mean beyond its 95% half-width; each "
+                "pair tested, no correction for their number); gold_reward_gap ± gold_reward_gap_ci is the best "
+                "configuration's gold reward minus this one's, paired. "
                 if paired
-                else "variants whose intervals overlap share a rank. "
+                else ""
+            )
+            + (
+                f"{'In ' + ', '.join(unpaired) + ', v' if paired else 'V'}ariants whose intervals overlap share a rank. "
+                if unpaired
+                else ""
             )
             + (
                 f"The SFT reference scores a gold reward of {reference_gold:+.3f}. "

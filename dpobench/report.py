@@ -192,31 +192,34 @@ def read_samples(store: str | Path) -> pd.DataFrame:
 def paired_rank(
     table: pd.DataFrame, metric: str, samples: dict[Any, np.ndarray]
 ) -> tuple[pd.Series, pd.Series, pd.Series]:
-    """Competition ranks by ``metric`` (higher is better), each row's per-prompt values in ``samples`` (one array
-    per row of ``table``, the same prompts in the same order): a row shares its group leader's rank unless the
-    mean of the paired differences (leader − row) exceeds 1.96 × their standard error. The cells were evaluated on
-    the same prompts, so prompt-to-prompt variation, which the unpaired intervals carry, cancels. Also returns
-    each row's paired gap to the leader it was compared with (its rank's, or where it starts a rank of its own,
-    the rank before's) and the gap's 95 % half-width; 0 and NaN for the first row."""
-    order = table[metric].sort_values(ascending=False, na_position="last").index
+    """Ranks by ``metric`` (higher is better) from each row's per-prompt values in ``samples`` (one array per row
+    of ``table``, the same prompts in the same order): a row's rank is 1 + the number of rows better than it by
+    their paired difference, prompt by prompt (its mean beyond the 95 % half-width, t over the prompts). Every
+    pair is tested; no correction for their number. The cells were evaluated on the same prompts, so the prompt
+    -to-prompt variation that unpaired intervals carry cancels. Also returns each row's paired gap to the row of
+    the highest ``metric`` and its half-width (0 and NaN for that row). Rows without samples get no rank."""
+    rows = [i for i in table.index if i in samples and not pd.isna(table.at[i, metric])]
     ranks = pd.Series(pd.NA, index=table.index, dtype="Int64")
     gap = pd.Series(math.nan, index=table.index)
     gap_ci = pd.Series(math.nan, index=table.index)
-    leader = None
-    for position, index in enumerate(order, start=1):
-        if pd.isna(table.at[index, metric]):
-            continue
-        if leader is not None:
-            d = samples[leader] - samples[index]
-            half = 1.96 * d.std(ddof=1) / math.sqrt(len(d)) if len(d) > 1 else 0.0
-            gap[index], gap_ci[index] = float(d.mean()), half
-            if d.mean() <= half:  # not told apart from the leader
-                ranks[index] = ranks[leader]
-                continue
-        if leader is None:
-            gap[index] = 0.0
-        leader = index
-        ranks[index] = position
+    if not rows:
+        return ranks, gap, gap_ci
+
+    def difference(a: Any, b: Any) -> tuple[float, float]:  # mean of a − b, its 95 % half-width
+        d = samples[a] - samples[b]
+        half = t_quantile(len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d)) if len(d) > 1 else 0.0
+        return float(d.mean()), float(half)
+
+    for i in rows:
+        better = 0
+        for j in rows:
+            if j != i:
+                mean, half = difference(j, i)
+                better += mean > half
+        ranks[i] = 1 + better
+    top = max(rows, key=lambda i: table.at[i, metric])
+    for i in rows:
+        gap[i], gap_ci[i] = (0.0, math.nan) if i == top else difference(top, i)
     return ranks, gap, gap_ci
 
 
@@ -278,10 +281,11 @@ def _row_samples(table: pd.DataFrame, finals: pd.DataFrame, samples: pd.DataFram
     by_cell = {cell: group.gold_reward.to_numpy(float) for cell, group in samples.groupby("cell_id")}
     done = finals[(finals.status == "done") & (finals.variant != "(reference)")]
     keys = ["variant", "configuration", "beta", "scenario"]
-    cells = done.groupby(keys, dropna=False, sort=False).cell_id.agg(list)
+    plain = lambda key: tuple(None if isinstance(k, float) and math.isnan(k) else k for k in key)  # noqa: E731  NaN β
+    cells = {plain(key): list(group.cell_id) for key, group in done.groupby(keys, dropna=False, sort=False)}
     out = {}
     for index, row in table.iterrows():
-        ids = cells.get(tuple(row[k] for k in keys), [])
+        ids = cells.get(plain(tuple(row[k] for k in keys)), [])
         if len(ids) == 1 and ids[0] in by_cell:
             out[index] = by_cell[ids[0]]
     return out
@@ -291,10 +295,10 @@ def summary_table(
     finals: pd.DataFrame, metric: str = "gold_reward", samples: pd.DataFrame | None = None
 ) -> pd.DataFrame:
     """Per variant × β × scenario at the end of training, ranked by ``metric`` within each scenario. Without a
-    gold reward (pairs from ``--data``), its columns are left out. With ``samples`` (``read_samples``), a scenario
-    whose rows are one cell each, all evaluated on the same prompts, is ranked by the gold reward's paired
-    differences (``paired_rank``), and ``gold_reward_gap`` ± ``gold_reward_gap_ci`` give each row's paired gap to
-    the leader it was compared with."""
+    gold reward (pairs from ``--data``), its columns are left out. With ``samples`` (``read_samples``: give them
+    only for cells evaluated on the same prompts), a scenario whose ranked rows are one cell each, with samples of
+    one length, is ranked by the gold reward's paired differences (``paired_rank``), and ``gold_reward_gap`` ±
+    ``gold_reward_gap_ci`` give each row's paired gap to the best row."""
     metrics = ["gold_reward", "kl_to_reference", "reward_accuracy", "reward_margin", "loss", "response_length",
                "grammatical_fraction", "heldout_reward_accuracy", "pairs_per_s"]  # fmt: skip
     if not has_gold(finals):
@@ -314,9 +318,15 @@ def summary_table(
     table["rank"] = pd.Series(dtype="Int64")
     vectors = _row_samples(table, cells, samples) if metric == "gold_reward" else {}
     for _, group in table.groupby("scenario"):
-        paired = [vectors.get(i) for i in group.index]
-        if all(v is not None for v in paired) and len({len(v) for v in paired}) == 1 and len(paired[0]) > 1:
-            ranks, gap, gap_ci = paired_rank(group, metric, {i: vectors[i] for i in group.index})
+        ranked = group[(group.seeds > 0) & group[metric].notna()].index  # failed rows have no rank either way
+        paired = [vectors.get(i) for i in ranked]
+        if (
+            len(paired) > 1
+            and all(v is not None for v in paired)
+            and len({len(v) for v in paired}) == 1
+            and len(paired[0]) > 1
+        ):
+            ranks, gap, gap_ci = paired_rank(group, metric, {i: vectors[i] for i in ranked})
             table.loc[group.index, "rank"] = ranks
             table.loc[group.index, "gold_reward_gap"] = gap
             table.loc[group.index, "gold_reward_gap_ci"] = gap_ci

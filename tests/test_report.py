@@ -477,24 +477,27 @@ def test_geometry_draws_each_variant_at_the_beta_it_trained_with() -> None:
 def test_paired_ranking_tells_apart_what_overlapping_intervals_do_not() -> None:
     """Three configurations evaluated on the same 6 prompts. The prompts vary a lot (±0.9), so every unpaired
     interval overlaps the leader's and the interval rule ties all three. Prompt by prompt, b trails a by exactly
-    0.05 (standard error 0: told apart), and c differs from b by ±0.3 alternately (mean gap 0.05, half-width
-    1.96 × 0.3286 / √6 = 0.263: not told apart from b, its rank's leader)."""
+    0.05 (no spread: a is better), and c differs from a by 0.1 ∓ 0.3 alternately and from b by 0.05 ∓ 0.3: mean gaps
+    within t(5) × 0.3286 / √6 = 0.345, so nothing is better than c. Rank = 1 + the number of rows better: a 1,
+    b 2, c 1 (though c's mean is lower than b's: nothing beats it)."""
     from dpobench.report import paired_rank
 
     base = np.array([0.9, -0.9, 0.5, -0.5, 0.7, -0.7])
     a, b = base + 0.1, base + 0.05
-    c = b - 0.05 + np.array([0.3, -0.3, 0.3, -0.3, 0.3, -0.3])
+    c = base + np.array([0.3, -0.3, 0.3, -0.3, 0.3, -0.3])
     table = pd.DataFrame({"gold_reward": [x.mean() for x in (a, b, c)]}, index=["a", "b", "c"])
     unpaired_ci = pd.Series([1.96 * x.std(ddof=1) / math.sqrt(6) for x in (a, b, c)], index=table.index)
     assert rank(table.assign(gold_reward_ci=unpaired_ci), "gold_reward").tolist() == [1, 1, 1]
     ranks, gap, gap_ci = paired_rank(table, "gold_reward", {"a": a, "b": b, "c": c})
-    assert ranks.tolist() == [1, 2, 2]
-    assert gap.tolist() == pytest.approx([0.0, 0.05, 0.05])  # b to a (why it starts rank 2), c to b
+    assert ranks.tolist() == [1, 2, 1]
+    assert gap.tolist() == pytest.approx([0.0, 0.05, 0.1])  # the best row's gold reward minus each one's, paired
     sd = np.array([0.3, -0.3] * 3).std(ddof=1)
     assert math.isnan(gap_ci["a"]) and gap_ci["b"] == pytest.approx(0.0, abs=1e-15)
-    assert gap_ci["c"] == pytest.approx(1.96 * sd / math.sqrt(6))
+    assert gap_ci["c"] == pytest.approx(2.571 * sd / math.sqrt(6))  # t(0.975, 5 df)
     same, _, _ = paired_rank(table.iloc[:2], "gold_reward", {"a": a, "b": a.copy()})
     assert same.tolist() == [1, 1]  # identical samples: a gap of 0 is no difference
+    partial, _, _ = paired_rank(table, "gold_reward", {"a": a, "b": b})  # c without samples: no rank, no effect
+    assert partial.tolist()[:2] == [1, 2] and partial.isna().tolist() == [False, False, True]
 
 
 def test_the_report_ranks_one_seed_runs_by_paired_differences(tmp_path: Path) -> None:
@@ -529,7 +532,21 @@ def test_the_report_ranks_one_seed_runs_by_paired_differences(tmp_path: Path) ->
     assert paired.set_index("variant").gold_reward_gap["b"] == pytest.approx(0.05)
     assert summary_table(finals, "gold_reward").set_index("variant")["rank"].to_dict() == {"a": 1, "b": 1}
     text = build_report(tmp_path).sections[0].text
-    assert "unless their paired difference, prompt by prompt, exceeds 1.96 standard errors" in text
+    assert "In scenario clean, every configuration is one cell evaluated on the same prompts, so a configuration's " \
+        "rank is 1 + the number of configurations better than it by their paired difference" in text  # fmt: skip
+    assert "intervals overlap" not in text
+    assert "gold_reward_gap" not in summary_table(finals, "kl_to_reference", samples)  # the gold reward's only
+
+    # a failed row has no rank, and the others stay paired; a row whose samples differ in length turns pairing off
+    failed = pd.concat([finals, finals.iloc[:1].assign(cell_id="f", variant="f", status="failed")], ignore_index=True)
+    ranked = summary_table(failed, "gold_reward", samples).set_index("variant")
+    assert ranked["rank"].tolist()[:2] == [1, 2] and pd.isna(ranked.at["f", "rank"])
+    assert ranked.gold_reward_gap.notna().sum() == 2
+    short = pd.concat([samples[samples.cell_id == "a"], samples[samples.cell_id == "b"].iloc[:5]])
+    assert "gold_reward_gap" not in summary_table(finals, "gold_reward", short)
+    # a variant without β (a plugin loss need not have one): its row still finds its cell
+    no_beta = summary_table(finals.assign(beta=math.nan), "gold_reward", samples).set_index("variant")
+    assert no_beta["rank"].to_dict() == {"a": 1, "b": 2}
 
 
 def test_training_curves_colour_the_best_ranked_when_there_are_many() -> None:
