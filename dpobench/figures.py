@@ -92,17 +92,16 @@ def training_curves(tidy: pd.DataFrame, colors: dict, scenario: str = "clean", b
     ranked = {v: i for i, v in enumerate(highlight or ())}
     order = lambda v: (v in shown, ranked.get(v, 0), v)  # noqa: E731  grey first (drawn under), then by rank
 
-    def style(variant: str, first: bool) -> dict:
+    def style(variant: str, first: bool) -> dict:  # the grey lines share one legend entry, on the first of them
         if variant in shown:
-            return {"color": colors.get(variant), "linewidth": 1.2, "zorder": 2}
+            return {"color": colors.get(variant), "linewidth": 1.2, "zorder": 2, "label": variant}
         return {"color": "0.7", "linewidth": 0.6, "zorder": 1, "label": f"others ({len(greyed)})" if first else None}
 
     for ax, (metric, label) in zip(axes.flat, panels, strict=False):
         # grey first, under the coloured lines; the legend lists the coloured ones, then one entry for the grey
         for i, variant in enumerate(sorted(variants, key=order)):
             series = wide.loc[variant][metric].rolling(10, min_periods=1).mean()
-            kwargs = {"label": variant, **style(variant, i == 0)} if variant in shown else style(variant, i == 0)
-            ax.plot(series.index, series.values, **kwargs)
+            ax.plot(series.index, series.values, **style(variant, i == 0))
         ax.set_xlabel("training step")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)

@@ -109,8 +109,9 @@ def collate_shared(pairs: Sequence[Pair], pad_id: int, multiple: int = 1) -> Bat
     p = torch.tensor([len(x.prompt) for x in pairs])[:, None]
     c = torch.tensor([len(x.chosen) for x in pairs])[:, None]
     r = torch.tensor([len(x.rejected) for x in pairs])[:, None]
-    width = _round_up(int((p + c + r).max()), multiple)
-    ids = _pad_rows([(x.prompt, x.chosen, x.rejected) for x in pairs], (p + c + r)[:, 0], width, pad_id)
+    total = (p + c + r)[:, 0]
+    width = _round_up(int(total.max()), multiple)
+    ids = _pad_rows([(x.prompt, x.chosen, x.rejected) for x in pairs], total, width, pad_id)
     q = torch.arange(width)[None, :]
     segment = torch.where(q < p, 0, torch.where(q < p + c, 1, torch.where(q < p + c + r, 2, -1)))  # pad: −1
     position_ids = torch.where(segment == 2, q - c, torch.where(segment == -1, 0, q))

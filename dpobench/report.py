@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import sqlite3
+from collections.abc import Sequence
 from contextlib import closing
 from pathlib import Path
 from typing import Any
@@ -58,11 +59,20 @@ def t_quantile(df: int) -> float:
     return T_975[df - 1] if 1 <= df <= len(T_975) else 1.96
 
 
+def _store_file(store: str | Path) -> Path:
+    """A store's SQLite file: ``store`` itself, or the ``results.sqlite`` of an output directory."""
+    path = Path(store)
+    return path / "results.sqlite" if path.is_dir() else path
+
+
+def _key(values: Sequence[Any]) -> tuple:
+    """A group's key with NaN as None (a variant without β has NaN there, and NaN equals nothing, not even NaN)."""
+    return tuple(None if isinstance(v, float) and math.isnan(v) else v for v in values)
+
+
 def read_tidy(store: str | Path) -> pd.DataFrame:
     """One row per cell × step × metric (``source`` = step or eval), with provenance and versions."""
-    path = Path(store)
-    if path.is_dir():
-        path = path / "results.sqlite"
+    path = _store_file(store)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no results store; run `dpobench run --out {path.parent}` first")
     with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
@@ -176,9 +186,7 @@ def aggregate(
 def read_samples(store: str | Path) -> pd.DataFrame:
     """Per-prompt gold rewards at each cell's last evaluation: ``cell_id``, ``prompt``, ``gold_reward``. Empty for
     cells without a gold reward (pairs from ``--data``) and for stores written before the samples were kept."""
-    path = Path(store)
-    path = path / "results.sqlite" if path.is_dir() else path
-    with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+    with closing(sqlite3.connect(f"file:{_store_file(store)}?mode=ro", uri=True)) as db:
         tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         if "samples" not in tables:
             return pd.DataFrame(columns=["cell_id", "prompt", "gold_reward"])
@@ -281,11 +289,10 @@ def _row_samples(table: pd.DataFrame, finals: pd.DataFrame, samples: pd.DataFram
     by_cell = {cell: group.gold_reward.to_numpy(float) for cell, group in samples.groupby("cell_id")}
     done = finals[(finals.status == "done") & (finals.variant != "(reference)")]
     keys = ["variant", "configuration", "beta", "scenario"]
-    plain = lambda key: tuple(None if isinstance(k, float) and math.isnan(k) else k for k in key)  # noqa: E731  NaN β
-    cells = {plain(key): list(group.cell_id) for key, group in done.groupby(keys, dropna=False, sort=False)}
+    cells = {_key(key): list(group.cell_id) for key, group in done.groupby(keys, dropna=False, sort=False)}
     out = {}
     for index, row in table.iterrows():
-        ids = cells.get(plain(tuple(row[k] for k in keys)), [])
+        ids = cells.get(_key([row[k] for k in keys]), [])
         if len(ids) == 1 and ids[0] in by_cell:
             out[index] = by_cell[ids[0]]
     return out
@@ -306,15 +313,14 @@ def summary_table(
     if metric not in metrics:  # any metric of HIGHER_IS_BETTER can rank: step_time_ms, say
         metrics.append(metric)
     cells = finals[finals.variant != "(reference)"]
+    if "configuration" not in cells:
+        cells = cells.assign(configuration=configuration_labels(cells))
     table = aggregate(cells, metrics)
     # every parameter each configuration trained with, besides β (its own column): the swept ones, and the rest
-    labels = cells.configuration if "configuration" in cells else configuration_labels(cells)
-    shown = {(v, c): _parameters(p) for v, c, p in zip(cells.variant, labels, cells.params, strict=True)}
+    shown = {(v, c): _parameters(p) for v, c, p in zip(cells.variant, cells.configuration, cells.params, strict=True)}
     table.insert(
         2, "parameters", [shown.get((v, c), "") for v, c in zip(table.variant, table.configuration, strict=True)]
     )
-    if "configuration" not in cells:
-        cells = cells.assign(configuration=labels)
     table["rank"] = pd.Series(dtype="Int64")
     vectors = _row_samples(table, cells, samples) if metric == "gold_reward" else {}
     for _, group in table.groupby("scenario"):
@@ -376,9 +382,7 @@ def throughput_table(finals: pd.DataFrame) -> pd.DataFrame:
 
 def run_info(store: str | Path) -> list[dict[str, object]]:
     """The runs recorded in a store: configuration, device and versions."""
-    path = Path(store)
-    path = path / "results.sqlite" if path.is_dir() else path
-    with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+    with closing(sqlite3.connect(f"file:{_store_file(store)}?mode=ro", uri=True)) as db:
         frame = pd.read_sql_query("SELECT * FROM runs ORDER BY created", db)
     rows = frame.to_dict("records")
     for row in rows:
@@ -396,8 +400,8 @@ def variant_table(finals: pd.DataFrame) -> pd.DataFrame:
     gold = has_gold(finals)  # pairs from --data have no gold reward: held-out accuracy takes its place
     labelled = finals.assign(configuration=configuration_labels(finals)) if "configuration" not in finals else finals
     statuses = {  # "failed", "diverged" or both, for the group's cells that did not finish
-        (v, c, b if b == b else None, s): ", ".join(sorted(set(g.status) - {"done"}))  # a NaN β (none): None
-        for (v, c, b, s), g in labelled.groupby(["variant", "configuration", "beta", "scenario"], dropna=False)
+        _key(key): ", ".join(sorted(set(g.status) - {"done"}))
+        for key, g in labelled.groupby(["variant", "configuration", "beta", "scenario"], dropna=False)
         if (g.status != "done").any()
     }
     frame = frame.sort_values(["order", "scenario", "gold_reward" if gold else "heldout_reward_accuracy"],
@@ -423,8 +427,8 @@ def variant_table(finals: pd.DataFrame) -> pd.DataFrame:
             "gram": [fmt(v, ".2f") for v in frame.grammatical_fraction],
             "pairs/s": [fmt(v, ".0f") for v in frame.pairs_per_s],
             "status": [
-                statuses.get((v, c, b if b == b else None, s), "ok")
-                for v, c, b, s in zip(frame.variant, frame.configuration, frame.beta, frame.scenario, strict=True)
+                statuses.get(_key(key), "ok")
+                for key in zip(frame.variant, frame.configuration, frame.beta, frame.scenario, strict=True)
             ],
         }
     )
