@@ -5,7 +5,7 @@ from __future__ import annotations
 from dpobench.hookspecs import hookimpl
 from dpobench.losses import LogProbs, LossOutput, Param, ParamError, PreferenceLoss
 from dpobench.plugins import get_loss, get_losses, plugin_errors
-from dpobench.registry import LossSpec, UnknownLossError
+from dpobench.registry import LossSpec, Study, UnknownLossError
 
 __version__ = "0.1.0"
 
@@ -16,6 +16,7 @@ __all__ = [
     "Param",
     "ParamError",
     "PreferenceLoss",
+    "Study",
     "UnknownLossError",
     "__version__",
     "get_loss",

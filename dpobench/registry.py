@@ -6,7 +6,7 @@ import difflib
 import inspect
 import re
 import textwrap
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -16,7 +16,9 @@ from dpobench.losses import Param, ParamError, PreferenceLoss
 #: (the policy's ``LogProbs.chosen_logsumsq`` / ``rejected_logsumsq``)
 KNOWN_INPUTS = frozenset({"weights", "logsumsq"})
 
-__all__ = ["LossSpec", "RegisterLoss", "RegistrationError", "Registry", "UnknownLossError", "docstring_section"]
+__all__ = [
+    "LossSpec", "RegisterLoss", "RegistrationError", "Registry", "Study", "UnknownLossError", "docstring_section",
+]  # fmt: skip
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
@@ -32,8 +34,28 @@ class UnknownLossError(KeyError):
 
 class RegisterLoss(Protocol):
     def __call__(
-        self, cls: type[PreferenceLoss], name: str | None = None, *, paper: str | None = None, **defaults: Any
-    ) -> None: ...
+        self, cls: type[PreferenceLoss], name: str | None = None, *, paper: str | None = None,
+        tags: Iterable[str] = (), study: Study | None = None, **defaults: Any,
+    ) -> None: ...  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Study:
+    """A parameter study a variant declares: the report compares the configurations of ``params`` that ran (two or
+    more), one bar per configuration, each the mean over its cells.
+
+    ``labels`` names a configuration by its values of ``params``, in order (``{(False, True): "confidence-weighted"}``);
+    a configuration without a label is named by its values."""
+
+    params: tuple[str, ...]
+    title: str = ""
+    text: str = ""
+    labels: Mapping[tuple[Any, ...], str] = field(default_factory=dict)
+
+    def label(self, values: Mapping[str, Any]) -> str:
+        """The name of the configuration with these parameter values."""
+        key = tuple(values[p] for p in self.params)
+        return self.labels.get(key) or ", ".join(f"{p}={v}" for p, v in zip(self.params, key, strict=True))
 
 
 @dataclass(frozen=True)
@@ -49,6 +71,10 @@ class LossSpec:
     preset_of: str | None = None
     #: the preset's own paper, where it is not the class's (f-DPO's presets of DPO)
     paper_override: str | None = None
+    #: labels a sweep can select by (the ``standard`` preset trains the variants tagged "main")
+    tags: frozenset[str] = frozenset()
+    #: the parameter study the report draws for this variant, if it declares one
+    study: Study | None = None
 
     def build(self, **overrides: Any) -> PreferenceLoss:
         """A fresh loss object; ``overrides`` replace the preset's defaults and are validated."""
@@ -107,15 +133,16 @@ class Registry(Mapping[str, LossSpec]):
         """The ``register`` function handed to one plugin's ``register_losses`` hook."""
 
         def register(
-            cls: type[PreferenceLoss], name: str | None = None, *, paper: str | None = None, **defaults: Any
-        ) -> None:
-            self.add(cls, name=name, plugin=plugin, version=version, paper=paper, **defaults)
+            cls: type[PreferenceLoss], name: str | None = None, *, paper: str | None = None,
+            tags: Iterable[str] = (), study: Study | None = None, **defaults: Any,
+        ) -> None:  # fmt: skip
+            self.add(cls, name=name, plugin=plugin, version=version, paper=paper, tags=tags, study=study, **defaults)
 
         return register
 
     def add(
         self, cls: type[PreferenceLoss], *, name: str | None = None, plugin: str, version: str,
-        paper: str | None = None, **defaults: Any,
+        paper: str | None = None, tags: Iterable[str] = (), study: Study | None = None, **defaults: Any,
     ) -> LossSpec:  # fmt: skip
         who = f"plugin {plugin!r}"
         if not (isinstance(cls, type) and issubclass(cls, PreferenceLoss)):
@@ -137,6 +164,18 @@ class Registry(Mapping[str, LossSpec]):
             raise RegistrationError(
                 f"{who}, variant {spec_name!r}: paper={paper!r}; give the preset's paper as text, e.g. 'arXiv:2411.10442'"
             )
+        tags = frozenset([tags] if isinstance(tags, str) else tags)
+        if not all(isinstance(t, str) and _NAME.match(t) for t in tags):
+            raise RegistrationError(f"{who}, variant {spec_name!r}: tags={sorted(map(str, tags))}; each tag is a lower "
+                                    "snake case name, e.g. tags=('main',)")  # fmt: skip
+        if study is not None:
+            if not isinstance(study, Study) or not study.params:
+                raise RegistrationError(f"{who}, variant {spec_name!r}: study= takes a dpobench.Study naming one or "
+                                        "more of its parameters")  # fmt: skip
+            undeclared = [p for p in study.params if p not in cls.params]
+            if undeclared:
+                raise RegistrationError(f"{who}, variant {spec_name!r}: its study names {undeclared[0]!r}, which is not "
+                                        f"one of its parameters ({', '.join(cls.params)})")  # fmt: skip
         unknown = sorted(set(cls.inputs) - KNOWN_INPUTS)
         if unknown:  # a typo ("weight") would train the variant without the input, silently
             raise RegistrationError(
@@ -157,6 +196,8 @@ class Registry(Mapping[str, LossSpec]):
             version=version,
             preset_of=cls.name if spec_name != cls.name else None,
             paper_override=paper,
+            tags=tags,
+            study=study,
         )
         self._specs[spec_name] = spec
         return spec

@@ -249,15 +249,16 @@ F_DPO = "arXiv:2309.16240"  # Wang et al., Beyond Reverse KL (f-DPO)
 
 @hookimpl
 def register_losses(register) -> None:  # type: ignore[no-untyped-def]
-    register(DPOLoss)
-    register(DPOLoss, name="cdpo", paper="Mitchell 2023, cDPO note", label_smoothing=0.1)
+    # tags=("main",): the variants the `standard` preset trains
+    register(DPOLoss, tags=("main",))
+    register(DPOLoss, name="cdpo", paper="Mitchell 2023, cDPO note", tags=("main",), label_smoothing=0.1)
     register(DPOLoss, name="fdpo_forward_kl", paper=F_DPO, f_divergence="forward_kl")
     register(DPOLoss, name="fdpo_js", paper=F_DPO, f_divergence="js_divergence")
     register(DPOLoss, name="fdpo_alpha", paper=F_DPO, f_divergence="alpha_divergence", f_alpha=0.5)
     register(DPONormLoss)
-    register(HingeLoss)
-    register(IPOLoss)
+    register(HingeLoss, tags=("main",))
+    register(IPOLoss, tags=("main",))
     register(IPOLoss, name="ipo_paper", length_normalize=False)
-    register(RobustDPOLoss)
+    register(RobustDPOLoss, tags=("main",))
     register(EXOPairLoss)
-    register(DiscoPOPLoss)
+    register(DiscoPOPLoss, tags=("main",))

@@ -210,5 +210,7 @@ class AOTUnpairedLoss(AOTLoss):
 
 @hookimpl
 def register_losses(register) -> None:  # type: ignore[no-untyped-def]
-    for cls in (NCAPairLoss, BCOPairLoss, SPPOHardLoss, APOZeroLoss, APODownLoss, AOTLoss, AOTUnpairedLoss):
+    for cls in (NCAPairLoss, BCOPairLoss, APODownLoss, AOTLoss, AOTUnpairedLoss):
         register(cls)
+    for cls in (SPPOHardLoss, APOZeroLoss):  # in the `standard` preset
+        register(cls, tags=("main",))

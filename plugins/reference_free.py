@@ -164,8 +164,8 @@ class SFTLoss(PreferenceLoss):
 
 @hookimpl
 def register_losses(register) -> None:  # type: ignore[no-untyped-def]
-    register(CPOLoss)
-    register(SimPOLoss)
+    register(CPOLoss, tags=("main",))
+    register(SimPOLoss, tags=("main",))
     register(SimPOLoss, name="simpo_trl", beta=0.1, gamma=0.5, sft_weight=1.0)
-    register(ORPOLoss)
+    register(ORPOLoss, tags=("main",))
     register(SFTLoss)

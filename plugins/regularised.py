@@ -105,6 +105,6 @@ class CalDPOLoss(PreferenceLoss):
 
 @hookimpl
 def register_losses(register) -> None:  # type: ignore[no-untyped-def]
-    register(LengthRegularisedDPOLoss)
-    register(DPOPLoss)
-    register(CalDPOLoss)
+    register(LengthRegularisedDPOLoss, tags=("main",))
+    register(DPOPLoss, tags=("main",))
+    register(CalDPOLoss, tags=("main",))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from dpobench import LogProbs, LossOutput, Param, PreferenceLoss, hookimpl
+from dpobench import LogProbs, LossOutput, Param, PreferenceLoss, Study, hookimpl
 from dpobench.losses import log_ratios
 
 BETA = Param(0.1, "(0, inf)", "strength of the KL regularisation toward the reference (higher: stay closer)")
@@ -114,8 +114,19 @@ class SeedCustomDPOLoss(PreferenceLoss):
         return LossOutput(losses, r_c.detach(), r_r.detach())
 
 
+#: the seed notebook's study of its custom loss: length normalisation × confidence weighting, trained with
+#: ``--param seed_custom_dpo.length_normalization=false,true --param seed_custom_dpo.confidence_weighting=false,true``
+CUSTOM_LOSS_STUDY = Study(
+    params=("length_normalization", "confidence_weighting"),
+    title="The seed's custom DPO loss, trained: each configuration (means over its cells)",
+    text="Length normalisation × confidence weighting.",
+    labels={(False, False): "standard", (True, False): "length-normalised", (False, True): "confidence-weighted",
+            (True, True): "full"},
+)  # fmt: skip
+
+
 @hookimpl
 def register_losses(register) -> None:  # type: ignore[no-untyped-def]
     register(SeedRobustDPOLoss)
     register(SeedKLDPOLoss)
-    register(SeedCustomDPOLoss)
+    register(SeedCustomDPOLoss, study=CUSTOM_LOSS_STUDY)

@@ -255,6 +255,20 @@ def _subclass(**attributes) -> type:
             lambda register: register(dpobench.get_losses()["dpo"].cls, name="dpo_two", paper=" "),
             "variant 'dpo_two': paper=' '; give the preset's paper as text",
         ),
+        (
+            lambda register: register(dpobench.get_losses()["dpo"].cls, name="dpo_two", tags=("Main",)),
+            "variant 'dpo_two': tags=['Main']; each tag is a lower snake case name",
+        ),
+        (  # a study of a parameter the variant does not have would draw nothing, silently
+            lambda register: register(
+                dpobench.get_losses()["dpo"].cls, name="dpo_two", study=dpobench.Study(params=("temperature",))
+            ),
+            "variant 'dpo_two': its study names 'temperature', which is not one of its parameters",
+        ),
+        (
+            lambda register: register(dpobench.get_losses()["dpo"].cls, name="dpo_two", study=("beta",)),
+            "variant 'dpo_two': study= takes a dpobench.Study naming one or more of its parameters",
+        ),
     ],
 )
 def test_invalid_registrations_are_reported(registration, message: str) -> None:
@@ -307,3 +321,16 @@ def test_all_variants_train_each_loss_once() -> None:
     registry = dpobench.get_losses()
     assert registry["combined"].build().hparams == registry["rpo"].build().hparams
     assert distinct_variants(registry) == [name for name in registry if name != "combined"]
+
+
+def test_tags_and_studies_are_declared_by_plugins() -> None:
+    # the core names no variant: the standard preset's set and the seed loss's study come from registrations
+    registry = dpobench.get_losses()
+    main = sorted(name for name, spec in registry.items() if "main" in spec.tags)
+    assert main == ["apo_zero", "cal_dpo", "cdpo", "cpo", "discopop", "dpo", "dpop", "hinge", "ipo", "len_reg_dpo",
+                    "orpo", "robust_dpo", "rpo", "simpo", "sppo_hard"]  # fmt: skip
+    study = registry["seed_custom_dpo"].study
+    assert study.params == ("length_normalization", "confidence_weighting")
+    assert study.label({"confidence_weighting": True, "length_normalization": False}) == "confidence-weighted"
+    assert dpobench.Study(params=("a", "b")).label({"a": 1, "b": 0.5}) == "a=1, b=0.5"  # unlabelled: its values
+    assert [name for name, spec in registry.items() if spec.study] == ["seed_custom_dpo"]
