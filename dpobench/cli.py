@@ -8,8 +8,9 @@ import signal
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 import typer
 from rich.console import Console
@@ -33,6 +34,7 @@ out = Console()
 err = Console(stderr=True)
 
 _options: dict[str, object] = {"debug": False}
+T = TypeVar("T")
 
 
 def _wide() -> Console:
@@ -236,9 +238,12 @@ def landscape_command(
         raise typer.Exit(1)
 
 
-_RUN_KEYS = {"variants", "betas", "seeds", "scenarios", "steps", "batch_size", "lr", "model", "data", "device",
-             "eval_every", "preset", "params", "labels", "length_buckets", "compile", "share_prompt",
-             "cuda_graphs"}  # fmt: skip
+def _default(option: str) -> str:
+    """An option's default, as its help text shows it (from ``dpobench.config``, where it is written once)."""
+    from dpobench.config import option_default
+
+    value = option_default(option)
+    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
 
 @app.command("run")
@@ -246,23 +251,34 @@ def run(
     variants: Annotated[
         str | None, typer.Option(help="Comma-separated variants (default: all, or the preset's).")
     ] = None,
-    betas: Annotated[str | None, typer.Option(help="Comma-separated β values (default 0.1).")] = None,
-    seeds: Annotated[str | None, typer.Option(help="Comma-separated seeds (default 0).")] = None,
+    betas: Annotated[str | None, typer.Option(help=f"Comma-separated β values (default {_default('betas')}).")] = None,
+    seeds: Annotated[str | None, typer.Option(help=f"Comma-separated seeds (default {_default('seeds')}).")] = None,
     scenarios: Annotated[
-        str | None, typer.Option(help="clean, noisy, length-biased (comma-separated; default clean).")
+        str | None,
+        typer.Option(help=f"clean, noisy, length-biased (comma-separated; default {_default('scenarios')})."),
     ] = None,
-    steps: Annotated[int | None, typer.Option(help="Training steps per cell (default 150).", min=1)] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Pairs per step (default 32).", min=1)] = None,
-    lr: Annotated[float | None, typer.Option(help="AdamW learning rate (default 1e-4).")] = None,
-    model: Annotated[str | None, typer.Option(help="tiny, small, base, or a save_pretrained folder / Hub id.")] = None,
+    steps: Annotated[
+        int | None, typer.Option(help=f"Training steps per cell (default {_default('steps')}).", min=1)
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(help=f"Pairs per step (default {_default('batch_size')}).", min=1)
+    ] = None,
+    lr: Annotated[float | None, typer.Option(help=f"AdamW learning rate (default {_default('lr')}).")] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(help=f"tiny, small, base, or a save_pretrained folder / Hub id (default {_default('model')})."),
+    ] = None,
     data: Annotated[Path | None, typer.Option(help="JSONL / CSV / Parquet of prompt, chosen, rejected.")] = None,
-    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda.")] = None,
+    device: Annotated[str | None, typer.Option(help=f"auto, cpu or cuda (default {_default('device')}).")] = None,
     eval_every: Annotated[
-        int | None, typer.Option(help="Evaluate every N steps too (0: at the end only).", min=0)
+        int | None, typer.Option(help="Evaluate every N steps too (0, the default: at the end only).", min=0)
     ] = None,
     length_buckets: Annotated[
         int | None,
-        typer.Option(help="Batches per length-sorting window (16 by default; 0: plain random batches).", min=0),
+        typer.Option(
+            help=f"Batches per length-sorting window (default {_default('length_buckets')}; 0: plain random batches).",
+            min=0,
+        ),
     ] = None,
     compile: Annotated[
         bool | None,
@@ -286,7 +302,7 @@ def run(
             help="Each pair as one row, its prompt through the model once (default: on the CPU only).",
         ),
     ] = None,
-    preset: Annotated[str | None, typer.Option(help="quick (default) or standard.")] = None,
+    preset: Annotated[str | None, typer.Option(help="quick (the default) or standard.")] = None,
     config: Annotated[Path | None, typer.Option(help="TOML file with the same keys as these options.")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (store, CSV); a rerun resumes it.")] = Path(
         "dpobench-results"
@@ -305,104 +321,21 @@ def run(
     report: Annotated[bool, typer.Option(help="Write report.html and report.pdf beside the store.")] = True,
 ) -> None:
     """Train every variant identically on a small real model and compare them (resumable)."""
-    import shlex
+    from dpobench.config import load_config
 
-    from dpobench.data import DataError, DataRecipe
-    from dpobench.models import ModelError
-    from dpobench.store import StoreError
-    from dpobench.sweep import PRESETS, SweepConfig, SweepError, SweepInterrupted, run_sweep
-    from dpobench.train import TrainConfig
-
-    settings: dict[str, object] = {}
-    if config is not None:
-        settings.update(_read_config(config))
     given = {"variants": variants, "betas": betas, "seeds": seeds, "scenarios": scenarios, "steps": steps,
              "batch_size": batch_size, "lr": lr, "model": model, "data": data, "device": device,
-             "eval_every": eval_every, "preset": preset, "labels": labels,
-             "length_buckets": length_buckets, "compile": compile, "share_prompt": share_prompt,
-             "cuda_graphs": cuda_graphs}  # fmt: skip
-    settings.update({k: v for k, v in given.items() if v is not None})
-    if isinstance(settings.get("variants"), (str, list)) and not str(settings["variants"]).strip(" ,[]'\""):
-        raise CLIError(f"variants = {settings['variants']!r}: names no variant; leave it out to run every variant")
-    preset_name = str(settings.pop("preset", "quick"))
-    if preset_name not in PRESETS:
-        raise CLIError(f"--preset {preset_name!r}: use one of {', '.join(PRESETS)}")
-    chosen = {**PRESETS[preset_name], **settings}
-    grids: dict[str, dict[str, tuple]] = {}
-    if not isinstance(chosen.get("params", {}), dict):
-        raise CLIError("--config: params must be a table, [params.VARIANT] with KEY = [values]; "
-                       "on the command line, --param VARIANT.KEY=V1,V2")  # fmt: skip
-    for variant, values in dict(chosen.get("params", {})).items():  # TOML: [params.VARIANT] key = [v1, v2]
-        if not isinstance(values, dict):
-            raise CLIError(f"--config: params.{variant} must be a table of key = [values]")
-        grids[variant] = {k: tuple(v if isinstance(v, list) else [v]) for k, v in values.items()}
-    if variants is not None:  # --variants narrows a config file: its grids for the variants left out do not apply
-        named = {v.strip() for v in variants.split(",")}
-        for variant in [v for v in grids if v not in named]:
-            message = f"--config: [params.{variant}] left out: {variant} is not in --variants"
-            err.print(f"[dim]{escape(message)}[/]", highlight=False)
-            del grids[variant]
-    for item in param or []:
-        target, _, values = item.partition("=")
-        variant, _, key = target.partition(".")
-        if not (variant and key and values):
-            raise CLIError(f"--param {item!r}: write VARIANT.KEY=V1,V2, e.g. seed_custom_dpo.temperature=0.5,1")
-        grids.setdefault(variant, {})[key] = tuple(v.strip() for v in values.split(","))
+             "eval_every": eval_every, "preset": preset, "labels": labels, "length_buckets": length_buckets,
+             "compile": compile, "share_prompt": share_prompt, "cuda_graphs": cuda_graphs}  # fmt: skip
+    note = lambda message: err.print(f"[dim]{escape(message)}[/]", highlight=False)  # noqa: E731
+    sweep = _user_errors(lambda: load_config(given, file=config, param=param or [], note=note))
     _load()
-    try:
-        sweep = SweepConfig(
-            variants=tuple(_parse_list(chosen["variants"], str, "variants")),
-            betas=tuple(_parse_list(chosen["betas"], float, "betas")),
-            seeds=tuple(_parse_list(chosen["seeds"], int, "seeds")),
-            scenarios=tuple(_parse_list(chosen["scenarios"], str, "scenarios")),
-            model=str(chosen.get("model", "tiny")),
-            data=str(chosen["data"]) if chosen.get("data") else None,
-            params=grids,
-            data_recipe=DataRecipe(labels=_choice(chosen, "labels", ("hard", "bt"), "hard")),
-            train=TrainConfig(
-                steps=_setting(chosen, "steps", int, 150, minimum=1),
-                batch_size=_setting(chosen, "batch_size", int, 32, minimum=1),
-                lr=_setting(chosen, "lr", float, 1e-4, minimum=float("-inf")),  # the sweep refuses lr ≤ 0
-                eval_every=_setting(chosen, "eval_every", int, 0, minimum=0),
-                length_buckets=_setting(chosen, "length_buckets", int, 16, minimum=0),
-                compile=_flag(chosen, "compile"),
-                share_prompt=_flag(chosen, "share_prompt"),
-                cuda_graphs=_flag(chosen, "cuda_graphs"),
-                device=str(chosen.get("device", "auto")),
-            ),
-        )
-    except (TypeError, ValueError) as error:
-        raise CLIError(f"run settings: {error}") from None
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
     started = time.perf_counter()
-    with _CellProgress() as cells, _stop_after_step(cells) as stop:
-        try:
-            summary = run_sweep(
-                sweep, out, command=shlex.join(["dpobench", *sys.argv[1:]]),
-                progress=lambda m: err.print(f"[dim]{escape(m)}[/]", highlight=False), cell_progress=cells,
-                should_stop=stop,
-            )  # fmt: skip
-        except (SweepError, DataError, StoreError, ModelError) as error:
-            raise CLIError(str(error)) from None
-        except SweepInterrupted as interrupted:
-            err.print(f"interrupted: finished cells are in the store; rerun the same command to resume ({interrupted})",
-                      highlight=False)  # fmt: skip
-            raise typer.Exit(130) from None
+    summary = _run_sweep(sweep, out)
     _write_atomic_csv(summary, out / "summary.csv")
     _print_summary(summary)
     if report:
-        from dpobench.render import write_report
-
-        try:
-            with err.status("writing report.html and report.pdf"):
-                write_report(out / "results.sqlite", out)
-        except KeyboardInterrupt:  # after the status line is gone, so that this line stays
-            err.print(f"interrupted while writing the report: every cell is in the store; `dpobench report {out}` "
-                      "writes it", highlight=False)  # fmt: skip
-            raise typer.Exit(130) from None
+        _write_run_report(out)
     out.mkdir(parents=True, exist_ok=True)
     ours = int((summary.variant != "(reference)").sum())
     err.print(
@@ -413,6 +346,54 @@ def run(
     )  # fmt: skip
     if (summary.status != "done").any():
         raise typer.Exit(1)
+
+
+def _user_errors(call: Callable[[], T]) -> T:
+    """``call()``, with the errors a user can fix (bad settings, data, store, model) as one line."""
+    from dpobench.config import SweepError
+    from dpobench.data import DataError
+    from dpobench.models import ModelError
+    from dpobench.store import StoreError
+
+    try:
+        return call()
+    except (SweepError, DataError, StoreError, ModelError) as error:
+        raise CLIError(str(error)) from None
+
+
+def _run_sweep(sweep: object, out: Path) -> object:
+    """The sweep, with a progress bar, Ctrl-C finishing the step in progress, and one-line errors."""
+    import shlex
+
+    from transformers.utils import logging as hf_logging
+
+    from dpobench.sweep import SweepInterrupted, run_sweep
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    with _CellProgress() as cells, _stop_after_step(cells) as stop:
+        try:
+            return _user_errors(lambda: run_sweep(
+                sweep, out, command=shlex.join(["dpobench", *sys.argv[1:]]),  # type: ignore[arg-type]
+                progress=lambda m: err.print(f"[dim]{escape(m)}[/]", highlight=False), cell_progress=cells,
+                should_stop=stop,
+            ))  # fmt: skip
+        except SweepInterrupted as interrupted:
+            err.print(f"interrupted: finished cells are in the store; rerun the same command to resume ({interrupted})",
+                      highlight=False)  # fmt: skip
+            raise typer.Exit(130) from None
+
+
+def _write_run_report(out: Path) -> None:
+    from dpobench.render import write_report
+
+    try:
+        with err.status("writing report.html and report.pdf"):
+            write_report(out / "results.sqlite", out)
+    except KeyboardInterrupt:  # after the status line is gone, so that this line stays
+        err.print(f"interrupted while writing the report: every cell is in the store; `dpobench report {out}` "
+                  "writes it", highlight=False)  # fmt: skip
+        raise typer.Exit(130) from None
 
 
 @app.command("report")
@@ -470,71 +451,6 @@ def report(
         ) from None
     for path in written:
         out.print(f"wrote {path}", highlight=False)
-
-
-def _read_config(path: Path) -> dict[str, object]:
-    import tomllib
-
-    try:
-        values = tomllib.loads(path.read_text())
-    except OSError as error:
-        raise CLIError(f"--config {str(path)!r}: {error.strerror}") from None
-    except tomllib.TOMLDecodeError as error:
-        raise CLIError(f"--config {str(path)!r}: not valid TOML ({error})") from None
-    values = {k.replace("-", "_"): v for k, v in values.items()}
-    unknown = sorted(set(values) - _RUN_KEYS)
-    if unknown:
-        raise CLIError(
-            f"--config {str(path)!r}: unknown key {unknown[0]!r}; valid keys: {', '.join(sorted(_RUN_KEYS))}"
-        )
-    return values
-
-
-def _parse_list(value: object, kind: type, key: str = "value") -> list:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        value = [value]
-    if not isinstance(value, (str, list, tuple)):
-        raise CLIError(f"{key} = {value!r}: expected a list or comma-separated {kind.__name__} values")
-    items = value.split(",") if isinstance(value, str) else list(value)
-    if any(isinstance(v, bool) for v in items):
-        raise CLIError(f"{key} = {value!r}: expected comma-separated {kind.__name__} values")
-    if kind is int and any(isinstance(v, float) and not v.is_integer() for v in items):  # int(0.5) would be 0
-        raise CLIError(f"{key} = {value!r}: expected comma-separated int values")
-    try:
-        parsed = [kind(v.strip() if isinstance(v, str) else v) for v in items if str(v).strip()]
-    except (TypeError, ValueError):
-        raise CLIError(f"{key} = {value!r}: expected comma-separated {kind.__name__} values") from None
-    if isinstance(value, str) and value.strip() and not parsed:  # "," names nothing: not "all"
-        raise CLIError(f"{key} = {value!r}: names no {kind.__name__} value")
-    return parsed
-
-
-def _choice(settings: dict[str, object], key: str, choices: tuple[str, ...], default: str) -> str:
-    value = settings.get(key, default)
-    if value not in choices:
-        raise CLIError(f"{key} = {value!r}: use one of {', '.join(choices)}")
-    return str(value)
-
-
-def _setting(settings: dict[str, object], key: str, kind: type, default: object, minimum: float) -> object:
-    value = settings.get(key, default)
-    try:
-        if isinstance(value, bool) or (kind is int and isinstance(value, float) and not value.is_integer()):
-            raise ValueError
-        number = kind(value)
-    except (TypeError, ValueError):
-        raise CLIError(f"{key} = {value!r}: expected {'an integer' if kind is int else 'a number'}") from None
-    if number < minimum:
-        raise CLIError(f"{key} = {value!r}: must be ≥ {minimum:g}")
-    return number
-
-
-def _flag(settings: dict[str, object], key: str) -> bool | None:
-    """A true/false setting; None where it is not given (the default applies)."""
-    value = settings.get(key)
-    if value is not None and not isinstance(value, bool):
-        raise CLIError(f"{key} = {value!r}: expected true or false")
-    return value
 
 
 @contextlib.contextmanager

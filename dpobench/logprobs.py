@@ -139,13 +139,6 @@ def _head_only_path(model: Any) -> bool:
 
 
 LOGITS_BUDGET = 1 << 25  # elements of one chunk's float32 logits (128 MB): bounds the head's memory
-#: on CUDA with the compiled head (the default where the layers compile), whose kernels read each chunk's bf16
-#: logits (autocast) without a float32 copy, and where each chunk costs the host a dozen launches and two compiled
-#: calls: 4x as many elements (256 MB of bf16 logits), so a base-size step of 32 pairs (8128 completion tokens,
-#: vocabulary 49152) runs 3 chunks rather than 12: 1.07x the step's speed on an H200 for 0.5 GB more memory
-#: (benchmarks/RESULTS.md, 2026-11-27, fifth GPU session). The eager head makes float32 copies: it keeps the smaller
-#: budget
-CUDA_LOGITS_BUDGET = 1 << 27
 
 
 class _HeadLogprobs(torch.autograd.Function):
@@ -293,7 +286,7 @@ def sequence_logprobs(
     """Σ_t log π(y_t | x, y_<t) over completion tokens per row, float32; optionally Σ_t log Σ_v π(v)².
 
     The LM head is applied only at completion positions, ``chunk_tokens`` at a time (by default as many as fit
-    ``LOGITS_BUDGET``, or ``CUDA_LOGITS_BUDGET`` on CUDA with ``compiled_head``), through a fused head whose backward recomputes logits chunk by chunk. ``compiled_head``:
+    ``LOGITS_BUDGET``), through a fused head whose backward recomputes logits chunk by chunk. ``compiled_head``:
     its softmax statistics and gradient come from torch.compile'd kernels that read each chunk's logits in their
     own dtype (bf16 under autocast), rather than eager passes over a float32 copy."""
     head = model.get_output_embeddings()
@@ -304,8 +297,7 @@ def sequence_logprobs(
         # and mask (_layout). No KV cache: it would cost memory and give each layer its own compile guard
         hidden = model.get_decoder()(input_ids=batch.input_ids, use_cache=False, **_layout(batch)).last_hidden_state
         selected = hidden.flatten(0, 1).index_select(0, batch.positions)
-        budget = CUDA_LOGITS_BUDGET if selected.is_cuda and compiled_head else LOGITS_BUDGET
-        chunk = chunk_tokens or max(1, budget // head.weight.shape[0])
+        chunk = chunk_tokens or max(1, LOGITS_BUDGET // head.weight.shape[0])
         token_logp, token_lss = _HeadLogprobs.apply(
             selected, head.weight, batch.targets, chunk, _compute_dtype(selected), logsumsq, compiled_head
         )  # fmt: skip

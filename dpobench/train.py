@@ -6,12 +6,10 @@ seed); AdamW with the same learning rate, warm-up, clipping, precision and numbe
 
 from __future__ import annotations
 
-import contextlib
 import math
 import resource
 import statistics
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,16 +17,17 @@ from typing import Any
 import torch
 
 from dpobench._util import one_line as _one_line
-from dpobench.data import PairSet, TaskData, decode_completion, sample_completions
-from dpobench.logprobs import (
-    _round_up,
-    can_share_prompt,
-    collate,
-    collate_shared,
-    pair_rows,
-    rows_logprobs,
-    sequence_logprobs,
+from dpobench.acceleration import (
+    Acceleration,
+    CompiledLayers,
+    SpeedOptions,
+    batch_widths,
+    is_compile_error,
+    plan_acceleration,
 )
+from dpobench.config import TrainConfig
+from dpobench.data import PairSet, TaskData, decode_completion, sample_completions
+from dpobench.logprobs import pair_rows, rows_logprobs, sequence_logprobs
 from dpobench.losses import LogProbs, PreferenceLoss, call_loss, check_output
 from dpobench.task import gold_reward, is_grammatical
 
@@ -39,46 +38,8 @@ __all__ = [
     "Evaluator",
     "TrainConfig",
     "batch_order",
-    "batch_widths",
     "train_cell",
 ]
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    steps: int = 150
-    batch_size: int = 32
-    lr: float = 1e-4
-    warmup_steps: int = 10
-    max_grad_norm: float = 1.0
-    eval_every: int = 0  # 0: evaluate at the end only
-    device: str = "cpu"
-    #: batches formed from pairs of similar length, to cut padding: pairs are sorted by length within windows of
-    #: this many batches of the seeded order, and the window's batches shuffled. 0: plain random batches.
-    length_buckets: int = 16
-    #: torch.compile each decoder layer for the training steps (regional: one compiled graph serves every identical
-    #: layer, so compile time does not grow with depth); costs compile time once per process. None: on for CUDA and
-    #: models of a million parameters or more (see ``resolve_compile``), off otherwise; should compilation then
-    #: fail, the cell falls back to eager with a warning. A string is a torch.compile mode ("reduce-overhead": CUDA
-    #: graphs as well), used by the benchmarks
-    compile: bool | str | None = None
-    #: each pair as one row, its prompt through the model once (``collate_shared``): the same log-probs within float
-    #: rounding, fewer tokens. None: on for the CPU (where it was measured to pay) when the model allows it (see
-    #: ``resolve_share_prompt``), off on CUDA, where it saves memory but not time (an H200, benchmarks/RESULTS.md)
-    share_prompt: bool | None = None
-    #: where the layers compile on CUDA, run them as CUDA graphs too (torch.compile's "reduce-overhead"): the step's
-    #: ~1,500 kernel launches replayed from the device instead of issued one by one by the host. Numbers are
-    #: unchanged; each batch width records its graphs once per process. None: on when the cell's planned batches come
-    #: in few widths (see ``resolve_cuda_graphs``); True: always; False: never
-    cuda_graphs: bool | None = None
-
-    @property
-    def autocast(self) -> bool:
-        return self.device.startswith("cuda")
-
-    @property
-    def dtype(self) -> str:
-        return "bf16-autocast" if self.autocast else "float32"
 
 
 @dataclass
@@ -132,17 +93,26 @@ class CellStopped(Exception):
         self.status, self.error = status, error
 
 
+#: the step's metrics that come back in its one readback, in order
+STEP_READBACK = ("loss", "reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward", "chosen_logp",
+                 "rejected_logp", "grad_norm")  # fmt: skip
+
+
 class CellTrainer:
     """The training of one cell, one ``step()`` at a time: the one loop every variant goes through.
 
-    ``train_cell`` drives it; the benchmarks time ``step()`` itself."""
+    ``train_cell`` drives it; the benchmarks time ``step()`` itself. How the step runs fast (compiled layers, CUDA
+    graphs, batch layout, head chunks) is the ``acceleration`` plan's, decided once per sweep; without one, the
+    defaults for this device and model."""
 
     def __init__(
         self, policy: Any, reference_state: dict[str, torch.Tensor], loss: PreferenceLoss, train: PairSet,
         reference_logps: tuple[torch.Tensor, torch.Tensor], pad_id: int, config: TrainConfig, seed: int,
+        acceleration: Acceleration | None = None,
     ) -> None:  # fmt: skip
         self.policy, self.loss, self.pairs, self.pad_id, self.config = policy, loss, train.pairs, pad_id, config
-        device = config.device
+        plan = acceleration or plan_acceleration(SpeedOptions(), "cpu", policy)
+        device = plan.device
         policy.load_state_dict(reference_state)  # start from the reference weights
         policy.to(device).train()
         policy.zero_grad(set_to_none=True)  # a cell that ended mid-backward (out of memory) may have left some
@@ -159,40 +129,15 @@ class CellTrainer:
         self.reference_chosen, self.reference_rejected = (t.to(device) for t in reference_logps)
         self.weights = torch.tensor([p.weight for p in train.pairs], dtype=torch.float32, device=device)
         self.needs_logsumsq = "logsumsq" in loss.inputs
-        self.share_prompt = resolve_share_prompt(config.share_prompt, device, policy)
-        self.pad_multiple = pad_multiple(device)
         lengths = [p.length for p in train.pairs]
         self.order = batch_order(
             len(train.pairs), config.steps, config.batch_size, seed, lengths, config.length_buckets
         )
-        self.auto_compile = config.compile is None
-        mode = resolve_compile(config.compile, device, policy)  # True, False, or a torch.compile mode (a string)
-        if self.auto_compile and _COMPILE_FAILED:
-            mode = False  # compiled by default, and the compiler failed once in this process: eager from then on
-        #: whether the compiled layers also run as CUDA graphs (``TrainConfig.cuda_graphs``)
-        self.cudagraphs = resolve_cuda_graphs(
-            config.cuda_graphs, device, mode,
-            lambda: len(set(batch_widths(self.order, self.pairs, self.share_prompt, self.pad_multiple))),
-            config.steps,
-        )  # fmt: skip
-        if self.cudagraphs:
-            mode = "reduce-overhead"
-        elif mode == "reduce-overhead" and config.cuda_graphs is False:
-            mode = True  # the mode asked for graphs, and cuda_graphs=False refused them: compiled without
-        #: consecutive decoder layers per compiled region, where CUDA graphs run (``layers_per_region``; the
-        #: benchmarks compare settings)
-        self.layers_per_region = layers_per_region(policy) if self.cudagraphs else 1
-        self.compiled = _compiled_layers(policy, mode, self.auto_compile, self.layers_per_region) if mode else []
-        #: where the layers compile, so do the LM head's softmax statistics and gradient (``sequence_logprobs``'
-        #: ``compiled_head``); False keeps them eager (the benchmarks compare the two)
-        self.compile_head = True
-        #: completion tokens per chunk of the LM head; None: as many as ``LOGITS_BUDGET`` (``CUDA_LOGITS_BUDGET``
-        #: with the compiled head on CUDA) allows (the benchmarks compare settings)
-        self.head_chunk_tokens: int | None = None
+        self.plan = plan.for_batches(
+            lambda: len(set(batch_widths(self.order, self.pairs, plan.share_prompt, plan.pad_multiple))), config.steps
+        )
+        self.layers = CompiledLayers(policy, self.plan)
         self.done = 0
-        #: check a fused optimizer's loss for finiteness on the device (no mid-step sync); False: ask the host before
-        #: the backward pass, as the unfused path does (the benchmarks compare the two)
-        self.defer_finite_check = True
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
 
@@ -203,35 +148,28 @@ class CellTrainer:
         left as they were (with a fused optimizer the learning-rate schedule has advanced: the cell ends there)."""
         try:
             return self._step(index)
-        except Exception as error:  # compiled by default, not by request: a compiler that fails falls back to eager
-            if isinstance(error, CellStopped) or not (self.compiled and self.auto_compile and _is_compile_error(error)):
+        except CellStopped:
+            raise
+        except Exception as error:
+            if not self.layers.fall_back(error):  # compiled by default, and the compiler failed: eager from now on
                 raise
-            message = _one_line(error)
         # out of the except block, so that the failed attempt's tensors (held by the traceback) are freed first
-        warnings.warn(f"torch.compile failed, training eagerly instead (for this process): {message}", stacklevel=2)
-        _COMPILE_FAILED.append(message)
         self.optimizer.zero_grad(set_to_none=True)  # the failed step never reached the optimizer
-        self.compiled = []
         return self._step(index)
 
     def _step(self, index: torch.Tensor | None) -> dict[str, float]:
         """One step, queued on the device without a sync: batch indices come from the host, the finiteness check
         goes to the optimizer as ``found_inf``, and the step's metrics come back in one readback at its end."""
-        config, device, policy = self.config, self.config.device, self.policy
+        config, device, policy = self.config, self.plan.device, self.policy
         start = time.perf_counter()
         index = self.order[self.done % len(self.order)] if index is None else index
         pairs = [self.pairs[i] for i in index.tolist()]
-        if self.share_prompt:
-            batch = collate_shared(pairs, self.pad_id, self.pad_multiple).to(device)
-        else:
-            batch = collate(pair_rows(pairs), self.pad_id, self.pad_multiple).to(device)
+        batch = self.plan.collate(pairs, self.pad_id).to(device)
         on_device = index.to(device, non_blocking=True)
         b = len(pairs)
-        if self.cudagraphs:
-            torch.compiler.cudagraph_mark_step_begin()
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=config.autocast), _use_compiled(self.compiled):
-            sums, lss = sequence_logprobs(policy, batch, logsumsq=self.needs_logsumsq, chunk_tokens=self.head_chunk_tokens,
-                                          compiled_head=self.compile_head and bool(self.compiled))  # fmt: skip
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.plan.autocast), self.layers.active():
+            sums, lss = sequence_logprobs(policy, batch, logsumsq=self.needs_logsumsq,
+                                          chunk_tokens=self.layers.head_chunk_tokens, compiled_head=self.layers.head)  # fmt: skip
         tokens = batch.tokens
         policy_lp = LogProbs(
             sums[:b], sums[b:], tokens[:b], tokens[b:], *((lss[:b], lss[b:]) if lss is not None else ())
@@ -248,16 +186,16 @@ class CellTrainer:
             raise CellStopped("failed", f"step {step}: {_one_line(error)}") from error
         mean_loss = out.losses.mean()
         # a loss that is not finite is recorded as diverged, at this step; the sweep goes on. Asking the device now
-        # would stall it mid-step, so a fused optimizer is told on the device to skip its update (as under AMP's
+        # would stall it mid-step, so the fused optimizer is told on the device to skip its update (as under AMP's
         # GradScaler), and the step is stopped once its metrics are read back
-        deferred = self.defer_finite_check and bool(self.optimizer.defaults.get("fused"))
+        deferred = self.plan.defer_finite_check
         self.optimizer.found_inf = (~torch.isfinite(mean_loss)).float() if deferred else None
         if not deferred:
             _stop_unless_finite(mean_loss.item(), step)
         try:
             mean_loss.backward()
         except Exception as error:  # the loss's own backward (an in-place edit of a saved tensor, say)
-            if isinstance(error, torch.OutOfMemoryError) or _is_compile_error(error):
+            if isinstance(error, torch.OutOfMemoryError) or is_compile_error(error):
                 raise  # the sweep's and the compile fallback's to handle
             self.optimizer.zero_grad(set_to_none=True)
             _stop_unless_finite(mean_loss.item(), step)
@@ -277,242 +215,15 @@ class CellTrainer:
             _stop_unless_finite(metrics[0], step)
         self.done = step
         trained = sum(2 * len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs)  # tokens, unpadded
-        names = ("loss", "reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward", "chosen_logp",
-                 "rejected_logp", "grad_norm")  # fmt: skip
         return {
-            "step": step, **dict(zip(names, metrics, strict=True)), "step_time_ms": elapsed * 1e3,
-            "pairs_per_s": b / elapsed, "tokens_per_s": trained / elapsed,
-            "peak_memory_mb": peak_memory_mb(device),
+            "step": step, **dict(zip(STEP_READBACK, metrics, strict=True)), "step_time_ms": elapsed * 1e3,
+            "pairs_per_s": b / elapsed, "tokens_per_s": trained / elapsed, "peak_memory_mb": peak_memory_mb(device),
         }  # fmt: skip
 
 
 def _stop_unless_finite(mean_loss: float, step: int) -> None:
     if not math.isfinite(mean_loss):  # recorded as diverged, at this step; the sweep goes on
         raise CellStopped("diverged", f"step {step}: the loss is {mean_loss}")  # as a failed step says "step N: …"
-
-
-#: the smallest model that TrainConfig.compile=None compiles on CUDA. Measured on an H200 (benchmarks/RESULTS.md):
-#: a step of the 2-layer tiny model (0.1 M parameters) gains nothing (1.02x), while the 4-layer small (3.3 M) gains
-#: 1.6x and the 30-layer base (134.5 M) 1.5-1.75x, for about 11 s of compilation once per process
-AUTO_COMPILE_MIN_PARAMETERS = 1_000_000
-
-
-#: messages of compile failures in this process: after one, compile=None stops trying (each try costs a compile)
-_COMPILE_FAILED: list[str] = []
-
-
-def resolve_compile(compile: bool | str | None, device: str, model: Any) -> bool | str:
-    """``TrainConfig.compile`` made definite for ``model``: None (the default) compiles on CUDA, for models of
-    ``AUTO_COMPILE_MIN_PARAMETERS`` or more whose decoder has a list of ``layers``; never on the CPU, where it does
-    not pay at the sizes dpobench builds."""
-    if compile is not None:
-        return compile
-    return (
-        device.startswith("cuda")
-        and _decoder_layers(model) is not None
-        and sum(p.numel() for p in model.parameters()) >= AUTO_COMPILE_MIN_PARAMETERS
-    )
-
-
-#: CUDA rounds each batch's width up to a multiple of this. Every new width costs once: a cuDNN attention plan, a
-#: compiled layer's shape (and CUDA graphs, where used), and the task's length-bucketed batches come in many widths.
-#: Measured on an H200 (benchmarks/RESULTS.md, 2026-11-27, third GPU session): on pairs of varying length, the
-#: compiled base step with widths rounded to 16 ran 141.8 ms against 190.7 ms with exact widths. The padding is
-#: right of every real token, so causal attention gives the same log-probs (tests/test_logprobs.py)
-CUDA_PAD_MULTIPLE = 16
-
-
-def pad_multiple(device: str) -> int:
-    """What a training batch's width is rounded up to: ``CUDA_PAD_MULTIPLE`` on CUDA; 1 on the CPU, where a padded
-    position costs its full compute and shapes cost nothing."""
-    return CUDA_PAD_MULTIPLE if device.startswith("cuda") else 1
-
-
-#: CUDA graphs by default (``TrainConfig.cuda_graphs=None``) when a cell's planned steps number at least this many per
-#: distinct batch width. Each new width records its graphs once per process, and the following steps of that width
-#: repay it. Measured on an H200 (benchmarks/cudagraph_check.py; benchmarks/RESULTS.md, 2026-11-27, fourth GPU
-#: session), base size, 32 pairs of varying length per step: recording cost 203 ms per new width beyond a step, and a
-#: step at a known width took 68.4 ms against 114.3 ms without graphs, so graphs paid after 4 steps per width; a
-#: second cell reused the first one's graphs. 10 leaves a margin (the cost was measured with the compiled shapes warm)
-CUDA_GRAPH_MIN_STEPS_PER_WIDTH = 10
-
-
-def resolve_cuda_graphs(
-    cuda_graphs: bool | None, device: str, mode: bool | str, distinct_widths: Callable[[], int], steps: int
-) -> bool:
-    """``TrainConfig.cuda_graphs`` made definite for a cell compiled with ``mode`` (``resolve_compile``'s) whose
-    ``steps`` planned batches come in ``distinct_widths()`` widths. Graphs need CUDA and compiled layers: None is then
-    False, as is True on the CPU (``check_cuda_graphs`` refuses the request before a sweep starts). A compile mode
-    asked by name decides for itself ("reduce-overhead": graphs; any other: none) unless ``cuda_graphs`` is given.
-    None otherwise: graphs when there are at least ``CUDA_GRAPH_MIN_STEPS_PER_WIDTH`` steps per width."""
-    if not mode or not device.startswith("cuda"):
-        return False
-    if cuda_graphs is not None:
-        return cuda_graphs
-    if isinstance(mode, str):
-        return mode == "reduce-overhead"
-    return steps >= CUDA_GRAPH_MIN_STEPS_PER_WIDTH * distinct_widths()
-
-
-def check_cuda_graphs(cuda_graphs: bool | None, device: str, compile: bool | str | None) -> None:
-    """Refuse ``cuda_graphs=True`` where no graph can run: on the CPU, or where the layers do not compile (``compile``
-    as ``resolve_compile`` made it definite; None: not known yet, not checked)."""
-    if not cuda_graphs:
-        return
-    if not device.startswith("cuda"):
-        raise ValueError(f"CUDA graphs need a CUDA device (this sweep's: {device!r}); drop --cuda-graphs")
-    if compile is False:
-        raise ValueError(
-            "CUDA graphs run the compiled layers, and this sweep does not compile them (--no-compile, or a model "
-            "under 1 M parameters): add --compile, or drop --cuda-graphs"
-        )
-
-
-def batch_widths(order: Sequence[torch.Tensor], pairs: Sequence[Any], share_prompt: bool, multiple: int) -> list[int]:
-    """The width of each planned batch, as ``collate`` (or ``collate_shared``) will pad it: its longest row rounded
-    up to ``multiple``."""
-    row = [len(p.prompt) + len(p.chosen) + len(p.rejected) if share_prompt else p.length for p in pairs]
-    return [_round_up(max(row[i] for i in index.tolist()), multiple) for index in order]
-
-
-def resolve_share_prompt(share: bool | None, device: str, model: Any) -> bool:
-    """``TrainConfig.share_prompt`` made definite for ``model``. None (the default): on for the CPU when the model
-    can take shared-prompt rows (``can_share_prompt``); off on CUDA, where a base-size H200 step ran 0.95x as fast
-    with it (bound by the host) in 0.79x the memory. True for a model that cannot take them is refused."""
-    if share is None:
-        return not device.startswith("cuda") and can_share_prompt(model)
-    if share and not can_share_prompt(model):
-        raise ValueError(
-            "share_prompt needs an architecture checked to score shared rows as its own (dpobench.logprobs."
-            "SHARE_PROMPT_MODEL_TYPES) with SDPA attention, no sliding window and no ALiBi (this one: "
-            f"{getattr(model.config, 'model_type', None)!r}, attention "
-            f"{getattr(model.config, '_attn_implementation', None)!r}); leave share_prompt unset"
-        )
-    return share
-
-
-def _decoder_layers(model: Any) -> list[Any] | None:
-    layers = getattr(model.get_decoder(), "layers", None)
-    return list(layers) if isinstance(layers, torch.nn.ModuleList) and len(layers) else None
-
-
-#: with CUDA graphs, up to this many consecutive decoder layers compile into one region, replayed as one graph forward
-#: and one backward. 1: layer by layer. A replay costs the host the same whatever it holds (torch.compile's wrappers,
-#: the graph tree's checks: about 0.5 ms per layer, forward and backward, under cProfile on an H200's host), so
-#: regions were to take that off a host-bound step. Measured on an H200 (benchmarks/RESULTS.md, 2026-11-27, fifth GPU
-#: session; step_ab.py, base size, 32 pairs, 10 interleaved rounds): 64.85 ms a step with 3 layers per region, 64.69
-#: with 5, 65.38 with 1, within noise, since the step had become bound by the device (the head's larger chunks and
-#: a faster collate, the same session). So it stays 1, and a region costs no extra compile time
-CUDA_GRAPH_LAYERS_PER_REGION = 1
-
-
-#: architectures whose decoder calls every layer alike and chains only the hidden states, which a region assumes
-#: (tests/test_fast_path.py compares regions with eager). Others give layers their own arguments (per-layer rotary
-#: bases in GraniteSWA) or pass one layer's extra output to the next (GLM-MoE-DSA's top-k indices), which a region
-#: would get wrong
-REGION_MODEL_TYPES = frozenset({"llama"})
-
-
-def layers_per_region(model: Any, most: int | None = None) -> int:
-    """How many consecutive decoder layers of ``model`` to compile as one region: the largest divisor of the layer
-    count up to ``most`` (``CUDA_GRAPH_LAYERS_PER_REGION``), where every layer is of one class and attention type
-    (the config's ``layer_types``: the decoder gives each layer its type's mask, and a region passes the first
-    one's on) and the architecture is one of ``REGION_MODEL_TYPES``; else 1."""
-    most = CUDA_GRAPH_LAYERS_PER_REGION if most is None else most
-    layers, config = _decoder_layers(model), model.config
-    types = set(getattr(config, "layer_types", None) or ())
-    if (
-        config.model_type not in REGION_MODEL_TYPES
-        or not layers
-        or len(layers) != getattr(config, "num_hidden_layers", None)  # a decoder that runs only some of its list
-        or len(types) > 1
-        or len({(type(m), getattr(m, "attention_type", None)) for m in layers}) > 1
-    ):
-        return 1
-    return max(k for k in range(1, max(1, most) + 1) if len(layers) % k == 0)
-
-
-def _run_layers(layers: tuple[Any, ...], *args: Any, **kwargs: Any) -> Any:
-    """Consecutive decoder layers, each called as the decoder calls the first (the same mask, positions and
-    options), each on the hidden states that the one before returned."""
-    out = layers[0]._call_impl(*args, **kwargs)
-    for layer in layers[1:]:
-        hidden = out[0] if isinstance(out, tuple) else out
-        out = (
-            layer._call_impl(hidden, *args[1:], **kwargs)
-            if args
-            else layer._call_impl(**kwargs | {"hidden_states": hidden})
-        )
-    return out
-
-
-class _Region:
-    """A compiled region of consecutive layers: the first layer's call runs them all, the others pass on what they
-    are given (the region's output, which they have already applied), in the form the layers return."""
-
-    def __init__(self, layers: tuple[Any, ...], compiled: Callable[..., Any]) -> None:
-        self.layers, self.compiled, self.returns_tuple = layers, compiled, False
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        out = self.compiled(self.layers, *args, **kwargs)
-        self.returns_tuple = isinstance(out, tuple)
-        if self.returns_tuple and len(out) > 1:  # what else a layer returns, the later layers could not hand on
-            raise TypeError(
-                f"a region's layers return {len(out)} values; regions take layers that return the hidden states"
-            )
-        return out
-
-    def passthrough(self, *args: Any, **kwargs: Any) -> Any:
-        hidden = args[0] if args else kwargs["hidden_states"]
-        return (hidden,) if self.returns_tuple else hidden
-
-
-def _compiled_layers(
-    policy: Any, mode: bool | str = True, auto: bool = False, per_region: int = 1
-) -> list[tuple[Any, Any]]:
-    """(layer, compiled call) for each decoder layer; the whole decoder where it has no ``layers`` list (not by
-    default, ``auto``: a whole deep decoder can take minutes to compile). ``mode``: True, or a ``torch.compile``
-    mode such as "reduce-overhead" (CUDA graphs). ``per_region`` > 1 (a divisor of the layer count): that many
-    consecutive layers per compiled region (``layers_per_region``); one compiled graph serves every region."""
-    modules = _decoder_layers(policy)
-    torch_mode = None if mode is True else mode
-    if modules is None:
-        modules = [] if auto else [policy.get_decoder()]
-    if per_region <= 1 or len(modules) % per_region:
-        return [(m, torch.compile(m._call_impl, dynamic=None, mode=torch_mode)) for m in modules]
-    compiled = torch.compile(_run_layers, dynamic=None, mode=torch_mode)
-    calls = []
-    for start in range(0, len(modules), per_region):
-        region = _Region(tuple(modules[start : start + per_region]), compiled)
-        calls += [(region.layers[0], region)] + [(m, region.passthrough) for m in region.layers[1:]]
-    return calls
-
-
-def _is_compile_error(error: BaseException) -> bool:
-    """Whether ``error`` (or what caused it) is torch.compile's own: an exception type of dynamo, inductor or Triton.
-    Errors of the compiled code's running (out of memory, a bad index) are not, though they pass through it."""
-    seen: set[int] = set()
-    cause: BaseException | None = error
-    while cause is not None and id(cause) not in seen:
-        seen.add(id(cause))
-        if isinstance(cause, torch.OutOfMemoryError):
-            return False
-        if type(cause).__module__.startswith(("torch._dynamo", "torch._inductor", "triton")):
-            return True
-        cause = cause.__cause__ or cause.__context__
-    return False
-
-
-@contextlib.contextmanager
-def _use_compiled(compiled: list[tuple[Any, Any]]):
-    """The compiled layers serve calls inside this block only: evaluation and sampling stay eager."""
-    for module, call in compiled:
-        module._compiled_call_impl = call  # what nn.Module.compile() sets; __call__ then uses it
-    try:
-        yield
-    finally:
-        for module, _ in compiled:
-            module._compiled_call_impl = None
 
 
 def train_cell(
@@ -527,8 +238,9 @@ def train_cell(
     evaluate: Callable[[Any, int], dict[str, float]],
     on_step: Callable[[int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    acceleration: Acceleration | None = None,
 ) -> CellResult:
-    trainer = CellTrainer(policy, reference_state, loss, train, reference_logps, pad_id, config, seed)
+    trainer = CellTrainer(policy, reference_state, loss, train, reference_logps, pad_id, config, seed, acceleration)
     result = CellResult()
     for index in trainer.order:
         result.batches.append(hash(tuple(index.tolist())))

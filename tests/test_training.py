@@ -26,7 +26,7 @@ DATA = DataRecipe(train_prompts=768, heldout_prompts=64, eval_prompts=256)
 
 
 def sweep(out: Path, **changes) -> pd.DataFrame:
-    train = TrainConfig(steps=changes.pop("steps", 40), batch_size=32, lr=changes.pop("lr", 1e-4), device="cpu")
+    train = TrainConfig(steps=changes.pop("steps", 40), batch_size=32, lr=changes.pop("lr", 1e-4))
     config = SweepConfig(sft=SFT, data_recipe=DATA, train=train, **changes)
     return run_sweep(config, out, progress=lambda m: None)
 
@@ -163,11 +163,11 @@ def test_model_from_a_save_pretrained_folder(tmp_path: Path) -> None:
         ({"seeds": (0, -1)}, "seed -1: seeds must be ≥ 0 (each is one fixed seed; none means random)"),
         ({"train": TrainConfig(lr=0.0)}, "lr = 0: must be > 0 (at 0 every cell would stay the reference model)"),
         ({"scenarios": ("dirty",)}, "unknown scenario 'dirty'"),
-        ({"train": TrainConfig(device="cuda")}, "--device cuda: no CUDA GPU is visible"),
+        ({"device": "cuda"}, "--device cuda: no CUDA GPU is visible"),
     ],
 )
 def test_bad_sweep_settings_fail_before_training(tmp_path: Path, changes: dict, message: str) -> None:
-    if "train" in changes and torch.cuda.is_available():
+    if "device" in changes and torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     with pytest.raises((SweepError, dpobench.UnknownLossError)) as info:
         run_sweep(SweepConfig(sft=SFT, data_recipe=DATA, **changes), tmp_path, progress=lambda m: None)
@@ -193,7 +193,7 @@ def test_a_variants_own_beta_replaces_the_swept_betas_for_it_alone() -> None:
     registry = dpobench.get_losses()
     specs = [registry["dpo"], registry["simpo"]]
     config = SweepConfig(variants=("dpo", "simpo"), betas=(0.1, 0.5), seeds=(0,), params={"simpo": {"beta": ("2",)}})
-    cells = {(spec.name, beta, loss.hparams["beta"]) for spec, loss, beta, _, _ in plan_cells(config, specs)}
+    cells = {(cell.spec.name, cell.beta, cell.loss.hparams["beta"]) for cell in plan_cells(config, specs)}
     assert cells == {("dpo", 0.1, 0.1), ("dpo", 0.5, 0.5), ("simpo", 2.0, 2.0)}
     for bad in ("0", "-1", "two"):
         with pytest.raises(SweepError, match=rf"--param simpo.beta='{bad}': β must be a number > 0"):

@@ -1,0 +1,342 @@
+"""A sweep's configuration: every option and its default, written once; presets, a TOML file and the command line
+merged in that order; everything checked before any work starts.
+
+The command line is a thin shell over ``load_config``: its options carry these names, and its help text reads the
+defaults from here.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import tomllib
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dpobench.acceleration import SpeedOptions, check_speed
+from dpobench.data import SCENARIOS, DataRecipe
+from dpobench.models import SFTRecipe
+from dpobench.registry import Registry
+
+__all__ = [
+    "DEFAULT_PRESET",
+    "OPTIONS",
+    "PRESETS",
+    "SweepConfig",
+    "SweepError",
+    "TrainConfig",
+    "check_config",
+    "distinct_variants",
+    "load_config",
+    "option_default",
+    "read_config_file",
+    "resolve_device",
+    "select_variants",
+]
+
+
+class SweepError(ValueError):
+    """A sweep that cannot start as configured; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The training recipe every cell shares: only the loss differs between cells."""
+
+    steps: int = 150
+    batch_size: int = 32
+    lr: float = 1e-4
+    warmup_steps: int = 10
+    max_grad_norm: float = 1.0
+    eval_every: int = 0  # 0: evaluate at the end only
+    #: batches formed from pairs of similar length, to cut padding: pairs are sorted by length within windows of
+    #: this many batches of the seeded order, and the window's batches shuffled. 0: plain random batches.
+    length_buckets: int = 16
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    variants: tuple[str, ...] = ()  # empty: every registered variant carrying every one of ``tags``
+    tags: tuple[str, ...] = ()
+    betas: tuple[float, ...] = (0.1,)
+    seeds: tuple[int, ...] = (0,)
+    scenarios: tuple[str, ...] = ("clean",)
+    model: str = "tiny"  # a size name (dpobench builds and SFTs it) or a folder / Hub id
+    data: str | None = None  # a JSONL / CSV / Parquet file of pairs instead of the synthetic task
+    device: str = "auto"
+    train: TrainConfig = field(default_factory=TrainConfig)
+    speed: SpeedOptions = field(default_factory=SpeedOptions)
+    noise: float = 0.2
+    length_bonus: float = 0.03
+    sft: SFTRecipe | None = None  # overrides the size's default SFT recipe (tests use short ones)
+    #: per-variant parameter grids, {"seed_custom_dpo": {"length_normalization": (False, True)}}
+    params: dict[str, dict[str, tuple[Any, ...]]] = field(default_factory=dict)
+    data_recipe: DataRecipe = field(default_factory=DataRecipe)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+#: named starting points; a TOML file and the command line override them
+PRESETS: dict[str, dict[str, Any]] = {
+    # every built-in variant at β = 0.1, one seed, clean data, the tiny model
+    "quick": {},
+    # the variants their plugins tag "main", 5 β × 3 seeds × every scenario
+    "standard": {"tags": ("main",), "betas": (0.01, 0.05, 0.1, 0.5, 1.0), "seeds": (0, 1, 2), "scenarios": SCENARIOS,
+                 "steps": 200},
+}  # fmt: skip
+DEFAULT_PRESET = "quick"
+
+
+def _names(value: object, key: str) -> tuple[str, ...]:
+    return tuple(_list(value, str, key))
+
+
+def _floats(value: object, key: str) -> tuple[float, ...]:
+    return tuple(_list(value, float, key))
+
+
+def _ints(value: object, key: str) -> tuple[int, ...]:
+    return tuple(_list(value, int, key))
+
+
+def _integer(minimum: int) -> Callable[[object, str], int]:
+    return lambda value, key: int(_number(value, key, int, minimum))
+
+
+def _real(value: object, key: str) -> float:
+    number = float(_number(value, key, float, -math.inf))
+    if key == "lr" and not number > 0:
+        raise SweepError(f"lr = {number:g}: must be > 0 (at 0 every cell would stay the reference model)")
+    return number
+
+
+def _flag(value: object, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise SweepError(f"{key} = {value!r}: expected true or false")
+    return value
+
+
+def _text(value: object, key: str) -> str:
+    return str(value)
+
+
+def _labels(value: object, key: str) -> str:
+    if value not in ("hard", "bt"):
+        raise SweepError(f"{key} = {value!r}: use one of hard, bt")
+    return str(value)
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option of ``dpobench run`` and of a TOML file: how its value is read, and where in ``SweepConfig`` it
+    goes (a field, or ``group.field``)."""
+
+    parse: Callable[[object, str], Any]
+    target: str
+
+    def default(self) -> Any:
+        group, _, name = self.target.rpartition(".")
+        holder = getattr(SweepConfig(), group) if group else SweepConfig()
+        return getattr(holder, name)
+
+
+#: every option a sweep takes, by the name the command line (``--batch-size``) and a TOML file (``batch_size``) use
+OPTIONS: dict[str, Option] = {
+    "variants": Option(_names, "variants"),
+    "betas": Option(_floats, "betas"),
+    "seeds": Option(_ints, "seeds"),
+    "scenarios": Option(_names, "scenarios"),
+    "steps": Option(_integer(1), "train.steps"),
+    "batch_size": Option(_integer(1), "train.batch_size"),
+    "lr": Option(_real, "train.lr"),
+    "eval_every": Option(_integer(0), "train.eval_every"),
+    "length_buckets": Option(_integer(0), "train.length_buckets"),
+    "model": Option(_text, "model"),
+    "data": Option(lambda value, key: str(value) if value else None, "data"),
+    "device": Option(_text, "device"),
+    "labels": Option(_labels, "data_recipe.labels"),
+    "compile": Option(_flag, "speed.compile"),
+    "cuda_graphs": Option(_flag, "speed.cuda_graphs"),
+    "share_prompt": Option(_flag, "speed.share_prompt"),
+}
+#: keys a TOML file may hold besides the options: the preset it starts from and its parameter grids
+FILE_KEYS = frozenset(OPTIONS) | {"preset", "params"}
+
+
+def load_config(
+    given: Mapping[str, object] | None = None, *, file: Path | None = None, param: Iterable[str] = (),
+    note: Callable[[str], None] = lambda message: None,
+) -> SweepConfig:  # fmt: skip
+    """The configuration of a sweep: the preset (``given`` or the file's ``preset``, else ``quick``), then the TOML
+    ``file``, then ``given`` (the command line: None means not given), then the ``param`` grids
+    (``VARIANT.KEY=V1,V2``). ``note`` hears what was left out on purpose. Raises ``SweepError``, one line."""
+    settings: dict[str, object] = read_config_file(file) if file is not None else {}
+    settings.update({k: v for k, v in (given or {}).items() if v is not None})
+    preset = str(settings.pop("preset", DEFAULT_PRESET))
+    if preset not in PRESETS:
+        raise SweepError(f"--preset {preset!r}: use one of {', '.join(PRESETS)}")
+    grids = _file_grids(settings.pop("params", {}))
+    if (given or {}).get("variants") is not None:  # --variants narrows a file: its grids of variants left out go
+        named = set(_names(given["variants"], "variants"))  # type: ignore[index]
+        for variant in [v for v in grids if v not in named]:
+            note(f"--config: [params.{variant}] left out: {variant} is not in --variants")
+            del grids[variant]
+    for item in param:
+        target, _, values = item.partition("=")
+        variant, _, key = target.partition(".")
+        if not (variant and key and values):
+            raise SweepError(f"--param {item!r}: write VARIANT.KEY=V1,V2, e.g. seed_custom_dpo.temperature=0.5,1")
+        grids.setdefault(variant, {})[key] = tuple(v.strip() for v in values.split(","))
+    chosen = {**PRESETS[preset], **settings}
+    variants = chosen.get("variants")
+    if isinstance(variants, (str, list, tuple)) and not str(variants).strip(" ,[]()'\""):
+        raise SweepError(f"variants = {variants!r}: names no variant; leave it out to run every variant")
+    if "variants" in settings:  # named variants replace the preset's selection by tag
+        chosen.pop("tags", None)
+    top: dict[str, Any] = {"params": grids}
+    groups: dict[str, dict[str, Any]] = {}
+    for key, value in chosen.items():
+        if key == "tags":
+            top["tags"] = tuple(value)  # type: ignore[arg-type]
+            continue
+        group, _, name = OPTIONS[key].target.rpartition(".")
+        (groups.setdefault(group, {}) if group else top)[name] = OPTIONS[key].parse(value, key)
+    base = SweepConfig()
+    return replace(base, **top, **{g: replace(getattr(base, g), **values) for g, values in groups.items()})
+
+
+def read_config_file(path: Path) -> dict[str, object]:
+    """A TOML file's settings (``batch-size`` and ``batch_size`` alike); unknown keys refused."""
+    try:
+        values = tomllib.loads(path.read_text())
+    except OSError as error:
+        raise SweepError(f"--config {str(path)!r}: {error.strerror}") from None
+    except tomllib.TOMLDecodeError as error:
+        raise SweepError(f"--config {str(path)!r}: not valid TOML ({error})") from None
+    values = {k.replace("-", "_"): v for k, v in values.items()}
+    unknown = sorted(set(values) - FILE_KEYS)
+    if unknown:
+        raise SweepError(
+            f"--config {str(path)!r}: unknown key {unknown[0]!r}; valid keys: {', '.join(sorted(FILE_KEYS))}"
+        )
+    return values
+
+
+def _file_grids(params: object) -> dict[str, dict[str, tuple[Any, ...]]]:
+    """A TOML file's ``[params.VARIANT]`` tables, ``KEY = [values]`` (or one value)."""
+    if not isinstance(params, dict):
+        raise SweepError("--config: params must be a table, [params.VARIANT] with KEY = [values]; "
+                         "on the command line, --param VARIANT.KEY=V1,V2")  # fmt: skip
+    grids = {}
+    for variant, values in params.items():
+        if not isinstance(values, dict):
+            raise SweepError(f"--config: params.{variant} must be a table of key = [values]")
+        grids[variant] = {k: tuple(v if isinstance(v, list) else [v]) for k, v in values.items()}
+    return grids
+
+
+def _list(value: object, kind: type, key: str) -> list[Any]:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = [value]
+    if not isinstance(value, (str, list, tuple)):
+        raise SweepError(f"{key} = {value!r}: expected a list or comma-separated {kind.__name__} values")
+    items = value.split(",") if isinstance(value, str) else list(value)
+    if any(isinstance(v, bool) for v in items):
+        raise SweepError(f"{key} = {value!r}: expected comma-separated {kind.__name__} values")
+    if kind is int and any(isinstance(v, float) and not v.is_integer() for v in items):  # int(0.5) would be 0
+        raise SweepError(f"{key} = {value!r}: expected comma-separated int values")
+    try:
+        parsed = [kind(v.strip() if isinstance(v, str) else v) for v in items if str(v).strip()]
+    except (TypeError, ValueError):
+        raise SweepError(f"{key} = {value!r}: expected comma-separated {kind.__name__} values") from None
+    if isinstance(value, str) and value.strip() and not parsed:  # "," names nothing: not "all"
+        raise SweepError(f"{key} = {value!r}: names no {kind.__name__} value")
+    return parsed
+
+
+def _number(value: object, key: str, kind: type, minimum: float) -> float:
+    try:
+        if isinstance(value, bool) or (kind is int and isinstance(value, float) and not value.is_integer()):
+            raise ValueError
+        number = kind(value)
+    except (TypeError, ValueError):
+        raise SweepError(f"{key} = {value!r}: expected {'an integer' if kind is int else 'a number'}") from None
+    if number < minimum:
+        raise SweepError(f"{key} = {value!r}: must be ≥ {minimum:g}")
+    return number
+
+
+def resolve_device(requested: str) -> str:
+    """``--device`` made definite: ``auto`` is CUDA where PyTorch sees a GPU."""
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise SweepError("--device cuda: no CUDA GPU is visible to PyTorch; use --device cpu or auto")
+    if requested not in ("cpu", "cuda") and not requested.startswith("cuda:"):
+        raise SweepError(f"--device {requested!r}: use auto, cpu or cuda")
+    return requested
+
+
+def select_variants(config: SweepConfig, registry: Registry) -> list[str]:
+    """The variants a sweep trains: those named, else every variant with the config's tags that trains a loss of
+    its own (``distinct_variants``). An unknown name raises the registry's error, with a did-you-mean."""
+    if config.variants:
+        return [registry[name].name for name in config.variants]  # unknown names fail here, before any training
+    return [n for n in distinct_variants(registry) if set(config.tags) <= registry[n].tags]
+
+
+def distinct_variants(registry: Registry) -> list[str]:
+    """Every variant, less those that would train the very same loss as a named preset of the same class at their
+    defaults: the generic ``combined`` (DPO + SFT by default) is RPO, which ``rpo`` names. "All variants" then
+    trains each loss once; a variant named in ``--variants`` always trains."""
+
+    def identity(spec: Any) -> tuple[type, str]:
+        return spec.cls, repr(sorted((k, p.default) for k, p in spec.params.items()))
+
+    presets = {identity(spec) for spec in registry.values() if spec.preset_of is not None}
+    return [name for name, spec in registry.items() if spec.preset_of is not None or identity(spec) not in presets]
+
+
+def check_config(config: SweepConfig, names: list[str], device: str) -> None:
+    """Everything about a sweep's settings that can be checked without a model or data (``device``: definite)."""
+    for scenario in config.scenarios:
+        if scenario not in SCENARIOS:
+            raise SweepError(f"unknown scenario {scenario!r}; use one of {', '.join(SCENARIOS)}")
+    for beta in config.betas:
+        if not beta > 0:
+            raise SweepError(f"β = {beta}: every β must be > 0")
+    for seed in config.seeds:
+        if seed < 0:  # torch would take it; tools that read -1 as "random" would not have fixed it
+            raise SweepError(f"seed {seed}: seeds must be ≥ 0 (each is one fixed seed; none means random)")
+    if not config.train.lr > 0:
+        raise SweepError(f"lr = {config.train.lr:g}: must be > 0 (at 0 every cell would stay the reference model)")
+    for variant in config.params:
+        if variant not in names:
+            close = difflib.get_close_matches(variant, names, n=1)
+            fix = f"did you mean {close[0]!r}?" if close else "add it to --variants"
+            raise SweepError(
+                f"--param {variant}.KEY (or the config's [params.{variant}]): {variant!r} is not among the variants "
+                f"of this sweep; {fix}"
+            )
+    if config.data and config.data_recipe.labels != DataRecipe().labels:
+        raise SweepError(
+            f"--labels {config.data_recipe.labels}: labels the synthetic task's pairs; drop it with --data"
+        )
+    if config.data and set(config.scenarios) != {"clean"}:
+        raise SweepError(
+            "--scenarios noisy/length-biased need the synthetic task's gold labels; drop --data or use clean"
+        )
+    try:
+        check_speed(config.speed, device, config.speed.compile)
+    except ValueError as error:
+        raise SweepError(str(error)) from None
+
+
+def option_default(name: str) -> Any:
+    """The default of option ``name`` as the command line's help shows it."""
+    return OPTIONS[name].default()
