@@ -12,14 +12,14 @@ import sys
 from pathlib import Path
 
 from dpobench import figures
-from dpobench.report import cell_finals, read_tidy, summary_table
+from dpobench.tables import cell_finals, is_reference, read_tidy, summary_table
 
 
 def main(store: str) -> None:
     finals = cell_finals(read_tidy(store))
     summary = summary_table(finals)
-    colors = figures.variant_colors([v for v in finals.variant.unique() if v != "(reference)"])
-    reference_gold = float(finals[finals.variant == "(reference)"].gold_reward.mean())
+    colors = figures.variant_colors(finals[~is_reference(finals)].variant.unique())
+    reference_gold = float(finals[is_reference(finals)].gold_reward.mean())
     out = Path(__file__).parent
     figures.frontier(summary, colors, reference_gold).savefig(out / "frontier.png", dpi=110)
     figures.beta_sensitivity(summary, colors).savefig(out / "beta_sensitivity.png", dpi=110)

@@ -385,7 +385,7 @@ def _run_sweep(sweep: object, out: Path) -> object:
 
 
 def _write_run_report(out: Path) -> None:
-    from dpobench.render import write_report
+    from dpobench.report import write_report
 
     try:
         with err.status("writing report.html and report.pdf"):
@@ -410,32 +410,34 @@ def report(
     bench: Annotated[Path | None, typer.Option(help="pytest-benchmark JSON to add as a throughput table.")] = None,
 ) -> None:
     """Rebuild the HTML and PDF report from a results store (several runs in one store are compared)."""
-    from dpobench.render import write_report
-    from dpobench.report import HIGHER_IS_BETTER, run_info
+    from dpobench.metrics import rankable
+    from dpobench.report import write_report
+    from dpobench.store import StoreError, results_file
+    from dpobench.tables import run_info
 
     formats = tuple(f.strip() for f in format.split(",") if f.strip())
     if not formats or set(formats) - {"html", "pdf"}:
         raise CLIError(f"--format {format!r}: use html, pdf or html,pdf")
-    if metric is not None and metric not in HIGHER_IS_BETTER:
+    choices = rankable()  # the catalogue's metrics with a direction
+    if metric is not None and metric not in choices:
         import difflib
 
-        close = [m for m in sorted(HIGHER_IS_BETTER) if m.startswith(metric)] or difflib.get_close_matches(
-            metric, list(HIGHER_IS_BETTER), n=1
-        )
+        close = [m for m in choices if m.startswith(metric)] or difflib.get_close_matches(metric, choices, n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
-        raise CLIError(f"--metric {metric!r}: {hint}use one of {', '.join(sorted(HIGHER_IS_BETTER))}")
-    database = store / "results.sqlite" if store.is_dir() else store
+        raise CLIError(f"--metric {metric!r}: {hint}use one of {', '.join(choices)}")
+    database = results_file(store)
     if not database.is_file():
         raise CLIError(f"{store}: no results.sqlite here; give the --out directory of `dpobench run`")
     import sqlite3
 
     import pandas as pd
 
-    try:  # a file that is not a store, or another program's: sqlite's error, or pandas' wrapping of it
+    try:  # a file that is not a store, or another program's: sqlite's error, pandas' wrapping of it, or the store's
         runs = run_info(database)
-    except (sqlite3.DatabaseError, pd.errors.DatabaseError) as error:
+    except (sqlite3.DatabaseError, pd.errors.DatabaseError, StoreError) as error:
+        reason = str(error).splitlines()[0].removeprefix(f"{database}: ")
         raise CLIError(
-            f"{database}: not a dpobench results store ({str(error).splitlines()[0]}); give the --out directory of `dpobench run`"
+            f"{database}: not a dpobench results store ({reason}); give the --out directory of `dpobench run`"
         ) from None
     if not runs:
         raise CLIError(f"{database}: the store holds no runs yet; run `dpobench run --out {store}` first")
@@ -514,7 +516,7 @@ class _CellProgress:
 def _print_summary(summary: object) -> None:
     import pandas as pd
 
-    from dpobench.report import variant_table
+    from dpobench.tables import variant_table
 
     assert isinstance(summary, pd.DataFrame)
     table_frame = variant_table(summary)

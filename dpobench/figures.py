@@ -1,6 +1,6 @@
 """matplotlib figures of a sweep, as ``Figure`` objects (no pyplot state). Each has a title, axis labels
-and units. Every number drawn comes from the store (or, for the geometry figures, from the analytic
-landscape); none is invented.
+and units (a metric's, from the catalogue: ``dpobench.metrics``). Every number drawn comes from the store (or, for the
+geometry figures, from the analytic landscape); none is invented.
 """
 
 from __future__ import annotations
@@ -9,18 +9,23 @@ import json
 import math
 import textwrap
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from dpobench.report import has_gold
+from dpobench.metrics import METRICS
+from dpobench.tables import resolve_metric
+
+if TYPE_CHECKING:
+    from dpobench.registry import Study
 
 __all__ = [
     "beta_sensitivity",
-    "custom_loss_study",
     "frontier",
     "geometry",
+    "parameter_study",
     "scenario_robustness",
     "throughput",
     "training_curves",
@@ -72,15 +77,14 @@ def training_curves(tidy: pd.DataFrame, colors: dict, scenario: str = "clean", b
     (mean over seeds, rolling mean over 10 steps) — the seed's "Training Dynamics" from real runs. With more than
     ``CURVES_IN_COLOUR`` variants, those of ``highlight`` (the report's best-ranked) are in colour and the others
     thin and grey, under one legend entry: 33 coloured lines could not be told apart."""
-    steps = tidy[(tidy.source == "step") & (tidy.scenario == scenario) & (tidy.variant != "(reference)")]
+    steps = tidy[(tidy.source == "step") & (tidy.scenario == scenario)]  # the reference model has no steps
     if beta is None and len(steps):
         beta = float(steps.beta.mode().iloc[0])
     steps = steps[np.isclose(steps.beta, beta) | steps.beta.isna()] if beta is not None else steps
     fig = Figure(figsize=A4_LANDSCAPE, layout="constrained")
     fig.suptitle(f"Training dynamics ({scenario}, β = {beta:g}; mean over seeds, 10-step rolling mean)")
     axes = fig.subplots(2, 2)
-    panels = [("loss", "loss (nats)"), ("reward_margin", "implicit reward margin (chosen − rejected)"),
-              ("reward_accuracy", "implicit reward accuracy (fraction)")]  # fmt: skip
+    panels = [(m, METRICS[m].axis) for m in ("loss", "reward_margin", "reward_accuracy")]
     wide = steps.pivot_table(index=["variant", "step"], columns="metric", values="value", aggfunc="mean")
     variants = wide.index.get_level_values("variant").unique()
     shown = set(variants) if highlight is None or len(variants) <= CURVES_IN_COLOUR else set(highlight) & set(variants)
@@ -106,7 +110,7 @@ def training_curves(tidy: pd.DataFrame, colors: dict, scenario: str = "clean", b
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     axes.flat[0].set_yscale("symlog", linthresh=1.0)  # IPO/SPPO/Cal-DPO losses are 10–100× DPO's
-    axes.flat[0].set_ylabel("loss (nats, symmetric log scale)")
+    axes.flat[0].set_ylabel(f"{METRICS['loss'].axis}, symmetric log scale")
     ax = axes.flat[3]
     for variant in sorted(variants, key=order):
         chosen = wide.loc[variant]["chosen_reward"].rolling(10, min_periods=1).mean()
@@ -121,12 +125,11 @@ def training_curves(tidy: pd.DataFrame, colors: dict, scenario: str = "clean", b
     return fig
 
 
-def _quality_panel(table: pd.DataFrame, gold_label: str) -> tuple[str, str]:
-    """The gold reward where the cells have one; for pairs from ``--data`` (no gold reward model), the held-out
-    implicit-reward accuracy."""
-    if has_gold(table):
-        return "gold_reward", gold_label
-    return "heldout_reward_accuracy", "held-out implicit reward accuracy"
+def _quality_panel(table: pd.DataFrame) -> tuple[str, str]:
+    """The metric the report ranks by unless told (the gold reward; for pairs from ``--data``, which have no gold
+    reward model, the held-out implicit-reward accuracy), with its axis label."""
+    metric = resolve_metric(table, None)
+    return metric, METRICS[metric].axis
 
 
 def beta_sensitivity(table: pd.DataFrame, colors: dict, scenario: str = "clean") -> Figure:
@@ -136,8 +139,8 @@ def beta_sensitivity(table: pd.DataFrame, colors: dict, scenario: str = "clean")
     fig = Figure(figsize=A4_LANDSCAPE, layout="constrained")
     fig.suptitle(f"β sensitivity at the end of training ({scenario}; mean over seeds, bars: 95% CI)")
     axes = fig.subplots(2, 2)
-    panels = [("loss", "final loss (nats)"), ("reward_margin", "final implicit reward margin"),
-              _quality_panel(table, "gold reward of samples (−1…1)"), ("kl_to_reference", "KL(π‖π_ref) (nats)")]  # fmt: skip
+    panels = [("loss", f"final {METRICS['loss'].axis}"), ("reward_margin", f"final {METRICS['reward_margin'].axis}"),
+              _quality_panel(table), ("kl_to_reference", METRICS["kl_to_reference"].axis)]  # fmt: skip
     for ax, (metric, label) in zip(axes.flat, panels, strict=True):
         for variant, group in data.groupby("variant"):
             group = group.sort_values("beta")
@@ -168,8 +171,8 @@ def frontier(table: pd.DataFrame, colors: dict, reference_gold: float | None, sc
     largest = float(data.kl_to_reference.max()) if len(data) else 1.0
     # room right of the largest KL (symlog: a factor, not an offset), so that its marker is not cut at the frame
     ax.set_xlim(left=min(0.0, float(data.kl_to_reference.min()) if len(data) else 0.0), right=max(1.0, largest) * 1.6)
-    ax.set_xlabel("KL(π‖π_ref), nats (symmetric log scale)")
-    ax.set_ylabel("gold reward of samples (−1…1)")
+    ax.set_xlabel(f"{METRICS['kl_to_reference'].axis}, symmetric log scale")
+    ax.set_ylabel(METRICS["gold_reward"].axis)
     ax.set_title(f"Gold reward vs KL frontier ({scenario}; bars: 95% CI; a line joins one variant's β values)")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7, ncol=2 if data.variant.nunique() > 14 else 1, loc="center left", bbox_to_anchor=(1.01, 0.5),
@@ -201,9 +204,9 @@ def throughput(table: pd.DataFrame, colors: dict, device: str, bench: pd.DataFra
     the data's tokens per pair, the same for every variant, so it has no panel (the table has it); the CPU's peak
     memory is the process's so far, not a variant's own, so it has none either."""
     data = table.sort_values("pairs_per_s")
-    panels = [("pairs_per_s", "pairs / s")]
+    panels = [("pairs_per_s", METRICS["pairs_per_s"].axis)]
     if "peak_memory_mb" in data and not data.device.eq("cpu").all():
-        panels.append(("peak_memory_mb", "peak memory (MiB)"))
+        panels.append(("peak_memory_mb", METRICS["peak_memory_mb"].axis))
     with_bench = bench is not None and not bench.empty
     fig = Figure(figsize=A4_LANDSCAPE, layout="constrained")
     fig.suptitle(f"Throughput during training, device: {device} (means over the last 10% of steps)")
@@ -272,27 +275,26 @@ def geometry(landscape: pd.DataFrame, colors: dict, family: str, margin_for_beta
     return fig
 
 
-def custom_loss_study(finals: pd.DataFrame) -> Figure | None:
-    """The seed's custom-loss configurations (length normalisation × confidence weighting), if two or more ran
-    (``--param seed_custom_dpo.length_normalization=true,false --param seed_custom_dpo.confidence_weighting=true,false``)."""
+def parameter_study(finals: pd.DataFrame, variant: str, study: Study) -> Figure | None:
+    """The configurations of ``variant`` that its ``study`` compares (``LossSpec.study``: the values of its
+    ``params``), one bar per configuration in each panel (means over its cells), if two or more ran. Configurations
+    in the order of the study's labels, then the unlabelled ones by name."""
     name = finals.loss_name if "loss_name" in finals else finals.variant  # the report labels configurations
-    cells = finals[(name == "seed_custom_dpo") & (finals.status == "done")].copy()
+    cells = finals[(name == variant) & (finals.status == "done")].copy()
     if cells.empty:
         return None
-    params = cells.params.map(json.loads)
-    names = {(False, False): "standard", (True, False): "length-normalised", (False, True): "confidence-weighted",
-             (True, True): "full"}  # fmt: skip
-    cells["configuration"] = [names[(bool(p["length_normalization"]), bool(p["confidence_weighting"]))] for p in params]
+    params = cells.params.map(lambda p: json.loads(p) if isinstance(p, str) and p else {})
+    cells["configuration"] = [study.label({k: p.get(k) for k in study.params}) for p in params]
     if cells.configuration.nunique() < 2:  # one configuration is no study: nothing to compare it with
         return None
-    quality = _quality_panel(cells, "gold reward")
-    grouped = cells.groupby("configuration")[["loss", "reward_margin", "reward_accuracy", quality[0]]].mean()
-    grouped = grouped.reindex([n for n in names.values() if n in grouped.index])
+    panels = [(m, METRICS[m].axis) for m in ("loss", "reward_margin", "reward_accuracy")] + [_quality_panel(cells)]
+    grouped = cells.groupby("configuration")[[m for m, _ in panels]].mean()
+    labelled = [label for label in study.labels.values() if label in grouped.index]
+    grouped = grouped.reindex(labelled + sorted(set(grouped.index) - set(labelled)))
     fig = Figure(figsize=WIDE, layout="constrained")
-    fig.suptitle("The seed's custom DPO loss, trained: each configuration (means over its cells)")
-    axes = fig.subplots(1, 4)
-    for ax, (column, label) in zip(axes, [("loss", "final loss (nats)"), ("reward_margin", "implicit reward margin"),
-                                          ("reward_accuracy", "implicit reward accuracy"), quality], strict=True):  # fmt: skip
+    fig.suptitle(study.title or f"{variant}: each configuration of {', '.join(study.params)} (means over its cells)")
+    axes = fig.subplots(1, len(panels))
+    for ax, (column, label) in zip(axes, panels, strict=True):
         ax.bar(grouped.index, grouped[column], color="tab:blue")
         ax.set_ylabel(label)
         ax.tick_params(axis="x", rotation=30, labelsize=7)

@@ -1,443 +1,452 @@
-"""pandas views on the results store. One tidy (long) frame feeds every table and figure.
-
-Across seeds: the mean and a 95% Student-t interval (mean ± t₀.₉₇₅,ₙ₋₁ · s/√n). With one seed the
-interval of the gold reward is the sampling interval 1.96 · SE of its 256 samples; other metrics then
-have none. A ranking calls a tie a tie: variants whose intervals overlap the interval of the best
-variant of their group share its rank (competition ranking, "1, 1, 3").
-"""
+"""The report of a results store: a self-contained HTML page and an A4 PDF with the same content, built from the
+tables (``dpobench.tables``) and figures (``dpobench.figures``) of the store's tidy frame."""
 
 from __future__ import annotations
 
+import io
 import json
 import math
-import sqlite3
-from collections.abc import Sequence
-from contextlib import closing
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import numpy as np
+import matplotlib
 import pandas as pd
+from matplotlib.figure import Figure
 
-from dpobench.store import EVAL_METRICS, STEP_METRICS
+import dpobench
+from dpobench import figures
+from dpobench._util import atomic_path
+from dpobench.metrics import METRICS
+from dpobench.tables import (
+    beta_table,
+    cell_finals,
+    configuration_labels,
+    glossary_table,
+    has_gold,
+    is_reference,
+    read_samples,
+    read_tidy,
+    resolve_metric,
+    run_info,
+    scenario_table,
+    summary_table,
+    throughput_table,
+)
 
-__all__ = [
-    "GOLD_METRICS",
-    "HIGHER_IS_BETTER",
-    "T_975",
-    "aggregate",
-    "beta_table",
-    "cell_finals",
-    "has_gold",
-    "paired_rank",
-    "rank",
-    "read_samples",
-    "read_tidy",
-    "resolve_metric",
-    "run_info",
-    "scenario_table",
-    "summary_table",
-    "throughput_table",
-    "variant_table",
-]
+__all__ = ["Report", "build_report", "read_benchmark_json", "write_report"]
 
-# Two-sided 95% Student-t quantiles t_{0.975, df}, df = 1..30 (beyond: the normal 1.96).
-T_975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]  # fmt: skip
-
-HIGHER_IS_BETTER = {
-    "gold_reward": True, "reward_accuracy": True, "reward_margin": True, "heldout_reward_accuracy": True,
-    "grammatical_fraction": True, "pairs_per_s": True, "tokens_per_s": True, "kl_to_reference": False,
-    "loss": False, "response_length": False, "peak_memory_mb": False, "step_time_ms": False,
-}  # fmt: skip
-
-CELL_COLUMNS = ["run_id", "cell_id", "variant", "plugin", "plugin_version", "params", "beta", "seed", "scenario",
-                "model", "device", "dtype", "config", "status", "error"]  # fmt: skip
+HONESTY = (
+    "Every number in this report was measured by dpobench on the runs named below, or (model-free geometry) "
+    "computed from each loss's formula. The tutorial notebook dpobench started from showed invented numbers "
+    "(its RLHF 'Helpfulness' bars, its simulated memory use and training curves); none of those appear here."
+)
 
 
-def t_quantile(df: int) -> float:
-    return T_975[df - 1] if 1 <= df <= len(T_975) else 1.96
+def _columns_text(summary: pd.DataFrame) -> str:
+    """The summary's metric columns, each with which way is better (the glossary below the table says the rest)."""
+    shown = [m for m in summary.columns if m in METRICS]
+    directions = [f"{m} ({METRICS[m].better} is better)" if METRICS[m].better else m for m in shown]
+    return (f"Columns: {', '.join(directions)}; each is defined, with its unit, in the glossary below the table. "
+            "Training's metrics are the means of its last 10% of steps, on each variant's own scale. The SFT reference "
+            "is the model every cell starts from, not the sft variant. ")  # fmt: skip
 
 
-def _store_file(store: str | Path) -> Path:
-    """A store's SQLite file: ``store`` itself, or the ``results.sqlite`` of an output directory."""
-    path = Path(store)
-    return path / "results.sqlite" if path.is_dir() else path
+def _degenerate(summary: pd.DataFrame) -> str:
+    """A sentence naming the configurations whose samples the task's grammar mostly rejects: their gold reward
+    does not say they work."""
+    if "grammatical_fraction" not in summary:
+        return ""
+    low = summary[summary.grammatical_fraction < 0.5]
+    if low.empty:
+        return ""
+    names = ", ".join(f"{c} ({g:.0%})" for c, g in zip(low.configuration, low.grammatical_fraction, strict=True))
+    return (f"Degenerate samples: under half of the samples of {names} are grammatical; read their gold reward "
+            "with that in mind. ")  # fmt: skip
 
 
-def _key(values: Sequence[Any]) -> tuple:
-    """A group's key with NaN as None (a variant without β has NaN there, and NaN equals nothing, not even NaN)."""
-    return tuple(None if isinstance(v, float) and math.isnan(v) else v for v in values)
+@dataclass
+class Section:
+    id: str
+    title: str
+    text: str = ""
+    figures: list[Figure] = field(default_factory=list)
+    tables: list[tuple[str, pd.DataFrame]] = field(default_factory=list)
 
 
-def read_tidy(store: str | Path) -> pd.DataFrame:
-    """One row per cell × step × metric (``source`` = step or eval), with provenance and versions."""
-    path = _store_file(store)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no results store; run `dpobench run --out {path.parent}` first")
-    with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
-        cells = pd.read_sql_query(f"SELECT {', '.join(CELL_COLUMNS)} FROM cells", db)
-        runs = pd.read_sql_query(
-            "SELECT run_id, dpobench_version, torch_version, transformers_version, git_commit, model_hash FROM runs", db
-        )
-        steps = pd.read_sql_query("SELECT * FROM steps", db)
-        evals = pd.read_sql_query("SELECT * FROM evaluations", db)
-    long = [
-        steps.melt(id_vars=["cell_id", "step"], value_vars=STEP_METRICS, var_name="metric").assign(source="step"),
-        evals.melt(id_vars=["cell_id", "step"], value_vars=EVAL_METRICS, var_name="metric").assign(source="eval"),
-    ]
-    values = pd.concat(long, ignore_index=True)
-    values["value"] = pd.to_numeric(values["value"], errors="coerce")
-    # A cell that failed before its first step has no values; it keeps one row (metric NaN) so that no
-    # failure disappears from the tables.
-    frame = cells.merge(values, on="cell_id", how="left").merge(runs, on="run_id", how="left")
-    return frame[[*CELL_COLUMNS, "dpobench_version", "torch_version", "transformers_version", "git_commit",
-                  "model_hash", "source", "step", "metric", "value"]]  # fmt: skip
+@dataclass
+class Report:
+    title: str
+    header: list[tuple[str, str]]
+    sections: list[Section]
 
 
-def cell_finals(tidy: pd.DataFrame) -> pd.DataFrame:
-    """One row per cell: training metrics averaged over the last 10% of steps, evaluation metrics at the
-    last evaluation, and the provenance columns."""
-    info = tidy.drop_duplicates("cell_id").set_index("cell_id")[CELL_COLUMNS[:1] + CELL_COLUMNS[2:]]
-    steps = tidy[tidy.source == "step"]
-    if len(steps):
-        last = steps.groupby("cell_id").step.transform("max")
-        window = (last // 10).clip(lower=1)
-        tail = steps[steps.step > last - window]
-        train = tail.pivot_table(index="cell_id", columns="metric", values="value", aggfunc="mean")
-        train = _window_throughput(tail, train)
-    else:
-        train = pd.DataFrame(index=info.index)
-    evals = tidy[tidy.source == "eval"]
-    if len(evals):
-        final = evals[evals.step == evals.groupby("cell_id").step.transform("max")]
-        evaluation = final.pivot_table(index="cell_id", columns="metric", values="value", aggfunc="first", dropna=False)
-    else:
-        evaluation = pd.DataFrame(index=info.index)
-    frame = info.join(train).join(evaluation)
-    for metric in [*STEP_METRICS, *EVAL_METRICS]:
-        if metric not in frame:
-            frame[metric] = math.nan
-    return frame.reset_index()
+def read_benchmark_json(path: str | Path) -> pd.DataFrame:
+    """A pytest-benchmark JSON as one row per benchmark, with ratios to the plain-DPO baseline."""
+    try:
+        data = json.loads(Path(path).read_text())
+        rows = [
+            {"variant": b.get("extra_info", {}).get("variant", b["name"]),
+             "device": b.get("extra_info", {}).get("device", "?"), "median_ms": b["stats"]["median"] * 1e3}
+            for b in data["benchmarks"]
+        ]  # fmt: skip
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"--bench {str(path)!r}: not a pytest-benchmark JSON file ({error})") from None
+    frame = pd.DataFrame(rows)
+    base = frame[frame.variant == "baseline_plain_dpo"].set_index("device").median_ms
+    frame["x_baseline"] = frame.median_ms / frame.device.map(base)
+    return frame
 
 
-def _window_throughput(tail: pd.DataFrame, train: pd.DataFrame) -> pd.DataFrame:
-    """Pairs/s and tokens/s of the window as work over time (Σ pairs / Σ seconds), not the mean of per-step rates,
-    which one fast step dominates and which would then disagree with the window's mean step time."""
-    rates = tail[tail.metric.isin(["pairs_per_s", "tokens_per_s", "step_time_ms"])]
-    rates = rates.pivot_table(index=["cell_id", "step"], columns="metric", values="value", aggfunc="mean")
-    if "step_time_ms" not in rates:
-        return train
-    seconds = rates.step_time_ms / 1e3
-    total = seconds.groupby(level="cell_id").sum()
-    for metric in ("pairs_per_s", "tokens_per_s"):
-        if metric in rates:
-            train[metric] = (rates[metric] * seconds).groupby(level="cell_id").sum() / total
-    return train
-
-
-def configuration_labels(finals: pd.DataFrame) -> pd.Series:
-    """``variant`` alone, or ``variant[key=value, ...]`` with what varies between its cells besides β and the
-    seed: loss parameters, training settings (runs with other steps or lr), the model, the device or the plugin's
-    version (its code). Cells
-    that differ in more than their seed are never pooled as if they were seeds."""
-
-    def settings(row: pd.Series) -> dict[str, object]:
-        loads = lambda v: json.loads(v) if isinstance(v, str) and v else {}  # noqa: E731
-        extra = {k: row[k] for k in ("model", "device", "dtype", "plugin_version") if k in row}
-        return {**loads(row.get("config")), **extra, **loads(row.get("params"))}
-
-    params = finals.apply(settings, axis=1) if len(finals) else pd.Series(dtype=object)
-    labels = finals.variant.copy()
-    for variant, index in finals.groupby("variant").groups.items():
-        dicts = [params[i] for i in index]
-        keys = sorted({k for d in dicts for k in d if k != "beta" and len({json.dumps(x.get(k)) for x in dicts}) > 1})
-        if keys:
-            for i in index:
-                labels[i] = f"{variant}[{', '.join(f'{k}={params[i].get(k)}' for k in keys)}]"
-    return labels
-
-
-def aggregate(
-    finals: pd.DataFrame, metrics: list[str], by: tuple[str, ...] = ("variant", "configuration", "beta", "scenario")
-) -> pd.DataFrame:
-    """Per group (seeds pooled): n seeds, failed cells, and per metric its mean and 95% half-width ``<metric>_ci``."""
-    if "configuration" in by and "configuration" not in finals:
-        finals = finals.assign(configuration=configuration_labels(finals))
-    rows = []
-    for key, group in finals.groupby(list(by), dropna=False, sort=False):
-        done = group[group.status == "done"]
-        row = dict(zip(by, key if isinstance(key, tuple) else (key,), strict=True))
-        row["seeds"] = len(done)
-        row["failed"] = int((group.status != "done").sum())
-        for metric in metrics:
-            values = done[metric].dropna()
-            row[metric] = values.mean() if len(values) else math.nan
-            if len(values) > 1:
-                row[f"{metric}_ci"] = t_quantile(len(values) - 1) * values.std(ddof=1) / math.sqrt(len(values))
-            elif len(values) == 1 and metric == "gold_reward" and not math.isnan(done.gold_reward_se[values.index[0]]):
-                row[f"{metric}_ci"] = 1.96 * float(done.gold_reward_se[values.index[0]])  # the se of that very cell
-            else:
-                row[f"{metric}_ci"] = math.nan
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def read_samples(store: str | Path) -> pd.DataFrame:
-    """Per-prompt gold rewards at each cell's last evaluation: ``cell_id``, ``prompt``, ``gold_reward``. Empty for
-    cells without a gold reward (pairs from ``--data``) and for stores written before the samples were kept."""
-    with closing(sqlite3.connect(f"file:{_store_file(store)}?mode=ro", uri=True)) as db:
-        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        if "samples" not in tables:
-            return pd.DataFrame(columns=["cell_id", "prompt", "gold_reward"])
-        return pd.read_sql_query(
-            "SELECT s.cell_id, s.prompt, s.gold_reward FROM samples s JOIN (SELECT cell_id, MAX(step) AS step FROM "
-            "evaluations GROUP BY cell_id) e ON s.cell_id = e.cell_id AND s.step = e.step ORDER BY s.cell_id, s.prompt",
-            db,
-        )
-
-
-def paired_rank(
-    table: pd.DataFrame, metric: str, samples: dict[Any, np.ndarray]
-) -> tuple[pd.Series, pd.Series, pd.Series]:
-    """Ranks by ``metric`` (higher is better) from each row's per-prompt values in ``samples`` (one array per row
-    of ``table``, the same prompts in the same order): a row's rank is 1 + the number of rows better than it by
-    their paired difference, prompt by prompt (its mean beyond the 95 % half-width, t over the prompts). Every
-    pair is tested; no correction for their number. The cells were evaluated on the same prompts, so the prompt
-    -to-prompt variation that unpaired intervals carry cancels. Also returns each row's paired gap to the row of
-    the highest ``metric`` and its half-width (0 and NaN for that row). Rows without samples get no rank."""
-    rows = [i for i in table.index if i in samples and not pd.isna(table.at[i, metric])]
-    ranks = pd.Series(pd.NA, index=table.index, dtype="Int64")
-    gap = pd.Series(math.nan, index=table.index)
-    gap_ci = pd.Series(math.nan, index=table.index)
-    if not rows:
-        return ranks, gap, gap_ci
-
-    def difference(a: Any, b: Any) -> tuple[float, float]:  # mean of a − b, its 95 % half-width
-        d = samples[a] - samples[b]
-        half = t_quantile(len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d)) if len(d) > 1 else 0.0
-        return float(d.mean()), float(half)
-
-    for i in rows:
-        better = 0
-        for j in rows:
-            if j != i:
-                mean, half = difference(j, i)
-                better += mean > half
-        ranks[i] = 1 + better
-    top = max(rows, key=lambda i: table.at[i, metric])
-    for i in rows:
-        gap[i], gap_ci[i] = (0.0, math.nan) if i == top else difference(top, i)
-    return ranks, gap, gap_ci
-
-
-def rank(table: pd.DataFrame, metric: str, higher_is_better: bool | None = None) -> pd.Series:
-    """Competition ranks by ``metric``; a variant whose interval overlaps its group leader's shares the rank."""
-    better = HIGHER_IS_BETTER.get(metric, True) if higher_is_better is None else higher_is_better
-    order = table[metric].sort_values(ascending=not better, na_position="last").index
-    ci = table.get(f"{metric}_ci", pd.Series(math.nan, index=table.index)).fillna(0.0)
-    ranks = pd.Series(pd.NA, index=table.index, dtype="Int64")
-    leader = None
-    for position, index in enumerate(order, start=1):
-        value = table.at[index, metric]
-        if pd.isna(value):
-            continue
-        if leader is not None:
-            lead_value, lead_ci = table.at[leader, metric], ci[leader]
-            if abs(lead_value - value) <= lead_ci + ci[index]:  # the two intervals overlap
-                ranks[index] = ranks[leader]
-                continue
-        leader = index
-        ranks[index] = position
-    return ranks
-
-
-#: metrics that only the synthetic task has: its gold reward model and grammar. Pairs from ``--data`` have neither
-GOLD_METRICS = ("gold_reward", "grammatical_fraction")
-
-
-def has_gold(finals: pd.DataFrame) -> bool:
-    """Whether any cell measured the synthetic task's gold reward (cells trained on ``--data`` pairs have none)."""
-    return "gold_reward" in finals and bool(finals.gold_reward.notna().any())
-
-
-def resolve_metric(finals: pd.DataFrame, metric: str | None) -> str:
-    """The metric to rank by: ``metric``, or by default the gold reward where the cells have one and the held-out
-    implicit-reward accuracy where they do not (pairs from ``--data``). A gold metric asked of cells without one is
-    refused (ValueError)."""
-    if metric is None:
-        return "gold_reward" if has_gold(finals) else "heldout_reward_accuracy"
-    if metric in GOLD_METRICS and not has_gold(finals):
-        raise ValueError(
-            f"--metric {metric}: these cells trained on pairs from --data, which have no gold reward model; "
-            "rank by heldout_reward_accuracy (the default for them), kl_to_reference or loss"
-        )
-    return metric
-
-
-def _parameters(params: object) -> str:
-    """A cell's loss parameters as ``key=value, …``, β left out."""
-    values = json.loads(params) if isinstance(params, str) and params else {}
-    return ", ".join(f"{k}={v}" for k, v in sorted(values.items()) if k != "beta")
-
-
-def _row_samples(table: pd.DataFrame, finals: pd.DataFrame, samples: pd.DataFrame | None) -> dict[Any, np.ndarray]:
-    """Each summary row's per-prompt gold rewards, for rows of exactly one finished cell whose samples were kept
-    (several seeds are ranked by their t-intervals instead: those carry training's seed-to-seed spread)."""
-    if samples is None or samples.empty:
-        return {}
-    by_cell = {cell: group.gold_reward.to_numpy(float) for cell, group in samples.groupby("cell_id")}
-    done = finals[(finals.status == "done") & (finals.variant != "(reference)")]
-    keys = ["variant", "configuration", "beta", "scenario"]
-    cells = {_key(key): list(group.cell_id) for key, group in done.groupby(keys, dropna=False, sort=False)}
-    out = {}
-    for index, row in table.iterrows():
-        ids = cells.get(_key([row[k] for k in keys]), [])
-        if len(ids) == 1 and ids[0] in by_cell:
-            out[index] = by_cell[ids[0]]
+def _fmt_table(frame: pd.DataFrame) -> pd.DataFrame:
+    out = frame.copy()
+    for column in out.columns:
+        if pd.api.types.is_float_dtype(out[column]):
+            out[column] = [("–" if pd.isna(v) else f"{v:.4g}") for v in out[column]]
     return out
 
 
-def summary_table(
-    finals: pd.DataFrame, metric: str = "gold_reward", samples: pd.DataFrame | None = None
-) -> pd.DataFrame:
-    """Per variant × β × scenario at the end of training, ranked by ``metric`` within each scenario. Without a
-    gold reward (pairs from ``--data``), its columns are left out. With ``samples`` (``read_samples``: give them
-    only for cells evaluated on the same prompts), a scenario whose ranked rows are one cell each, with samples of
-    one length, is ranked by the gold reward's paired differences (``paired_rank``), and ``gold_reward_gap`` ±
-    ``gold_reward_gap_ci`` give each row's paired gap to the best row."""
-    metrics = ["gold_reward", "kl_to_reference", "reward_accuracy", "reward_margin", "loss", "response_length",
-               "grammatical_fraction", "heldout_reward_accuracy", "pairs_per_s"]  # fmt: skip
-    if not has_gold(finals):
-        metrics = [m for m in metrics if m not in GOLD_METRICS]
-    if metric not in metrics:  # any metric of HIGHER_IS_BETTER can rank: step_time_ms, say
-        metrics.append(metric)
-    cells = finals[finals.variant != "(reference)"]
-    if "configuration" not in cells:
-        cells = cells.assign(configuration=configuration_labels(cells))
-    table = aggregate(cells, metrics)
-    # every parameter each configuration trained with, besides β (its own column): the swept ones, and the rest
-    shown = {(v, c): _parameters(p) for v, c, p in zip(cells.variant, cells.configuration, cells.params, strict=True)}
-    table.insert(
-        2, "parameters", [shown.get((v, c), "") for v, c in zip(table.variant, table.configuration, strict=True)]
-    )
-    table["rank"] = pd.Series(dtype="Int64")
-    vectors = _row_samples(table, cells, samples) if metric == "gold_reward" else {}
-    for _, group in table.groupby("scenario"):
-        ranked = group[(group.seeds > 0) & group[metric].notna()].index  # failed rows have no rank either way
-        paired = [vectors.get(i) for i in ranked]
-        if (
-            len(paired) > 1
-            and all(v is not None for v in paired)
-            and len({len(v) for v in paired}) == 1
-            and len(paired[0]) > 1
-        ):
-            ranks, gap, gap_ci = paired_rank(group, metric, {i: vectors[i] for i in ranked})
-            table.loc[group.index, "rank"] = ranks
-            table.loc[group.index, "gold_reward_gap"] = gap
-            table.loc[group.index, "gold_reward_gap_ci"] = gap_ci
-        else:
-            table.loc[group.index, "rank"] = rank(group, metric)
-    better = HIGHER_IS_BETTER.get(metric, True)
-    columns = [c for c in table.columns if c not in ("rank", "gold_reward_gap", "gold_reward_gap_ci")]
-    if "gold_reward_gap" in table:  # the paired gap beside the gold reward it ranks
-        at = columns.index("gold_reward_ci") + 1
-        columns[at:at] = ["gold_reward_gap", "gold_reward_gap_ci"]
-    table = table[["rank", *columns]]  # the rank first: what the table is for
-    return table.sort_values(["scenario", "rank", metric], ascending=[True, True, not better]).reset_index(drop=True)
+def _shown_config(config: object) -> object:
+    """A run's configuration as the header shows it: with pairs from ``--data``, less the synthetic task's recipe and
+    scenario settings, which that run did not use."""
+    if isinstance(config, dict) and config.get("data"):
+        return {k: v for k, v in config.items() if k not in ("data_recipe", "noise", "length_bonus")}
+    return config
 
 
-def beta_table(finals: pd.DataFrame, metric: str = "gold_reward") -> pd.DataFrame:
-    """``metric`` (mean over seeds) for each variant (rows) at each β (columns), clean scenario first."""
-    table = aggregate(finals[finals.variant != "(reference)"], [metric])
-    scenario = "clean" if "clean" in set(table.scenario) else table.scenario.iloc[0]
-    return table[table.scenario == scenario].pivot_table(index="variant", columns="beta", values=metric)
+def plugin_sources(finals: pd.DataFrame, runs: list[dict[str, object]]) -> str:
+    """The plugins whose variants the cells trained, with their versions (a loose file's: the hash of its text) and,
+    where a run recorded it, their source: "builtin", an installed distribution, or a loose file's path."""
+    sources: dict[tuple[str, str], str] = {}
+    for run in runs:
+        info = run.get("info")
+        for name, plugin in (info.get("plugins") or {}).items() if isinstance(info, dict) else ():
+            sources[(name, str(plugin.get("version", "")))] = str(plugin.get("source", ""))
+    cells = finals.loc[~is_reference(finals), ["plugin", "plugin_version"]].dropna().drop_duplicates()
+    pairs = sorted((str(p), str(v)) for p, v in cells.itertuples(index=False))
+    return ", ".join(f"{p} {v}" + (f" ({sources[(p, v)]})" if sources.get((p, v)) else "") for p, v in pairs)
 
 
-def scenario_table(finals: pd.DataFrame) -> pd.DataFrame:
-    """Per variant and β: the change of gold reward under label noise and of length under length bias,
-    each scenario minus clean (means over seeds)."""
-    table = aggregate(finals[finals.variant != "(reference)"], ["gold_reward", "response_length", "kl_to_reference"])
-    wide = table.pivot_table(index=["variant", "beta"], columns="scenario", values=["gold_reward", "response_length"])
-    out = pd.DataFrame(index=wide.index)
-    scenarios = set(table.scenario)
-    if {"clean", "noisy"} <= scenarios:
-        out["gold_reward_clean"] = wide["gold_reward"]["clean"]
-        out["gold_reward_noisy_delta"] = wide["gold_reward"]["noisy"] - wide["gold_reward"]["clean"]
-    if {"clean", "length-biased"} <= scenarios:
-        out["length_clean"] = wide["response_length"]["clean"]
-        out["length_biased_delta"] = wide["response_length"]["length-biased"] - wide["response_length"]["clean"]
-    return out.reset_index()
+def batch_layout(runs: list[dict[str, object]]) -> str:
+    """How the runs' training batches were laid out: a run's ``info`` records whether it shared each pair's prompt
+    (runs from before it did record nothing, and did not)."""
+    shared = {isinstance(info := r.get("info"), dict) and bool(info.get("share_prompt")) for r in runs}
+    names = {True: "prompt shared (one row per pair)", False: "one row per sequence"}
+    return " and ".join(names[layout] for layout in sorted(shared, reverse=True))
 
 
-def throughput_table(finals: pd.DataFrame) -> pd.DataFrame:
-    """Training throughput and peak memory per variant (means over its cells), with the device. Peak memory only
-    where a cell ran on CUDA: the CPU's is the process's peak so far, which a cell inherits from those before it."""
-    cells = finals[(finals.variant != "(reference)") & (finals.status == "done")]
-    columns = ["pairs_per_s", "tokens_per_s", "step_time_ms"]
-    columns += ["peak_memory_mb"] if not cells.device.eq("cpu").all() else []
-    table = cells.groupby(["variant", "device"], as_index=False)[columns].mean()
-    return table.sort_values("pairs_per_s", ascending=False).reset_index(drop=True)
+def build_report(store: str | Path, metric: str | None = None, bench: str | Path | None = None) -> Report:
+    """The report of a store, ranked by ``metric`` (None: ``resolve_metric``'s default, the gold reward where the
+    cells have one). Without a gold reward (pairs from ``--data``) its columns and the gold-vs-KL figure are left
+    out."""
+    tidy = read_tidy(store)
+    if tidy.empty:
+        raise ValueError(f"{store}: the store holds no finished cells yet")
+    finals, tidy = _label_configurations(cell_finals(tidy), tidy)
+    metric = resolve_metric(finals, metric)
+    gold = has_gold(finals)
+    runs = run_info(store)
+    variants = finals[~is_reference(finals)]
+    colors = figures.variant_colors(variants.variant.unique())
+    # cells pair by prompt only where they were evaluated on the same prompts: one data recipe for every run
+    same_prompts = len({r.get("data_hash") for r in runs}) == 1
+    per_prompt = same_prompts and metric in METRICS and METRICS[metric].per_prompt is not None
+    summary = summary_table(finals, metric, read_samples(store, metric) if per_prompt else None)
+    gap = f"{metric}_gap"
+    paired = sorted(summary[summary[gap].notna()].scenario.unique()) if gap in summary else []
+    unpaired = sorted(set(summary.scenario) - set(paired))
+    reference = finals[is_reference(finals)]
+    reference_gold = float(reference.gold_reward.mean()) if len(reference) else math.nan
+    devices = ", ".join(sorted(set(finals.device.dropna())))
+    scenarios = sorted(set(variants.scenario))
+    main_scenario = "clean" if "clean" in scenarios else scenarios[0]
+    best = summary[summary.scenario == main_scenario].variant.drop_duplicates().head(8).tolist()  # ranked first
+
+    header = [("runs", ", ".join(r["run_id"] for r in runs)), ("device", devices),
+              ("dtype", ", ".join(sorted(set(finals["dtype"].dropna())))),
+              ("model", ", ".join(sorted({f"{r['model']} ({r['model_hash']})" for r in runs}))),
+              ("cells", f"{len(variants)} ({int((finals.status != 'done').sum())} failed or diverged)"),
+              ("versions", ", ".join(sorted({f"dpobench {r['dpobench_version']}, torch {r['torch_version']}, "
+                                             f"transformers {r['transformers_version']}" for r in runs}))),
+              ("git commit", ", ".join(sorted({str(r["git_commit"]) for r in runs}))),
+              ("plugins", plugin_sources(finals, runs)),
+              ("configuration", "; ".join(json.dumps(_shown_config(r["config"]), sort_keys=True) for r in runs)),
+              ("batch layout", batch_layout(runs)),
+              ("ranked by", metric), ("report by", f"dpobench {dpobench.__version__}")]  # fmt: skip
+    sections = [
+        Section(
+            "summary",
+            "Summary",
+            f"Per variant × β × scenario at the end of training: means over seeds with 95% confidence intervals "
+            f"(`_ci` columns: Student-t over seeds; with one seed the gold-reward interval is 1.96 × the standard "
+            f"error of its samples, which leaves out training's seed-to-seed spread (--seeds 0,1,2 measures it), and "
+            f"other metrics have none). Ranked by {metric} within each scenario; "
+            + (
+                f"In {'scenario' if len(paired) == 1 else 'scenarios'} {', '.join(paired)}, every configuration is one "
+                "cell evaluated on the same prompts, so a configuration's rank is 1 + the number of configurations "
+                "better than it by their paired difference, prompt by prompt (its mean beyond its 95% half-width; each "
+                f"pair tested, no correction for their number); {gap} ± {gap}_ci is the best "
+                f"configuration's {metric} minus this one's, paired. "
+                if paired
+                else ""
+            )
+            + (
+                f"{'In ' + ', '.join(unpaired) + ', v' if paired else 'V'}ariants whose intervals overlap share a rank. "
+                if unpaired
+                else ""
+            )
+            + (
+                f"The SFT reference scores a gold reward of {reference_gold:+.3f}. "
+                if gold
+                else "The pairs came from --data, so there is no gold reward: heldout_reward_accuracy is the fraction of "
+                "held-out pairs whose implicit reward prefers the chosen response. "
+            )
+            + _degenerate(summary)
+            + _columns_text(summary)
+            + HONESTY,
+            tables=[("ranked summary", summary), ("glossary", glossary_table(_glossary_order(summary)))],
+        ),
+        Section(
+            "training",
+            "Training dynamics",
+            "Per-step metrics of every cell, from the store.",
+            figures=[figures.training_curves(tidy, colors, main_scenario, highlight=best)],
+        ),
+    ]
+    if finals.beta.nunique() > 1:
+        sections.append(Section("beta", "β sensitivity", "Final metrics against β.",
+                                figures=[figures.beta_sensitivity(summary, colors, main_scenario)],
+                                tables=[(f"{metric} by β", beta_table(finals, metric).reset_index())]))  # fmt: skip
+    if gold:
+        sections.append(Section("frontier", "Gold reward vs KL", "The trade-off each variant buys: its gold reward "
+                                "against its KL from the reference (nats per completion). Up and left is better: more "
+                                "reward for less divergence.",
+                                figures=[figures.frontier(summary, colors, reference_gold, main_scenario)]))  # fmt: skip
+    if len(scenarios) > 1:
+        table = scenario_table(finals)
+        sections.append(Section("scenarios", "Robustness", "Noisy: 20% of training labels flipped. Length-biased: the "
+                                "labeller adds 0.03 gold reward per token.",
+                                figures=[figures.scenario_robustness(table, colors)], tables=[("scenario deltas", table)]))  # fmt: skip
+    sections += _study_sections(finals)
+    speed = throughput_table(finals)
+    bench_frame = read_benchmark_json(bench) if bench else None
+    speed_tables = [("throughput and memory", speed)]
+    if bench_frame is not None:
+        speed_tables.append(("loss kernels (pytest-benchmark, 1e6 pairs)", bench_frame))
+    sections.append(Section("throughput", "Throughput and memory", f"Measured per training step on {devices}, one "
+                            "cell after another: on a shared machine, differences of about 20 % between variants "
+                            "can be noise (benchmarks/ times steps side by side). Tokens count each pair's prompt "
+                            "twice. Peak memory (MiB) is CUDA's max_memory_allocated; on the CPU it is left out, as the "
+                            "process's peak RSS so far is inherited from the cells before, not a variant's own.",
+                            figures=[figures.throughput(speed, colors, devices, bench_frame)], tables=speed_tables))  # fmt: skip
+    geometry = _geometry_section(finals, colors)
+    if geometry is not None:
+        sections.append(geometry)
+    failed = finals[finals.status != "done"][["variant", "beta", "seed", "scenario", "status", "error"]]
+    if len(failed):
+        sections.append(
+            Section("failures", "Failed and diverged cells", "Recorded, not hidden.", tables=[("cells", failed)])
+        )
+    return Report(title="dpobench report", header=header, sections=sections)
 
 
-def run_info(store: str | Path) -> list[dict[str, object]]:
-    """The runs recorded in a store: configuration, device and versions."""
-    with closing(sqlite3.connect(f"file:{_store_file(store)}?mode=ro", uri=True)) as db:
-        frame = pd.read_sql_query("SELECT * FROM runs ORDER BY created", db)
-    rows = frame.to_dict("records")
-    for row in rows:
-        row["config"] = json.loads(row["config"] or "{}")
-        row["info"] = json.loads(row["info"] or "{}")
-    return rows
+def _label_configurations(finals: pd.DataFrame, tidy: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Every table and figure of the report keeps a variant's settings apart: ``variant`` becomes its configuration
+    label (``dpo[label_smoothing=0.2]``, see ``configuration_labels``) wherever cells of one variant differ in more
+    than β and the seed, in the cells and in the per-step frame alike; ``loss_name`` keeps the registered name."""
+    labels = configuration_labels(finals).where(~is_reference(finals), finals.variant)
+    by_cell = dict(zip(finals.cell_id, labels, strict=True))
+    finals = finals.assign(loss_name=finals.variant, variant=labels)
+    return finals, tidy.assign(variant=tidy.cell_id.map(by_cell).fillna(tidy.variant))
 
 
-def variant_table(finals: pd.DataFrame) -> pd.DataFrame:
-    """The terminal summary: one formatted row per variant × β × scenario, the reference first."""
-    frame = aggregate(finals, ["loss", "reward_margin", "reward_accuracy", "gold_reward", "kl_to_reference",
-                               "response_length", "grammatical_fraction", "pairs_per_s",
-                               "heldout_reward_accuracy"])  # fmt: skip
-    frame["order"] = (frame.variant != "(reference)").astype(int)
-    gold = has_gold(finals)  # pairs from --data have no gold reward: held-out accuracy takes its place
-    labelled = finals.assign(configuration=configuration_labels(finals)) if "configuration" not in finals else finals
-    statuses = {  # "failed", "diverged" or both, for the group's cells that did not finish
-        _key(key): ", ".join(sorted(set(g.status) - {"done"}))
-        for key, g in labelled.groupby(["variant", "configuration", "beta", "scenario"], dropna=False)
-        if (g.status != "done").any()
-    }
-    frame = frame.sort_values(["order", "scenario", "gold_reward" if gold else "heldout_reward_accuracy"],
-                              ascending=[True, True, False])  # fmt: skip
+def _glossary_order(summary: pd.DataFrame) -> list[str]:
+    """The glossary's metrics: the summary's columns first, as they stand, then the rest of the catalogue (every
+    column of summary.csv)."""
+    shown = [m for m in summary.columns if m in METRICS]
+    return [*shown, *(m for m in METRICS if m not in shown)]
 
-    def fmt(value: float, spec: str) -> str:
-        return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
 
-    table = pd.DataFrame(
-        {
-            "variant": frame.configuration,
-            "β": [fmt(b, "g") for b in frame.beta],
-            "scenario": frame.scenario,
-            "loss": [fmt(v, ".3f") for v in frame.loss],
-            "margin": [fmt(v, ".2f") for v in frame.reward_margin],
-            "acc": [fmt(v, ".2f") for v in frame.reward_accuracy],
-            "gold ± 95% CI": [
-                "–" if math.isnan(g) else f"{g:+.3f}±{c:.3f}"
-                for g, c in zip(frame.gold_reward, frame.gold_reward_ci, strict=True)
-            ],
-            "KL": [fmt(v, ".2f") for v in frame.kl_to_reference],
-            "len": [fmt(v, ".1f") for v in frame.response_length],
-            "gram": [fmt(v, ".2f") for v in frame.grammatical_fraction],
-            "pairs/s": [fmt(v, ".0f") for v in frame.pairs_per_s],
-            "status": [
-                statuses.get(_key(key), "ok")
-                for key in zip(frame.variant, frame.configuration, frame.beta, frame.scenario, strict=True)
-            ],
-        }
-    )
-    if not gold:
-        table = table.drop(columns=["gold ± 95% CI", "gram"])
-        table.insert(table.columns.get_loc("KL"), "held-out acc",
-                     [fmt(v, ".2f") for v in frame.heldout_reward_accuracy])  # fmt: skip
-    if frame.scenario.nunique() <= 1:
-        table = table.drop(columns="scenario")
-    if not frame.failed.any():
-        table = table.drop(columns="status")
-    return table.reset_index(drop=True)
+def _study_sections(finals: pd.DataFrame) -> list[Section]:
+    """A section for each variant whose registration declares a parameter study (``LossSpec.study``) and which ran
+    two or more of its configurations."""
+    from dpobench.plugins import get_losses
+
+    registry = get_losses()
+    sections = []
+    for name in sorted(set(finals[~is_reference(finals)].loss_name)):
+        study = registry[name].study if name in registry else None
+        figure = figures.parameter_study(finals, name, study) if study is not None else None
+        if figure is not None:
+            sections.append(Section(f"study-{name}", f"Parameter study: {name}", study.text, figures=[figure]))
+    return sections
+
+
+def _geometry_section(finals: pd.DataFrame, colors: dict) -> Section | None:
+    from dpobench.landscape import landscape
+    from dpobench.plugins import get_losses
+
+    registry = get_losses()
+    cells = finals[~is_reference(finals)]
+    specs = [registry[v] for v in sorted(set(cells.loss_name)) if v in registry]
+    if not specs:
+        return None
+    # each variant's curve at the β its cells trained with (the most common, where several), as trained
+    trained = {name: float(b.mode().iloc[0]) for name, b in cells.groupby("loss_name").beta if b.notna().any()}
+    grid = sorted({0.01, 0.03, 0.1, 0.3, 1.0, *trained.values()})
+    frame = landscape(specs, betas=grid, margins=tuple(x / 4 for x in range(-40, 41)))
+    failed = "; ".join(f"{name}: {error}" for name, error in frame.attrs.get("errors", {}).items())
+    if frame.empty:
+        return None
+    return Section("geometry", "Model-free geometry", "Loss and gradient weight against the log-ratio margin (each "
+                   "variant at the β its cells trained with), and preference probability against β, from each "
+                   "variant's formula (`dpobench landscape`)."
+                   + (f" Left out because their loss failed: {failed}." if failed else ""),
+                   figures=[figures.geometry(frame, colors, family, betas=trained)
+                            for family in sorted(set(frame.plugin))])  # fmt: skip
+
+
+def _svg(fig: Figure) -> str:
+    buffer = io.StringIO()
+    with matplotlib.rc_context({"svg.fonttype": "path", "svg.hashsalt": "dpobench"}):
+        fig.savefig(buffer, format="svg")
+    text = buffer.getvalue()
+    text = text[text.index("<svg") :]  # drop the XML prolog and DOCTYPE: the SVG is inlined
+    # Text is drawn as paths; matplotlib repeats each string in an XML comment, which we drop so that
+    # no plugin- or config-supplied string reaches the page outside an escaped context.
+    return re.sub(r"<!--.*?-->", "", text, flags=re.S)
+
+
+def render_html(report: Report) -> str:
+    import jinja2
+    from markupsafe import Markup
+
+    env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
+    template = env.from_string(_HTML)
+    sections = [
+        {"id": s.id, "title": s.title, "text": s.text, "figures": [Markup(_svg(f)) for f in s.figures],
+         "tables": [(name, Markup(_fmt_table(t).to_html(index=False, escape=True, border=0, na_rep="–")))
+                    for name, t in s.tables]}
+        for s in report.sections
+    ]  # fmt: skip
+    return template.render(title=report.title, header=report.header, sections=sections)
+
+
+def render_pdf(report: Report, path: Path) -> None:
+    from matplotlib.backends.backend_pdf import PdfPages
+
+    with PdfPages(path, metadata={"Title": report.title, "Creator": f"dpobench {dpobench.__version__}"}) as pdf:
+        title = Figure(figsize=(8.27, 11.69))
+        title.text(0.08, 0.95, report.title, fontsize=20, weight="bold", va="top")
+        y = 0.90
+        for key, value in report.header:
+            for line in _wrap(f"{key}: {value}", 100)[:8]:
+                title.text(0.08, y, line, fontsize=8, va="top", family="monospace")
+                y -= 0.018
+        y -= 0.02
+        for line in _wrap(HONESTY, 100):
+            title.text(0.08, y, line, fontsize=8, va="top")
+            y -= 0.018
+        pdf.savefig(title)
+        for section in report.sections:
+            pdf.savefig(_text_page(section.title, section.text))
+            for fig in section.figures:
+                pdf.savefig(fig)
+            for name, table in section.tables:
+                for page in _table_pages(f"{section.title}: {name}", _fmt_table(table)):
+                    pdf.savefig(page)
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    import textwrap
+
+    return textwrap.wrap(text, width, break_on_hyphens=False) or [""]
+
+
+def _text_page(title: str, text: str) -> Figure:
+    """A section's title and text, as the HTML shows them above its figures."""
+    page = Figure(figsize=(8.27, 11.69))
+    page.text(0.08, 0.95, title, fontsize=16, weight="bold", va="top")
+    for i, line in enumerate(_wrap(text, 100)):
+        page.text(0.08, 0.90 - 0.018 * i, line, fontsize=8, va="top")
+    return page
+
+
+#: the columns that name a row, repeated on every page of a table too wide for one
+_ROW_NAMES = ("rank", "variant", "configuration", "beta", "scenario")
+
+
+def _table_pages(title: str, table: pd.DataFrame, rows_per_page: int = 36, columns_per_page: int = 12,
+                 cell_chars: int = 28) -> list[Figure]:  # fmt: skip
+    """A table on A4 landscape pages: every column, in groups of ``columns_per_page`` with the row-naming columns
+    repeated in each group; cells longer than ``cell_chars`` cut with "…"."""
+    names = [c for c in table.columns if c in _ROW_NAMES]
+    rest = [c for c in table.columns if c not in _ROW_NAMES]
+    width = max(1, columns_per_page - len(names))
+    groups = [names + rest[i : i + width] for i in range(0, len(rest), width)] or [names]
+    cut = lambda text, n: text if len(text) <= n else text[: n - 1] + "…"  # noqa: E731
+    pages = []
+    for number, columns in enumerate(groups, 1):
+        part_of = f", columns {number} of {len(groups)}" if len(groups) > 1 else ""
+        for start in range(0, max(1, len(table)), rows_per_page):
+            part = table.iloc[start : start + rows_per_page][columns].astype(str)
+            fig = Figure(figsize=(11.69, 8.27))
+            fig.suptitle(f"{title} (rows {start + 1}–{start + len(part)} of {len(table)}{part_of})", fontsize=10)
+            ax = fig.add_axes((0.03, 0.03, 0.94, 0.88))
+            ax.axis("off")
+            if len(part):
+                cell_table = ax.table(cellText=[[cut(c, cell_chars) for c in row] for row in part.values.tolist()],
+                                      colLabels=[cut(str(c), 20) for c in columns], loc="upper center", cellLoc="left")  # fmt: skip
+                cell_table.auto_set_font_size(False)
+                cell_table.set_fontsize(6.5)
+                cell_table.scale(1, 1.15)
+            pages.append(fig)
+    return pages
+
+
+def write_report(store: str | Path, out_dir: str | Path, formats: tuple[str, ...] = ("html", "pdf"),
+                 metric: str | None = None, bench: str | Path | None = None) -> list[Path]:  # fmt: skip
+    """Build the report and write ``report.html`` / ``report.pdf`` atomically (write, then rename)."""
+    report = build_report(store, metric, bench)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for fmt in formats:
+        if fmt not in ("html", "pdf"):
+            raise ValueError(f"--format {fmt!r}: use html and/or pdf")
+        path = out / f"report.{fmt}"
+        with atomic_path(path) as tmp:
+            if fmt == "html":
+                tmp.write_text(render_html(report), encoding="utf-8")
+                for figure in (f for section in report.sections for f in section.figures):
+                    figure.set_layout_engine("none")  # laid out by that drawing: the PDF's skips it (3.0 s → 1.8 s)
+            else:
+                render_pdf(report, tmp)
+        written.append(path)
+    return written
+
+
+_HTML = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{{ title }}</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>
+body { font: 14px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1200px; padding: 0 1em; color: #222; }
+table { border-collapse: collapse; font-size: 12px; margin: 0.5em 0 1.5em; }
+th, td { padding: 2px 8px; border-bottom: 1px solid #ddd; text-align: right; white-space: nowrap; }
+th { background: #f4f4f4; } td:first-child, th:first-child { text-align: left; }
+dl.header { display: grid; grid-template-columns: max-content 1fr; gap: 2px 1em; font-size: 12px; }
+dl.header dt { font-weight: bold; } dl.header dd { margin: 0; word-break: break-all; }
+figure { margin: 1em 0; } figure svg { max-width: 100%; height: auto; }
+.table-wrap { overflow-x: auto; } nav li { display: inline; margin-right: 1em; }
+</style></head>
+<body>
+<h1>{{ title }}</h1>
+<dl class="header">{% for key, value in header %}<dt>{{ key }}</dt><dd>{{ value }}</dd>{% endfor %}</dl>
+<nav><h2>Contents</h2><ul>{% for s in sections %}<li><a href="#{{ s.id }}">{{ s.title }}</a></li>{% endfor %}</ul></nav>
+{% for s in sections %}<section id="{{ s.id }}"><h2>{{ s.title }}</h2>
+<p>{{ s.text }}</p>
+{% for svg in s.figures %}<figure>{{ svg }}</figure>
+{% endfor %}{% for name, table in s.tables %}<h3>{{ name }}</h3><div class="table-wrap">{{ table }}</div>
+{% endfor %}</section>
+{% endfor %}</body></html>
+"""

@@ -49,8 +49,8 @@ from dpobench.models import reference_model as build_reference_model
 from dpobench.plugins import get_losses
 from dpobench.plugins import state as plugin_state
 from dpobench.registry import LossSpec
-from dpobench.report import cell_finals, read_tidy
 from dpobench.store import Store
+from dpobench.tables import cell_finals, read_tidy
 from dpobench.train import CellResult, Evaluator, train_cell
 
 __all__ = [

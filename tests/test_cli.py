@@ -92,7 +92,7 @@ def test_check_of_a_broken_plugin_file_names_its_error_only(plugin: str) -> None
 def test_a_plugin_whose_code_changed_trains_anew(tmp_path: Path, untrained_model: Path) -> None:
     """Editing a plugin and rerunning into the same --out reused the old code's cells without a word: a plugin's
     version (a loose file's hash) is now part of its cells' identity, and the report labels the two apart."""
-    from dpobench.render import build_report
+    from dpobench.report import build_report
 
     example = (Path(__file__).parents[1] / "docs" / "example-plugin" / "dpobench_example.py").read_text()
     plugin = tmp_path / "plugins" / "offset.py"

@@ -14,10 +14,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from dpobench import figures
-from dpobench.render import batch_layout, build_report, plugin_sources, render_html, write_report
-from dpobench.report import aggregate, cell_finals, rank, read_tidy, summary_table, variant_table
+from dpobench import Study, figures
+from dpobench.report import batch_layout, build_report, plugin_sources, render_html, write_report
 from dpobench.store import Store
+from dpobench.tables import CELL_COLUMNS, aggregate, cell_finals, rank, read_tidy, summary_table, variant_table
 
 EVIL = "<script>alert(1)</script>"
 # (variant, beta, seed) -> final gold reward; losses are 1 − step/100 + seed/100 at every step
@@ -51,7 +51,8 @@ def store_dir(tmp_path_factory) -> Path:
 def write_reference(store: Store, model: str, evaluation: dict[str, float]) -> None:
     """The reference's cell: no steps, one evaluation at step 0."""
     store.write_cell(
-        {"cell_id": "ref-0", "run_id": "run-1", "variant": "(reference)", "plugin": "", "plugin_version": "",
+        {"cell_id": "ref-0", "run_id": "run-1", "variant": "(reference)", "role": "reference", "plugin": "",
+         "plugin_version": "",
          "params": "{}", "beta": math.nan, "seed": 0, "scenario": "clean", "model": model, "model_hash": "abc",
          "device": "cpu", "dtype": "float32", "config": "{}", "status": "done", "error": "", "started": 0.0,
          "finished": 0.0, "seconds": 0.0},
@@ -303,6 +304,7 @@ def test_the_header_names_each_plugin_with_its_version_and_source() -> None:
     """A loose plugin file is named by its path and the hash of its text (its version), as the run recorded them;
     runs from before the sources were recorded still show the cells' plugin and version."""
     finals = pd.DataFrame({"variant": ["(reference)", "dpo", "ipo", "offset_dpo", "old_one"],
+                           "role": ["reference", "variant", "variant", "variant", "variant"],
                            "plugin": ["", "dpo", "dpo", "offset", "legacy"],
                            "plugin_version": ["", "0.1.0", "0.1.0", "file-0123456789ab", "2.0"]})  # fmt: skip
     runs = [{"info": {"plugins": {"dpo": {"version": "0.1.0", "source": "builtin"},
@@ -371,7 +373,7 @@ def test_one_gold_value_among_seeds_gets_its_own_cells_interval() -> None:
 def test_pdf_tables_keep_every_column_and_name_each_row_on_every_page() -> None:
     """A table wider than a page goes onto several, each with the row-naming columns; it used to keep the first 12
     columns only, so the PDF's ranked summary lost its rank. Long cells are cut visibly."""
-    from dpobench.render import _table_pages
+    from dpobench.report import _table_pages
 
     columns = ["rank", "variant", "configuration", "parameters", *(f"m{i}" for i in range(20))]
     table = pd.DataFrame([[1, "dpo", "dpo", "x" * 40, *range(20)], [2, "ipo", "ipo", "", *range(20, 40)]],
@@ -395,7 +397,7 @@ def test_pdf_tables_keep_every_column_and_name_each_row_on_every_page() -> None:
 def test_the_summary_defines_its_columns_and_names_degenerate_samples(store_dir: Path) -> None:
     """The summary's text says what each column means and which way is better, and names the configurations
     whose samples are mostly ungrammatical; every section's text is in the PDF too, on a page of its own."""
-    from dpobench.render import _degenerate, _text_page
+    from dpobench.report import _degenerate, _text_page
 
     table = pd.DataFrame({"configuration": ["dpo", "apo_down", "ipo"], "grammatical_fraction": [0.9, 0.0, 0.49]})
     assert _degenerate(table) == (
@@ -405,30 +407,54 @@ def test_the_summary_defines_its_columns_and_names_degenerate_samples(store_dir:
     assert _degenerate(table.iloc[:1]) == "" and _degenerate(table.drop(columns="grammatical_fraction")) == ""
     report = build_report(store_dir)
     summary = report.sections[0]
-    assert "kl_to_reference, the KL from the SFT reference" in summary.text and "(higher is better)" in summary.text
+    assert "gold_reward (higher is better), kl_to_reference (lower is better)" in summary.text
+    (_, ranked), (name, glossary) = summary.tables
+    glossary = glossary.set_index("metric")
+    assert name == "glossary" and list(glossary.index[:2]) == ["gold_reward", "kl_to_reference"]  # the summary's order
+    assert glossary.loc["kl_to_reference"].tolist() == [
+        "nats",
+        "lower",
+        "each evaluation",
+        "the KL from the SFT reference, estimated on the same samples (mean of log π − log π_ref), per completion; "
+        "lower keeps closer to it",
+    ]
+    assert glossary.loc["grad_norm", "better"] == "–" and glossary.loc["loss", "measured"] == "each training step"
+    # every column of summary.csv that is a metric is defined, and every metric column of the ranked summary
+    finals = cell_finals(read_tidy(store_dir))
+    metric_columns = [c for c in finals.columns if c not in (*CELL_COLUMNS, "role")]
+    assert sorted(glossary.index) == sorted(metric_columns)
+    assert {c for c in ranked.columns if c in glossary.index} == {c for c in ranked.columns if c in metric_columns}
     page = _text_page(summary.title, summary.text)
     assert page.texts[0].get_text() == "Summary"
     assert " ".join(t.get_text() for t in page.texts[1:]) == " ".join(summary.text.split())
 
 
-def test_the_custom_loss_study_needs_two_configurations() -> None:
-    """The seed's study compares length normalisation × confidence weighting: with the default run's one
-    configuration it drew four panels of one bar each, and no figure is drawn now; with two, each panel has both."""
+def test_a_parameter_study_needs_two_configurations() -> None:
+    """A declared study (``LossSpec.study``) compares the configurations of its parameters: with one configuration
+    it drew four panels of one bar each, and no figure is drawn now; with two, each panel has both, in the order of
+    the study's labels, and a configuration without a label is named by its values."""
+    study = Study(params=("length_normalization", "confidence_weighting"), title="the study",
+                  labels={(False, False): "standard", (True, True): "full"})  # fmt: skip
     params = lambda ln, cw: json.dumps({"length_normalization": ln, "confidence_weighting": cw})  # noqa: E731
-    cells = pd.DataFrame({"variant": "seed_custom_dpo", "status": "done", "params": [params(True, True)],
+    cells = pd.DataFrame({"variant": "custom", "status": "done", "params": [params(True, True)],
                           "loss": [0.5], "reward_margin": [1.0], "reward_accuracy": [0.8], "gold_reward": [0.3]})  # fmt: skip
-    assert figures.custom_loss_study(cells) is None
+    assert figures.parameter_study(cells, "custom", study) is None
     two = pd.concat([cells, cells.assign(params=params(False, False), loss=0.7, gold_reward=0.1)], ignore_index=True)
-    fig = figures.custom_loss_study(two)
+    fig = figures.parameter_study(two, "custom", study)
     heights = [[bar.get_height() for bar in ax.patches] for ax in fig.axes]
     assert heights == [[0.7, 0.5], [1.0, 1.0], [0.8, 0.8], [0.1, 0.3]]  # standard, then full
+    assert fig._suptitle.get_text() == "the study" and fig.axes[3].get_ylabel() == "gold reward of samples (−1…1)"
+    three = pd.concat([two, cells.assign(params=params(True, False), loss=0.9)], ignore_index=True)
+    names = [t.get_text() for t in figures.parameter_study(three, "custom", study).axes[0].get_xticklabels()]
+    assert names == ["standard", "full", "length_normalization=True, confidence_weighting=False"]
+    assert figures.parameter_study(three, "other", study) is None  # only the variant's own cells
 
 
 def test_peak_memory_is_shown_for_cuda_only() -> None:
     """On the CPU a cell's peak memory is the process's peak RSS so far, inherited from the cells before it (about
     the same 530 MB for every variant of the default run): the table and the figure leave it out there, and show
     CUDA's max_memory_allocated. tokens/s, pairs/s times a constant, gets no panel."""
-    from dpobench.report import throughput_table
+    from dpobench.tables import throughput_table
 
     def finals(device: str) -> pd.DataFrame:
         return pd.DataFrame({"variant": ["dpo", "ipo"], "device": device, "status": "done", "pairs_per_s": [2.0, 1.0],
@@ -480,7 +506,7 @@ def test_paired_ranking_tells_apart_what_overlapping_intervals_do_not() -> None:
     0.05 (no spread: a is better), and c differs from a by 0.1 ∓ 0.3 alternately and from b by 0.05 ∓ 0.3: mean gaps
     within t(5) × 0.3286 / √6 = 0.345, so nothing is better than c. Rank = 1 + the number of rows better: a 1,
     b 2, c 1 (though c's mean is lower than b's: nothing beats it)."""
-    from dpobench.report import paired_rank
+    from dpobench.tables import paired_rank
 
     base = np.array([0.9, -0.9, 0.5, -0.5, 0.7, -0.7])
     a, b = base + 0.1, base + 0.05
@@ -503,8 +529,8 @@ def test_paired_ranking_tells_apart_what_overlapping_intervals_do_not() -> None:
 def test_the_report_ranks_one_seed_runs_by_paired_differences(tmp_path: Path) -> None:
     """A store keeps each final evaluation's per-prompt gold rewards; the summary of one-seed cells ranks by their
     paired differences and says so, and a store without samples (written before) keeps the interval rule."""
-    from dpobench.report import read_samples
-    from dpobench.store import EVAL_METRICS, STEP_METRICS
+    from dpobench.metrics import by_source
+    from dpobench.tables import read_samples
 
     store = Store(tmp_path / "results.sqlite")
     store.add_run("run-1", command="dpobench run", config={}, dpobench_version="0.1.0", torch_version="2.13.0",
@@ -516,9 +542,9 @@ def test_the_report_ranks_one_seed_runs_by_paired_differences(tmp_path: Path) ->
                 "params": "{}", "beta": 0.1, "seed": 0, "scenario": "clean", "model": "tiny", "model_hash": "abc",
                 "device": "cpu", "dtype": "float32", "config": "{}", "status": "done", "error": "", "started": 0.0,
                 "finished": 1.0, "seconds": 1.0}  # fmt: skip
-        evaluation = {**dict.fromkeys(EVAL_METRICS, 0.5), "step": 10, "gold_reward": float(np.mean(gold)),
+        evaluation = {**dict.fromkeys(by_source("eval"), 0.5), "step": 10, "gold_reward": float(np.mean(gold)),
                       "gold_reward_se": float(np.std(gold, ddof=1) / math.sqrt(6)), "gold_samples": gold}  # fmt: skip
-        steps = [{**dict.fromkeys(STEP_METRICS, 0.5), "step": s} for s in range(1, 11)]
+        steps = [{**dict.fromkeys(by_source("step"), 0.5), "step": s} for s in range(1, 11)]
         store.write_cell(cell, steps, [{"step": 5, "gold_samples": [0.0] * 6}, evaluation])
     store.close()
     samples = read_samples(tmp_path)

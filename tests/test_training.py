@@ -42,7 +42,7 @@ def beta_sweep(tmp_path_factory) -> pd.DataFrame:
 def test_every_cell_keeps_its_per_prompt_gold_rewards(beta_sweep: pd.DataFrame) -> None:
     """The store keeps each final evaluation's gold reward prompt by prompt (the report pairs cells by them): one
     per evaluation prompt, averaging to the cell's gold reward, in the prompts' order for every cell."""
-    from dpobench.report import read_samples
+    from dpobench.tables import read_samples
 
     samples = read_samples(beta_sweep.attrs["out"])
     by_cell = samples.groupby("cell_id")
