@@ -81,7 +81,7 @@ class Acceleration:
     #: compiled because dpobench chose to, not because it was asked: a compiler that fails then falls back to eager
     compile_by_default: bool = False
     #: the compiled layers replay as CUDA graphs; None: where a cell's batches come in few widths (``for_batches``)
-    cuda_graphs: bool | None = False
+    cuda_graphs: bool | None = None
     #: each pair as one row, its prompt through the model once (``collate_shared``)
     share_prompt: bool = False
     #: a batch's width is rounded up to a multiple of this

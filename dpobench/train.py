@@ -188,7 +188,7 @@ class CellTrainer:
         # a loss that is not finite is recorded as diverged, at this step; the sweep goes on. Asking the device now
         # would stall it mid-step, so the fused optimizer is told on the device to skip its update (as under AMP's
         # GradScaler), and the step is stopped once its metrics are read back
-        deferred = self.plan.defer_finite_check
+        deferred = self.plan.defer_finite_check and bool(self.optimizer.defaults.get("fused"))  # found_inf: fused only
         self.optimizer.found_inf = (~torch.isfinite(mean_loss)).float() if deferred else None
         if not deferred:
             _stop_unless_finite(mean_loss.item(), step)

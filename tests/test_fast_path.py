@@ -13,6 +13,7 @@ import math
 import random
 import traceback
 import warnings
+from dataclasses import replace
 
 import pytest
 import torch
@@ -20,25 +21,20 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import dpobench
 from benchmarks.baseline import full_softmax_logp, plain_dpo_step
+from dpobench.acceleration import (
+    CUDA_GRAPH_MIN_STEPS_PER_WIDTH,
+    Acceleration,
+    CompiledLayers,
+    SpeedOptions,
+    batch_widths,
+    check_speed,
+    is_compile_error,
+    plan_acceleration,
+)
 from dpobench.data import Pair, PairSet
 from dpobench.logprobs import collate, pair_rows, reference_logprobs, sequence_logprobs
 from dpobench.models import SIZES, load_model
-from dpobench.train import (
-    CUDA_GRAPH_LAYERS_PER_REGION,
-    CUDA_GRAPH_MIN_STEPS_PER_WIDTH,
-    CellStopped,
-    CellTrainer,
-    TrainConfig,
-    batch_order,
-    batch_widths,
-    check_cuda_graphs,
-    layers_per_region,
-    pad_multiple,
-    resolve_compile,
-    resolve_cuda_graphs,
-    resolve_share_prompt,
-    train_cell,
-)
+from dpobench.train import CellStopped, CellTrainer, TrainConfig, batch_order, train_cell
 
 
 def random_pairs(n: int, vocab: int, seed: int = 0) -> list[Pair]:
@@ -77,10 +73,11 @@ def test_fast_training_equals_the_plain_loop(setup, start, share_prompt) -> None
     """Against the plain loop's one row per sequence: with that layout (float32 agreement of every weight), and with
     each pair as one row whose prompt goes through the model once (the CPU's default)."""
     policy, reference, pad, pairs = setup
-    config = TrainConfig(steps=8, batch_size=8, lr=3e-3, warmup_steps=2, share_prompt=share_prompt)
+    config = TrainConfig(steps=8, batch_size=8, lr=3e-3, warmup_steps=2)
+    plan = plan_acceleration(SpeedOptions(share_prompt=share_prompt), "cpu", policy)
     state, cached = start
     fast = train_cell(policy, state, dpobench.get_loss("dpo"), PairSet(pairs), cached, pad, config, seed=3,
-                      evaluate=lambda m, s: {"step": s})  # fmt: skip
+                      evaluate=lambda m, s: {"step": s}, acceleration=plan)  # fmt: skip
     assert fast.status == "done"
 
     plain = copy.deepcopy(reference).train()
@@ -234,12 +231,13 @@ def test_cudas_rounded_widths_train_as_exact_widths_do(setup, start, share_promp
     shape); the padding lies right of every real token, so training is the same, within float32 rounding."""
     policy, _, pad, pairs = setup
     state, cached = start
-    assert [pad_multiple(d) for d in ("cpu", "cuda", "cuda:1")] == [1, 16, 16]
-    config = TrainConfig(steps=6, batch_size=8, lr=3e-3, warmup_steps=2, share_prompt=share_prompt)
+    assert [plan_acceleration(SpeedOptions(), d, policy).pad_multiple for d in ("cpu", "cuda", "cuda:1")] == [1, 16, 16]
+    config = TrainConfig(steps=6, batch_size=8, lr=3e-3, warmup_steps=2)
+    plan = plan_acceleration(SpeedOptions(share_prompt=share_prompt), "cpu", policy)
     runs = {}
-    for multiple in (1, 16):
-        trainer = CellTrainer(policy, state, dpobench.get_loss("dpo"), PairSet(pairs), cached, pad, config, seed=2)
-        trainer.pad_multiple = multiple  # what pad_multiple("cuda") gives
+    for multiple in (1, 16):  # 16: what CUDA's plan gives
+        trainer = CellTrainer(policy, state, dpobench.get_loss("dpo"), PairSet(pairs), cached, pad, config, seed=2,
+                              acceleration=replace(plan, pad_multiple=multiple))  # fmt: skip
         widths = []
         for index in trainer.order[: config.steps]:
             part = [pairs[i] for i in index.tolist()]
@@ -257,7 +255,7 @@ def test_cudas_rounded_widths_train_as_exact_widths_do(setup, start, share_promp
 
 
 def test_compiled_training_equals_eager_and_leaves_the_model_eager(setup) -> None:
-    """``TrainConfig(compile=True)`` compiles the decoder layers for the training steps only, as one graph that all
+    """``SpeedOptions(compile=True)`` compiles the decoder layers for the training steps only, as one graph that all
     (here 10) identical layers share, and trains to the eager weights."""
     from torch._dynamo.utils import counters
     from transformers import LlamaForCausalLM
@@ -273,9 +271,10 @@ def test_compiled_training_equals_eager_and_leaves_the_model_eager(setup) -> Non
     runs, graphs = {}, {}
     for compiled in (False, True):
         before = counters["stats"]["unique_graphs"]
-        config = TrainConfig(steps=4, batch_size=8, lr=3e-3, warmup_steps=2, compile=compiled)
+        config = TrainConfig(steps=4, batch_size=8, lr=3e-3, warmup_steps=2)
+        plan = plan_acceleration(SpeedOptions(compile=compiled), "cpu", policy)
         result = train_cell(policy, state, dpobench.get_loss("dpo"), PairSet(pairs), cached, pad, config, seed=1,
-                            evaluate=lambda m, s: {"step": s})  # fmt: skip
+                            evaluate=lambda m, s: {"step": s}, acceleration=plan)  # fmt: skip
         runs[compiled] = ([r["loss"] for r in result.steps], {k: v.clone() for k, v in policy.state_dict().items()})
         graphs[compiled] = counters["stats"]["unique_graphs"] - before
     assert runs[True][0] == pytest.approx(runs[False][0], rel=1e-4)
@@ -287,122 +286,21 @@ def test_compiled_training_equals_eager_and_leaves_the_model_eager(setup) -> Non
     assert graphs[False] == 0 and 3 <= graphs[True] <= 6, graphs
 
 
-def _llama(layers: int, vocab: int, **extra):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_attention_heads=4,
-                         num_key_value_heads=2, num_hidden_layers=layers, tie_word_embeddings=True, **extra)  # fmt: skip
-    return LlamaForCausalLM(config)
-
-
-def test_layers_per_region_is_the_largest_divisor_up_to_the_limit() -> None:
-    """With CUDA graphs, consecutive layers can compile into regions: as many per region as divide the layer count,
-    up to a limit (``CUDA_GRAPH_LAYERS_PER_REGION``: 1, measured not to pay); 1 where layers differ in attention type
-    (each gets its own mask)."""
-    assert CUDA_GRAPH_LAYERS_PER_REGION == 1 and layers_per_region(_llama(30, 50)) == 1
-    assert [layers_per_region(_llama(n, 50), most=3) for n in (30, 4, 2, 7, 9, 1)] == [3, 2, 2, 1, 3, 1]
-    assert layers_per_region(_llama(30, 50), most=5) == 5 and layers_per_region(_llama(30, 50), most=4) == 3
-    mixed = _llama(6, 50, layer_types=["full_attention", "sliding_attention"] * 3, sliding_window=4)
-    assert layers_per_region(mixed, most=3) == 1
-    from transformers import MistralConfig, MistralForCausalLM  # not checked to chain only hidden states
-
-    mistral = MistralForCausalLM(MistralConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_attention_heads=4,
-                                               num_key_value_heads=2, num_hidden_layers=6))  # fmt: skip
-    assert layers_per_region(mistral, most=3) == 1
-    shorter = _llama(6, 50)
-    shorter.config.num_hidden_layers = 4  # the decoder runs only the first 4 of its 6 layers
-    assert layers_per_region(shorter, most=3) == 1
-
-
-def test_layers_compiled_in_regions_give_the_eager_log_probs_and_gradients(setup) -> None:
-    """Regions of 3 layers (6 in all) as CUDA graphs would run them, compiled here by inductor on the CPU: the same
-    log-probs and gradients as eager, within float32 rounding, from one compiled graph that both regions share;
-    the model is eager again after the block."""
-    from torch._dynamo.utils import counters
-
-    from dpobench.train import _compiled_layers, _use_compiled
-
-    _, _, pad, pairs = setup
-    policy = _llama(6, 300)
-    batch = collate(pair_rows(pairs[:6]), pad)
-    results = {}
-    for per_region in (0, 3):  # 0: eager
-        policy.zero_grad(set_to_none=True)
-        compiled = _compiled_layers(policy, True, per_region=per_region) if per_region else []
-        before = counters["stats"]["unique_graphs"]
-        with _use_compiled(compiled):
-            sums, _ = sequence_logprobs(policy, batch)
-            sums.sum().backward()
-        results[per_region] = (sums.detach(), [p.grad.clone() for p in policy.parameters()])
-        graphs = counters["stats"]["unique_graphs"] - before
-        assert graphs == (1 if per_region else 0)
-    assert len(compiled) == 6 and sum(call.__class__.__name__ == "_Region" for _, call in compiled) == 2
-    assert torch.allclose(results[3][0], results[0][0], rtol=1e-5, atol=1e-5)
-    for got, expected in zip(results[3][1], results[0][1], strict=True):
-        assert torch.allclose(got, expected, rtol=1e-4, atol=1e-6)
-    assert all(layer._compiled_call_impl is None for layer in policy.get_decoder().layers)
-
-
-def test_a_region_runs_its_layers_in_turn_and_passes_tuples_on_as_tuples() -> None:
-    """Layers that return 1-tuples (older transformers) as a decoder loop calls them: the first layer's call runs the
-    region, each later one hands on its input, as a tuple again; keyword calls alike. Layers that return more than
-    the hidden states are refused: the later layers could not hand the rest on."""
-    from dpobench.train import _Region, _run_layers
-
-    class Layer(torch.nn.Module):
-        def __init__(self, scale: float, tuples: bool) -> None:
-            super().__init__()
-            self.scale, self.tuples = scale, tuples
-
-        def forward(self, hidden_states, bias=0.0):
-            out = hidden_states * self.scale + bias
-            return (out,) if self.tuples else out
-
-    x = torch.tensor([1.0, 2.0])
-    for tuples in (False, True):
-        layers = [Layer(s, tuples) for s in (2.0, 3.0, 5.0, 7.0)]
-        expected = x
-        for layer in layers:  # hand-worked: ((((x·2 + 1)·3 + 1)·5 + 1)·7 + 1)
-            out = layer(expected, bias=1.0)
-            expected = out[0] if tuples else out
-        assert expected.tolist() == [(((1 * 2 + 1) * 3 + 1) * 5 + 1) * 7 + 1, (((2 * 2 + 1) * 3 + 1) * 5 + 1) * 7 + 1]
-        regions = [_Region(tuple(layers[i : i + 2]), _run_layers) for i in (0, 2)]
-        for positional in (True, False):
-            hidden = x
-            for region in regions:
-                for call in (region, region.passthrough):
-                    out = call(hidden, bias=1.0) if positional else call(hidden_states=hidden, bias=1.0)
-                    assert isinstance(out, tuple) == tuples
-                    hidden = out[0] if tuples else out
-            assert torch.equal(hidden, expected)
-
-    class Two(Layer):
-        def forward(self, hidden_states, bias=0.0):
-            return hidden_states, "attention weights"
-
-    with pytest.raises(TypeError, match="a region's layers return 2 values"):
-        _Region((Two(1.0, True), Two(1.0, True)), _run_layers)(x)
-
-
-@pytest.mark.parametrize("graphs", [True, False])
-def test_cuda_graphs_compile_the_layers_in_regions(setup, start, monkeypatch, graphs) -> None:
-    """Where CUDA graphs run and regions are asked for (``CUDA_GRAPH_LAYERS_PER_REGION`` > 1), the trainer compiles
-    the decoder in regions (one torch.compile call for all of them, in "reduce-overhead" mode); without graphs,
-    layer by layer."""
-    monkeypatch.setattr("dpobench.train.CUDA_GRAPH_LAYERS_PER_REGION", 3)
-    policy, _, pad, pairs = setup
-    state, cached = start
+def test_cuda_graphs_compile_the_layers_in_reduce_overhead_mode(setup, monkeypatch) -> None:
+    """Where a cell's plan runs CUDA graphs, every decoder layer compiles in torch.compile's "reduce-overhead" mode;
+    without graphs, in the default mode. A CUDA plan with enough steps per batch width decides for graphs."""
+    policy = setup[0]
     layers = len(policy.get_decoder().layers)
     modes = []
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: modes.append(kw.get("mode")) or fn)
-    monkeypatch.setattr("dpobench.train.resolve_cuda_graphs", lambda *args: graphs)
-    config = TrainConfig(steps=1, batch_size=8, compile=True)
-    trainer = CellTrainer(policy, state, dpobench.get_loss("dpo"), PairSet(pairs), cached, pad, config, seed=0)
-    per_region = layers_per_region(policy) if graphs else 1
-    assert trainer.layers_per_region == per_region and (per_region > 1) == graphs
-    assert modes == ["reduce-overhead" if graphs else None] * (layers // per_region)
-    assert len(trainer.compiled) == layers
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: modes.append(kw.get("mode")) or fn)  # compiles nothing
+    cuda = Acceleration(device="cuda", compile=True, cuda_graphs=None)
+    graphed = cuda.for_batches(lambda: 2, 2 * CUDA_GRAPH_MIN_STEPS_PER_WIDTH)
+    assert (graphed.cuda_graphs, graphed.compile) == (True, "reduce-overhead")
+    assert len(CompiledLayers(policy, graphed).calls) == layers and modes == ["reduce-overhead"] * layers
+    modes.clear()
+    plain = cuda.for_batches(lambda: 2, 2 * CUDA_GRAPH_MIN_STEPS_PER_WIDTH - 1)
+    assert (plain.cuda_graphs, plain.compile) == (False, True)
+    assert len(CompiledLayers(policy, plain).calls) == layers and modes == [None] * layers
 
 
 def test_compile_is_on_by_default_for_cuda_and_models_of_a_million_parameters(setup) -> None:
@@ -411,15 +309,19 @@ def test_compile_is_on_by_default_for_cuda_and_models_of_a_million_parameters(se
     tiny = setup[0]
     small = LlamaForCausalLM(LlamaConfig(vocab_size=512, **SIZES["small"]))
     assert sum(p.numel() for p in tiny.parameters()) < 1e6 <= sum(p.numel() for p in small.parameters())
-    assert TrainConfig().compile is None
-    assert [resolve_compile(None, d, small) for d in ("cpu", "cuda", "cuda:1")] == [False, True, True]
-    assert resolve_compile(None, "cuda", tiny) is False  # measured: no gain at this size
-    assert resolve_compile(True, "cpu", tiny) is True and resolve_compile(False, "cuda", small) is False
+
+    def compile(requested, device, model):
+        return plan_acceleration(SpeedOptions(compile=requested), device, model).compile
+
+    assert SpeedOptions().compile is None
+    assert [compile(None, d, small) for d in ("cpu", "cuda", "cuda:1")] == [False, True, True]
+    assert compile(None, "cuda", tiny) is False  # measured: no gain at this size
+    assert compile(True, "cpu", tiny) is True and compile(False, "cuda", small) is False
     from transformers import GPT2Config, GPT2LMHeadModel
 
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=4096, n_embd=128, n_layer=4, n_head=4))  # layers in `h`, not `layers`
     assert sum(p.numel() for p in gpt2.parameters()) >= 1e6
-    assert resolve_compile(None, "cuda", gpt2) is False  # by default only a decoder whose layers it can compile
+    assert compile(None, "cuda", gpt2) is False  # by default only a decoder whose layers it can compile
 
 
 def test_prompt_sharing_is_on_by_default_for_the_cpu_and_models_that_allow_it(setup) -> None:
@@ -429,7 +331,11 @@ def test_prompt_sharing_is_on_by_default_for_the_cpu_and_models_that_allow_it(se
     from transformers import AutoConfig, AutoModelForCausalLM
 
     tiny = setup[0]
-    assert TrainConfig().share_prompt is None
+
+    def resolve_share_prompt(requested, device, model):
+        return plan_acceleration(SpeedOptions(share_prompt=requested), device, model).share_prompt
+
+    assert SpeedOptions().share_prompt is None
     assert [resolve_share_prompt(None, d, tiny) for d in ("cpu", "cuda", "cuda:1")] == [True, False, False]
     assert resolve_share_prompt(True, "cuda", tiny) is True and resolve_share_prompt(False, "cpu", tiny) is False
     shape = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
@@ -443,7 +349,7 @@ def test_prompt_sharing_is_on_by_default_for_the_cpu_and_models_that_allow_it(se
             AutoConfig.for_model(kind, **shape, **extra), attn_implementation=attention
         )
         assert resolve_share_prompt(None, "cpu", model) is False, kind
-        with pytest.raises(ValueError, match="share_prompt needs an architecture checked to score shared rows"):
+        with pytest.raises(ValueError, match="--share-prompt needs an architecture checked to score shared rows"):
             resolve_share_prompt(True, "cpu", model)
     qwen2 = AutoModelForCausalLM.from_config(AutoConfig.for_model("qwen2", **shape))  # a window, switched off
     assert resolve_share_prompt(None, "cpu", qwen2) is True
@@ -465,13 +371,14 @@ def test_the_requested_compile_mode_reaches_torch_compile(
     monkeypatch.setattr(
         torch, "compile", lambda fn, **kw: modes.append(kw.get("mode")) or fn
     )  # records, compiles nothing
-    monkeypatch.setattr("dpobench.train.resolve_compile", lambda value, device, model: True if value is None else value)
-    monkeypatch.setattr("dpobench.train._COMPILE_FAILED", ["an earlier failure"] if failed_before else [])
-    config = TrainConfig(steps=1, batch_size=8, compile=requested)
-    trainer = CellTrainer(policy, state, dpobench.get_loss("dpo"), PairSet(pairs), cached, pad, config, seed=0)
+    monkeypatch.setattr("dpobench.acceleration._COMPILE_FAILED", ["an earlier failure"] if failed_before else [])
+    plan = Acceleration(compile=True if requested is None else requested, compile_by_default=requested is None)
+    config = TrainConfig(steps=1, batch_size=8)  # compiled on the CPU, as by default on CUDA
+    trainer = CellTrainer(policy, state, dpobench.get_loss("dpo"), PairSet(pairs), cached, pad, config, seed=0,
+                          acceleration=plan)  # fmt: skip
     layers = len(policy.get_decoder().layers)
     assert modes == ([] if expected == "eager" else [expected] * layers)
-    assert len(trainer.compiled) == (0 if expected == "eager" else layers)
+    assert len(trainer.layers.calls) == (0 if expected == "eager" else layers)
 
 
 def test_batch_widths_are_the_widths_collate_pads_to() -> None:
@@ -511,18 +418,19 @@ def test_batch_widths_are_the_widths_collate_pads_to() -> None:
     ],
 )
 def test_cuda_graphs_run_where_the_plan_has_enough_steps_per_width(requested, device, mode, widths, steps, expected):
-    assert resolve_cuda_graphs(requested, device, mode, lambda: widths, steps) is expected
+    plan = Acceleration(device=device, compile=mode, cuda_graphs=requested)
+    assert plan.for_batches(lambda: widths, steps).cuda_graphs is expected
 
 
 def test_cuda_graphs_asked_for_where_none_can_run_are_refused() -> None:
-    check_cuda_graphs(None, "cpu", False)
-    check_cuda_graphs(False, "cpu", False)
-    check_cuda_graphs(True, "cuda", True)
-    check_cuda_graphs(True, "cuda", None)  # compilation not yet known
+    check_speed(SpeedOptions(cuda_graphs=None), "cpu", False)
+    check_speed(SpeedOptions(cuda_graphs=False), "cpu", False)
+    check_speed(SpeedOptions(cuda_graphs=True), "cuda", True)
+    check_speed(SpeedOptions(cuda_graphs=True), "cuda", None)  # compilation not yet known
     with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
-        check_cuda_graphs(True, "cpu", True)
+        check_speed(SpeedOptions(cuda_graphs=True), "cpu", True)
     with pytest.raises(ValueError, match="does not compile them"):
-        check_cuda_graphs(True, "cuda", False)
+        check_speed(SpeedOptions(cuda_graphs=True), "cuda", False)
 
 
 def test_cuda_graphs_refused_compile_the_layers_without_them(setup, start, monkeypatch) -> None:
@@ -531,9 +439,10 @@ def test_cuda_graphs_refused_compile_the_layers_without_them(setup, start, monke
     state, cached = start
     modes = []
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: modes.append(kw.get("mode")) or fn)
-    config = TrainConfig(steps=1, batch_size=8, compile="reduce-overhead", cuda_graphs=False)
-    trainer = CellTrainer(policy, state, dpobench.get_loss("dpo"), PairSet(pairs), cached, pad, config, seed=0)
-    assert set(modes) == {None} and not trainer.cudagraphs
+    plan = Acceleration(compile="reduce-overhead", cuda_graphs=False)
+    trainer = CellTrainer(policy, state, dpobench.get_loss("dpo"), PairSet(pairs), cached, pad,
+                          TrainConfig(steps=1, batch_size=8), seed=0, acceleration=plan)  # fmt: skip
+    assert set(modes) == {None} and not trainer.plan.cuda_graphs
 
 
 def _failing_backend(graph, example_inputs):
@@ -548,24 +457,24 @@ def test_a_failing_compiler_falls_back_to_eager_only_when_compile_was_not_asked_
     eagerly, to the eager weights; ``compile=True`` asked for it, so the failure is raised."""
     policy, _, pad, pairs = setup
     state, cached = start
-    run = lambda compile: train_cell(  # noqa: E731
-        policy, state, dpobench.get_loss("dpo"), PairSet(pairs), cached, pad,
-        TrainConfig(steps=3, batch_size=8, lr=3e-3, compile=compile), seed=1, evaluate=lambda m, s: {"step": s},
+    run = lambda plan: train_cell(  # noqa: E731
+        policy, state, dpobench.get_loss("dpo"), PairSet(pairs), cached, pad, TrainConfig(steps=3, batch_size=8, lr=3e-3),
+        seed=1, evaluate=lambda m, s: {"step": s}, acceleration=plan,
     )  # fmt: skip
-    eager = [r["loss"] for r in run(False).steps]
+    eager = [r["loss"] for r in run(Acceleration(compile=False)).steps]
     eager_weights = {k: v.clone() for k, v in policy.state_dict().items()}
     compile, calls = torch.compile, []
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: calls.append(fn) or compile(fn, backend=_failing_backend))
-    monkeypatch.setattr("dpobench.train.resolve_compile", lambda value, device, model: True)  # as on CUDA
-    monkeypatch.setattr("dpobench.train._COMPILE_FAILED", [])
+    monkeypatch.setattr("dpobench.acceleration._COMPILE_FAILED", [])
+    compiled = Acceleration(compile=True, compile_by_default=requested is None)  # compiled, as on CUDA
     torch._dynamo.reset()
     if requested:
         with pytest.raises(Exception, match="no C compiler found"):
-            run(requested)
+            run(compiled)
         torch._dynamo.reset()
         return
     with pytest.warns(UserWarning, match="torch.compile failed, training eagerly instead.*: .*no C compiler found"):
-        result = run(requested)
+        result = run(compiled)
     assert [r["loss"] for r in result.steps] == eager
     assert all(torch.equal(v, eager_weights[k]) for k, v in policy.state_dict().items())
     assert all(layer._compiled_call_impl is None for layer in policy.get_decoder().layers)
@@ -573,7 +482,7 @@ def test_a_failing_compiler_falls_back_to_eager_only_when_compile_was_not_asked_
     # the next cell of the process does not try again: no compile, no warning, the same eager training
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert [r["loss"] for r in run(requested).steps] == eager
+        assert [r["loss"] for r in run(compiled).steps] == eager
     assert len(calls) == len(policy.get_decoder().layers)
     torch._dynamo.reset()
 
@@ -582,8 +491,6 @@ def test_only_torch_compiles_own_errors_count_as_compile_errors() -> None:
     """Errors raised while compiled code runs (out of memory, a bad index) are not the compiler's: no fallback."""
     import torch._dynamo.exc as dynamo_exc
     import torch._inductor.exc as inductor_exc
-
-    from dpobench.train import _is_compile_error
 
     def chained(outer: Exception, inner: Exception) -> Exception:
         try:
@@ -598,15 +505,15 @@ def test_only_torch_compiles_own_errors_count_as_compile_errors() -> None:
     with pytest.raises(Exception) as failed:  # a real compile failure, as dynamo reports it
         torch.compile(lambda x: x * 2 + 1, backend=_failing_backend)(torch.ones(3))
     torch._dynamo.reset()
-    assert isinstance(failed.value, dynamo_exc.BackendCompilerFailed) and _is_compile_error(failed.value)
-    assert _is_compile_error(inductor_exc.InvalidCxxCompiler())
-    assert _is_compile_error(chained(RuntimeError("while compiling"), inductor_exc.InvalidCxxCompiler()))
-    assert not _is_compile_error(torch.OutOfMemoryError("CUDA out of memory"))
+    assert isinstance(failed.value, dynamo_exc.BackendCompilerFailed) and is_compile_error(failed.value)
+    assert is_compile_error(inductor_exc.InvalidCxxCompiler())
+    assert is_compile_error(chained(RuntimeError("while compiling"), inductor_exc.InvalidCxxCompiler()))
+    assert not is_compile_error(torch.OutOfMemoryError("CUDA out of memory"))
     with pytest.raises(IndexError) as running:  # raised by compiled code as it runs, through dynamo's frames
         torch.compile(lambda x: x[torch.tensor(7)], backend="eager")(torch.ones(3))
     torch._dynamo.reset()
-    assert not _is_compile_error(running.value)
-    assert not _is_compile_error(chained(RuntimeError("step"), torch.OutOfMemoryError("CUDA out of memory")))
+    assert not is_compile_error(running.value)
+    assert not is_compile_error(chained(RuntimeError("step"), torch.OutOfMemoryError("CUDA out of memory")))
 
 
 class NaNFromThirdStep(dpobench.PreferenceLoss):
@@ -742,16 +649,15 @@ def test_a_training_step_reads_nothing_from_the_device_before_its_end(setup, sta
     old check before the backward pass (``defer_finite_check=False``) is one read, and it is seen."""
     policy, _, pad, pairs = setup
     state, cached = start
-    config = TrainConfig(steps=4, batch_size=8, lr=3e-3, warmup_steps=1, share_prompt=share_prompt)
-    trainer = CellTrainer(policy, state, dpobench.get_loss("wpo"), PairSet(pairs), cached, pad, config, seed=2)
-    trainer.step()  # wpo: the per-token statistics path too
-    with DeviceReads() as reads:
-        record = trainer.step()
-    assert reads.reads == [] and math.isfinite(record["loss"]) and record["step"] == 2
-    trainer.defer_finite_check = False
-    with DeviceReads() as reads:
-        trainer.step()
-    assert reads.reads == ["aten._local_scalar_dense"]
+    config = TrainConfig(steps=4, batch_size=8, lr=3e-3, warmup_steps=1)
+    plan = plan_acceleration(SpeedOptions(share_prompt=share_prompt), "cpu", policy)
+    for deferred, expected in ((True, []), (False, ["aten._local_scalar_dense"])):
+        trainer = CellTrainer(policy, state, dpobench.get_loss("wpo"), PairSet(pairs), cached, pad, config, seed=2,
+                              acceleration=replace(plan, defer_finite_check=deferred))  # fmt: skip
+        trainer.step()  # wpo: the per-token statistics path too
+        with DeviceReads() as reads:
+            record = trainer.step()
+        assert reads.reads == expected and math.isfinite(record["loss"]) and record["step"] == 2
 
 
 def test_length_buckets_cut_padding_and_keep_every_batch_whole() -> None:
