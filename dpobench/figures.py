@@ -86,6 +86,8 @@ def training_curves(tidy: pd.DataFrame, colors: dict, scenario: str = "clean", b
     axes = fig.subplots(2, 2)
     panels = [(m, METRICS[m].axis) for m in ("loss", "reward_margin", "reward_accuracy")]
     wide = steps.pivot_table(index=["variant", "step"], columns="metric", values="value", aggfunc="mean")
+    drawn = [m for m, _ in panels] + ["chosen_reward", "rejected_reward"]
+    wide = wide.reindex(columns=[*wide.columns, *(m for m in drawn if m not in wide)])  # one not measured: no line
     variants = wide.index.get_level_values("variant").unique()
     shown = set(variants) if highlight is None or len(variants) <= CURVES_IN_COLOUR else set(highlight) & set(variants)
     greyed = [v for v in variants if v not in shown]

@@ -334,7 +334,7 @@ def _measurements(cell_id: str, source: str, record: Mapping[str, Any]) -> Itera
     of this source is refused (a store that dropped it silently would lose a measurement)."""
     what = "training step" if source == "step" else "evaluation"
     if "step" not in record:
-        raise StoreError(f"cell {cell_id}: an {what} without its step number")
+        raise StoreError(f"cell {cell_id}: {'a' if source == 'step' else 'an'} {what} without its step number")
     per_prompt = {m.per_prompt: m.name for m in METRICS.values() if m.per_prompt and m.source == source}
     for key, value in record.items():
         if key == "step":
@@ -350,8 +350,8 @@ def _measurements(cell_id: str, source: str, record: Mapping[str, Any]) -> Itera
             )
         if metric.source != source:
             raise StoreError(
-                f"cell {cell_id}: {key!r} is an {'evaluation' if metric.source == 'eval' else 'training-step'} "
-                f"metric, but came with {what} {record['step']}"
+                f"cell {cell_id}: {key!r} is measured at each {'evaluation' if metric.source == 'eval' else 'training step'}"
+                f", but came with {what} {record['step']}"
             )
         yield key, value, False
 
