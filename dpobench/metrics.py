@@ -101,10 +101,10 @@ _CATALOGUE = [
            "the policy's log-probability of a rejected completion (summed over its tokens), mean over a batch"),
     Metric("grad_norm", "step", "gradient norm", "", None, ".3f",
            "the gradient's global L2 norm before clipping"),
-    Metric("pairs_per_s", "step", "pairs / s", "", "higher", ".0f",
+    Metric("pairs_per_s", "step", "training throughput", "pairs/s", "higher", ".0f",
            "training throughput: preference pairs per second (the window's pairs over its time)",
            short="pairs/s", rate=True),
-    Metric("tokens_per_s", "step", "tokens / s", "", "higher", ".0f",
+    Metric("tokens_per_s", "step", "training throughput", "tokens/s", "higher", ".0f",
            "training throughput in tokens per second, each pair's prompt counted twice (the window's tokens over its "
            "time)", rate=True),
     Metric("step_time_ms", "step", "step time", "ms", "lower", ".1f",

@@ -48,7 +48,7 @@ def _columns_text(summary: pd.DataFrame) -> str:
     shown = [m for m in summary.columns if m in METRICS]
     directions = [f"{m} ({METRICS[m].better} is better)" if METRICS[m].better else m for m in shown]
     return (f"Columns: {', '.join(directions)}; each is defined, with its unit, in the glossary below the table. "
-            "Training's metrics are the means of its last 10% of steps, on each variant's own scale. The SFT reference "
+            "Training's metrics are the means of its last 10% of steps. The SFT reference "
             "is the model every cell starts from, not the sft variant. ")  # fmt: skip
 
 
@@ -180,7 +180,7 @@ def build_report(store: str | Path, metric: str | None = None, bench: str | Path
             f"Per variant × β × scenario at the end of training: means over seeds with 95% confidence intervals "
             f"(`_ci` columns: Student-t over seeds; with one seed the gold-reward interval is 1.96 × the standard "
             f"error of its samples, which leaves out training's seed-to-seed spread (--seeds 0,1,2 measures it), and "
-            f"other metrics have none). Ranked by {metric} within each scenario; "
+            f"other metrics have none). Ranked by {metric} within each scenario. "
             + (
                 f"In {'scenario' if len(paired) == 1 else 'scenarios'} {', '.join(paired)}, every configuration is one "
                 "cell evaluated on the same prompts, so a configuration's rank is 1 + the number of configurations "

@@ -463,9 +463,9 @@ def test_peak_memory_is_shown_for_cuda_only() -> None:
     cpu, cuda = throughput_table(finals("cpu")), throughput_table(finals("cuda"))
     assert "peak_memory_mb" not in cpu and cuda.peak_memory_mb.tolist() == [300.0, 200.0]
     colors = figures.variant_colors(["dpo", "ipo"])
-    assert [ax.get_xlabel() for ax in figures.throughput(cpu, colors, "cpu").axes] == ["pairs / s"]
+    assert [ax.get_xlabel() for ax in figures.throughput(cpu, colors, "cpu").axes] == ["training throughput (pairs/s)"]
     assert [ax.get_xlabel() for ax in figures.throughput(cuda, colors, "cuda").axes] == [
-        "pairs / s",
+        "training throughput (pairs/s)",
         "peak memory (MiB)",
     ]
 
