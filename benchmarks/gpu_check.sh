@@ -1,35 +1,31 @@
 #!/usr/bin/env bash
-# Issue #5's GPU check as one command, for a lent H100/H200 (which has torch, transformers, accelerate and pyarrow
-# but no network): installs dpobench and TRL from local files, then prints step_speed.py's table.
+# The GPU check as one command, for a lent CUDA machine (which has torch, transformers, accelerate and pyarrow but no
+# network): installs dpobench and TRL from local files, then prints step_speed.py's table and the studies below.
 #
 #   bash benchmarks/gpu_check.sh --fetch-wheels      # here, once: TRL 1.16 and what the GPU image lacks, into .whl/
-#   bash benchmarks/gpu_check.sh                     # there, with .whl carried; the table also goes to $OUT
-#   GPU_CHECK_PART=1 bash benchmarks/gpu_check.sh    # one part only (1, 2 or 3), for a session that splits its time
+#   bash benchmarks/gpu_check.sh                     # there, with .whl carried; the tables also go to $OUT
+#   GPU_CHECK_PART=1 bash benchmarks/gpu_check.sh    # one part only, for a session that splits its time
 #
-# In order, most wanted first (a session can end early). About 14 minutes on an H200 for all three parts: one
-# session runs parts 1 and 2.
-# Part 1 (about 5.5 minutes): the tables at 32 and 8 pairs per step (the default, with CUDA graphs since 2026-11-27,
-# fourth GPU session; plain; TRL; --no-compile; --no-cudagraphs), 20 timed steps each; then an interleaved A/B at
-# 32 pairs: the default against the prompt shared, without CUDA graphs, and with the LM head eager.
+# Parts in order, most wanted first (a session can end early); about 14 minutes on an H200 for the three of "all".
+# Part 1 (about 5.5 minutes): the tables at 32 and 8 pairs per step (the default; plain; TRL; --no-compile;
+# --no-cudagraphs), 20 timed steps each; then an interleaved A/B at 32 pairs (investigations/step_ab.py): the default
+# against the prompt shared, without CUDA graphs, and with the LM head eager.
 # Part 2 (about 5.5 minutes): varying lengths at 32 pairs, 150 steps: four cells, without graphs, with them, with them
-# again and without them again (cudagraph_check.py: the break-even of CUDA_GRAPH_MIN_STEPS_PER_WIDTH, graphs' reuse,
-# their numbers against two runs without); then the default and --no-cudagraphs on varying lengths, one process each.
+# again and without them again (investigations/cudagraph_check.py: the break-even of CUDA_GRAPH_MIN_STEPS_PER_WIDTH,
+# graphs' reuse, their numbers against two runs without); then the default and --no-cudagraphs on varying lengths,
+# one process each.
 # Part 3 (about 3.5 minutes): a real sweep of `small` on CUDA, by default and --no-cuda-graphs (compare_runs.py); a
 # profile of 2 default steps at 32 pairs.
-# Part kernels (about 5 minutes; GPU_CHECK_PART=kernels, not part of "all"): where a 32-pair step's device time goes
-# (host_profile.py --kernels) with CUDA graphs, without them, with SDPA's flash kernel only and with the prompt
-# shared; an interleaved A/B of the default against the prompt shared; the 32-pair table (dpobench and plain).
-# Part regions (about 3 minutes; GPU_CHECK_PART=regions, not part of "all"; run at commit 5dd2a3b4, when regions of
-# 3 layers were the default): the interleaved A/B at 32 pairs of 3 layers per CUDA-graph region against one and five,
-# the LM head in 12 chunks rather than 3, and the prompt shared; then the 32- and 8-pair tables (dpobench and plain),
-# one process each.
-# Part confirm (about 3 minutes; GPU_CHECK_PART=confirm): the 32-pair table twice, one process each, and an
-# interleaved A/B of the default against the prompt shared, 20 rounds.
-# Part share (about 4 minutes; GPU_CHECK_PART=share, for the next session): whether prompt sharing pays with CUDA
-# graphs on varying lengths too (it did at fixed lengths, 1.11x), 150 steps of 32 pairs, each setting in a process
-# of its own: the default, then the prompt shared.
-# Measured already on 2026-11-27 and left to run by hand: benchmarks/sync_check.py, host_profile.py, and the
-# varied-length widths rounded to 16 against exact (--exact-widths, one process per row).
+# The parts below are not in "all":
+# Part kernels (about 5 minutes): where a 32-pair step's device time goes (investigations/host_profile.py --kernels)
+# with CUDA graphs, without them, with SDPA's flash kernel only and with the prompt shared; an interleaved A/B of the
+# default against the prompt shared; the 32-pair table (dpobench and plain).
+# Part confirm (about 3 minutes): the 32-pair table twice, one process each, and an interleaved A/B of the default
+# against the prompt shared, 20 rounds: how far repeated measurements of the headline number drift.
+# Part share (about 4 minutes): whether prompt sharing pays with CUDA graphs on varying lengths too, 150 steps of 32
+# pairs, each setting in a process of its own: the default, then the prompt shared.
+# Run by hand where needed: investigations/sync_check.py, investigations/host_profile.py without --kernels, and
+# step_speed.py --exact-widths on varying lengths (one process per row).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "${1:-}" = "--fetch-wheels" ]; then
@@ -52,13 +48,14 @@ if [ "$part" = all ] || [ "$part" = 1 ]; then
             | grep -v "cudagraph_utils\|Recording too many" | tee "$out/gpu_check_table_$pairs.txt" \
             || echo "the $pairs-pair table did not finish within 150 s"
     done
-    timeout 100 python3 benchmarks/step_ab.py --size base --data fixed --pairs 32 --rounds 10 \
+    timeout 100 python3 benchmarks/investigations/step_ab.py --size base --data fixed --pairs 32 --rounds 10 \
         --rows "default,prompt shared,no CUDA graphs,eager head" 2>&1 | tee "$out/gpu_check_ab.txt" \
         || echo "the A/B: past 100 s"
 fi
 if [ "$part" = all ] || [ "$part" = 2 ]; then
-    timeout 170 python3 benchmarks/cudagraph_check.py "$@" 2>&1 | grep -v "cudagraph_utils\|Recording too many" \
-        | tee "$out/gpu_check_cudagraph_varied.txt" || echo "cudagraph_check: past 170 s"
+    timeout 170 python3 benchmarks/investigations/cudagraph_check.py "$@" 2>&1 \
+        | grep -v "cudagraph_utils\|Recording too many" | tee "$out/gpu_check_cudagraph_varied.txt" \
+        || echo "cudagraph_check: past 170 s"
     for impl in "dpobench" "dpobench --no-cudagraphs"; do
         # 150 steps (a cell's default) over about 10 widths: the default's rule picks graphs
         timeout 75 python3 benchmarks/step_speed.py --data varied --pairs 32 --steps 150 --no-trl --only "$impl" "$@" \
@@ -67,28 +64,19 @@ if [ "$part" = all ] || [ "$part" = 2 ]; then
     done
 fi
 if [ "$part" = kernels ]; then
-    profile="python3 benchmarks/host_profile.py --size base --pairs 32 --kernels --steps 10 --profile-steps 3"
+    profile="python3 benchmarks/investigations/host_profile.py --size base --pairs 32 --kernels --steps 10"
+    profile="$profile --profile-steps 3"
     timeout 130 $profile --compile default no-cudagraphs --rows 30 2>&1 | grep -v "cudagraph_utils\|Recording too many" \
         | tee "$out/kernels_default.txt" || echo "the default's kernel profile: past 130 s"
     for extra in "--sdpa flash" "--share-prompt"; do
         timeout 80 $profile --compile default --rows 12 $extra 2>&1 | grep -v "cudagraph_utils\|Recording too many" \
             | tee -a "$out/kernels_settings.txt" || echo "the kernel profile $extra: past 80 s"
     done
-    timeout 100 python3 benchmarks/step_ab.py --size base --data fixed --pairs 32 --rounds 10 \
+    timeout 100 python3 benchmarks/investigations/step_ab.py --size base --data fixed --pairs 32 --rounds 10 \
         --rows "default,prompt shared" 2>&1 | tee "$out/gpu_check_ab.txt" || echo "the A/B: past 100 s"
     timeout 90 python3 benchmarks/step_speed.py --pairs 32 --steps 20 --only dpobench,plain --no-trl 2>&1 \
         | grep -v "cudagraph_utils\|Recording too many" | tee "$out/gpu_check_table_32.txt" \
         || echo "the 32-pair table: past 90 s"
-fi
-if [ "$part" = regions ]; then
-    timeout 220 python3 benchmarks/step_ab.py --size base --data fixed --pairs 32 --rounds 10 \
-        --rows "default,one layer per region,five layers per region,small head chunks,prompt shared" 2>&1 \
-        | grep -v "cudagraph_utils\|Recording too many" | tee "$out/gpu_check_ab_regions.txt" || echo "the A/B: past 220 s"
-    for pairs in 32 8; do
-        timeout 80 python3 benchmarks/step_speed.py --pairs $pairs --steps 20 --only dpobench,plain --no-trl 2>&1 \
-            | grep -v "cudagraph_utils\|Recording too many" | tee "$out/gpu_check_table_$pairs.txt" \
-            || echo "the $pairs-pair table: past 80 s"
-    done
 fi
 if [ "$part" = confirm ]; then
     for run in 1 2; do
@@ -96,7 +84,7 @@ if [ "$part" = confirm ]; then
             | grep -v "cudagraph_utils\|Recording too many" | tee -a "$out/gpu_check_table_32.txt" \
             || echo "the 32-pair table: past 80 s"
     done
-    timeout 100 python3 benchmarks/step_ab.py --size base --data fixed --pairs 32 --rounds 20 \
+    timeout 100 python3 benchmarks/investigations/step_ab.py --size base --data fixed --pairs 32 --rounds 20 \
         --rows "default,prompt shared" 2>&1 | tee "$out/gpu_check_ab.txt" || echo "the A/B: past 100 s"
 fi
 if [ "$part" = share ]; then

@@ -26,6 +26,7 @@ import gc
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -34,9 +35,28 @@ from torch._dynamo.utils import counters
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.steps import add_data_arguments, build_model, cuda_graphs_recorded, load_data, make_step, sync
 from benchmarks.trl_step import trl_available
+from dpobench.acceleration import SpeedOptions
 from dpobench.models import SIZES
 
 SHARE_ROWS = ("dpobench", "dpobench --no-compile", "dpobench --cudagraphs")
+#: dpobench's rows: what each asks of ``plan_acceleration``, and the plan fields it then sets by hand
+ROWS: dict[str, tuple[SpeedOptions, dict[str, object]]] = {
+    "dpobench": (SpeedOptions(), {}),  # compiled on CUDA for models of 1 M parameters or more
+    "dpobench --no-compile": (SpeedOptions(compile=False), {}),
+    "dpobench --no-cudagraphs": (SpeedOptions(cuda_graphs=False), {}),
+    "dpobench --compile": (SpeedOptions(compile=True), {}),
+    "dpobench --cudagraphs": (SpeedOptions(compile="reduce-overhead"), {}),
+    # the host asks whether the loss is finite before the backward pass: a sync mid-step
+    "dpobench --compile --synced": (SpeedOptions(compile=True), {"defer_finite_check": False}),
+    # each batch as wide as its longest row (CUDA rounds widths up to a multiple of 16)
+    "dpobench --exact-widths": (SpeedOptions(), {"pad_multiple": 1}),
+}
+
+
+def row_settings(name: str) -> tuple[SpeedOptions, dict[str, object]]:
+    """The ``SpeedOptions`` and plan fields of row ``name`` (the plain loop and TRL take neither)."""
+    speed, plan = ROWS.get(name.removesuffix(" --share-prompt"), (SpeedOptions(), {}))
+    return (replace(speed, share_prompt=True) if name.endswith(" --share-prompt") else speed), plan
 
 
 def bf16_matmul_tflops(device: str) -> float:
@@ -94,21 +114,11 @@ def measure(args: argparse.Namespace, batch: int, data, peak_tflops: float) -> l
         head = model.get_output_embeddings().weight.numel()
         if args.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
-        setting = name.removesuffix(" --share-prompt")
-        compile = {"dpobench --compile": True, "dpobench --compile --synced": True, "dpobench --no-compile": False,
-                   "dpobench --cudagraphs": "reduce-overhead"}.get(setting)  # fmt: skip
-        may_compile = name.startswith("dpobench") and compile is not False
-        warmup = 5 if may_compile else 2
-        use_graphs = False if setting == "dpobench --no-cudagraphs" else None
+        speed, plan = row_settings(name)
+        warmup = 5 if name.startswith("dpobench") and speed.compile is not False else 2
         # dpobench plans the steps timed here: by default CUDA graphs run where the plan has few widths per step
-        step = make_step(name.split()[0], model, pairs, batch, args.device, pad, compile=compile,
-                         steps=warmup + args.steps, cuda_graphs=use_graphs)  # fmt: skip
-        if name.endswith("--share-prompt"):
-            step.trainer.share_prompt = True
-        if name.endswith("--exact-widths"):  # CUDA rounds widths up to a multiple of 16 by default
-            step.trainer.pad_multiple = 1
-        if name.endswith("--synced"):  # the loss's finiteness asked of the host mid-step, as before 2026-11-27
-            step.trainer.defer_finite_check = False
+        step = make_step(name.split()[0], model, pairs, batch, args.device, pad, speed=speed,
+                         steps=warmup + args.steps, **plan)  # fmt: skip
         skips, graphs = counters["inductor"]["cudagraph_skips"], cuda_graphs_recorded()  # inductor can go without
         try:
             warm = time.perf_counter()
@@ -127,7 +137,7 @@ def measure(args: argparse.Namespace, batch: int, data, peak_tflops: float) -> l
             else (completions_per_pair / tokens_per_pair)
         )  # fraction of positions the head is applied at
         # the body runs a shared prompt once per pair (dpobench's default on the CPU)
-        shared = name.startswith("dpobench") and step.trainer.share_prompt
+        shared = name.startswith("dpobench") and step.trainer.plan.share_prompt
         body_share = shared_per_pair / tokens_per_pair if shared else 1.0
         flops_done = flops_per_token * ((params - head) * body_share + head * head_share)  # per token
         rows.append({"implementation": name, "pairs/step": batch, "pairs/s": batch / mean, "tokens/s": tokens_s,
@@ -138,7 +148,7 @@ def measure(args: argparse.Namespace, batch: int, data, peak_tflops: float) -> l
         note = ""
         if name.startswith("dpobench") and args.device.startswith("cuda"):  # whether graphs ran (inductor can skip)
             note = f"; {graphs} CUDA graphs recorded"
-            note += " (none: the row ran without them)" if not graphs and step.trainer.cudagraphs else ""
+            note += " (none: the row ran without them)" if not graphs and step.trainer.plan.cuda_graphs else ""
             note += f", {skips} skipped (TORCH_LOGS=cudagraphs says why)" if skips else ""
         print(f"measured: {name}, {batch} pairs/step: {batch / mean:.1f} pairs/s, {memory:.2f} GB "
               f"(warm-up steps took {warm:.1f} s){note}", flush=True)  # fmt: skip
@@ -209,7 +219,7 @@ def profile(args: argparse.Namespace, batch: int, data) -> None:
 
     pairs, vocab, pad = data
     step = make_step("dpobench", build_model(args.size, vocab, "cpu"), pairs, batch, args.device, pad,
-                     compile=True if args.compile else None)  # fmt: skip
+                     speed=SpeedOptions(compile=True if args.compile else None))  # fmt: skip
     for _ in range(5):
         step()
     cuda = args.device.startswith("cuda")

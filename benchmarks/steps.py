@@ -2,8 +2,9 @@
 
 - ``DpobenchStep``: ``dpobench.train.CellTrainer.step`` itself, the step every cell of a sweep runs: reference
   log-probs cached before training (their values do not change a step's cost: zeros stand in), the fused
-  completion-only LM head, length-bucketed batches, fused AdamW and bf16 autocast on CUDA; by default (``compile=None``)
-  torch.compile'd on CUDA for models of 1 M parameters or more, as ``dpobench run`` does.
+  completion-only LM head, length-bucketed batches, fused AdamW and bf16 autocast on CUDA, and the acceleration plan
+  ``dpobench run`` would choose (``plan_acceleration``) for the ``SpeedOptions`` given, with any of its fields set
+  by hand (``dataclasses.replace``) to compare one choice against another.
 - ``PlainStep``: ``baseline.plain_dpo_step`` (reference forward every step, full float32 log-softmax, default
   AdamW) on random batches, padded the same way.
 - TRL's ``DPOTrainer``: see ``trl_step.py`` (used only where ``trl`` is importable).
@@ -14,11 +15,13 @@ Every callable runs one optimizer step per call, synchronises CUDA before return
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 from typing import Any
 
 import torch
 
 import dpobench
+from dpobench.acceleration import SpeedOptions, plan_acceleration
 from dpobench.data import Pair, PairSet
 from dpobench.logprobs import collate, pair_rows
 from dpobench.models import SIZES
@@ -60,7 +63,7 @@ def task_pairs() -> tuple[list[Pair], int, int]:
 
 
 def add_data_arguments(parser: Any, default: str) -> None:
-    """The data options that step_speed.py and step_ab.py share (see ``load_data``)."""
+    """The data options the step scripts share (see ``load_data``)."""
     parser.add_argument("--data", default=default, choices=["fixed", "varied", "task"])
     parser.add_argument("--vocab", type=int, default=49152, help="vocabulary of --data fixed or varied")
     parser.add_argument("--prompt", type=int, default=256)
@@ -80,7 +83,7 @@ SDPA_SETTINGS = ("default", "flash", "efficient", "cudnn", "no-cudnn")
 
 
 def add_kernel_arguments(parser: Any) -> None:
-    """The kernel options that host_profile.py and device_profile.py share (see ``apply_kernel_arguments``)."""
+    """The kernel options of investigations/host_profile.py (see ``apply_kernel_arguments``)."""
     parser.add_argument("--sdpa", default="default", choices=SDPA_SETTINGS,
                         help="SDPA's CUDA kernels allowed: one of them, all but cuDNN, or torch's default")  # fmt: skip
     parser.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
@@ -131,19 +134,23 @@ def cuda_graphs_recorded() -> int:
 
 
 class DpobenchStep:
+    """``CellTrainer.step`` on ``pairs`` with the plan ``dpobench run`` would choose on ``device`` for ``speed``
+    (default: nothing asked), then ``plan``'s fields set on it (``pad_multiple=1``, ``compiled_head=False``, ...).
+    ``steps``: the cell's planned length, which decides CUDA graphs by default (the steps per batch width)."""
+
     def __init__(self, model: Any, pairs: list[Pair], batch: int, device: str, pad_id: int = 0,
-                 compile: bool | str | None = None, variant: str = "dpo", steps: int = 10_000,
-                 cuda_graphs: bool | None = None) -> None:  # fmt: skip
+                 speed: SpeedOptions | None = None, variant: str = "dpo", steps: int = 10_000,
+                 **plan: Any) -> None:  # fmt: skip
         state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         reference = (torch.zeros(len(pairs)), torch.zeros(len(pairs)))
-        # steps: the plan's length, which decides CUDA graphs by default (the steps per batch width)
-        config = TrainConfig(steps=steps, batch_size=batch, lr=1e-6, device=device, compile=compile,
-                             cuda_graphs=cuda_graphs)  # fmt: skip
+        acceleration = replace(plan_acceleration(speed or SpeedOptions(), device, model), **plan)
         loss = dpobench.get_loss(variant).to(device)  # as the sweep does: a loss may hold buffers
-        self.trainer = CellTrainer(model, state, loss, PairSet(pairs), reference, pad_id, config, seed=0)
+        config = TrainConfig(steps=steps, batch_size=batch, lr=1e-6)
+        self.trainer = CellTrainer(model, state, loss, PairSet(pairs), reference, pad_id, config, seed=0,
+                                   acceleration=acceleration)  # fmt: skip
 
     def __call__(self) -> dict[str, float]:
-        return self.trainer.step()  # synchronises CUDA itself
+        return self.trainer.step()  # its one readback waits for the device
 
 
 class PlainStep:
@@ -166,11 +173,11 @@ class PlainStep:
 
 
 def make_step(implementation: str, model: Any, pairs: list[Pair], batch: int, device: str, pad_id: int = 0,
-              compile: bool | str | None = None, steps: int = 10_000, cuda_graphs: bool | None = None) -> Any:  # fmt: skip
+              speed: SpeedOptions | None = None, steps: int = 10_000, **plan: Any) -> Any:  # fmt: skip
     """The step callable of ``implementation`` (dpobench, plain or trl), training ``model``; dpobench's plans
-    ``steps`` steps."""
+    ``steps`` steps, with ``speed`` and ``plan`` as ``DpobenchStep`` takes them (the others ignore both)."""
     if implementation == "dpobench":
-        return DpobenchStep(model, pairs, batch, device, pad_id, compile=compile, steps=steps, cuda_graphs=cuda_graphs)
+        return DpobenchStep(model, pairs, batch, device, pad_id, speed=speed, steps=steps, **plan)
     if implementation == "plain":
         return PlainStep(model, pairs, batch, device, pad_id)
     if implementation == "trl":

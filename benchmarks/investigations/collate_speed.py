@@ -1,9 +1,9 @@
 """Host time of forming one batch: ``collate`` (one row per sequence) against ``collate_shared`` (one row per pair,
 the prompt once), and of building the shared rows' mask from their segment ids, on the CPU; then the padded token
-ids alone, by ``_pad_rows`` (numpy) against ``torch.tensor`` of nested lists (collate's way before 2026-11-27, fifth
-GPU session). Mean of 20 calls after one warm-up.
+ids alone, by ``_pad_rows`` (numpy) against ``torch.tensor`` of nested lists (one Python list per row). Mean of 20
+calls after one warm-up.
 
-    python benchmarks/collate_speed.py
+    python benchmarks/investigations/collate_speed.py
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import torch
 
 from benchmarks.steps import random_pairs, task_pairs
@@ -20,7 +20,7 @@ from dpobench.logprobs import _pad_rows, collate, collate_shared, pair_rows
 
 
 def nested_lists(rows, width: int, pad_id: int) -> torch.Tensor:
-    """The padded ids as collate built them before: ``torch.tensor`` of one Python list per row."""
+    """The padded ids as ``torch.tensor`` of one Python list per row, to check and time ``_pad_rows`` against."""
     return torch.tensor([[*p, *c, *([pad_id] * (width - len(p) - len(c)))] for p, c in rows], dtype=torch.long)
 
 

@@ -1,4 +1,4 @@
-"""Do CUDA graphs pay on batches of varying width, and do they change the numbers? (issue #5, a lent H100/H200)
+"""Do CUDA graphs pay on batches of varying width, and do they change the numbers? (on a CUDA GPU)
 
 Four cells of dpobench's training step (``CellTrainer``) on the same model, data and batch plan, one after the other
 in one process: compiled without CUDA graphs, compiled with them, with them again (a second cell, as in a sweep: are
@@ -6,10 +6,10 @@ the first cell's graphs reused?), and without them again (how far two runs witho
 cell: the time of the steps at a batch width met for the first time (where graphs are recorded), the median step
 at widths already met, the graphs recorded, and how far each step's loss and gradient norm and the final weights
 are from the first cell's. From those, the per-width cost of recording and the per-step saving give the break-even
-that ``dpobench.train.CUDA_GRAPH_MIN_STEPS_PER_WIDTH`` uses.
+that ``dpobench.acceleration.CUDA_GRAPH_MIN_STEPS_PER_WIDTH`` uses.
 
-    python benchmarks/cudagraph_check.py                           # base size, varied lengths, 32 pairs, 150 steps
-    python benchmarks/cudagraph_check.py --size tiny --device cpu --steps 6   # the script itself, on the CPU
+    python benchmarks/investigations/cudagraph_check.py                           # base size, varied lengths, 32 pairs, 150 steps
+    python benchmarks/investigations/cudagraph_check.py --size tiny --device cpu --steps 6   # the script itself, on the CPU
 """
 
 from __future__ import annotations
@@ -18,24 +18,28 @@ import argparse
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from benchmarks.steps import add_data_arguments, build_model, cuda_graphs_recorded, load_data
 from dpobench import get_loss
+from dpobench.acceleration import CUDA_GRAPH_MIN_STEPS_PER_WIDTH, SpeedOptions, batch_widths, plan_acceleration
 from dpobench.data import PairSet
 from dpobench.models import SIZES
-from dpobench.train import CUDA_GRAPH_MIN_STEPS_PER_WIDTH, CellTrainer, TrainConfig, batch_widths
+from dpobench.train import CellTrainer, TrainConfig
 
 
-def run_cell(model, state, pairs, pad, args, cuda_graphs: bool | None) -> dict[str, object]:
-    config = TrainConfig(steps=args.steps, batch_size=args.pairs, lr=1e-5, device=args.device, compile=True,
-                         cuda_graphs=cuda_graphs)  # fmt: skip
+def run_cell(model, state, pairs, pad, args, cuda_graphs: bool) -> dict[str, object]:
+    config = TrainConfig(steps=args.steps, batch_size=args.pairs, lr=1e-5)
+    # graphs set on the plan rather than asked: on the CPU, where none can run, the plan leaves them out
+    plan = replace(plan_acceleration(SpeedOptions(compile=True), args.device, model), cuda_graphs=cuda_graphs)
     reference = (torch.zeros(len(pairs)), torch.zeros(len(pairs)))
-    trainer = CellTrainer(model, state, get_loss("dpo").to(args.device), PairSet(pairs), reference, pad, config, 0)
-    widths = batch_widths(trainer.order, trainer.pairs, trainer.share_prompt, trainer.pad_multiple)
+    loss = get_loss("dpo").to(args.device)
+    trainer = CellTrainer(model, state, loss, PairSet(pairs), reference, pad, config, 0, acceleration=plan)
+    widths = batch_widths(trainer.order, trainer.pairs, trainer.plan.share_prompt, trainer.plan.pad_multiple)
     before = cuda_graphs_recorded()
     seen: set[int] = set()
     first, again, losses, norms = [], [], [], []
@@ -48,7 +52,7 @@ def run_cell(model, state, pairs, pad, args, cuda_graphs: bool | None) -> dict[s
         norms.append(metrics["grad_norm"])
     wall = time.perf_counter() - start
     weights = torch.cat([p.detach().float().flatten() for p in model.parameters()]).clone()
-    return {"graphs": trainer.cudagraphs, "recorded": cuda_graphs_recorded() - before, "widths": len(seen),
+    return {"graphs": trainer.plan.cuda_graphs, "recorded": cuda_graphs_recorded() - before, "widths": len(seen),
             "first": first, "again": again, "wall": wall, "losses": losses, "norms": norms, "weights": weights}  # fmt: skip
 
 

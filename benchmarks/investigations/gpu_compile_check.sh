@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Does torch.compile pay on a real sweep? Two `dpobench run`s of the same variants on a lent H100/H200 (the synthetic
+# Does torch.compile pay on a real sweep? Two `dpobench run`s of the same variants on a CUDA GPU (the synthetic
 # task, varying lengths, so dynamic shapes): --no-compile and --compile, compared per variant by compare_runs.py;
 # then a profile of the compiled base-size step at 32 pairs.
 #
-#   bash benchmarks/gpu_compile_check.sh                 # the tiny model; about 4 minutes; logs also in $OUT
-#   MODEL=small bash benchmarks/gpu_compile_check.sh     # VARIANTS=dpo,ipo picks the variants
+#   bash benchmarks/investigations/gpu_compile_check.sh               # the tiny model; about 4 minutes; logs in $OUT
+#   MODEL=small bash benchmarks/investigations/gpu_compile_check.sh   # VARIANTS=dpo,ipo picks the variants
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 site=/tmp/dpobench-site
 python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --upgrade --target "$site" .
 export PYTHONPATH="$site" PYTHONUNBUFFERED=1

@@ -4,9 +4,9 @@ one readback (``tolist``); everything else in the listing is host work that the 
 the device's side instead, torch.profiler's CUDA kernels over the same steps, summed by kind (matrix products,
 attention, inductor's fused kernels, the optimizer, …) in ms per step, then the costliest kernels.
 
-    python benchmarks/host_profile.py --size base --pairs 8 --compile default no-cudagraphs     # on a GPU
-    python benchmarks/host_profile.py --size base --pairs 32 --kernels --sdpa flash             # on a GPU
-    python benchmarks/host_profile.py --size tiny --pairs 4 --device cpu --compile off           # a smoke run
+    python benchmarks/investigations/host_profile.py --size base --pairs 8 --compile default no-cudagraphs     # on a GPU
+    python benchmarks/investigations/host_profile.py --size base --pairs 32 --kernels --sdpa flash             # on a GPU
+    python benchmarks/investigations/host_profile.py --size tiny --pairs 4 --device cpu --compile off           # a smoke run
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 from torch._dynamo.utils import counters
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.step_ab import with_attention_mask
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from benchmarks.investigations.step_ab import with_attention_mask
 from benchmarks.steps import (
     DpobenchStep,
     add_data_arguments,
@@ -35,10 +35,11 @@ from benchmarks.steps import (
     load_data,
     sync,
 )
+from dpobench.acceleration import SpeedOptions
 from dpobench.models import SIZES
 
-#: --compile settings: TrainConfig.compile, and TrainConfig.cuda_graphs (None: the default's rule; on CUDA graphs run
-#: where the plan has few widths per step, as fixed-length data does)
+#: --compile settings as SpeedOptions' compile and cuda_graphs (None: the default's rule; on CUDA graphs run where the
+#: plan has few widths per step, as fixed-length data does)
 SETTINGS = {"default": (None, None), "on": (True, None), "off": (False, None), "no-cudagraphs": (True, False),
             "reduce-overhead": ("reduce-overhead", None)}  # fmt: skip
 
@@ -51,12 +52,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--profile-steps", type=int, default=5)
     parser.add_argument("--compile", nargs="+", default=["default"], choices=list(SETTINGS))
-    parser.add_argument("--share-prompt", action="store_true")
+    parser.add_argument("--share-prompt", action="store_true", help="each pair as one row (default: the device's)")
     parser.add_argument("--rows", type=int, default=30, help="lines of the profile to print")
     parser.add_argument("--kernels", action="store_true",
                         help="profile the device's kernels (torch.profiler) rather than the host (cProfile)")  # fmt: skip
     parser.add_argument("--attention-mask", action="store_true",
-                        help="give the decoder the batch's attention mask, as before 2026-11-27 (step_ab.py's row)")  # fmt: skip
+                        help="give the decoder the batch's attention mask (step_ab.py's row)")  # fmt: skip
     add_kernel_arguments(parser)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
@@ -65,11 +66,12 @@ def main() -> None:
         torch._logging.set_logs(cudagraphs=True)
     pairs, vocab, pad = load_data(args, args.pairs * (args.steps + args.profile_steps + 8))
     for setting in args.compile:
-        step = DpobenchStep(build_model(args.size, vocab, "cpu"), pairs, args.pairs, args.device, pad,
-                            compile=SETTINGS[setting][0], cuda_graphs=SETTINGS[setting][1])  # fmt: skip
-        step.trainer.share_prompt = args.share_prompt or step.trainer.share_prompt
+        compile, graphs = SETTINGS[setting]
+        speed = SpeedOptions(compile=compile, cuda_graphs=graphs, share_prompt=True if args.share_prompt else None)
+        model = build_model(args.size, vocab, "cpu")
         if args.attention_mask:
-            with_attention_mask(step.trainer.policy, pad)
+            with_attention_mask(model, pad)
+        step = DpobenchStep(model, pairs, args.pairs, args.device, pad, speed=speed)
         for _ in range(5):
             step()
         times = []
@@ -78,7 +80,7 @@ def main() -> None:
             start = time.perf_counter()
             step()
             times.append(time.perf_counter() - start)
-        head = (f"\n== {args.size}, {args.pairs} pairs, compile={setting}, share_prompt={step.trainer.share_prompt}, "
+        head = (f"\n== {args.size}, {args.pairs} pairs, compile={setting}, share_prompt={step.trainer.plan.share_prompt}, "
                 f"SDPA kernels {args.sdpa}, attention mask={args.attention_mask}, inductor {args.inductor or 'defaults'}, "
                 f"CUDA graphs recorded {cuda_graphs_recorded()} and skipped {counters['inductor']['cudagraph_skips']} "
                 f"times so far: median step {statistics.median(times) * 1e3:.1f} ms")  # fmt: skip

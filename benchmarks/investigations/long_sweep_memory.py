@@ -1,6 +1,6 @@
 """A 200-cell sweep on the tiny model with the process's resident memory recorded after every cell.
 
-    python benchmarks/long_sweep_memory.py [--cells 200] [--steps 20] [--out DIR]
+    python benchmarks/investigations/long_sweep_memory.py [--cells 200] [--steps 20] [--out DIR]
 
 Prints RSS at the start (after setup) and the end, and the slope of a least-squares line through the
 per-cell readings (MB per cell). Flat memory means no growth per cell. Uses the default SFT model cache.
@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 
 import dpobench
-from dpobench.sweep import SweepConfig, run_sweep
-from dpobench.train import TrainConfig
+from dpobench.config import SweepConfig, TrainConfig
+from dpobench.sweep import run_sweep
 
 
 def rss_mb() -> float:
@@ -38,7 +38,7 @@ class Recorder:
     def advance(self, step: int) -> None:
         pass
 
-    def done(self, label: str, status: str) -> None:
+    def done(self, label: str, status: str, error: str = "") -> None:
         self.readings.append((time.perf_counter(), rss_mb()))
 
 
@@ -48,12 +48,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    names = list(dpobench.get_losses())
+    names = list(dpobench.get_losses())[: args.cells]  # every variant, at as many β values as the cells need
     betas_needed = -(-args.cells // len(names))
     betas = tuple(round(0.02 * (i + 1), 3) for i in range(betas_needed))
     out = args.out or Path(tempfile.mkdtemp(prefix="dpobench-long-"))
     recorder = Recorder()
-    config = SweepConfig(variants=tuple(names), betas=betas, train=TrainConfig(steps=args.steps, device="cpu"))
+    config = SweepConfig(variants=tuple(names), betas=betas, device="cpu", train=TrainConfig(steps=args.steps))
     start = time.perf_counter()
     summary = run_sweep(config, out, progress=lambda m: None, cell_progress=recorder)
     readings = recorder.readings

@@ -2,28 +2,34 @@
 gradients; CPU unless CUDA is present). Mean of 20 steps (5 at base) after 3 warm-ups, one implementation after the
 other in one process.
 
-    python benchmarks/optimizer_speed.py
+    python benchmarks/investigations/optimizer_speed.py [--sizes tiny,small,base]
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from benchmarks.steps import build_model, sync
 
 KINDS = {"per-tensor": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
+VOCABULARY = {"tiny": 128, "small": 128, "base": 512}
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default=",".join(VOCABULARY), help="comma-separated dpobench sizes")
+    args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     print(f"| size | parameters | {' | '.join(f'{k} ms' for k in KINDS)} | fused × per-tensor |")
     print("|---|---|" + "---|" * (len(KINDS) + 1))
-    for size, vocab in (("tiny", 128), ("small", 128), ("base", 512)):
+    for size in args.sizes.split(","):
+        vocab = VOCABULARY[size]
         ms = {}
         for kind, options in KINDS.items():
             parameters = list(build_model(size, vocab, device).parameters())

@@ -4,7 +4,8 @@ and data, then runs ``--steps`` optimizer steps (2: the second is the first whos
 runs beside the optimizer states). float32 (the CPU has no autocast here), so the absolute numbers are
 larger than a bf16-autocast GPU's; the ratio shows what each way of computing log-probs keeps alive.
 
-    python benchmarks/step_memory_cpu.py --compile            # base size, 4 pairs of 256 + 127 tokens, 2 steps
+    python benchmarks/investigations/step_memory_cpu.py --compile      # base size, 4 pairs of 256 + 127 tokens, 2 steps
+    python benchmarks/investigations/step_memory_cpu.py --size tiny --prompt 16 --completion 8 --steps 1    # smoke
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 
 def peak_mb() -> float:
@@ -27,12 +28,14 @@ def one(args: argparse.Namespace) -> None:
     import torch
 
     from benchmarks.steps import build_model, make_step, random_pairs
+    from dpobench.acceleration import SpeedOptions
 
     torch.manual_seed(0)
     pairs = random_pairs(args.pairs * 4, args.prompt, args.completion, args.vocab)
     name = args.one.split()[0]
     model = build_model(args.size, args.vocab, "cpu")
-    step = make_step(name, model, pairs, args.pairs, "cpu", compile=args.one.endswith("--compile"))
+    speed = SpeedOptions(compile=args.one.endswith("--compile"))
+    step = make_step(name, model, pairs, args.pairs, "cpu", speed=speed)
     before = peak_mb()
     for _ in range(args.steps):
         step()

@@ -1,7 +1,7 @@
 """How a sweep's time grows with its number of cells: one tokenisation/sampling pass and one reference pass,
 then one policy-only training run per cell.
 
-    python benchmarks/sweep_scaling.py [--cells 1,4,16] [--steps 150]
+    python benchmarks/investigations/sweep_scaling.py [--cells 1,4,16] [--steps 150]
 
 Each sweep starts with an empty reference-log-prob cache, a fresh output directory and the SFT model
 cached, on the tiny model on the CPU. Prints setup time (model load, pair sampling, reference pass),
@@ -17,9 +17,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from dpobench.config import SweepConfig, TrainConfig
 from dpobench.models import cache_root
-from dpobench.sweep import SweepConfig, run_sweep
-from dpobench.train import TrainConfig
+from dpobench.sweep import run_sweep
 
 VARIANTS = ("dpo", "ipo", "simpo", "hinge", "cpo", "robust_dpo", "cdpo", "sppo_hard", "nca_pair", "bco_pair",
             "apo_zero", "discopop", "orpo", "len_reg_dpo", "dpop", "cal_dpo")  # fmt: skip
@@ -38,7 +38,7 @@ class Clock:
     def advance(self, step: int) -> None:
         pass
 
-    def done(self, label: str, status: str) -> None:
+    def done(self, label: str, status: str, error: str = "") -> None:
         self.cells.append(time.perf_counter() - self._start)
 
 
@@ -57,7 +57,7 @@ def main() -> None:
         os.environ["DPOBENCH_CACHE"] = str(scratch / "cache")
         clock = Clock()
         start = time.perf_counter()
-        config = SweepConfig(variants=VARIANTS[:n], train=TrainConfig(steps=args.steps, device="cpu"))
+        config = SweepConfig(variants=VARIANTS[:n], device="cpu", train=TrainConfig(steps=args.steps))
         run_sweep(config, scratch / "out", progress=lambda m: None, cell_progress=clock)
         total = time.perf_counter() - start
         setup = (clock.first_cell or start) - start

@@ -4,7 +4,7 @@ printed with the line of dpobench or transformers that made it. Expected: one pe
 in ``dpobench/train.py``; with one row per sequence, also transformers' packed-sequence check at the start of the
 forward pass. (``tests/test_fast_path.py`` checks the same on the CPU, for operators only.)
 
-    python benchmarks/sync_check.py            # CUDA only: the small size, eager, 32 varied pairs, both layouts
+    python benchmarks/investigations/sync_check.py            # CUDA only: the small size, eager, 32 varied pairs, both layouts
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from benchmarks.steps import DpobenchStep, build_model, random_pairs
+from dpobench.acceleration import SpeedOptions
 
 
 def where(frames: list[traceback.FrameSummary]) -> str:
@@ -52,8 +53,8 @@ def main() -> None:
         sys.exit("sync_check.py needs CUDA: on the CPU, tests/test_fast_path.py makes the same check")
     pairs = random_pairs(512, 64, 48, 4096, varied=True)
     for share in (False, True):
-        step = DpobenchStep(build_model("small", 4096, "cuda"), pairs, 32, "cuda", compile=False)
-        step.trainer.share_prompt = share
+        speed = SpeedOptions(compile=False, share_prompt=share)
+        step = DpobenchStep(build_model("small", 4096, "cuda"), pairs, 32, "cuda", speed=speed)
         for _ in range(3):
             step()
         seen = syncs(step, 2)
