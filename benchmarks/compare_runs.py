@@ -32,9 +32,7 @@ def summary(folder: Path) -> pd.DataFrame:
         evaluations = store.frame("evaluations")
     finally:
         store.close()
-    # the reference model's own cells are left out (a store read without roles names them "(reference)")
-    trained = cells["role"] == "variant" if "role" in cells else cells["variant"] != "(reference)"
-    cells = cells[trained].copy()
+    cells = cells[cells["role"] == "variant"].copy()  # the reference model's own cells left out
     cells["compile"] = [json.loads(c).get("compile") for c in cells["config"]]  # as resolved for the device
     timing = steps.groupby("cell_id")["step_time_ms"].agg(train_s=lambda s: s.sum() / 1e3, median_step_ms="median")
     last = evaluations.sort_values("step").groupby("cell_id").last()[["gold_reward", "kl_to_reference"]]
