@@ -267,4 +267,3 @@ def is_compile_error(error: BaseException) -> bool:
             return True
         cause = cause.__cause__ or cause.__context__
     return False
-

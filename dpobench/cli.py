@@ -20,6 +20,8 @@ from rich.table import Table
 import dpobench
 from dpobench import plugins as plugin_loading
 from dpobench._util import atomic_path
+from dpobench.acceleration import AUTO_COMPILE_MIN_PARAMETERS, CUDA_GRAPH_MIN_STEPS_PER_WIDTH
+from dpobench.config import DEFAULT_PRESET, PRESETS
 from dpobench.losses import ParamError
 from dpobench.registry import LossSpec, Registry, UnknownLossError
 
@@ -246,87 +248,110 @@ def _default(option: str) -> str:
     return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
 
+# The options of `dpobench run`, by the names of dpobench.config.OPTIONS; their defaults are the configuration's.
+_VariantsOption = Annotated[str | None, typer.Option(help="Comma-separated variants (default: all, or the preset's).")]
+_BetasOption = Annotated[str | None, typer.Option(help=f"Comma-separated β values (default {_default('betas')}).")]
+_SeedsOption = Annotated[str | None, typer.Option(help=f"Comma-separated seeds (default {_default('seeds')}).")]
+_ScenariosOption = Annotated[
+    str | None,
+    typer.Option(help=f"clean, noisy, length-biased (comma-separated; default {_default('scenarios')})."),
+]
+_StepsOption = Annotated[
+    int | None, typer.Option(help=f"Training steps per cell (default {_default('steps')}).", min=1)
+]
+_BatchSizeOption = Annotated[
+    int | None, typer.Option(help=f"Pairs per step (default {_default('batch_size')}).", min=1)
+]
+_LrOption = Annotated[float | None, typer.Option(help=f"AdamW learning rate (default {_default('lr')}).")]
+_ModelOption = Annotated[
+    str | None,
+    typer.Option(help=f"tiny, small, base, or a save_pretrained folder / Hub id (default {_default('model')})."),
+]
+_DataOption = Annotated[Path | None, typer.Option(help="JSONL / CSV / Parquet of prompt, chosen, rejected.")]
+_DeviceOption = Annotated[str | None, typer.Option(help=f"auto, cpu or cuda (default {_default('device')}).")]
+_EvalEveryOption = Annotated[
+    int | None,
+    typer.Option(help=f"Evaluate every N steps too (default {_default('eval_every')}: at the end only).", min=0),
+]
+_LengthBucketsOption = Annotated[
+    int | None,
+    typer.Option(
+        help=f"Batches per length-sorting window (default {_default('length_buckets')}; 0: plain random batches).",
+        min=0,
+    ),
+]
+_CompileOption = Annotated[
+    bool | None,
+    typer.Option(
+        "--compile/--no-compile",
+        help="torch.compile each decoder layer for training (default: on CUDA, for models of "
+        f"{AUTO_COMPILE_MIN_PARAMETERS / 1e6:g} M parameters or more).",
+    ),
+]
+_CudaGraphsOption = Annotated[
+    bool | None,
+    typer.Option(
+        "--cuda-graphs/--no-cuda-graphs",
+        help="Run the compiled layers as CUDA graphs (default: on CUDA where a cell has "
+        f"{CUDA_GRAPH_MIN_STEPS_PER_WIDTH}+ steps per batch width).",
+    ),
+]
+_SharePromptOption = Annotated[
+    bool | None,
+    typer.Option(
+        "--share-prompt/--no-share-prompt",
+        help="Each pair as one row, its prompt through the model once (default: on the CPU only).",
+    ),
+]
+_PresetOption = Annotated[
+    str | None, typer.Option(help=f"{', '.join(PRESETS)} (default {DEFAULT_PRESET}): where the settings start.")
+]
+_ConfigOption = Annotated[Path | None, typer.Option(help="TOML file with the same keys as these options.")]
+_OutOption = Annotated[Path, typer.Option("--out", "-o", help="Output directory (store, CSV); a rerun resumes it.")]
+_LabelsOption = Annotated[
+    str | None,
+    typer.Option(
+        help=f"How the synthetic pairs are labelled: hard (higher gold reward wins) or bt (default {_default('labels')})."
+    ),
+]
+_ParamOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        metavar="VARIANT.KEY=V1,V2",
+        help="A parameter grid (repeatable), e.g. seed_custom_dpo.temperature=0.5,1",
+    ),
+]
+_ReportOption = Annotated[bool, typer.Option(help="Write report.html and report.pdf beside the store.")]
+
+
 @app.command("run")
 def run(
-    variants: Annotated[
-        str | None, typer.Option(help="Comma-separated variants (default: all, or the preset's).")
-    ] = None,
-    betas: Annotated[str | None, typer.Option(help=f"Comma-separated β values (default {_default('betas')}).")] = None,
-    seeds: Annotated[str | None, typer.Option(help=f"Comma-separated seeds (default {_default('seeds')}).")] = None,
-    scenarios: Annotated[
-        str | None,
-        typer.Option(help=f"clean, noisy, length-biased (comma-separated; default {_default('scenarios')})."),
-    ] = None,
-    steps: Annotated[
-        int | None, typer.Option(help=f"Training steps per cell (default {_default('steps')}).", min=1)
-    ] = None,
-    batch_size: Annotated[
-        int | None, typer.Option(help=f"Pairs per step (default {_default('batch_size')}).", min=1)
-    ] = None,
-    lr: Annotated[float | None, typer.Option(help=f"AdamW learning rate (default {_default('lr')}).")] = None,
-    model: Annotated[
-        str | None,
-        typer.Option(help=f"tiny, small, base, or a save_pretrained folder / Hub id (default {_default('model')})."),
-    ] = None,
-    data: Annotated[Path | None, typer.Option(help="JSONL / CSV / Parquet of prompt, chosen, rejected.")] = None,
-    device: Annotated[str | None, typer.Option(help=f"auto, cpu or cuda (default {_default('device')}).")] = None,
-    eval_every: Annotated[
-        int | None, typer.Option(help="Evaluate every N steps too (0, the default: at the end only).", min=0)
-    ] = None,
-    length_buckets: Annotated[
-        int | None,
-        typer.Option(
-            help=f"Batches per length-sorting window (default {_default('length_buckets')}; 0: plain random batches).",
-            min=0,
-        ),
-    ] = None,
-    compile: Annotated[
-        bool | None,
-        typer.Option(
-            "--compile/--no-compile",
-            help="torch.compile each decoder layer for training (default: on CUDA, for models of 1 M parameters "
-            "or more).",
-        ),
-    ] = None,
-    cuda_graphs: Annotated[
-        bool | None,
-        typer.Option(
-            "--cuda-graphs/--no-cuda-graphs",
-            help="Run the compiled layers as CUDA graphs (default: on CUDA where a cell has 10+ steps per batch width).",
-        ),
-    ] = None,
-    share_prompt: Annotated[
-        bool | None,
-        typer.Option(
-            "--share-prompt/--no-share-prompt",
-            help="Each pair as one row, its prompt through the model once (default: on the CPU only).",
-        ),
-    ] = None,
-    preset: Annotated[str | None, typer.Option(help="quick (the default) or standard.")] = None,
-    config: Annotated[Path | None, typer.Option(help="TOML file with the same keys as these options.")] = None,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (store, CSV); a rerun resumes it.")] = Path(
-        "dpobench-results"
-    ),
-    labels: Annotated[
-        str | None,
-        typer.Option(help="How the synthetic pairs are labelled: hard (higher gold reward wins; the default) or bt."),
-    ] = None,
-    param: Annotated[
-        list[str] | None,
-        typer.Option(
-            metavar="VARIANT.KEY=V1,V2",
-            help="A parameter grid (repeatable), e.g. seed_custom_dpo.temperature=0.5,1",
-        ),
-    ] = None,
-    report: Annotated[bool, typer.Option(help="Write report.html and report.pdf beside the store.")] = True,
+    variants: _VariantsOption = None,
+    betas: _BetasOption = None,
+    seeds: _SeedsOption = None,
+    scenarios: _ScenariosOption = None,
+    steps: _StepsOption = None,
+    batch_size: _BatchSizeOption = None,
+    lr: _LrOption = None,
+    model: _ModelOption = None,
+    data: _DataOption = None,
+    device: _DeviceOption = None,
+    eval_every: _EvalEveryOption = None,
+    length_buckets: _LengthBucketsOption = None,
+    compile: _CompileOption = None,
+    cuda_graphs: _CudaGraphsOption = None,
+    share_prompt: _SharePromptOption = None,
+    preset: _PresetOption = None,
+    config: _ConfigOption = None,
+    out: _OutOption = Path("dpobench-results"),
+    labels: _LabelsOption = None,
+    param: _ParamOption = None,
+    report: _ReportOption = True,
 ) -> None:
     """Train every variant identically on a small real model and compare them (resumable)."""
-    from dpobench.config import load_config
+    from dpobench.config import FILE_KEYS, load_config
 
-    given = {"variants": variants, "betas": betas, "seeds": seeds, "scenarios": scenarios, "steps": steps,
-             "batch_size": batch_size, "lr": lr, "model": model, "data": data, "device": device,
-             "eval_every": eval_every, "preset": preset, "labels": labels, "length_buckets": length_buckets,
-             "compile": compile, "share_prompt": share_prompt, "cuda_graphs": cuda_graphs}  # fmt: skip
+    given = {name: value for name, value in locals().items() if name in FILE_KEYS and name != "params"}
     note = lambda message: err.print(f"[dim]{escape(message)}[/]", highlight=False)  # noqa: E731
     sweep = _user_errors(lambda: load_config(given, file=config, param=param or [], note=note))
     _load()

@@ -151,30 +151,27 @@ class _HeadLogprobs(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk: int, dtype, want_logsumsq: bool, fused: bool = False):  # type: ignore[override]
+    def forward(ctx, hidden, weight, targets, chunk: int, dtype, statistics: tuple[str, ...], fused: bool = False):  # type: ignore[override]
         w = weight.to(dtype)
         n = hidden.shape[0]
         token_logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
         lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
-        lss = torch.empty(n, dtype=torch.float32, device=hidden.device) if want_logsumsq else None
+        stats = {name: torch.empty(n, dtype=torch.float32, device=hidden.device) for name in statistics}
         ops = _compiled_head_ops() if fused else _HEAD_OPS  # compiled: one kernel reads the logits in their dtype
-        statistics = ops.lse_lss if lss is not None else ops.lse
         for start in range(0, n, chunk):
             end = min(n, start + chunk)
             logits = hidden[start:end].to(dtype) @ w.T
-            lse[start:end], chunk_lss = statistics(logits)
-            if lss is not None:  # log Σ_v p(v)², WPO's per-token statistic (a constant: no gradient)
-                lss[start:end] = chunk_lss
+            lse[start:end] = ops.lse(logits)
+            for name, values in stats.items():  # the declared statistics: constants of the loss, no gradient
+                values[start:end] = ops.statistics[name](logits, lse[start:end])
             token_logp[start:end] = logits.gather(1, targets[start:end, None]).squeeze(1).float() - lse[start:end]
         ctx.save_for_backward(hidden, weight, targets, lse)
         ctx.chunk, ctx.dtype, ctx.fused = chunk, dtype, fused
-        if lss is None:
-            return token_logp, token_logp.new_zeros(0)
-        ctx.mark_non_differentiable(lss)
-        return token_logp, lss
+        ctx.mark_non_differentiable(*stats.values())
+        return token_logp, *stats.values()
 
     @staticmethod
-    def backward(ctx, grad_logp, _grad_lss):  # type: ignore[override]
+    def backward(ctx, grad_logp, *_grad_statistics):  # type: ignore[override]
         with torch.autocast(grad_logp.device.type, enabled=False):  # precision is ctx.dtype's, whatever the caller's
             return _HeadLogprobs._backward(ctx, grad_logp)
 
@@ -204,16 +201,20 @@ class _HeadLogprobs(torch.autograd.Function):
         )  # fmt: skip
 
 
-def _head_lse(logits: Tensor) -> tuple[Tensor, None]:
+def _head_lse(logits: Tensor) -> Tensor:
     """log Σ_v exp(z_v) per row, in float32, from logits in any dtype."""
-    return torch.logsumexp(logits.float(), -1), None
+    return torch.logsumexp(logits.float(), -1)
 
 
-def _head_lse_lss(logits: Tensor) -> tuple[Tensor, Tensor]:
-    """log Σ_v exp(z_v) and log Σ_v p(v)² per row, in float32."""
-    z = logits.float()
-    lse = torch.logsumexp(z, -1)
-    return lse, torch.logsumexp(2 * z, -1) - 2 * lse
+def _logsumsq(logits: Tensor, lse: Tensor) -> Tensor:
+    """log Σ_v p(v)² per row, in float32, from logits and their log-sum-exp: WPO's weight (arXiv 2406.11827)."""
+    return torch.logsumexp(2 * logits.float(), -1) - 2 * lse
+
+
+#: the per-token statistics of the policy's next-token distribution that a variant can declare in ``inputs``, by
+#: name: each a function of a chunk's logits and their log-sum-exp, summed over a sequence's completion tokens into
+#: ``LogProbs.chosen_<name>`` / ``rejected_<name>``. Only the statistics a loss declares are computed
+TOKEN_STATISTICS: dict[str, Any] = {"logsumsq": _logsumsq}
 
 
 def _head_grad(logits: Tensor, lse: Tensor, g: Tensor, targets: Tensor) -> Tensor:
@@ -225,17 +226,18 @@ def _head_grad(logits: Tensor, lse: Tensor, g: Tensor, targets: Tensor) -> Tenso
 
 class _HeadOps(NamedTuple):
     lse: Any
-    lse_lss: Any
+    statistics: dict[str, Any]
     grad: Any
 
 
-_HEAD_OPS = _HeadOps(_head_lse, _head_lse_lss, _head_grad)
+_HEAD_OPS = _HeadOps(_head_lse, TOKEN_STATISTICS, _head_grad)
 
 
 @functools.cache
 def _compiled_head_ops() -> _HeadOps:
     """``_HEAD_OPS``, torch.compile'd once per process (on first use)."""
-    return _HeadOps(*(torch.compile(f, dynamic=None) for f in _HEAD_OPS))
+    compiled = functools.partial(torch.compile, dynamic=None)
+    return _HeadOps(compiled(_head_lse), {k: compiled(f) for k, f in TOKEN_STATISTICS.items()}, compiled(_head_grad))
 
 
 def _layout(batch: Batch) -> dict[str, Tensor]:
@@ -281,9 +283,11 @@ def _compute_dtype(hidden: Tensor) -> torch.dtype:
 
 
 def sequence_logprobs(
-    model: Any, batch: Batch, *, logsumsq: bool = False, chunk_tokens: int | None = None, compiled_head: bool = False
-) -> tuple[Tensor, Tensor | None]:
-    """Σ_t log π(y_t | x, y_<t) over completion tokens per row, float32; optionally Σ_t log Σ_v π(v)².
+    model: Any, batch: Batch, *, statistics: Sequence[str] = (), chunk_tokens: int | None = None,
+    compiled_head: bool = False,
+) -> tuple[Tensor, dict[str, Tensor]]:  # fmt: skip
+    """Σ_t log π(y_t | x, y_<t) over completion tokens per sequence, float32; and each of ``statistics``
+    (``TOKEN_STATISTICS``) summed the same way, by name.
 
     The LM head is applied only at completion positions, ``chunk_tokens`` at a time (by default as many as fit
     ``LOGITS_BUDGET``), through a fused head whose backward recomputes logits chunk by chunk. ``compiled_head``:
@@ -298,8 +302,8 @@ def sequence_logprobs(
         hidden = model.get_decoder()(input_ids=batch.input_ids, use_cache=False, **_layout(batch)).last_hidden_state
         selected = hidden.flatten(0, 1).index_select(0, batch.positions)
         chunk = chunk_tokens or max(1, LOGITS_BUDGET // head.weight.shape[0])
-        token_logp, token_lss = _HeadLogprobs.apply(
-            selected, head.weight, batch.targets, chunk, _compute_dtype(selected), logsumsq, compiled_head
+        token_logp, *token_stats = _HeadLogprobs.apply(
+            selected, head.weight, batch.targets, chunk, _compute_dtype(selected), tuple(statistics), compiled_head
         )  # fmt: skip
     else:  # models that transform their logits (or have a head bias): take them whole
         logits = (
@@ -310,25 +314,28 @@ def sequence_logprobs(
         )
         token_logp = -F.cross_entropy(logits, batch.targets, reduction="none")
         with torch.no_grad():
-            token_lss = torch.logsumexp(2 * logits, -1) - 2 * torch.logsumexp(logits, -1) if logsumsq else None
+            lse = torch.logsumexp(logits, -1)
+            token_stats = [TOKEN_STATISTICS[name](logits, lse) for name in statistics]
     zeros = torch.zeros(batch.size, dtype=torch.float32, device=token_logp.device)
-    sums = zeros.index_add(0, batch.rows, token_logp)
-    lss = zeros.index_add(0, batch.rows, token_lss) if logsumsq else None
-    return sums, lss
+    per_sequence = {name: zeros.index_add(0, batch.rows, t) for name, t in zip(statistics, token_stats, strict=True)}
+    return zeros.index_add(0, batch.rows, token_logp), per_sequence
 
 
 @torch.no_grad()
 def rows_logprobs(
     model: Any, rows: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int, *, device: str,
-    batch_size: int = 128, autocast: bool = False,
-) -> Tensor:  # fmt: skip
-    """Completion log-probs of (prompt, completion) rows, without gradients, on the CPU, float32."""
-    out = []
+    batch_size: int = 128, autocast: bool = False, statistics: Sequence[str] = (),
+) -> tuple[Tensor, dict[str, Tensor]]:  # fmt: skip
+    """Completion log-probs of (prompt, completion) rows, and each of ``statistics``, without gradients, on the
+    CPU, float32."""
+    sums, stats = [], []
     for start in range(0, len(rows), batch_size):
         batch = collate(rows[start : start + batch_size], pad_id).to(device)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-            out.append(sequence_logprobs(model, batch)[0].cpu())
-    return torch.cat(out)
+            part, part_stats = sequence_logprobs(model, batch, statistics=statistics)
+        sums.append(part.cpu())
+        stats.append({k: v.cpu() for k, v in part_stats.items()})
+    return torch.cat(sums), {name: torch.cat([s[name] for s in stats]) for name in statistics}
 
 
 def reference_logprobs(
@@ -338,7 +345,8 @@ def reference_logprobs(
     chosen, rejected = [], []
     for start in range(0, len(pairs), batch_size):  # one batch holds a chunk's chosen and rejected rows
         part = pairs[start : start + batch_size]
-        sums = rows_logprobs(model, pair_rows(part), pad_id, device=device, batch_size=2 * len(part), autocast=autocast)
+        sums, _ = rows_logprobs(model, pair_rows(part), pad_id, device=device, batch_size=2 * len(part),
+                                autocast=autocast)  # fmt: skip
         chosen.append(sums[: len(part)])
         rejected.append(sums[len(part) :])
     return torch.cat(chosen), torch.cat(rejected)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, fields, replace
 from typing import Any, ClassVar, NamedTuple
 
@@ -49,6 +50,9 @@ class LogProbs:
         chosen_logsumsq: optional Σ_t log Σ_v π(v|x, y_<t)² over chosen completion tokens, shape (B,);
             filled only for variants that declare ``"logsumsq"`` in ``inputs`` (WPO weighting).
         rejected_logsumsq: same for the rejected responses.
+
+    The optional fields are the policy's per-sequence statistics (``STATISTICS``): each pair of fields
+    ``chosen_<name>`` / ``rejected_<name>`` is one statistic a variant can declare in ``inputs`` by its name.
     """
 
     chosen: Tensor
@@ -75,9 +79,23 @@ class LogProbs:
                     f"LogProbs.{f.name} has shape {tuple(value.shape)} but LogProbs.chosen has {tuple(shape)}"
                 )
 
+    @classmethod
+    def from_rows(cls, sums: Tensor, tokens: Tensor, statistics: dict[str, Tensor] | None = None) -> LogProbs:
+        """From per-sequence rows in the harness's order, the B chosen responses then the B rejected ones."""
+        b = sums.shape[0] // 2
+        split = {f"{side}_{name}": half for name, values in (statistics or {}).items()
+                 for side, half in (("chosen", values[:b]), ("rejected", values[b:]))}  # fmt: skip
+        return cls(sums[:b], sums[b:], tokens[:b], tokens[b:], **split)
+
     @property
     def batch_size(self) -> int:
         return self.chosen.shape[0]
+
+    def without(self, statistics: Iterable[str]) -> LogProbs:
+        """These log-probs less the named statistics; themselves where they hold none of them (no copy)."""
+        drop = {f"{side}_{name}": None for name in statistics for side in ("chosen", "rejected")
+                if getattr(self, f"{side}_{name}") is not None}  # fmt: skip
+        return replace(self, **drop) if drop else self
 
     def detach(self) -> LogProbs:
         return LogProbs(*(None if v is None else v.detach() for v in self._values()))
@@ -88,6 +106,24 @@ class LogProbs:
 
     def _values(self) -> tuple[Tensor | None, ...]:
         return tuple(getattr(self, f.name) for f in fields(self))
+
+
+#: the per-sequence statistics of the policy a variant can declare in ``inputs``: the names of LogProbs's optional
+#: field pairs. The harness computes only those declared (``dpobench.logprobs.TOKEN_STATISTICS`` holds each one's
+#: computation from the logits)
+STATISTICS: tuple[str, ...] = tuple(
+    f.name.removeprefix("chosen_")
+    for f in fields(LogProbs)
+    if f.name.startswith("chosen_") and f.name != "chosen_tokens"
+)
+#: every input a variant can declare: per-pair confidence ``weights`` from the data (a ``forward`` argument), and
+#: the statistics
+KNOWN_INPUTS = frozenset({"weights", *STATISTICS})
+
+
+def declared_statistics(loss: PreferenceLoss) -> tuple[str, ...]:
+    """The statistics ``loss`` declares in ``inputs``, in ``STATISTICS`` order: what the harness computes for it."""
+    return tuple(name for name in STATISTICS if name in loss.inputs)
 
 
 class LossOutput(NamedTuple):
@@ -192,7 +228,7 @@ class PreferenceLoss(nn.Module):
     batch_coupled: bool = False
     #: True when the loss does not increase as the chosen-over-rejected margin grows
     monotone: bool = True
-    #: extra inputs the variant needs: "weights" (per-pair confidence), "logsumsq" (LogProbs fields)
+    #: extra inputs the variant needs, of ``KNOWN_INPUTS``: "weights" (per-pair confidence), or a statistic
     inputs: frozenset[str] = frozenset()
     #: hyper-parameters, with defaults and valid ranges
     params: ClassVar[dict[str, Param]] = {}
@@ -272,24 +308,16 @@ def smoothed_logsigmoid_loss(z: Tensor, label_smoothing: float = 0.0) -> Tensor:
 def call_loss(
     loss: PreferenceLoss, policy: LogProbs, reference: LogProbs | None, weights: Tensor | None = None
 ) -> LossOutput:
-    """Call ``loss`` the way the harness does: extras only when the variant declares them. The per-token statistics
-    (``LogProbs.*_logsumsq``) are the policy's alone, and only for variants that declare ``"logsumsq"``: training
-    computes nothing else, so the contract check and the landscape give nothing else either."""
+    """Call ``loss`` the way the harness does: extras only when the variant declares them. The statistics
+    (``STATISTICS``) are the policy's alone, and only those the variant declares: training computes nothing else,
+    so the contract check and the landscape give nothing else either."""
     extras: dict[str, Tensor] = {}
     if "weights" in loss.inputs and weights is not None:
         extras["weights"] = weights
-    if "logsumsq" not in loss.inputs:
-        policy = _without_logsumsq(policy)
+    policy = policy.without(s for s in STATISTICS if s not in loss.inputs)
     if reference is not None:
-        reference = _without_logsumsq(reference)
+        reference = reference.without(STATISTICS)
     return loss(policy, None if loss.reference_free else reference, **extras)
-
-
-def _without_logsumsq(logps: LogProbs) -> LogProbs:
-    """``logps`` less its per-token statistics; itself where it has none (training's usual case: no copy)."""
-    if logps.chosen_logsumsq is None and logps.rejected_logsumsq is None:
-        return logps
-    return replace(logps, chosen_logsumsq=None, rejected_logsumsq=None)
 
 
 def check_output(out: Any, batch_size: int) -> None:

@@ -10,11 +10,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from dpobench.losses import Param, ParamError, PreferenceLoss
-
-#: the extras a variant can ask for in ``inputs``: per-pair ``weights`` (a forward argument), and ``logsumsq``
-#: (the policy's ``LogProbs.chosen_logsumsq`` / ``rejected_logsumsq``)
-KNOWN_INPUTS = frozenset({"weights", "logsumsq"})
+from dpobench.losses import KNOWN_INPUTS, Param, ParamError, PreferenceLoss
 
 __all__ = [
     "LossSpec", "RegisterLoss", "RegistrationError", "Registry", "Study", "UnknownLossError", "docstring_section",

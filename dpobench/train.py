@@ -28,7 +28,7 @@ from dpobench.acceleration import (
 from dpobench.config import TrainConfig
 from dpobench.data import PairSet, TaskData, decode_completion, sample_completions
 from dpobench.logprobs import pair_rows, rows_logprobs, sequence_logprobs
-from dpobench.losses import LogProbs, PreferenceLoss, call_loss, check_output
+from dpobench.losses import LogProbs, PreferenceLoss, call_loss, check_output, declared_statistics
 from dpobench.task import gold_reward, is_grammatical
 
 __all__ = [
@@ -118,7 +118,7 @@ class CellTrainer:
         policy.zero_grad(set_to_none=True)  # a cell that ended mid-backward (out of memory) may have left some
         torch.manual_seed(seed)
         # fused on the CPU too: one kernel for all parameters (on 2 cores 3.3-4.1x the per-tensor loop's speed,
-        # benchmarks/optimizer_speed.py), and its found_inf lets a non-finite step be skipped on the device
+        # benchmarks/investigations/optimizer_speed.py), and its found_inf lets a non-finite step be skipped on the device
         self.parameters = list(policy.parameters())  # listed once: the step's gradient clipping walks no modules
         self.optimizer = torch.optim.AdamW(self.parameters, lr=config.lr, weight_decay=0.0, fused=True)
         self.schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -128,7 +128,7 @@ class CellTrainer:
         # would wait for the queued forward pass)
         self.reference_chosen, self.reference_rejected = (t.to(device) for t in reference_logps)
         self.weights = torch.tensor([p.weight for p in train.pairs], dtype=torch.float32, device=device)
-        self.needs_logsumsq = "logsumsq" in loss.inputs
+        self.statistics = declared_statistics(loss)  # what the loss reads beyond the log-probs, computed with them
         lengths = [p.length for p in train.pairs]
         self.order = batch_order(
             len(train.pairs), config.steps, config.batch_size, seed, lengths, config.length_buckets
@@ -168,12 +168,11 @@ class CellTrainer:
         on_device = index.to(device, non_blocking=True)
         b = len(pairs)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.plan.autocast), self.layers.active():
-            sums, lss = sequence_logprobs(policy, batch, logsumsq=self.needs_logsumsq,
-                                          chunk_tokens=self.layers.head_chunk_tokens, compiled_head=self.layers.head)  # fmt: skip
+            sums, statistics = sequence_logprobs(policy, batch, statistics=self.statistics,
+                                                 chunk_tokens=self.layers.head_chunk_tokens,
+                                                 compiled_head=self.layers.head)  # fmt: skip
         tokens = batch.tokens
-        policy_lp = LogProbs(
-            sums[:b], sums[b:], tokens[:b], tokens[b:], *((lss[:b], lss[b:]) if lss is not None else ())
-        )
+        policy_lp = LogProbs.from_rows(sums, tokens, statistics)
         reference = LogProbs(
             self.reference_chosen.index_select(0, on_device), self.reference_rejected.index_select(0, on_device),
             tokens[:b], tokens[b:],
@@ -303,8 +302,8 @@ class Evaluator:
                 device=self.device,
             )]  # fmt: skip
         rows = list(zip(prompts, samples, strict=True))
-        policy_lp = self._logps(policy, rows)
-        reference_lp = self._logps(self.reference, rows)
+        policy_lp, _ = self._logps(policy, rows)
+        reference_lp, _ = self._logps(self.reference, rows)
         lengths = [sum(1 for t in s if t != self.tokenizer.eos_token_id) for s in samples]
         metrics = {
             "kl_to_reference": float((policy_lp - reference_lp).mean()),  # E_{y~π}[log π(y) − log π_ref(y)]
@@ -320,10 +319,13 @@ class Evaluator:
             metrics["grammatical_fraction"] = statistics.fmean(float(is_grammatical(t)) for t in texts)
         return metrics
 
-    def _logps(self, model: Any, rows: list[tuple[Any, Any]]) -> torch.Tensor:
+    def _logps(
+        self, model: Any, rows: list[tuple[Any, Any]], statistics: tuple[str, ...] = ()
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         was_on = next(model.parameters()).device
         model.to(self.device)
-        out = rows_logprobs(model, rows, self.tokenizer.pad_token_id, device=self.device, autocast=self.autocast)
+        out = rows_logprobs(model, rows, self.tokenizer.pad_token_id, device=self.device, autocast=self.autocast,
+                            statistics=statistics)  # fmt: skip
         model.to(was_on)
         return out
 
@@ -331,18 +333,15 @@ class Evaluator:
         pairs = self.data.heldout.pairs
         if not pairs:
             return {}
-        policy_lp = self._logps(policy, pair_rows(pairs))
+        policy_lp, statistics = self._logps(policy, pair_rows(pairs), declared_statistics(loss))
         n = len(pairs)
         tokens = torch.tensor([len(p.chosen) for p in pairs] + [len(p.rejected) for p in pairs], dtype=torch.float32)
         ref_c, ref_r = self.heldout_reference
         out = call_loss(
-            loss, LogProbs(policy_lp[:n], policy_lp[n:], tokens[:n], tokens[n:]),
-            LogProbs(ref_c, ref_r, tokens[:n], tokens[n:]), torch.tensor([p.weight for p in pairs]),
-        ) if "logsumsq" not in loss.inputs else None  # fmt: skip
-        if out is None:  # WPO needs per-token statistics: held-out rewards are those of its base, β·Δ
-            margin = loss.hparams.get("beta", 1.0) * ((policy_lp[:n] - ref_c) - (policy_lp[n:] - ref_r))
-        else:
-            margin = out.chosen_rewards - out.rejected_rewards
+            loss, LogProbs.from_rows(policy_lp, tokens, statistics), LogProbs(ref_c, ref_r, tokens[:n], tokens[n:]),
+            torch.tensor([p.weight for p in pairs]),
+        )  # fmt: skip
+        margin = out.chosen_rewards - out.rejected_rewards
         return {
             "heldout_reward_accuracy": float((margin > 0).float().mean()),
             "heldout_reward_margin": float(margin.mean()),

@@ -289,3 +289,33 @@ def test_run_config_errors_are_one_line(tmp_path: Path, content: str, message: s
     )  # fmt: skip
     assert result.returncode == 2 and message in result.stderr and result.stderr.count("\n") == 1, result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_run_options_are_the_configurations_and_their_help_shows_its_defaults() -> None:
+    """Every default is written once, in dpobench.config: each option of `dpobench run` is one the configuration
+    knows (and a TOML key), and the help of each shows the configuration's default, read from a fresh
+    SweepConfig (an independent path from the CLI's own lookup)."""
+    import typer.main
+
+    from dpobench.config import FILE_KEYS, SweepConfig
+
+    command = typer.main.get_command(app).commands["run"]
+    helps = {p.name: " ".join((p.help or "").split()) for p in command.params}
+    shell_only = {"config", "out", "param", "report"}  # where a run's files are, not what it trains
+    assert set(helps) - shell_only == FILE_KEYS - {"params"}
+    config = SweepConfig()
+    defaults = {
+        "betas": "0.1", "seeds": "0", "scenarios": "clean", "steps": str(config.train.steps),
+        "batch_size": str(config.train.batch_size), "lr": str(config.train.lr), "model": config.model,
+        "device": config.device, "eval_every": str(config.train.eval_every),
+        "length_buckets": str(config.train.length_buckets), "labels": config.data_recipe.labels, "preset": "quick",
+    }  # fmt: skip
+    assert (config.betas, config.seeds, config.scenarios) == ((0.1,), (0,), ("clean",))
+    for name, value in defaults.items():
+        assert f"default {value}" in helps[name], (name, helps[name])
+    # the preset's own settings come from the same place: `standard` sets steps, quick takes the configuration's
+    from dpobench.config import load_config
+
+    assert load_config({}).train.steps == config.train.steps == 150
+    assert load_config({"preset": "standard"}).train.steps == 200
+    assert load_config({"preset": "standard", "steps": 7}).train.steps == 7

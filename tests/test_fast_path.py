@@ -201,9 +201,11 @@ def test_the_compiled_head_equals_the_eager_head(setup, autocast) -> None:
     for compiled in (True, False):
         policy.zero_grad()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            sums, lss = sequence_logprobs(policy, batch, logsumsq=True, chunk_tokens=7, compiled_head=compiled)
+            sums, lss = sequence_logprobs(
+                policy, batch, statistics=("logsumsq",), chunk_tokens=7, compiled_head=compiled
+            )
         (sums * torch.linspace(-1, 2, len(sums))).sum().backward()  # distinct weights per row, some negative
-        results.append((sums.detach(), lss, {n: p.grad.clone() for n, p in policy.named_parameters()}))
+        results.append((sums.detach(), lss["logsumsq"], {n: p.grad.clone() for n, p in policy.named_parameters()}))
     policy.zero_grad()
     (sums, lss, grads), (eager_sums, eager_lss, eager_grads) = results
     torch.testing.assert_close(sums, eager_sums, rtol=1e-5, atol=1e-4)
@@ -216,10 +218,11 @@ def test_the_compiled_head_equals_the_eager_head(setup, autocast) -> None:
 def test_the_head_gradient_kernel_is_onehot_minus_softmax_times_g() -> None:
     """``_head_grad``'s pointwise form, by hand: logits (0, ln 3) give softmax (1/4, 3/4); target 1, g = 2 gives
     (0 − 1/4, 1 − 3/4) · 2 = (−1/2, 1/2)."""
-    from dpobench.logprobs import _head_grad, _head_lse_lss
+    from dpobench.logprobs import TOKEN_STATISTICS, _head_grad, _head_lse
 
     logits = torch.tensor([[0.0, math.log(3.0)]])
-    lse, lss = _head_lse_lss(logits)
+    lse = _head_lse(logits)
+    lss = TOKEN_STATISTICS["logsumsq"](logits, lse)
     assert float(lse) == pytest.approx(math.log(4.0)) and float(lss) == pytest.approx(math.log(1 / 16 + 9 / 16))
     grad = _head_grad(logits, lse, torch.tensor([2.0]), torch.tensor([1]))
     torch.testing.assert_close(grad, torch.tensor([[-0.5, 0.5]]))
@@ -621,7 +624,7 @@ class DeviceReads(TorchDispatchMode):
     tensors, before the batch is copied over) and under transformers' ``create_causal_mask`` (its check for packed
     sequences when no mask is given, at the start of the forward pass, when only the batch's copies are queued) are
     left out. Copies between host and device (``.cpu()``, ``.tolist()``, ``.to()``) do not show on the CPU, where
-    they are no-ops: ``benchmarks/sync_check.py`` finds every synchronising call on CUDA, by CUDA's own debug mode."""
+    they are no-ops: ``benchmarks/investigations/sync_check.py`` finds every synchronising call on CUDA, by CUDA's own debug mode."""
 
     READS = {"aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.is_nonzero", "aten.equal"}
 

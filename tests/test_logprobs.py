@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 import warnings
 
@@ -9,6 +10,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+import dpobench
 from dpobench.data import Pair
 from dpobench.logprobs import (
     SHARE_PROMPT_MODEL_TYPES,
@@ -48,10 +50,10 @@ def reference_computation(model, rows):
 def test_matches_full_log_softmax(model, chunk_tokens: int) -> None:
     batch = collate(ROWS, pad_id=0)
     with torch.no_grad():
-        sums, lss = sequence_logprobs(model, batch, logsumsq=True, chunk_tokens=chunk_tokens)
+        sums, lss = sequence_logprobs(model, batch, statistics=("logsumsq",), chunk_tokens=chunk_tokens)
     expected_sums, expected_lss = reference_computation(model, ROWS)
     torch.testing.assert_close(sums, expected_sums, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(lss, expected_lss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lss["logsumsq"], expected_lss, rtol=1e-5, atol=1e-5)
     assert batch.tokens.tolist() == [3.0, 5.0, 1.0]
 
 
@@ -127,10 +129,12 @@ def test_shared_prompt_log_probs_are_each_sequences_own(model, multiple: int) ->
     """Each sequence's sums (and WPO's per-token statistic) equal those of the sequence alone, unpadded, through a
     full log-softmax."""
     with torch.no_grad():
-        sums, lss = sequence_logprobs(model, collate_shared(SHARED, 0, multiple), logsumsq=True, chunk_tokens=3)
+        sums, lss = sequence_logprobs(
+            model, collate_shared(SHARED, 0, multiple), statistics=("logsumsq",), chunk_tokens=3
+        )
     expected_sums, expected_lss = reference_computation(model, pair_rows(SHARED))
     torch.testing.assert_close(sums, expected_sums, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(lss, expected_lss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lss["logsumsq"], expected_lss, rtol=1e-5, atol=1e-5)
 
 
 def test_shared_prompt_gradients_equal_one_row_per_sequence(model) -> None:
@@ -197,10 +201,10 @@ def test_every_architecture_allowed_to_share_the_prompt_scores_it_as_its_own_row
     model = small_model(kind, **({"sliding_window": None} if kind == "mistral" else {}))
     assert can_share_prompt(model)
     with torch.no_grad():
-        rows, rows_lss = sequence_logprobs(model, collate(pair_rows(pairs), 0), logsumsq=True)
-        shared, shared_lss = sequence_logprobs(model, collate_shared(pairs, 0), logsumsq=True)
+        rows, rows_lss = sequence_logprobs(model, collate(pair_rows(pairs), 0), statistics=("logsumsq",))
+        shared, shared_lss = sequence_logprobs(model, collate_shared(pairs, 0), statistics=("logsumsq",))
     torch.testing.assert_close(shared, rows, rtol=1e-5, atol=2e-5)
-    torch.testing.assert_close(shared_lss, rows_lss, rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(shared_lss["logsumsq"], rows_lss["logsumsq"], rtol=1e-5, atol=2e-5)
 
 
 @pytest.mark.parametrize(
@@ -224,3 +228,27 @@ def test_architectures_that_would_score_shared_rows_otherwise_keep_one_row_per_s
             rows = sequence_logprobs(model, collate(pair_rows(pairs), 0))[0]
             shared = sequence_logprobs(model, collate_shared(pairs, 0))[0]
         assert float((rows - shared).abs().max()) > 2e-5  # above the rounding allowed above
+
+
+def test_every_declarable_statistic_has_its_computation_and_arrives_by_name() -> None:
+    """A statistic a variant can declare is a pair of LogProbs fields and an entry of ``TOKEN_STATISTICS``; the
+    harness splits rows into the two fields and strips what a variant did not declare. By hand: log Σ_v p(v)² of
+    logits (0, ln 3) is log(1/16 + 9/16)."""
+    from dpobench.logprobs import TOKEN_STATISTICS
+    from dpobench.losses import KNOWN_INPUTS, STATISTICS, LogProbs, declared_statistics
+
+    assert STATISTICS == tuple(TOKEN_STATISTICS) == ("logsumsq",)
+    assert KNOWN_INPUTS == {"weights", "logsumsq"}
+    logits = torch.tensor([[0.0, math.log(3.0)]])
+    value = TOKEN_STATISTICS["logsumsq"](logits, torch.logsumexp(logits, -1))
+    assert float(value) == pytest.approx(math.log(10 / 16))
+    rows = LogProbs.from_rows(torch.tensor([-1.0, -2.0, -3.0, -4.0]), torch.tensor([1.0, 2.0, 3.0, 4.0]),
+                              {"logsumsq": torch.tensor([-0.1, -0.2, -0.3, -0.4])})  # fmt: skip
+    assert rows.chosen.tolist() == [-1.0, -2.0] and rows.rejected_tokens.tolist() == [3.0, 4.0]
+    assert rows.chosen_logsumsq.tolist() == pytest.approx([-0.1, -0.2])
+    assert rows.rejected_logsumsq.tolist() == pytest.approx([-0.3, -0.4])
+    stripped = rows.without(["logsumsq"])
+    assert stripped.chosen_logsumsq is None and stripped.rejected_logsumsq is None
+    assert stripped.without(["logsumsq"]) is stripped  # nothing to strip: no copy
+    assert declared_statistics(dpobench.get_loss("wpo")) == ("logsumsq",)
+    assert declared_statistics(dpobench.get_loss("dpo")) == ()
