@@ -357,12 +357,14 @@ def run(
     _load()
     started = time.perf_counter()
     summary = _run_sweep(sweep, out)
-    _write_atomic_csv(summary, out / "summary.csv")
+    from dpobench.tables import is_reference, summary_csv
+
+    _write_atomic_csv(summary_csv(summary), out / "summary.csv")
     _print_summary(summary)
     if report:
         _write_run_report(out)
     out.mkdir(parents=True, exist_ok=True)
-    ours = int((summary.variant != "(reference)").sum())
+    ours = int((~is_reference(summary)).sum())
     err.print(
         f"{ours} cell{'s' * (ours != 1)} of this command (and the reference) in {out / 'results.sqlite'}; "
         f"summary in {out / 'summary.csv'}"
