@@ -1,4 +1,19 @@
-"""dpobench: measure preference-optimisation losses (DPO and its family) under identical training."""
+"""dpobench: measure preference-optimisation losses (DPO and its family) under identical training.
+
+Where each concern lives, in the order a sweep runs:
+
+- the plugin API: ``hookspecs`` (the one hook), ``losses`` (the loss contract: ``LogProbs``, ``PreferenceLoss``,
+  ``Param``, the declarable inputs), ``registry`` (what plugins registered), ``plugins`` (loading them),
+  ``testing`` (the conformance checker), ``landscape`` (each loss's model-free geometry);
+- configuration: ``config`` (every option and default once; presets, TOML and the command line merged and checked);
+- the task and models: ``task`` (the synthetic grammar and its gold reward), ``data`` (pairs: sampled, or read from
+  a file), ``models`` (build, SFT, load, cache);
+- training: ``sweep`` (plan, prepare, run each cell), ``train`` (the one training loop and the evaluation),
+  ``logprobs`` (completion log-probs and the reference cache), ``acceleration`` (how the step runs fast);
+- results: ``store`` (SQLite; the only module that speaks SQL), ``metrics`` (the metric catalogue), ``tables``
+  (pandas views), ``figures`` (matplotlib), ``report`` (HTML and PDF);
+- ``cli``: the ``dpobench`` command, a thin shell over the above.
+"""
 
 from __future__ import annotations
 

@@ -198,3 +198,23 @@ def test_a_variants_own_beta_replaces_the_swept_betas_for_it_alone() -> None:
     for bad in ("0", "-1", "two"):
         with pytest.raises(SweepError, match=rf"--param simpo.beta='{bad}': β must be a number > 0"):
             plan_cells(replace(config, params={"simpo": {"beta": (bad,)}}), specs)
+
+
+def test_a_cell_run_alone_from_the_plan_equals_its_cell_in_the_sweep(tmp_path: Path, untrained_model: Path) -> None:
+    """The seam another executor uses: ``plan_sweep`` → ``prepare`` → ``run_cell(prepared, cell)``, for one cell
+    alone, gives that cell's metrics exactly as the whole sweep stored them (same process, same threads)."""
+    from dpobench.sweep import plan_sweep, prepare, run_cell
+    from dpobench.tables import cell_finals, read_tidy
+
+    config = SweepConfig(variants=("dpo", "ipo"), model=str(untrained_model), data_recipe=replace(DATA, train_prompts=96),
+                         train=TrainConfig(steps=3, batch_size=8))  # fmt: skip
+    run_sweep(config, tmp_path, progress=lambda m: None)
+    stored = cell_finals(read_tidy(tmp_path)).set_index("variant")
+    prepared = prepare(plan_sweep(config), progress=lambda m: None)
+    ipo = next(cell for cell in prepared.plan.cells if cell.spec.name == "ipo")
+    result = run_cell(prepared, ipo)
+    assert result.status == "done" and len(result.steps) == 3
+    final = result.evaluations[-1]
+    for metric in ("gold_reward", "kl_to_reference", "response_length", "heldout_reward_accuracy"):
+        assert final[metric] == stored.loc["ipo", metric], metric
+    assert result.steps[-1]["loss"] == stored.loc["ipo", "loss"]  # one step in the last tenth of 3
