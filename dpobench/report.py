@@ -72,6 +72,8 @@ class Section:
     text: str = ""
     figures: list[Figure] = field(default_factory=list)
     tables: list[tuple[str, pd.DataFrame]] = field(default_factory=list)
+    #: (term, definition) pairs shown below the tables: the glossary of the metrics
+    glossary: list[tuple[str, str]] = field(default_factory=list)
 
 
 @dataclass
@@ -204,7 +206,8 @@ def build_report(store: str | Path, metric: str | None = None, bench: str | Path
             + _degenerate(summary)
             + _columns_text(summary)
             + HONESTY,
-            tables=[("ranked summary", summary), ("glossary", glossary_table(_glossary_order(summary)))],
+            tables=[("ranked summary", summary)],
+            glossary=_glossary(summary),
         ),
         Section(
             "training",
@@ -260,11 +263,18 @@ def _label_configurations(finals: pd.DataFrame, tidy: pd.DataFrame) -> tuple[pd.
     return finals, tidy.assign(variant=tidy.cell_id.map(by_cell).fillna(tidy.variant))
 
 
-def _glossary_order(summary: pd.DataFrame) -> list[str]:
-    """The glossary's metrics: the summary's columns first, as they stand, then the rest of the catalogue (every
-    column of summary.csv)."""
+def _glossary(summary: pd.DataFrame) -> list[tuple[str, str]]:
+    """Every metric of the catalogue (every metric column of summary.csv) with its meaning, unit, which way is
+    better and how a cell's final value is taken: the summary's columns first, as they stand, then the rest."""
     shown = [m for m in summary.columns if m in METRICS]
-    return [*shown, *(m for m in METRICS if m not in shown)]
+    table = glossary_table([*shown, *(m for m in METRICS if m not in shown)])
+    entries = []
+    for row in table.itertuples(index=False):
+        unit = "no unit" if row.unit == "–" else row.unit
+        better = "" if row.better == "–" else f"; {row.better} is better"
+        final = "the last evaluation's" if row.source == "eval" else "the mean of the last 10% of training steps"
+        entries.append((row.metric, f"{row.meaning} ({unit}{better}; {final})"))
+    return entries
 
 
 def _study_sections(finals: pd.DataFrame) -> list[Section]:
@@ -325,7 +335,7 @@ def render_html(report: Report) -> str:
     template = env.from_string(_HTML)
     sections = [
         {"id": s.id, "title": s.title, "text": s.text, "figures": [Markup(_svg(f)) for f in s.figures],
-         "tables": [(name, Markup(_fmt_table(t).to_html(index=False, escape=True, border=0, na_rep="–")))
+         "glossary": s.glossary, "tables": [(name, Markup(_fmt_table(t).to_html(index=False, escape=True, border=0, na_rep="–")))
                     for name, t in s.tables]}
         for s in report.sections
     ]  # fmt: skip
@@ -355,6 +365,8 @@ def render_pdf(report: Report, path: Path) -> None:
             for name, table in section.tables:
                 for page in _table_pages(f"{section.title}: {name}", _fmt_table(table)):
                     pdf.savefig(page)
+            for page in _glossary_pages(f"{section.title}: glossary", section.glossary):
+                pdf.savefig(page)
 
 
 def _wrap(text: str, width: int) -> list[str]:
@@ -370,6 +382,24 @@ def _text_page(title: str, text: str) -> Figure:
     for i, line in enumerate(_wrap(text, 100)):
         page.text(0.08, 0.90 - 0.018 * i, line, fontsize=8, va="top")
     return page
+
+
+def _glossary_pages(title: str, entries: list[tuple[str, str]], lines_per_page: int = 48) -> list[Figure]:
+    """Glossary entries on A4 pages: each term in bold, its definition wrapped below it, indented."""
+    blocks = [[(term, True)] + [(f"    {line}", False) for line in _wrap(text, 96)] for term, text in entries]
+    pages: list[list[tuple[str, bool]]] = []
+    for block in blocks:
+        if not pages or len(pages[-1]) + len(block) > lines_per_page:
+            pages.append([])
+        pages[-1] += block
+    drawn = []
+    for lines in pages:
+        page = Figure(figsize=(8.27, 11.69))
+        page.text(0.08, 0.95, title, fontsize=12, weight="bold", va="top")
+        for i, (line, bold) in enumerate(lines):
+            page.text(0.08, 0.91 - 0.0175 * i, line, fontsize=8, va="top", weight="bold" if bold else "normal")
+        drawn.append(page)
+    return drawn
 
 
 #: the columns that name a row, repeated on every page of a table too wide for one
@@ -438,6 +468,7 @@ dl.header { display: grid; grid-template-columns: max-content 1fr; gap: 2px 1em;
 dl.header dt { font-weight: bold; } dl.header dd { margin: 0; word-break: break-all; }
 figure { margin: 1em 0; } figure svg { max-width: 100%; height: auto; }
 .table-wrap { overflow-x: auto; } nav li { display: inline; margin-right: 1em; }
+dl.glossary { font-size: 12px; } dl.glossary dt { font-weight: bold; } dl.glossary dd { margin: 0 0 0.4em 2em; }
 </style></head>
 <body>
 <h1>{{ title }}</h1>
@@ -447,6 +478,8 @@ figure { margin: 1em 0; } figure svg { max-width: 100%; height: auto; }
 <p>{{ s.text }}</p>
 {% for svg in s.figures %}<figure>{{ svg }}</figure>
 {% endfor %}{% for name, table in s.tables %}<h3>{{ name }}</h3><div class="table-wrap">{{ table }}</div>
-{% endfor %}</section>
+{% endfor %}{% if s.glossary %}<h3>glossary</h3><dl class="glossary">{% for term, text in s.glossary %}<dt>{{ term }}</dt>
+<dd>{{ text }}</dd>{% endfor %}</dl>
+{% endif %}</section>
 {% endfor %}</body></html>
 """

@@ -449,7 +449,7 @@ def glossary_table(metrics: Sequence[str] | None = None) -> pd.DataFrame:
             "metric": names,
             "unit": [METRICS[m].unit or "–" for m in names],
             "better": [METRICS[m].better or "–" for m in names],
-            "measured": ["each training step" if METRICS[m].source == "step" else "each evaluation" for m in names],
+            "source": [METRICS[m].source for m in names],
             "meaning": [METRICS[m].doc for m in names],
         }
     )

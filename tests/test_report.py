@@ -397,7 +397,7 @@ def test_pdf_tables_keep_every_column_and_name_each_row_on_every_page() -> None:
 def test_the_summary_defines_its_columns_and_names_degenerate_samples(store_dir: Path) -> None:
     """The summary's text says what each column means and which way is better, and names the configurations
     whose samples are mostly ungrammatical; every section's text is in the PDF too, on a page of its own."""
-    from dpobench.report import _degenerate, _text_page
+    from dpobench.report import _degenerate, _glossary_pages, _text_page
 
     table = pd.DataFrame({"configuration": ["dpo", "apo_down", "ipo"], "grammatical_fraction": [0.9, 0.0, 0.49]})
     assert _degenerate(table) == (
@@ -408,22 +408,29 @@ def test_the_summary_defines_its_columns_and_names_degenerate_samples(store_dir:
     report = build_report(store_dir)
     summary = report.sections[0]
     assert "gold_reward (higher is better), kl_to_reference (lower is better)" in summary.text
-    (_, ranked), (name, glossary) = summary.tables
-    glossary = glossary.set_index("metric")
-    assert name == "glossary" and list(glossary.index[:2]) == ["gold_reward", "kl_to_reference"]  # the summary's order
-    assert glossary.loc["kl_to_reference"].tolist() == [
-        "nats",
-        "lower",
-        "each evaluation",
+    ((_, ranked),) = summary.tables
+    glossary = dict(summary.glossary)
+    assert list(glossary)[:2] == ["gold_reward", "kl_to_reference"]  # the summary's columns first, in its order
+    assert glossary["kl_to_reference"] == (
         "the KL from the SFT reference, estimated on the same samples (mean of log π − log π_ref), per completion; "
-        "lower keeps closer to it",
-    ]
-    assert glossary.loc["grad_norm", "better"] == "–" and glossary.loc["loss", "measured"] == "each training step"
-    # every column of summary.csv that is a metric is defined, and every metric column of the ranked summary
+        "lower keeps closer to it (nats; lower is better; the last evaluation's)"
+    )
+    assert glossary["grad_norm"] == "the gradient's global L2 norm before clipping (no unit; the mean of the last 10% of " \
+        "training steps)"  # fmt: skip
+    # every metric column of summary.csv is defined (so every metric column of the ranked summary is)
     finals = cell_finals(read_tidy(store_dir))
     metric_columns = [c for c in finals.columns if c not in (*CELL_COLUMNS, "role")]
-    assert sorted(glossary.index) == sorted(metric_columns)
-    assert {c for c in ranked.columns if c in glossary.index} == {c for c in ranked.columns if c in metric_columns}
+    assert sorted(glossary) == sorted(metric_columns) and set(ranked.columns) & set(metric_columns) <= set(glossary)
+    html = render_html(report)
+    assert "<dt>kl_to_reference</dt>\n<dd>the KL from the SFT reference" in html
+    pages = _glossary_pages("Summary: glossary", summary.glossary)
+    texts = [t.get_text() for page in pages for t in page.texts if t.get_text() != "Summary: glossary"]
+    assert texts[:2] == [
+        "gold_reward",
+        "    the synthetic task's true reward of one sampled completion per evaluation prompt, averaged (each",
+    ]
+    assert sum(t in glossary for t in texts) == len(glossary)  # every term, on pages of 48 lines at most
+    assert all(len(page.texts) <= 49 for page in pages)
     page = _text_page(summary.title, summary.text)
     assert page.texts[0].get_text() == "Summary"
     assert " ".join(t.get_text() for t in page.texts[1:]) == " ".join(summary.text.split())

@@ -256,9 +256,11 @@ def test_adding_a_metric_is_one_catalogue_entry(tmp_path: Path, distinct_bigrams
     assert "distinct_bigrams" in rankable()
     ranked = summary_table(finals, "distinct_bigrams")
     assert ranked[["variant", "distinct_bigrams", "rank"]].values.tolist() == [["ipo", 0.60, 1], ["dpo", 0.50, 2]]
-    glossary = build_report(tmp_path).sections[0].tables[1][1].set_index("metric")
-    assert glossary.loc["distinct_bigrams"].tolist() == [
-        "fraction", "higher", "each evaluation", "the fraction of the samples' bigrams that occur once (diversity)"]  # fmt: skip
+    glossary = dict(build_report(tmp_path).sections[0].glossary)
+    assert glossary["distinct_bigrams"] == (
+        "the fraction of the samples' bigrams that occur once (diversity) (fraction; higher is better; the last "
+        "evaluation's)"
+    )
 
 
 def test_the_catalogue_is_consistent() -> None:
@@ -274,7 +276,7 @@ def test_the_catalogue_is_consistent() -> None:
         register(Metric("loss", "step", "loss", "nats", "lower", ".3f", "again"))
     with pytest.raises(ValueError, match="source 'batch'"):
         register(Metric("x", "batch", "x", "", None, ".1f", "x"))  # type: ignore[arg-type]
-    assert glossary_table(["kl_to_reference"]).values.tolist()[0][:3] == ["kl_to_reference", "nats", "lower"]
+    assert glossary_table(["kl_to_reference"]).values.tolist()[0][:4] == ["kl_to_reference", "nats", "lower", "eval"]
     assert json.dumps(rankable()) == json.dumps(sorted(rankable()))
 
 
