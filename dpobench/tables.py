@@ -180,7 +180,7 @@ def aggregate(
     return pd.DataFrame(rows)
 
 
-def read_samples(store: str | Path, metric: str = "gold_reward") -> pd.DataFrame:
+def read_samples(store: str | Path, metric: str = RANK_BY[0]) -> pd.DataFrame:
     """``metric`` per evaluation prompt at each cell's last evaluation (a metric with ``Metric.per_prompt``):
     ``cell_id``, ``prompt`` and a column named ``metric``. Empty for cells that did not measure it (no gold reward
     with pairs from ``--data``) and for stores written before the per-prompt values were kept."""
@@ -298,15 +298,14 @@ def _row_samples(
     return out
 
 
-def summary_table(
-    finals: pd.DataFrame, metric: str = "gold_reward", samples: pd.DataFrame | None = None
-) -> pd.DataFrame:
+def summary_table(finals: pd.DataFrame, metric: str | None = None, samples: pd.DataFrame | None = None) -> pd.DataFrame:
     """Per variant × β × scenario at the end of training (the metrics of ``metrics.SUMMARY``), ranked by ``metric``
-    within each scenario. Without a gold reward (pairs from ``--data``), its columns are left out. With ``samples``
+    (default: ``resolve_metric``'s) within each scenario. Without a gold reward (pairs from ``--data``), its columns are left out. With ``samples``
     (``read_samples`` of ``metric``, a metric kept per prompt; give them only for cells evaluated on the same
     prompts), a scenario whose ranked rows are one cell each, with samples of one length, is ranked by the metric's
     paired differences (``paired_rank``), and ``<metric>_gap`` ± ``<metric>_gap_ci`` give each row's paired gap to
     the best row."""
+    metric = resolve_metric(finals, metric)
     metrics = list(SUMMARY)
     if not has_gold(finals):
         metrics = [m for m in metrics if not _needs_gold(m)]
@@ -348,8 +347,10 @@ def summary_table(
     return table.sort_values(["scenario", "rank", metric], ascending=[True, True, not better]).reset_index(drop=True)
 
 
-def beta_table(finals: pd.DataFrame, metric: str = "gold_reward") -> pd.DataFrame:
-    """``metric`` (mean over seeds) for each variant (rows) at each β (columns), clean scenario first."""
+def beta_table(finals: pd.DataFrame, metric: str | None = None) -> pd.DataFrame:
+    """``metric`` (mean over seeds; default: ``resolve_metric``'s) for each variant (rows) at each β (columns), clean
+    scenario first."""
+    metric = resolve_metric(finals, metric)
     table = aggregate(finals[~is_reference(finals)], [metric])
     scenario = "clean" if "clean" in set(table.scenario) else table.scenario.iloc[0]
     return table[table.scenario == scenario].pivot_table(index="variant", columns="beta", values=metric)
