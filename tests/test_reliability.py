@@ -236,7 +236,11 @@ def test_store_from_another_version_or_program_is_refused(tmp_path: Path) -> Non
     Store(tmp_path / "a.sqlite").close()
     with sqlite3.connect(tmp_path / "a.sqlite") as db:
         db.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
-    with pytest.raises(StoreError, match=r"written by another dpobench \(schema 99, this one reads 1\)"):
+    from dpobench.store import SCHEMA_VERSION
+
+    with pytest.raises(
+        StoreError, match=rf"written by another dpobench \(schema 99, this one reads {SCHEMA_VERSION}\)"
+    ):
         Store(tmp_path / "a.sqlite")
     with sqlite3.connect(tmp_path / "b.sqlite") as db:
         db.execute("CREATE TABLE customers (id INTEGER)")
