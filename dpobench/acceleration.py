@@ -19,7 +19,7 @@ import torch
 
 from dpobench._util import one_line
 from dpobench.data import Pair
-from dpobench.logprobs import LOGITS_BUDGET, Batch, _round_up, can_share_prompt, collate, collate_shared, pair_rows
+from dpobench.logprobs import LOGITS_BUDGET, Batch, can_share_prompt, collate, collate_shared, pair_rows, round_up
 
 __all__ = [
     "AUTO_COMPILE_MIN_PARAMETERS",
@@ -113,6 +113,20 @@ class Acceleration:
             mode = True  # the mode asked for graphs, and they were refused: compiled without
         return replace(self, compile=mode, cuda_graphs=graphs)
 
+    def describe(self, requested: SpeedOptions) -> list[str]:
+        """What a user should know before training starts, one line each, with the option that changes it."""
+        lines = []
+        if self.compile:
+            lines.append("training steps compile once per process (torch.compile; --no-compile: eager)")
+            if self.autocast and requested.cuda_graphs is None:
+                lines.append(f"and run as CUDA graphs in cells of {CUDA_GRAPH_MIN_STEPS_PER_WIDTH} or more steps per "
+                             "batch width (--no-cuda-graphs: never)")  # fmt: skip
+        if self.share_prompt:
+            lines.append(
+                "each pair trains as one row, its prompt through the model once (--no-share-prompt: separate rows)"
+            )
+        return lines
+
     def collate(self, pairs: Sequence[Pair], pad_id: int) -> Batch:
         """A training batch of ``pairs`` in this plan's layout."""
         if self.share_prompt:
@@ -168,7 +182,7 @@ def batch_widths(order: Sequence[torch.Tensor], pairs: Sequence[Pair], share_pro
     """The width of each planned batch, as ``collate`` (or ``collate_shared``) will pad it: its longest row rounded
     up to ``multiple``."""
     row = [len(p.prompt) + len(p.chosen) + len(p.rejected) if share_prompt else p.length for p in pairs]
-    return [_round_up(max(row[i] for i in index.tolist()), multiple) for index in order]
+    return [round_up(max(row[i] for i in index.tolist()), multiple) for index in order]
 
 
 def _cuda_graphs(

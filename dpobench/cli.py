@@ -1,4 +1,4 @@
-"""The ``dpobench`` command line: list, plugins, check, landscape."""
+"""The ``dpobench`` command line: run, report, list, plugins, check, landscape; a thin shell over the library."""
 
 from __future__ import annotations
 
@@ -22,7 +22,9 @@ from dpobench import plugins as plugin_loading
 from dpobench._util import atomic_path
 from dpobench.acceleration import AUTO_COMPILE_MIN_PARAMETERS, CUDA_GRAPH_MIN_STEPS_PER_WIDTH
 from dpobench.config import DEFAULT_PRESET, PRESETS
+from dpobench.data import SCENARIOS
 from dpobench.losses import ParamError
+from dpobench.models import SIZES
 from dpobench.registry import LossSpec, Registry, UnknownLossError
 
 app = typer.Typer(
@@ -254,7 +256,7 @@ _BetasOption = Annotated[str | None, typer.Option(help=f"Comma-separated β valu
 _SeedsOption = Annotated[str | None, typer.Option(help=f"Comma-separated seeds (default {_default('seeds')}).")]
 _ScenariosOption = Annotated[
     str | None,
-    typer.Option(help=f"clean, noisy, length-biased (comma-separated; default {_default('scenarios')})."),
+    typer.Option(help=f"{', '.join(SCENARIOS)} (comma-separated; default {_default('scenarios')})."),
 ]
 _StepsOption = Annotated[
     int | None, typer.Option(help=f"Training steps per cell (default {_default('steps')}).", min=1)
@@ -265,7 +267,7 @@ _BatchSizeOption = Annotated[
 _LrOption = Annotated[float | None, typer.Option(help=f"AdamW learning rate (default {_default('lr')}).")]
 _ModelOption = Annotated[
     str | None,
-    typer.Option(help=f"tiny, small, base, or a save_pretrained folder / Hub id (default {_default('model')})."),
+    typer.Option(help=f"{', '.join(SIZES)}, or a save_pretrained folder / Hub id (default {_default('model')})."),
 ]
 _DataOption = Annotated[Path | None, typer.Option(help="JSONL / CSV / Parquet of prompt, chosen, rejected.")]
 _DeviceOption = Annotated[str | None, typer.Option(help=f"auto, cpu or cuda (default {_default('device')}).")]

@@ -68,7 +68,7 @@ class Batch:
         return ((q[:, None] >= q[None, :]) & ((seen == 0) | (seen == seer) | (seer == -1)))[:, None]
 
 
-def _round_up(width: int, multiple: int) -> int:
+def round_up(width: int, multiple: int) -> int:
     return -(-width // multiple) * multiple
 
 
@@ -87,7 +87,7 @@ def collate(rows: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int, mu
     prompt = torch.tensor([len(p) for p, _ in rows])
     completion = torch.tensor([len(c) for _, c in rows])
     total = prompt + completion
-    width = _round_up(int(total.max()), multiple)
+    width = round_up(int(total.max()), multiple)
     ids = _pad_rows(rows, total, width, pad_id)
     position = torch.arange(width)
     attention = (position[None, :] < total[:, None]).long()
@@ -110,7 +110,7 @@ def collate_shared(pairs: Sequence[Pair], pad_id: int, multiple: int = 1) -> Bat
     c = torch.tensor([len(x.chosen) for x in pairs])[:, None]
     r = torch.tensor([len(x.rejected) for x in pairs])[:, None]
     total = (p + c + r)[:, 0]
-    width = _round_up(int(total.max()), multiple)
+    width = round_up(int(total.max()), multiple)
     ids = _pad_rows([(x.prompt, x.chosen, x.rejected) for x in pairs], total, width, pad_id)
     q = torch.arange(width)[None, :]
     segment = torch.where(q < p, 0, torch.where(q < p + c, 1, torch.where(q < p + c + r, 2, -1)))  # pad: −1

@@ -137,6 +137,14 @@ def batch_layout(runs: list[dict[str, object]]) -> str:
     return " and ".join(names[layout] for layout in sorted(shared, reverse=True))
 
 
+def _run_setting(runs: list[dict[str, object]], key: str) -> str:
+    """A sweep setting as the runs recorded it (the configuration's default where a run predates the key)."""
+    from dpobench.config import SweepConfig
+
+    default = getattr(SweepConfig(), key)
+    return " or ".join(sorted({f"{r['config'].get(key, default):g}" for r in runs}))
+
+
 def build_report(store: str | Path, metric: str | None = None, bench: str | Path | None = None) -> Report:
     """The report of a store, ranked by ``metric`` (None: ``resolve_metric``'s default, the gold reward where the
     cells have one). Without a gold reward (pairs from ``--data``) its columns and the gold-vs-KL figure are left
@@ -227,8 +235,9 @@ def build_report(store: str | Path, metric: str | None = None, bench: str | Path
                                 figures=[figures.frontier(summary, colors, reference_gold, main_scenario)]))  # fmt: skip
     if len(scenarios) > 1:
         table = scenario_table(finals)
-        sections.append(Section("scenarios", "Robustness", "Noisy: 20% of training labels flipped. Length-biased: the "
-                                "labeller adds 0.03 gold reward per token.",
+        noise, bonus = (_run_setting(runs, key) for key in ("noise", "length_bonus"))
+        sections.append(Section("scenarios", "Robustness", f"Noisy: a fraction {noise} of training labels flipped. "
+                                f"Length-biased: the labeller adds {bonus} gold reward per token.",
                                 figures=[figures.scenario_robustness(table, colors)], tables=[("scenario deltas", table)]))  # fmt: skip
     sections += _study_sections(finals)
     speed = throughput_table(finals)

@@ -100,6 +100,11 @@ class Store:
             self.db.execute("PRAGMA foreign_keys=ON")
         try:
             self.schema = self._open()
+        except sqlite3.DatabaseError as error:  # not an SQLite file at all, or a damaged one
+            self.db.close()
+            raise StoreError(
+                f"{self.path}: not a dpobench results store ({error}); use another --out directory"
+            ) from None
         except BaseException:
             self.db.close()
             raise

@@ -18,10 +18,9 @@ import itertools
 import json
 import math
 import os
-import sqlite3
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ import pandas as pd
 import torch
 
 import dpobench
-from dpobench.acceleration import CUDA_GRAPH_MIN_STEPS_PER_WIDTH, Acceleration, plan_acceleration
+from dpobench.acceleration import Acceleration, plan_acceleration
 from dpobench.config import (
     PRESETS,
     SweepConfig,
@@ -56,6 +55,9 @@ from dpobench.train import CellResult, Evaluator, train_cell
 __all__ = [
     "PRESETS",
     "Cell",
+    "Executor",
+    "Finished",
+    "Pending",
     "Prepared",
     "SweepConfig",
     "SweepError",
@@ -66,6 +68,7 @@ __all__ = [
     "plan_sweep",
     "prepare",
     "run_cell",
+    "run_in_process",
     "run_sweep",
 ]
 
@@ -258,6 +261,43 @@ def run_cell(
         return CellResult(status="failed", error=f"CUDA out of memory: {str(error).splitlines()[0]}")
 
 
+@dataclass(frozen=True)
+class Pending:
+    """A cell the store lacks, as an executor is given it: its identity, the cell, and its progress label."""
+
+    cell_id: str
+    cell: Cell
+    label: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    """A cell an executor ran: what ``run_cell`` returned, and when it started and finished (``time.time()``)."""
+
+    pending: Pending
+    result: CellResult
+    started: float
+    finished: float
+
+
+#: where cells run: given the prepared sweep, the cells to run, a progress display (``start(label, steps)``,
+#: ``advance(step)``; or None) and a stop request, it yields each cell's ``Finished`` as it finishes, in any order.
+#: The driver commits each as it arrives and stays the store's only writer
+Executor = Callable[[Prepared, list[Pending], Any, Callable[[], bool] | None], Iterator[Finished]]
+
+
+def run_in_process(
+    prepared: Prepared, pending: list[Pending], cell_progress: Any = None, should_stop: Callable[[], bool] | None = None
+) -> Iterator[Finished]:
+    """The default executor: each cell in turn, in this process."""
+    for item in pending:
+        if cell_progress:
+            cell_progress.start(item.label, prepared.config.train.steps)
+        started = time.time()
+        result = run_cell(prepared, item.cell, cell_progress.advance if cell_progress else None, should_stop)
+        yield Finished(item, result, started, time.time())
+
+
 def run_sweep(
     config: SweepConfig,
     out: Path,
@@ -266,9 +306,10 @@ def run_sweep(
     progress: Callable[[str], None] = print,
     cell_progress: Any = None,
     should_stop: Callable[[], bool] | None = None,
+    executor: Executor = run_in_process,
 ) -> pd.DataFrame:
-    """Run every cell not yet in ``out/results.sqlite``; return the per-cell summary of this command's cells. A
-    sweep refused before it wrote anything leaves no empty ``out`` behind."""
+    """Run every cell not yet in ``out/results.sqlite`` (on ``executor``); return the per-cell summary of this
+    command's cells. A sweep refused before it wrote anything leaves no empty ``out`` behind."""
     created = not out.exists()
     try:
         plan = plan_sweep(config)
@@ -276,7 +317,7 @@ def run_sweep(
         prepared = prepare(plan, progress)
         store = open_store(out)  # only now: a sweep stopped by bad data or a bad model leaves no store behind
         try:
-            ours = _execute(prepared, store, command, progress, cell_progress, should_stop)
+            ours = _execute(prepared, store, command, progress, cell_progress, should_stop, executor)
         finally:
             store.close()
     except BaseException:
@@ -293,7 +334,7 @@ def run_sweep(
 
 def _execute(
     prepared: Prepared, store: Store, command: str, progress: Callable[[str], None], cell_progress: Any,
-    should_stop: Callable[[], bool] | None,
+    should_stop: Callable[[], bool] | None, executor: Executor,
 ) -> set[str]:  # fmt: skip
     """Record the run, evaluate the reference, train every cell the store lacks, committing each as it finishes.
     Returns the ids of this command's cells."""
@@ -323,34 +364,40 @@ def _execute(
             todo.append((identity, cell))
     progress(f"{len(plan.cells)} cells, {len(plan.cells) - len(todo)} already in the store, {len(todo)} to run")
     if todo:  # after the data and settings checks, so that an error there stays the only line
-        _explain_acceleration(prepared.acceleration, config, progress)
-    for number, (identity, cell) in enumerate(todo, start=1):
-        started = time.time()
-        extra = " ".join(f"{k}={v}" for k, v in cell.loss.hparams.items() if k in config.params.get(cell.spec.name, {}))
-        label = f"[{number}/{len(todo)}] {cell.spec.name} β={cell.beta:g} seed={cell.seed} {cell.scenario} {extra}"
-        label = label.rstrip()
-        if cell_progress:
-            cell_progress.start(label, config.train.steps)
-        result = run_cell(prepared, cell, cell_progress.advance if cell_progress else None, should_stop)
+        for line in prepared.acceleration.describe(config.speed):
+            progress(line)
+    pending = [Pending(identity, cell, _label(config, cell, number, len(todo)))
+               for number, (identity, cell) in enumerate(todo, start=1)]  # fmt: skip
+    for number, done in enumerate(executor(prepared, pending, cell_progress, should_stop), start=1):
+        name, result = done.pending.cell.spec.name, done.result
         if result.status == "interrupted":
             raise SweepInterrupted(
-                f"interrupted in cell {cell.spec.name}; {number - 1} of {len(todo)} cells of this run finished"
+                f"interrupted in cell {name}; {number - 1} of {len(todo)} cells of this run finished"
             )
-        store.write_cell(
-            {**base, "cell_id": identity, "role": "variant", "variant": cell.spec.name, "plugin": cell.spec.plugin,
-             "plugin_version": cell.spec.version, "params": json.dumps(cell.loss.hparams, sort_keys=True, default=str),
-             "beta": cell.beta, "seed": cell.seed, "scenario": cell.scenario,
-             "config": json.dumps(prepared.train_json, sort_keys=True), "status": result.status,
-             "error": result.error, "started": started, "finished": time.time(), "seconds": time.time() - started},
-            result.steps, result.evaluations,
-        )  # fmt: skip
+        store.write_cell(_cell_row(prepared, base, done), result.steps, result.evaluations)
         if cell_progress:
-            cell_progress.done(label, result.status, result.error)
+            cell_progress.done(done.pending.label, result.status, result.error)
         if should_stop is not None and should_stop():  # Ctrl-C after the cell's last step: it is kept, and so is
             raise SweepInterrupted(  # the request to stop (the cells left, or the summary and report, wait for a rerun)
-                f"stopped after cell {cell.spec.name}; {number} of {len(todo)} cells of this run finished"
+                f"stopped after cell {name}; {number} of {len(todo)} cells of this run finished"
             )
     return ours
+
+
+def _label(config: SweepConfig, cell: Cell, number: int, total: int) -> str:
+    swept = " ".join(f"{k}={v}" for k, v in cell.loss.hparams.items() if k in config.params.get(cell.spec.name, {}))
+    return f"[{number}/{total}] {cell.spec.name} β={cell.beta:g} seed={cell.seed} {cell.scenario} {swept}".rstrip()
+
+
+def _cell_row(prepared: Prepared, base: dict[str, Any], done: Finished) -> dict[str, Any]:
+    """The store's row of a finished cell: what it trained, on what, and how it ended."""
+    cell, result = done.pending.cell, done.result
+    return {**base, "cell_id": done.pending.cell_id, "role": "variant", "variant": cell.spec.name,
+            "plugin": cell.spec.plugin, "plugin_version": cell.spec.version,
+            "params": json.dumps(cell.loss.hparams, sort_keys=True, default=str), "beta": cell.beta, "seed": cell.seed,
+            "scenario": cell.scenario, "config": json.dumps(prepared.train_json, sort_keys=True),
+            "status": result.status, "error": result.error, "started": done.started, "finished": done.finished,
+            "seconds": done.finished - done.started}  # fmt: skip
 
 
 def _record_run(prepared: Prepared, store: Store, command: str) -> str:
@@ -372,16 +419,6 @@ def _record_run(prepared: Prepared, store: Store, command: str) -> str:
     return run_id
 
 
-def _explain_acceleration(acceleration: Acceleration, config: SweepConfig, progress: Callable[[str], None]) -> None:
-    if acceleration.compile:
-        progress("training steps compile once per process (torch.compile; --no-compile: eager)")
-        if acceleration.autocast and config.speed.cuda_graphs is None:
-            progress(f"and run as CUDA graphs in cells of {CUDA_GRAPH_MIN_STEPS_PER_WIDTH} or more steps per "
-                     "batch width (--no-cuda-graphs: never)")  # fmt: skip
-    if acceleration.share_prompt:
-        progress("each pair trains as one row, its prompt through the model once (--no-share-prompt: separate rows)")
-
-
 def check_writable(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -395,11 +432,8 @@ def check_writable(out: Path) -> None:
 
 
 def open_store(out: Path) -> Store:
-    """The store in ``out``, or a one-line error saying why it cannot be used."""
-    try:
-        return Store(out / "results.sqlite")
-    except sqlite3.DatabaseError as error:
-        raise SweepError(f"{out / 'results.sqlite'} is not a dpobench store ({error}); choose another --out") from None
+    """The store in ``out``; ``StoreError`` (one line) where it cannot be used."""
+    return Store(out / "results.sqlite")
 
 
 def _git_commit() -> str | None:

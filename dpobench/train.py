@@ -103,7 +103,7 @@ class CellTrainer:
 
     ``train_cell`` drives it; the benchmarks time ``step()`` itself. How the step runs fast (compiled layers, CUDA
     graphs, batch layout, head chunks) is the ``acceleration`` plan's, decided once per sweep; without one, the
-    defaults for this device and model."""
+    defaults for the policy's device and model."""
 
     def __init__(
         self, policy: Any, reference_state: dict[str, torch.Tensor], loss: PreferenceLoss, train: PairSet,
@@ -111,7 +111,7 @@ class CellTrainer:
         acceleration: Acceleration | None = None,
     ) -> None:  # fmt: skip
         self.policy, self.loss, self.pairs, self.pad_id, self.config = policy, loss, train.pairs, pad_id, config
-        plan = acceleration or plan_acceleration(SpeedOptions(), "cpu", policy)
+        plan = acceleration or plan_acceleration(SpeedOptions(), str(next(policy.parameters()).device), policy)
         device = plan.device
         policy.load_state_dict(reference_state)  # start from the reference weights
         policy.to(device).train()

@@ -218,3 +218,15 @@ def test_a_cell_run_alone_from_the_plan_equals_its_cell_in_the_sweep(tmp_path: P
     for metric in ("gold_reward", "kl_to_reference", "response_length", "heldout_reward_accuracy"):
         assert final[metric] == stored.loc["ipo", metric], metric
     assert result.steps[-1]["loss"] == stored.loc["ipo", "loss"]  # one step in the last tenth of 3
+
+    # an executor may return cells in any order (as one running them elsewhere does): the driver commits each as it
+    # arrives, and the store holds the same cells with the same numbers
+    from dpobench.sweep import run_in_process
+
+    def backwards(prepared, pending, cell_progress, should_stop):  # the last cell first
+        yield from run_in_process(prepared, pending[::-1], cell_progress, should_stop)
+
+    run_sweep(config, tmp_path / "backwards", progress=lambda m: None, executor=backwards)
+    again = cell_finals(read_tidy(tmp_path / "backwards")).set_index("variant")
+    timing = ["step_time_ms", "pairs_per_s", "tokens_per_s", "peak_memory_mb", "run_id"]
+    pd.testing.assert_frame_equal(again.drop(columns=timing).sort_index(), stored.drop(columns=timing).sort_index())
