@@ -109,16 +109,24 @@ GOOD = {"prompt": "the movie was great .", "chosen": "i loved the plot .", "reje
         ),
     ],
 )
-def test_bad_data_is_one_line_and_claims_nothing(
-    tmp_path: Path, untrained_model: Path, rows: list, message: str
+def test_bad_data_is_refused_with_the_file_the_row_and_what_is_wrong(
+    tmp_path: Path, rows: list, message: str
 ) -> None:
     data = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    with pytest.raises(DataError) as error:
+        load_pairs_file(data, build_tokenizer(), max_length=64)  # the untrained model's tokenizer
+    assert str(error.value).startswith(str(data)) and message in str(error.value), error.value
+
+
+def test_bad_data_from_the_cli_is_one_line_and_claims_nothing(tmp_path: Path, untrained_model: Path) -> None:
+    """The whole path once: the data error reaches the user as one line, exit code 2, and no --out folder."""
+    data = write_jsonl(tmp_path / "pairs.jsonl", [GOOD, {**GOOD, "weight": -1}])
     out = tmp_path / "out"
     result = dpobench_run(
         "run", "--model", str(untrained_model), "--data", str(data), "--variants", "dpo", "--out", str(out)
     )
-    assert result.returncode == 2 and message in result.stderr, result.stderr
-    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert result.returncode == 2 and "pairs.jsonl:line 2: weight -1.0 must be a finite number ≥ 0" in result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
     assert claims_nothing(out) and not out.exists()  # not even an empty --out folder is left behind
 
 
