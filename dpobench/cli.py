@@ -10,7 +10,7 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -324,6 +324,26 @@ _ParamOption = Annotated[
     ),
 ]
 _ReportOption = Annotated[bool, typer.Option(help="Write report.html and report.pdf beside the store.")]
+_ExecutorOption = Annotated[
+    str | None,
+    typer.Option(help=f"Where cells run: process (one after another, here) or ray (each a Ray task; "
+                 f"pip install 'dpobench[ray]'). Default {_default('executor')}."),
+]  # fmt: skip
+_RayAddressOption = Annotated[
+    str | None,
+    typer.Option(help="With --executor ray: a running cluster to join (auto, or the HOST:PORT that ray start --head "
+                 "prints). Default: start a local Ray on the cores of this machine."),
+]  # fmt: skip
+_ThreadsPerCellOption = Annotated[
+    int | None,
+    typer.Option(help=f"With --executor ray: CPU threads each cell asks Ray for and trains with "
+                 f"(default {_default('threads_per_cell')}).", min=1),
+]  # fmt: skip
+_CellsPerGpuOption = Annotated[
+    int | None,
+    typer.Option(help=f"With --executor ray on CUDA: cells sharing one GPU (default {_default('cells_per_gpu')}).",
+                 min=1),
+]  # fmt: skip
 
 
 @app.command("run")
@@ -349,6 +369,10 @@ def run(
     labels: _LabelsOption = None,
     param: _ParamOption = None,
     report: _ReportOption = True,
+    executor: _ExecutorOption = None,
+    ray_address: _RayAddressOption = None,
+    threads_per_cell: _ThreadsPerCellOption = None,
+    cells_per_gpu: _CellsPerGpuOption = None,
 ) -> None:
     """Train every variant identically on a small real model and compare them (resumable)."""
     from dpobench.config import FILE_KEYS, load_config
@@ -400,16 +424,16 @@ def _run_sweep(sweep: object, out: Path) -> object:
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
-    with _CellProgress() as cells, _stop_after_step(cells) as stop:
+    command = shlex.join(["dpobench", *sys.argv[1:]])
+    with _sweep_progress() as cells, _stop_after_step(cells) as stop:
         try:
             return _user_errors(lambda: run_sweep(
-                sweep, out, command=shlex.join(["dpobench", *sys.argv[1:]]),  # type: ignore[arg-type]
-                progress=lambda m: err.print(f"[dim]{escape(m)}[/]", highlight=False), cell_progress=cells,
-                should_stop=stop,
-            ))  # fmt: skip
+                sweep, out, command=command, progress=lambda m: err.print(f"[dim]{escape(m)}[/]", highlight=False),
+                cell_progress=cells, should_stop=stop,
+            ))  # type: ignore[arg-type]  # fmt: skip
         except SweepInterrupted as interrupted:
-            err.print(f"interrupted: finished cells are in the store; rerun the same command to resume ({interrupted})",
-                      highlight=False)  # fmt: skip
+            err.print(f"interrupted: finished cells are in the store; rerun the same command to resume "
+                      f"({interrupted}): {command}", highlight=False, soft_wrap=True)  # fmt: skip
             raise typer.Exit(130) from None
 
 
@@ -485,7 +509,7 @@ def report(
 
 
 @contextlib.contextmanager
-def _stop_after_step(cells: _CellProgress):
+def _stop_after_step(cells: Any):
     """Ctrl-C while a cell trains: finish the step, keep every finished cell, exit. Twice: stop at once."""
     requested = {"stop": False}
 
@@ -502,44 +526,68 @@ def _stop_after_step(cells: _CellProgress):
         signal.signal(signal.SIGINT, previous)
 
 
-class _CellProgress:
-    """A progress bar for the sweep and one for the cell in training."""
+def _sweep_progress() -> Any:
+    from dpobench.sweep import Progress
 
-    training = False
+    class SweepProgress(Progress):
+        """One bar for the sweep (cells done of those to run, in flight, failed, time left) and, for a cell trained
+        in this process, one for its steps."""
 
-    def __enter__(self) -> _CellProgress:
-        self.progress = None  # started with the first cell: errors before it print on a clean line
-        self.task = None
-        return self
+        training = False  # a Ctrl-C while cells train finishes their step; otherwise it stops at once
 
-    def start(self, label: str, total: int) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        def __enter__(self) -> SweepProgress:
+            self.progress: Any = None  # started with the first cell: errors before it print on a clean line
+            self.sweep = self.cell = None
+            self.total = self.finished = self.failed = self.in_flight = 0
+            return self
 
-        self.training = True
-        self.started = time.perf_counter()
-        if self.progress is None:
+        def begin(self, cells: int) -> None:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.total = cells
             self.progress = Progress(
-                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err,
+                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=err,
                 transient=True,
             )  # fmt: skip
             self.progress.__enter__()
-        if self.task is not None:
-            self.progress.remove_task(self.task)
-        self.task = self.progress.add_task(label, total=total)
+            self.sweep = self.progress.add_task(self._sweep_line(), total=cells)
 
-    def advance(self, step: int) -> None:
-        self.progress.update(self.task, completed=step)
+        def start(self, label: str, steps: int) -> None:
+            self.training = True
+            self.started = time.perf_counter()
+            if self.cell is not None:
+                self.progress.remove_task(self.cell)
+            self.cell = self.progress.add_task(label, total=steps)
 
-    def done(self, label: str, status: str, error: str = "") -> None:
-        self.training = False
-        if status != "done":  # the cell's step and error, as the store and the report record them
-            err.print(f"[bold red]{status}:[/] {escape(label)}{': ' + escape(error) if error else ''}", highlight=False)
-        elif not err.is_terminal:  # a log file gets no progress bar: one line per finished cell instead
-            err.print(f"{escape(label)}: done in {time.perf_counter() - self.started:.1f} s", highlight=False)
+        def advance(self, step: int) -> None:
+            self.progress.update(self.cell, completed=step)
 
-    def __exit__(self, *exc: object) -> None:
-        if self.progress is not None:
-            self.progress.__exit__(*exc)
+        def running(self, cells: int) -> None:
+            self.training, self.in_flight = cells > 0, cells
+            self.progress.update(self.sweep, description=self._sweep_line())
+
+        def done(self, label: str, status: str, error: str = "") -> None:
+            self.training = self.in_flight > 0
+            self.finished += 1
+            self.failed += status != "done"
+            self.progress.update(self.sweep, completed=self.finished, description=self._sweep_line())
+            if status != "done":  # the cell's step and error, as the store and the report record them
+                err.print(f"[bold red]{status}:[/] {escape(label)}{': ' + escape(error) if error else ''}",
+                          highlight=False)  # fmt: skip
+            elif not err.is_terminal:  # a log file gets no progress bar: one line per finished cell instead
+                took = f" in {time.perf_counter() - self.started:.1f} s" if self.cell is not None else ""
+                err.print(f"{escape(label)}: done{took}", highlight=False)
+
+        def _sweep_line(self) -> str:
+            parts = [f"{self.in_flight} running"] if self.in_flight else []
+            parts += [f"{self.failed} failed"] if self.failed else []
+            return "cells" + (f" ({', '.join(parts)})" if parts else "")
+
+        def __exit__(self, *exc: object) -> None:
+            if self.progress is not None:
+                self.progress.__exit__(*exc)
+
+    return SweepProgress()
 
 
 def _print_summary(summary: object) -> None:

@@ -8,6 +8,7 @@ defaults from here.
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import math
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
@@ -24,8 +25,10 @@ from dpobench.registry import Registry
 
 __all__ = [
     "DEFAULT_PRESET",
+    "EXECUTORS",
     "OPTIONS",
     "PRESETS",
+    "ExecutorOptions",
     "SweepConfig",
     "SweepError",
     "TrainConfig",
@@ -59,6 +62,21 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class ExecutorOptions:
+    """Where the cells run. None of it is part of a cell's identity: a cell trained on a Ray worker is the cell
+    trained in this process."""
+
+    name: str = "process"  # "process": one cell after another here; "ray": each cell a Ray task
+    ray_address: str | None = None  # None: start a local Ray; "auto" or HOST:PORT: join a running cluster
+    threads_per_cell: int = 1  # CPU threads (Ray CPUs) each Ray task asks for and torch uses
+    cells_per_gpu: int = 1  # on CUDA, Ray tasks sharing one GPU (each asks for 1/N of it)
+
+
+#: the executors ``--executor`` names
+EXECUTORS = ("process", "ray")
+
+
+@dataclass(frozen=True)
 class SweepConfig:
     variants: tuple[str, ...] = ()  # empty: every registered variant carrying every one of ``tags``
     tags: tuple[str, ...] = ()
@@ -76,6 +94,7 @@ class SweepConfig:
     #: per-variant parameter grids, {"seed_custom_dpo": {"length_normalization": (False, True)}}
     params: dict[str, dict[str, tuple[Any, ...]]] = field(default_factory=dict)
     data_recipe: DataRecipe = field(default_factory=DataRecipe)
+    executor: ExecutorOptions = field(default_factory=ExecutorOptions)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -122,6 +141,12 @@ def _text(value: object, key: str) -> str:
     return str(value)
 
 
+def _executor(value: object, key: str) -> str:
+    if value not in EXECUTORS:
+        raise SweepError(f"{key} = {value!r}: use one of {', '.join(EXECUTORS)}")
+    return str(value)
+
+
 def _labels(value: object, key: str) -> str:
     if value not in ("hard", "bt"):
         raise SweepError(f"{key} = {value!r}: use one of hard, bt")
@@ -160,6 +185,10 @@ OPTIONS: dict[str, Option] = {
     "compile": Option(_flag, "speed.compile"),
     "cuda_graphs": Option(_flag, "speed.cuda_graphs"),
     "share_prompt": Option(_flag, "speed.share_prompt"),
+    "executor": Option(_executor, "executor.name"),
+    "ray_address": Option(lambda value, key: str(value) if value else None, "executor.ray_address"),
+    "threads_per_cell": Option(_integer(1), "executor.threads_per_cell"),
+    "cells_per_gpu": Option(_integer(1), "executor.cells_per_gpu"),
 }
 #: keys a TOML file may hold besides the options: the preset it starts from and its parameter grids
 FILE_KEYS = frozenset(OPTIONS) | {"preset", "params"}
@@ -332,6 +361,19 @@ def check_config(config: SweepConfig, names: list[str], device: str) -> None:
         check_speed(config.speed, device, config.speed.compile)
     except ValueError as error:
         raise SweepError(str(error)) from None
+    check_executor(config.executor)
+
+
+def check_executor(options: ExecutorOptions) -> None:
+    """The executor's settings, and Ray installed where it is asked for."""
+    if options.name == "ray" and importlib.util.find_spec("ray") is None:
+        raise SweepError("--executor ray: Ray is not installed; pip install 'dpobench[ray]'")
+    if options.name != "ray":
+        ray_only = {"ray_address": options.ray_address is not None, "threads_per_cell": options.threads_per_cell != 1,
+                    "cells_per_gpu": options.cells_per_gpu != 1}  # fmt: skip
+        for key, given in ray_only.items():
+            if given:
+                raise SweepError(f"--{key.replace('_', '-')}: applies to --executor ray only; add it or drop this")
 
 
 def option_default(name: str) -> Any:

@@ -59,11 +59,13 @@ __all__ = [
     "Finished",
     "Pending",
     "Prepared",
+    "Progress",
     "SweepConfig",
     "SweepError",
     "SweepPlan",
     "TrainConfig",
     "distinct_variants",
+    "executor_for",
     "plan_cells",
     "plan_sweep",
     "prepare",
@@ -280,22 +282,50 @@ class Finished:
     finished: float
 
 
-#: where cells run: given the prepared sweep, the cells to run, a progress display (``start(label, steps)``,
-#: ``advance(step)``; or None) and a stop request, it yields each cell's ``Finished`` as it finishes, in any order.
-#: The driver commits each as it arrives and stays the store's only writer
-Executor = Callable[[Prepared, list[Pending], Any, Callable[[], bool] | None], Iterator[Finished]]
+class Progress:
+    """What a sweep reports as it goes; each method does nothing here, and a display overrides what it shows.
+
+    The driver calls ``begin`` with the number of cells to run and ``done`` as each is committed; an executor calls
+    ``start`` / ``advance`` for a cell it trains in this process (its steps), or ``running`` with how many cells
+    it has in flight elsewhere."""
+
+    def begin(self, cells: int) -> None: ...
+
+    def start(self, label: str, steps: int) -> None: ...
+
+    def advance(self, step: int) -> None: ...
+
+    def running(self, cells: int) -> None: ...
+
+    def done(self, label: str, status: str, error: str = "") -> None: ...
+
+
+#: where cells run: given the prepared sweep, the cells to run, a ``Progress`` and a stop request, it yields each
+#: cell's ``Finished`` as it finishes, in any order, and after a stop request yields no more. The driver commits
+#: each as it arrives and stays the store's only writer
+Executor = Callable[[Prepared, list[Pending], Progress, Callable[[], bool]], Iterator[Finished]]
 
 
 def run_in_process(
-    prepared: Prepared, pending: list[Pending], cell_progress: Any = None, should_stop: Callable[[], bool] | None = None
+    prepared: Prepared, pending: list[Pending], progress: Progress, should_stop: Callable[[], bool]
 ) -> Iterator[Finished]:
     """The default executor: each cell in turn, in this process."""
     for item in pending:
-        if cell_progress:
-            cell_progress.start(item.label, prepared.config.train.steps)
+        if should_stop():
+            return
+        progress.start(item.label, prepared.config.train.steps)
         started = time.time()
-        result = run_cell(prepared, item.cell, cell_progress.advance if cell_progress else None, should_stop)
+        result = run_cell(prepared, item.cell, progress.advance, should_stop)
         yield Finished(item, result, started, time.time())
+
+
+def executor_for(config: SweepConfig) -> Executor:
+    """The executor ``config.executor`` names (Ray's is imported only when asked for)."""
+    if config.executor.name == "ray":
+        from dpobench.ray_executor import RayExecutor
+
+        return RayExecutor(config.executor)
+    return run_in_process
 
 
 def run_sweep(
@@ -304,12 +334,13 @@ def run_sweep(
     *,
     command: str = "",
     progress: Callable[[str], None] = print,
-    cell_progress: Any = None,
+    cell_progress: Progress | None = None,
     should_stop: Callable[[], bool] | None = None,
-    executor: Executor = run_in_process,
+    executor: Executor | None = None,
 ) -> pd.DataFrame:
-    """Run every cell not yet in ``out/results.sqlite`` (on ``executor``); return the per-cell summary of this
-    command's cells. A sweep refused before it wrote anything leaves no empty ``out`` behind."""
+    """Run every cell not yet in ``out/results.sqlite`` (on ``executor``, else the one the configuration names);
+    return the per-cell summary of this command's cells. A sweep refused before it wrote anything leaves no empty
+    ``out`` behind."""
     created = not out.exists()
     try:
         plan = plan_sweep(config)
@@ -317,7 +348,8 @@ def run_sweep(
         prepared = prepare(plan, progress)
         store = open_store(out)  # only now: a sweep stopped by bad data or a bad model leaves no store behind
         try:
-            ours = _execute(prepared, store, command, progress, cell_progress, should_stop, executor)
+            ours = _execute(prepared, store, command, progress, cell_progress or Progress(),
+                            should_stop or (lambda: False), executor or executor_for(config))  # fmt: skip
         finally:
             store.close()
     except BaseException:
@@ -325,27 +357,29 @@ def run_sweep(
             out.rmdir()
         raise
     finals = cell_finals(read_tidy(out / "results.sqlite"))
-    others = int((~finals.cell_id.isin(ours)).sum())
+    order = {identity: number for number, identity in enumerate(ours)}
+    others = int((~finals.cell_id.isin(order)).sum())
     if others:  # the store accumulates runs; this command's summary is its own cells
         progress(f"the store also holds {others} cells of other commands' settings: the report compares them all; "
                  "this summary and summary.csv hold this command's cells")  # fmt: skip
-    return finals[finals.cell_id.isin(ours)].reset_index(drop=True)
+    ours_only = finals[finals.cell_id.isin(order)]  # in the plan's order, whatever order the cells finished in
+    return ours_only.sort_values("cell_id", key=lambda ids: ids.map(order), kind="stable").reset_index(drop=True)
 
 
 def _execute(
-    prepared: Prepared, store: Store, command: str, progress: Callable[[str], None], cell_progress: Any,
-    should_stop: Callable[[], bool] | None, executor: Executor,
-) -> set[str]:  # fmt: skip
+    prepared: Prepared, store: Store, command: str, progress: Callable[[str], None], cell_progress: Progress,
+    should_stop: Callable[[], bool], executor: Executor,
+) -> list[str]:  # fmt: skip
     """Record the run, evaluate the reference, train every cell the store lacks, committing each as it finishes.
-    Returns the ids of this command's cells."""
+    Returns the ids of this command's cells: the references, then the cells in the plan's order."""
     config, plan = prepared.config, prepared.plan
     run_id = _record_run(prepared, store, command)
     base = {"run_id": run_id, "model": str(config.model), "model_hash": prepared.model_hash, "device": plan.device,
             "dtype": prepared.acceleration.dtype}  # fmt: skip
-    ours = set()
+    ours = []
     for seed in config.seeds:  # the reference model's own metrics: where every variant starts (KL 0), per seed
         reference_id = reference_cell_id(prepared, seed)
-        ours.add(reference_id)
+        ours.append(reference_id)
         if not store.finished(reference_id):
             evaluation = prepared.evaluator(prepared.reference, 0, None, seed)
             store.write_cell(
@@ -359,7 +393,7 @@ def _execute(
     todo = []
     for cell in plan.cells:
         identity = cell_id(prepared, cell, cell.spec.plugin in builtin)
-        ours.add(identity)
+        ours.append(identity)
         if not store.finished(identity):
             todo.append((identity, cell))
     progress(f"{len(plan.cells)} cells, {len(plan.cells) - len(todo)} already in the store, {len(todo)} to run")
@@ -368,19 +402,19 @@ def _execute(
             progress(line)
     pending = [Pending(identity, cell, _label(config, cell, number, len(todo)))
                for number, (identity, cell) in enumerate(todo, start=1)]  # fmt: skip
-    for number, done in enumerate(executor(prepared, pending, cell_progress, should_stop), start=1):
+    cell_progress.begin(len(pending))
+    committed = 0
+    for done in executor(prepared, pending, cell_progress, should_stop) if pending else ():
         name, result = done.pending.cell.spec.name, done.result
         if result.status == "interrupted":
-            raise SweepInterrupted(
-                f"interrupted in cell {name}; {number - 1} of {len(todo)} cells of this run finished"
-            )
+            raise SweepInterrupted(f"interrupted in cell {name}; {committed} of {len(todo)} cells of this run finished")
         store.write_cell(_cell_row(prepared, base, done), result.steps, result.evaluations)
-        if cell_progress:
-            cell_progress.done(done.pending.label, result.status, result.error)
-        if should_stop is not None and should_stop():  # Ctrl-C after the cell's last step: it is kept, and so is
-            raise SweepInterrupted(  # the request to stop (the cells left, or the summary and report, wait for a rerun)
-                f"stopped after cell {name}; {number} of {len(todo)} cells of this run finished"
-            )
+        committed += 1
+        cell_progress.done(done.pending.label, result.status, result.error)
+        if should_stop():  # Ctrl-C after the cell's last step: it is kept, and so is the request to stop (the cells
+            break  # left, or the summary and report, wait for a rerun)
+    if should_stop():
+        raise SweepInterrupted(f"stopped after {committed} of {len(todo)} cells of this run")
     return ours
 
 

@@ -267,7 +267,10 @@ def test_the_readmes_config_example_runs_and_variants_narrows_it(tmp_path: Path,
 @pytest.mark.parametrize(
     ("content", "message"),
     [
-        ("stepz = 3\n", "unknown key 'stepz'; valid keys: batch_size, betas, compile, cuda_graphs, data, device"),
+        (
+            "stepz = 3\n",
+            "unknown key 'stepz'; valid keys: batch_size, betas, cells_per_gpu, compile, cuda_graphs, data",
+        ),
         ("cuda_graphs = true\ndevice = 'cpu'\n", "--cuda-graphs: CUDA graphs need a CUDA device (this sweep's: 'cpu')"),
         ("steps = \n", "not valid TOML"),
         ('steps = "many"\n', "steps = 'many': expected an integer"),

@@ -35,7 +35,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
         env=subprocess_env(NO_MKDOCS_2_WARNING="1"),  # Material's notice about MkDocs 2, not about this site
     )  # fmt: skip
     if "No module named mkdocs" in result.stderr:
-        pytest.fail('mkdocs is not installed: pip install -e ".[test,docs]", as the README\'s test command does')
+        pytest.fail('mkdocs is not installed: pip install -e ".[test,docs,ray]", as the README\'s test command does')
     assert result.returncode == 0, result.stderr[-3000:]
     return out
 

@@ -109,9 +109,7 @@ GOOD = {"prompt": "the movie was great .", "chosen": "i loved the plot .", "reje
         ),
     ],
 )
-def test_bad_data_is_refused_with_the_file_the_row_and_what_is_wrong(
-    tmp_path: Path, rows: list, message: str
-) -> None:
+def test_bad_data_is_refused_with_the_file_the_row_and_what_is_wrong(tmp_path: Path, rows: list, message: str) -> None:
     data = write_jsonl(tmp_path / "pairs.jsonl", rows)
     with pytest.raises(DataError) as error:
         load_pairs_file(data, build_tokenizer(), max_length=64)  # the untrained model's tokenizer
@@ -350,15 +348,11 @@ def test_ctrl_c_after_a_cells_last_step_stops_the_sweep_after_that_cell(tmp_path
     """Ctrl-C during a cell's evaluation (after its last step) was acknowledged, then forgotten: the sweep trained
     the next cells, or, after the last one, wrote the report and exited 0. The cell is kept, and the sweep stops."""
     from dpobench.data import DataRecipe
-    from dpobench.sweep import SweepConfig, SweepInterrupted, run_sweep
+    from dpobench.sweep import Progress, SweepConfig, SweepInterrupted, run_sweep
     from dpobench.train import TrainConfig
 
-    class StopDuringFirstEvaluation:  # the CLI's progress display; the stop request arrives as the cell ends
+    class StopDuringFirstEvaluation(Progress):  # the CLI's progress display; the stop request arrives as the cell ends
         stop = False
-
-        def start(self, label: str, total: int) -> None: ...
-
-        def advance(self, step: int) -> None: ...
 
         def done(self, label: str, status: str, error: str = "") -> None:
             self.stop = True
@@ -366,7 +360,7 @@ def test_ctrl_c_after_a_cells_last_step_stops_the_sweep_after_that_cell(tmp_path
     progress = StopDuringFirstEvaluation()
     config = SweepConfig(variants=("dpo", "ipo"), model=str(untrained_model), train=TrainConfig(steps=2, batch_size=8),
                          data_recipe=DataRecipe(train_prompts=64, heldout_prompts=16, eval_prompts=16))  # fmt: skip
-    with pytest.raises(SweepInterrupted, match="stopped after cell dpo; 1 of 2 cells of this run finished"):
+    with pytest.raises(SweepInterrupted, match="stopped after 1 of 2 cells of this run"):
         run_sweep(config, tmp_path, progress=lambda m: None, cell_progress=progress, should_stop=lambda: progress.stop)
     with sqlite3.connect(tmp_path / "results.sqlite") as db:
         cells = dict(db.execute("SELECT variant, status FROM cells"))

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import dpobench
 from dpobench.config import SweepConfig, TrainConfig
-from dpobench.sweep import run_sweep
+from dpobench.sweep import Progress, run_sweep
 
 
 def rss_mb() -> float:
@@ -26,7 +26,7 @@ def rss_mb() -> float:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-class Recorder:
+class Recorder(Progress):
     """Plays the sweep's progress hooks and samples RSS after every cell."""
 
     def __init__(self) -> None:

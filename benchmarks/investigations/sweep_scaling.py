@@ -19,13 +19,13 @@ from pathlib import Path
 
 from dpobench.config import SweepConfig, TrainConfig
 from dpobench.models import cache_root
-from dpobench.sweep import run_sweep
+from dpobench.sweep import Progress, run_sweep
 
 VARIANTS = ("dpo", "ipo", "simpo", "hinge", "cpo", "robust_dpo", "cdpo", "sppo_hard", "nca_pair", "bco_pair",
             "apo_zero", "discopop", "orpo", "len_reg_dpo", "dpop", "cal_dpo")  # fmt: skip
 
 
-class Clock:
+class Clock(Progress):
     def __init__(self) -> None:
         self.first_cell: float | None = None
         self.cells: list[float] = []

@@ -1,0 +1,177 @@
+"""The Ray executor: each cell a Ray task, the driver the store's only writer.
+
+Every run here is a real `dpobench run --executor ray` with a real local Ray, inside a network namespace the test
+makes (`unshare --net`, only `lo` up): Ray registers its node at the machine's external address even when told
+127.0.0.1, and inside the namespace there is no other address to listen on.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import random
+import shlex
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from .conftest import BROKEN_PLUGINS, subprocess_env
+from .test_reliability import wait_for_cells
+
+
+def _namespace_ok() -> bool:
+    if shutil.which("unshare") is None or shutil.which("ip") is None:
+        return False
+    probe = subprocess.run(["unshare", "--net", "ip", "link", "set", "lo", "up"], capture_output=True)
+    return probe.returncode == 0
+
+
+pytestmark = [
+    pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="Ray is not installed (dpobench[ray])"),
+    pytest.mark.skipif(not _namespace_ok(), reason="cannot make a network namespace: Ray must stay on loopback"),
+]
+
+RAY_PLUGINS = Path(__file__).parent / "ray_plugins"
+#: the metrics that time the cell: the only ones that may differ between two runs of the same cell
+TIMINGS = {"step_time_ms", "pairs_per_s", "tokens_per_s", "peak_memory_mb"}
+
+
+def dpobench(*args: str, ray: bool) -> list[str]:
+    """The command line of `python -m dpobench ARGS`; with ``ray``, run inside a new network namespace."""
+    command = [sys.executable, "-m", "dpobench", *args]
+    if not ray:
+        return command
+    return ["unshare", "--net", "sh", "-c", 'ip link set lo up && exec "$@"', "sh", *command, "--executor", "ray"]
+
+
+def run(*args: str, ray: bool, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(dpobench(*args, ray=ray), capture_output=True, text=True, timeout=300,
+                          env=subprocess_env(**env))  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Pairs written from the task's grammar (a review's opening; a warm and a cold next sentence), read by each
+    sweep instead of sampling pairs from the model (seconds a run)."""
+    from dpobench.task import _sentence, sample_review
+
+    rng, rows = random.Random(0), []
+    while len(rows) < 96:
+        prompt, chosen, rejected = sample_review(rng).prompt, _sentence(rng, 1.0) + " .", _sentence(rng, -1.0) + " ."
+        if chosen != rejected:
+            rows.append(json.dumps({"prompt": prompt, "chosen": chosen, "rejected": rejected}))
+    path = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+@pytest.fixture
+def model(untrained_model: Path, pairs: Path) -> list[str]:
+    return ["--model", str(untrained_model), "--data", str(pairs)]
+
+
+def sweep_args(model: list[str], out: Path, variants: str, *extra: str, plugins: tuple[Path, ...] = ()) -> list[str]:
+    return ["--plugins-dir", str(RAY_PLUGINS), *(f"--plugins-dir={p}" for p in plugins), "run", *model,
+            "--variants", variants, "--steps", "6", "--batch-size", "8", "--out", str(out), "--no-report",
+            *extra]  # fmt: skip
+
+
+def store_content(path: Path) -> tuple[dict, list, list]:
+    """Every cell's identity and outcome, every measurement but the timings, every per-prompt value."""
+    with sqlite3.connect(path) as db:
+        cells = {row[0]: row[1:] for row in db.execute("SELECT cell_id, variant, status, error FROM cells")}
+        measured = db.execute("SELECT cell_id, step, metric, value FROM measurements ORDER BY cell_id, step, metric")
+        values = db.execute("SELECT * FROM prompt_values ORDER BY 1, 2, 3").fetchall()
+        return cells, [row for row in measured if row[2] not in TIMINGS], values
+
+
+def commit_order(path: Path) -> list[str]:
+    with sqlite3.connect(path) as db:
+        return [row[0] for row in db.execute("SELECT variant FROM cells WHERE role = 'variant' ORDER BY rowid")]
+
+
+def test_ray_cells_equal_in_process_cells_whatever_order_they_finish_in(tmp_path: Path, model: list[str]) -> None:
+    """Two workers of one thread: the slow cell, submitted first, is committed last; the store holds the same cells
+    with the same numbers, bit for bit, as the in-process sweep on one thread; a rerun trains nothing."""
+    variants = "slow_dpo,dpo,ipo"
+    here = run(*sweep_args(model, tmp_path / "here", variants), ray=False, OMP_NUM_THREADS="1")
+    assert here.returncode == 0, here.stderr
+    on_ray = run(*sweep_args(model, tmp_path / "ray", variants, "--threads-per-cell", "1"), ray=True)
+    assert on_ray.returncode == 0, on_ray.stderr
+
+    assert store_content(tmp_path / "ray" / "results.sqlite") == store_content(tmp_path / "here" / "results.sqlite")
+    assert commit_order(tmp_path / "here" / "results.sqlite") == ["slow_dpo", "dpo", "ipo"]
+    assert commit_order(tmp_path / "ray" / "results.sqlite")[-1] == "slow_dpo"  # submitted first, committed last
+    summaries = [pd.read_csv(tmp_path / out / "summary.csv").drop(columns=[*TIMINGS, "run_id"])
+                 for out in ("here", "ray")]  # fmt: skip
+    pd.testing.assert_frame_equal(summaries[0], summaries[1])
+
+    again = run(*sweep_args(model, tmp_path / "ray", variants, "--threads-per-cell", "1"), ray=True)
+    assert again.returncode == 0, again.stderr
+    assert "3 cells, 3 already in the store, 0 to run" in again.stderr
+    assert store_content(tmp_path / "ray" / "results.sqlite") == store_content(tmp_path / "here" / "results.sqlite")
+
+
+def test_a_raising_cell_and_a_dying_worker_fail_alone(tmp_path: Path, model: list[str]) -> None:
+    """A loss that raises fails its cell with the reason; a worker killed once is retried and its cell finishes; a
+    worker killed on every attempt is retried once, then its cell is recorded as failed; the others finish."""
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    out = tmp_path / "out"
+    args = sweep_args(
+        model, out, "always_dies,raising_loss,dies_once,dpo", plugins=(BROKEN_PLUGINS / "raising_loss.py",)
+    )
+    result = run(*args, ray=True, DPOBENCH_TEST_MARKERS=str(markers))
+    assert result.returncode == 1, result.stderr  # some cells failed
+    with sqlite3.connect(out / "results.sqlite") as db:
+        cells = {v: (s, e) for v, s, e in db.execute("SELECT variant, status, error FROM cells WHERE role = 'variant'")}
+        steps = dict(db.execute("SELECT c.variant, COUNT(*) FROM steps s JOIN cells c USING (cell_id) GROUP BY 1"))
+    assert cells["dpo"] == ("done", "") and cells["dies_once"] == ("done", "") and steps["dies_once"] == 6
+    assert cells["raising_loss"][0] == "failed" and "this loss is broken on purpose" in cells["raising_loss"][1]
+    assert cells["always_dies"][0] == "failed"
+    assert cells["always_dies"][1].startswith("the Ray worker running it died, and again when Ray retried it")
+    assert len((markers / "always_dies").read_text().split()) == 2  # the first attempt and Ray's one retry
+    assert (markers / "dies_once").exists()  # it did die once
+    assert "failed: [1/4] always_dies" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_ctrl_c_cancels_the_cells_in_flight_keeps_the_committed_and_the_rerun_finishes(
+    tmp_path: Path, model: list[str]
+) -> None:
+    out = tmp_path / "out"
+    args = sweep_args(model, out, "dpo,ipo,simpo,cpo,orpo,rpo", "--steps", "30")
+    process = subprocess.Popen(dpobench(*args, ray=True), env=subprocess_env(), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)  # fmt: skip
+    wait_for_cells(out / "results.sqlite", 1)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "interrupted: finished cells are in the store; rerun the same command to resume" in stderr
+    assert shlex.join(["dpobench", *args, "--executor", "ray"]) in stderr and "Traceback" not in stderr
+    with sqlite3.connect(out / "results.sqlite") as db:
+        kept = db.execute("SELECT COUNT(*) FROM cells WHERE role = 'variant'").fetchone()[0]
+        statuses = {row[0] for row in db.execute("SELECT status FROM cells")}
+        per_cell = {n for (n,) in db.execute("SELECT COUNT(*) FROM steps GROUP BY cell_id")}
+    assert 1 <= kept < 6 and statuses == {"done"} and per_cell == {30}  # no half-trained or cancelled cell
+
+    again = run(*args, ray=True)
+    assert again.returncode == 0, again.stderr
+    assert f"6 cells, {kept} already in the store, {6 - kept} to run" in again.stderr
+    with sqlite3.connect(out / "results.sqlite") as db:
+        assert db.execute("SELECT COUNT(*) FROM cells WHERE role = 'variant' AND status = 'done'").fetchone()[0] == 6
+
+
+def test_ray_options_need_the_ray_executor(tmp_path: Path) -> None:
+    from dpobench.config import SweepError, check_executor, load_config
+
+    with pytest.raises(SweepError, match=r"--ray-address: applies to --executor ray only; add it or drop this"):
+        check_executor(load_config({"ray_address": "auto"}).executor)
+    with pytest.raises(SweepError, match=r"executor = 'dask': use one of process, ray"):
+        load_config({"executor": "dask"})
+    assert load_config({"executor": "ray", "threads_per_cell": 2}).executor.threads_per_cell == 2
