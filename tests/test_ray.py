@@ -175,3 +175,28 @@ def test_ray_options_need_the_ray_executor(tmp_path: Path) -> None:
     with pytest.raises(SweepError, match=r"executor = 'dask': use one of process, ray"):
         load_config({"executor": "dask"})
     assert load_config({"executor": "ray", "threads_per_cell": 2}).executor.threads_per_cell == 2
+
+
+def test_a_sweep_joins_a_running_cluster_and_leaves_it_running(tmp_path: Path, model: list[str]) -> None:
+    """`ray start --head`, then `dpobench run --ray-address HOST:PORT`: the cells run on that cluster, which is still
+    up when the sweep ends (the driver stops only a Ray it started)."""
+    ray = Path(sys.executable).parent / "ray"
+    out = tmp_path / "out"
+    command = shlex.join(dpobench(*sweep_args(model, out, "dpo,ipo"), ray=False))
+    script = (
+        f"ip link set lo up && {ray} start --head --node-ip-address 127.0.0.1 --port 6390 --num-cpus 2 "
+        "--include-dashboard false --disable-usage-stats >/dev/null 2>&1 && "
+        f"{command} --executor ray --ray-address 127.0.0.1:6390; status=$?; "
+        f"{ray} status --address 127.0.0.1:6390 >/dev/null 2>&1 && echo CLUSTER-STILL-UP; "
+        f"{ray} stop --force >/dev/null 2>&1; exit $status"
+    )
+    # RAY_AUTH_MODE=token: the driver presents the token `ray start` wrote (Ray's default for a cluster it joins)
+    result = subprocess.run(["unshare", "--net", "sh", "-c", script], capture_output=True, text=True, timeout=300,
+                            env=subprocess_env(RAY_AUTH_MODE="token"))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "CLUSTER-STILL-UP" in result.stdout
+    with sqlite3.connect(out / "results.sqlite") as db:
+        assert dict(db.execute("SELECT variant, status FROM cells WHERE role = 'variant'")) == {
+            "dpo": "done",
+            "ipo": "done",
+        }
