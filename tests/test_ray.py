@@ -96,6 +96,23 @@ def commit_order(path: Path) -> list[str]:
         return [row[0] for row in db.execute("SELECT variant FROM cells WHERE role = 'variant' ORDER BY rowid")]
 
 
+def on_a_running_cluster(args: list[str]) -> subprocess.CompletedProcess[str]:
+    """`ray start --head` in a network namespace, then `dpobench ARGS --executor ray --ray-address` to it; prints
+    CLUSTER-STILL-UP where the cluster outlived the sweep (the driver stops only a Ray it started)."""
+    ray = Path(sys.executable).parent / "ray"
+    command = shlex.join(dpobench(*args, ray=False))
+    script = (
+        f"ip link set lo up && {ray} start --head --node-ip-address 127.0.0.1 --port 6390 --num-cpus 2 "
+        "--include-dashboard false --disable-usage-stats >/dev/null 2>&1 && "
+        f"{command} --executor ray --ray-address 127.0.0.1:6390; status=$?; "
+        f"{ray} status --address 127.0.0.1:6390 >/dev/null 2>&1 && echo CLUSTER-STILL-UP; "
+        f"{ray} stop --force >/dev/null 2>&1; exit $status"
+    )
+    # RAY_AUTH_MODE=token: the driver presents the token `ray start` wrote (Ray's default for a cluster it joins)
+    return subprocess.run(["unshare", "--net", "sh", "-c", script], capture_output=True, text=True, timeout=300,
+                          env=subprocess_env(RAY_AUTH_MODE="token"))  # fmt: skip
+
+
 def test_ray_cells_equal_in_process_cells_whatever_order_they_finish_in(tmp_path: Path, model: list[str]) -> None:
     """Two workers of one thread: the slow cell, submitted first, is committed last; the store holds the same cells
     with the same numbers, bit for bit, as the in-process sweep on one thread; a rerun trains nothing."""
@@ -144,6 +161,8 @@ def test_a_raising_cell_and_a_dying_worker_fail_alone(tmp_path: Path, model: lis
 def test_ctrl_c_cancels_the_cells_in_flight_keeps_the_committed_and_the_rerun_finishes(
     tmp_path: Path, model: list[str]
 ) -> None:
+    """Ctrl-C on the driver of a local Ray: whole cells kept, the resume command printed. The rerun joins a running
+    cluster instead (`ray start --head`, `--ray-address`): the same cells, so it runs exactly the rest."""
     out = tmp_path / "out"
     args = sweep_args(model, out, "dpo,ipo,simpo,cpo,orpo,rpo", "--steps", "30")
     process = subprocess.Popen(dpobench(*args, ray=True), env=subprocess_env(), stdout=subprocess.PIPE,
@@ -160,9 +179,10 @@ def test_ctrl_c_cancels_the_cells_in_flight_keeps_the_committed_and_the_rerun_fi
         per_cell = {n for (n,) in db.execute("SELECT COUNT(*) FROM steps GROUP BY cell_id")}
     assert 1 <= kept < 6 and statuses == {"done"} and per_cell == {30}  # no half-trained or cancelled cell
 
-    again = run(*args, ray=True)
+    again = on_a_running_cluster(args)
     assert again.returncode == 0, again.stderr
     assert f"6 cells, {kept} already in the store, {6 - kept} to run" in again.stderr
+    assert "CLUSTER-STILL-UP" in again.stdout
     with sqlite3.connect(out / "results.sqlite") as db:
         assert db.execute("SELECT COUNT(*) FROM cells WHERE role = 'variant' AND status = 'done'").fetchone()[0] == 6
 
@@ -175,28 +195,3 @@ def test_ray_options_need_the_ray_executor(tmp_path: Path) -> None:
     with pytest.raises(SweepError, match=r"executor = 'dask': use one of process, ray"):
         load_config({"executor": "dask"})
     assert load_config({"executor": "ray", "threads_per_cell": 2}).executor.threads_per_cell == 2
-
-
-def test_a_sweep_joins_a_running_cluster_and_leaves_it_running(tmp_path: Path, model: list[str]) -> None:
-    """`ray start --head`, then `dpobench run --ray-address HOST:PORT`: the cells run on that cluster, which is still
-    up when the sweep ends (the driver stops only a Ray it started)."""
-    ray = Path(sys.executable).parent / "ray"
-    out = tmp_path / "out"
-    command = shlex.join(dpobench(*sweep_args(model, out, "dpo,ipo"), ray=False))
-    script = (
-        f"ip link set lo up && {ray} start --head --node-ip-address 127.0.0.1 --port 6390 --num-cpus 2 "
-        "--include-dashboard false --disable-usage-stats >/dev/null 2>&1 && "
-        f"{command} --executor ray --ray-address 127.0.0.1:6390; status=$?; "
-        f"{ray} status --address 127.0.0.1:6390 >/dev/null 2>&1 && echo CLUSTER-STILL-UP; "
-        f"{ray} stop --force >/dev/null 2>&1; exit $status"
-    )
-    # RAY_AUTH_MODE=token: the driver presents the token `ray start` wrote (Ray's default for a cluster it joins)
-    result = subprocess.run(["unshare", "--net", "sh", "-c", script], capture_output=True, text=True, timeout=300,
-                            env=subprocess_env(RAY_AUTH_MODE="token"))  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    assert "CLUSTER-STILL-UP" in result.stdout
-    with sqlite3.connect(out / "results.sqlite") as db:
-        assert dict(db.execute("SELECT variant, status FROM cells WHERE role = 'variant'")) == {
-            "dpo": "done",
-            "ipo": "done",
-        }
