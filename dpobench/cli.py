@@ -579,7 +579,7 @@ def _sweep_progress() -> Any:
                 err.print(f"{escape(label)}: done{took}", highlight=False)
 
         def _sweep_line(self) -> str:
-            parts = [f"{self.in_flight} running"] if self.in_flight else []
+            parts = [f"{self.in_flight} in flight"] if self.in_flight else []  # running, or queued for a worker
             parts += [f"{self.failed} failed"] if self.failed else []
             return "cells" + (f" ({', '.join(parts)})" if parts else "")
 
