@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 
-from dpobench.task import gold_reward, sample_review
+from dpobench._util import atomic_path
+from dpobench.task import TASK_VERSION, gold_reward, sample_review
 
 __all__ = [
     "SCENARIOS",
@@ -30,6 +31,7 @@ __all__ = [
     "PairSet",
     "TaskData",
     "apply_scenario",
+    "cached_task_data",
     "decode_completion",
     "encode_completion",
     "encode_prompt",
@@ -216,6 +218,52 @@ def make_task_data(model: Any, tokenizer: Any, recipe: DataRecipe, device: str =
         has_gold=True,
         info={"ties_dropped": ties, "recipe": asdict(recipe)},
     )
+
+
+#: part of the pairs cache's key: bump it when sampling or the stored format changes, so older entries are not read
+PAIRS_CACHE_VERSION = 1
+
+
+def cached_task_data(
+    model: Any, tokenizer: Any, recipe: DataRecipe, *, model_fingerprint: str, cache_dir: Path, device: str,
+    progress: Any = lambda message: None,
+) -> TaskData:  # fmt: skip
+    """``make_task_data``, sampled once per (model, tokenizer, recipe, device kind, torch version) and kept as JSON
+    in ``cache_dir/pairs``: the pairs a sweep trains on are a function of those alone, and sampling them is the
+    slowest part of a sweep's start. An entry that cannot be read is sampled anew."""
+    identity = "|".join([model_fingerprint, type(tokenizer).__name__, str(len(tokenizer)), torch.device(device).type,
+                         torch.__version__, TASK_VERSION, str(PAIRS_CACHE_VERSION)])  # fmt: skip
+    path = cache_dir / "pairs" / f"{recipe.key(identity)}.json"
+    if path.is_file():
+        try:
+            return _task_data_from_json(json.loads(path.read_text()))
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    progress("sampling preference pairs from the reference model (cached for later runs)")
+    data = make_task_data(model, tokenizer, recipe, device=device)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(_task_data_to_json(data)))
+    return data
+
+
+def _task_data_to_json(data: TaskData) -> dict[str, Any]:
+    def pairs(pair_set: PairSet) -> dict[str, Any]:
+        return {"pairs": [asdict(p) for p in pair_set.pairs], "truncated": pair_set.truncated}
+
+    return {"train": pairs(data.train), "heldout": pairs(data.heldout), "eval_prompts": data.eval_prompts,
+            "has_gold": data.has_gold, "info": data.info}  # fmt: skip
+
+
+def _task_data_from_json(stored: dict[str, Any]) -> TaskData:
+    def pairs(stored_set: dict[str, Any]) -> PairSet:
+        rows = [Pair(**{**row, **{k: tuple(row[k]) for k in ("prompt", "chosen", "rejected")}})
+                for row in stored_set["pairs"]]  # fmt: skip
+        return PairSet(rows, stored_set["truncated"])
+
+    return TaskData(train=pairs(stored["train"]), heldout=pairs(stored["heldout"]),
+                    eval_prompts=[tuple(p) for p in stored["eval_prompts"]], has_gold=stored["has_gold"],
+                    info=stored["info"])  # fmt: skip
 
 
 def apply_scenario(

@@ -40,7 +40,7 @@ from dpobench.config import (
     resolve_device,
     select_variants,
 )
-from dpobench.data import PairSet, TaskData, apply_scenario, load_pairs_file, make_task_data, require_pairs_file
+from dpobench.data import PairSet, TaskData, apply_scenario, cached_task_data, load_pairs_file, require_pairs_file
 from dpobench.logprobs import cached_reference_logprobs
 from dpobench.losses import PreferenceLoss
 from dpobench.models import SIZES, SFTRecipe, cache_root, check_model_source, load_model, model_fingerprint
@@ -189,8 +189,8 @@ def prepare(plan: SweepPlan, progress: Callable[[str], None] = print) -> Prepare
     except ValueError as error:
         raise SweepError(str(error)) from None
     reference.to(device)
-    data = _task_data(config, reference, tokenizer, device, progress)
     model_hash = model_fingerprint(model_path)
+    data = _task_data(config, reference, tokenizer, device, model_hash, progress)
     data_hash = data.train.fingerprint() + data.heldout.fingerprint()
     ref_key, cache, autocast = f"{model_hash}|{data_hash}", cache_root(), acceleration.autocast
     pad_id = tokenizer.pad_token_id
@@ -212,13 +212,15 @@ def prepare(plan: SweepPlan, progress: Callable[[str], None] = print) -> Prepare
     )  # fmt: skip
 
 
-def _task_data(config: SweepConfig, reference: Any, tokenizer: Any, device: str, progress: Callable) -> TaskData:
+def _task_data(
+    config: SweepConfig, reference: Any, tokenizer: Any, device: str, model_hash: str, progress: Callable
+) -> TaskData:  # fmt: skip
     if config.data:
         max_length = getattr(reference.config, "max_position_embeddings", 512) or 512
         data = load_pairs_file(config.data, tokenizer, max_length=min(max_length, 1024))
     else:
-        progress("sampling preference pairs from the reference model")
-        data = make_task_data(reference, tokenizer, config.data_recipe, device=device)
+        data = cached_task_data(reference, tokenizer, config.data_recipe, model_fingerprint=model_hash,
+                                cache_dir=cache_root(), device=device, progress=progress)  # fmt: skip
     cut = data.train.truncated
     progress(f"{len(data.train.pairs)} training pairs, {len(data.heldout.pairs)} held-out pairs"
              + (f"; {cut} pair{'s' * (cut != 1)} cut to the model's length (completions truncated, EOS kept)"

@@ -187,6 +187,29 @@ def test_bradley_terry_labels_are_noisy_where_rewards_are_close() -> None:
     assert max(p.rejected_gold - p.chosen_gold for p in inverted) < 0.5
 
 
+def test_sampled_pairs_are_cached_per_model_recipe_and_device(tmp_path: Path) -> None:
+    """The second sweep start reads the pairs the first sampled (it never touches the model: here there is none);
+    another recipe samples anew; an entry that cannot be read is sampled anew, to the same pairs."""
+    from dpobench.data import cached_task_data
+
+    model, tokenizer = load_model(reference_model(SFT))
+    recipe = replace(DATA, train_prompts=48, heldout_prompts=8, eval_prompts=8)
+    said: list[str] = []
+    first = cached_task_data(model, tokenizer, recipe, model_fingerprint="m1", cache_dir=tmp_path, device="cpu",
+                             progress=said.append)  # fmt: skip
+    assert first == make_task_data(model, tokenizer, recipe)  # what the cache keeps is what sampling gives
+    again = cached_task_data(None, tokenizer, recipe, model_fingerprint="m1", cache_dir=tmp_path, device="cpu",
+                             progress=said.append)  # fmt: skip
+    assert again == first and len(said) == 1 and said[0].startswith("sampling preference pairs")
+    other = replace(recipe, seed=1)
+    assert cached_task_data(model, tokenizer, other, model_fingerprint="m1", cache_dir=tmp_path, device="cpu") != first
+    (entry,) = [f for f in (tmp_path / "pairs").iterdir() if json.loads(f.read_text())["info"]["recipe"]["seed"] == 0]
+    entry.write_text('{"train": ')  # a write cut short
+    assert cached_task_data(model, tokenizer, recipe, model_fingerprint="m1", cache_dir=tmp_path, device="cpu") == first
+    with pytest.raises(AttributeError):  # another model's fingerprint is another entry: it samples (and has no model)
+        cached_task_data(None, tokenizer, recipe, model_fingerprint="m2", cache_dir=tmp_path, device="cpu")
+
+
 def test_a_variants_own_beta_replaces_the_swept_betas_for_it_alone() -> None:
     """``--param simpo.beta=2`` gives SimPO its paper's β while the others sweep ``--betas``; it was once overridden
     by ``--betas`` without a word. A β that is not a number > 0 is refused before anything trains."""
