@@ -70,7 +70,8 @@ def _main(
     if plugins_dir:
         # Through the environment, so that every part of dpobench (wrappers included) sees the same plugins.
         current = [p for p in os.environ.get("DPOBENCH_PLUGINS_DIR", "").split(os.pathsep) if p]
-        os.environ["DPOBENCH_PLUGINS_DIR"] = os.pathsep.join([*current, *map(str, plugins_dir)])
+        added = [str(p) for p in plugins_dir if str(p) not in current]  # a path given twice loads once
+        os.environ["DPOBENCH_PLUGINS_DIR"] = os.pathsep.join([*current, *dict.fromkeys(added)])
     _options["debug"] = debug
 
 
@@ -195,7 +196,10 @@ def check(
         for result in report.results:
             if not result.ok:
                 out.print(f"      ✗ {result.check}: {escape(result.message)}", highlight=False, soft_wrap=True)
-    out.print(f"{passed} of {len(specs)} variants pass the loss contract", highlight=False)
+    if specs or not state.errors:
+        out.print(f"{passed} of {len(specs)} variants pass the loss contract", highlight=False)
+    else:  # the file's plugin did not load: its error is above, and there was nothing to check
+        err.print("nothing checked: the plugin failed to load (the error above); fix it and rerun", highlight=False)
     if failed:
         raise typer.Exit(1)
 
@@ -380,7 +384,12 @@ def run(
     given = {name: value for name, value in locals().items() if name in FILE_KEYS and name != "params"}
     note = lambda message: err.print(f"[dim]{escape(message)}[/]", highlight=False)  # noqa: E731
     sweep = _user_errors(lambda: load_config(given, file=config, param=param or [], note=note))
-    _load()
+    plugins = _load()
+    broken = len(plugins.errors)
+    for name in sweep.variants:  # a variant of a plugin that failed to load: say so, not a look-alike's name
+        if broken and name not in plugins.registry:
+            raise CLIError(f"unknown loss variant {name!r}: {broken} plugin{'s' * (broken != 1)} failed to load (the "
+                           "error above) and may define it; fix it, or drop the variant from --variants")  # fmt: skip
     started = time.perf_counter()
     summary = _run_sweep(sweep, out)
     from dpobench.tables import is_reference, summary_csv
@@ -397,7 +406,10 @@ def run(
         f"{'; report.html and report.pdf beside them' if report else ''} "
         f"({time.perf_counter() - started:.0f} s)", highlight=False,
     )  # fmt: skip
-    if (summary.status != "done").any():
+    if broken:  # the sweep ran without them: its exit status says so
+        err.print(f"{broken} plugin{'s' * (broken != 1)} failed to load (the error above): their variants did not run",
+                  highlight=False)  # fmt: skip
+    if broken or (summary.status != "done").any():
         raise typer.Exit(1)
 
 
@@ -636,10 +648,34 @@ def _write_atomic_csv(frame: object, path: Path) -> None:
         raise CLIError(f"cannot write {str(path)!r}: {error.strerror or error}; choose another --out") from None
 
 
+#: options of `dpobench` itself that may also be written after the command, and whether each takes a value
+_GLOBAL_OPTIONS = {"--plugins-dir": True, "--debug": False}
+
+
+def global_options_first(argv: list[str]) -> list[str]:
+    """``run --plugins-dir D …`` read as ``--plugins-dir D run …``: the global options found after the command
+    move before it (Click accepts them only there). Nothing after a ``--`` moves."""
+    start = 0
+    while start < len(argv) and argv[start].startswith("-") and argv[start] != "--":
+        start += 2 if _GLOBAL_OPTIONS.get(argv[start]) else 1
+    moved, kept, index = [], argv[: start + 1], start + 1
+    while index < len(argv) and argv[index] != "--":
+        name = argv[index].split("=", 1)[0]
+        takes_value = _GLOBAL_OPTIONS.get(name)
+        if takes_value is None:
+            kept.append(argv[index])
+            index += 1
+            continue
+        width = 2 if takes_value and "=" not in argv[index] else 1
+        moved += argv[index : index + width]
+        index += width
+    return argv[:start] + moved + kept[start:] + argv[index:]
+
+
 def main() -> None:
     """Console entry point: user errors become one line on stderr and exit code 2."""
     try:
-        app()
+        app(args=global_options_first(sys.argv[1:]))
     except KeyboardInterrupt:
         # Finished cells are already committed; the cell in training is dropped whole.
         err.print("interrupted: finished cells are in the store; rerun the same command to resume", highlight=False)

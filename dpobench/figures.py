@@ -192,7 +192,7 @@ def scenario_robustness(scenarios: pd.DataFrame, colors: dict) -> Figure:
     axes = np.atleast_1d(fig.subplots(1, max(1, len(panels))))
     for ax, (column, label) in zip(axes, panels, strict=False):
         data = scenarios.dropna(subset=[column]).sort_values(column)
-        names = [f"{v} β={b:g}" for v, b in zip(data.variant, data.beta, strict=True)]
+        names = [v if math.isnan(b) else f"{v} β={b:g}" for v, b in zip(data.variant, data.beta, strict=True)]
         ax.barh(names, data[column], color=[colors.get(v) for v in data.variant])
         ax.axvline(0, color="black", linewidth=0.8)
         ax.set_xlabel(label)

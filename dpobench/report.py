@@ -101,10 +101,14 @@ def read_benchmark_json(path: str | Path) -> pd.DataFrame:
 
 
 def _fmt_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """Every cell as text: floats to 4 significant digits, anything missing (a failed cell's rank) as "–"."""
     out = frame.copy()
     for column in out.columns:
         if pd.api.types.is_float_dtype(out[column]):
             out[column] = [("–" if pd.isna(v) else f"{v:.4g}") for v in out[column]]
+        else:
+            out[column] = [("–" if v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v)) else str(v))
+                           for v in out[column]]  # fmt: skip
     return out
 
 

@@ -362,8 +362,8 @@ def run_sweep(
     order = {identity: number for number, identity in enumerate(ours)}
     others = int((~finals.cell_id.isin(order)).sum())
     if others:  # the store accumulates runs; this command's summary is its own cells
-        progress(f"the store also holds {others} cells of other commands' settings: the report compares them all; "
-                 "this summary and summary.csv hold this command's cells")  # fmt: skip
+        progress(f"the store also holds {others} cell{'s' * (others != 1)} of other commands' settings: the report "
+                 "compares them all; this summary and summary.csv hold this command's cells")  # fmt: skip
     ours_only = finals[finals.cell_id.isin(order)]  # in the plan's order, whatever order the cells finished in
     return ours_only.sort_values("cell_id", key=lambda ids: ids.map(order), kind="stable").reset_index(drop=True)
 
@@ -398,7 +398,8 @@ def _execute(
         ours.append(identity)
         if not store.finished(identity):
             todo.append((identity, cell))
-    progress(f"{len(plan.cells)} cells, {len(plan.cells) - len(todo)} already in the store, {len(todo)} to run")
+    total = len(plan.cells)
+    progress(f"{total} cell{'s' * (total != 1)}, {total - len(todo)} already in the store, {len(todo)} to run")
     if todo:  # after the data and settings checks, so that an error there stays the only line
         for line in prepared.acceleration.describe(config.speed):
             progress(line)
@@ -422,7 +423,8 @@ def _execute(
 
 def _label(config: SweepConfig, cell: Cell, number: int, total: int) -> str:
     swept = " ".join(f"{k}={v}" for k, v in cell.loss.hparams.items() if k in config.params.get(cell.spec.name, {}))
-    return f"[{number}/{total}] {cell.spec.name} β={cell.beta:g} seed={cell.seed} {cell.scenario} {swept}".rstrip()
+    beta = "" if math.isnan(cell.beta) else f" β={cell.beta:g}"  # a variant without β shows none, not β=nan
+    return f"[{number}/{total}] {cell.spec.name}{beta} seed={cell.seed} {cell.scenario} {swept}".rstrip()
 
 
 def _cell_row(prepared: Prepared, base: dict[str, Any], done: Finished) -> dict[str, Any]:

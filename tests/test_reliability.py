@@ -60,7 +60,8 @@ def test_broken_plugins_fail_their_cells_and_the_sweep_goes_on(tmp_path: Path, u
     )
     html = (out / "report.html").read_text()
     assert "Failed and diverged cells" in html and "this loss is broken on purpose" in html
-    assert "plugin error: plugin 'misspelled_hook'" in result.stderr  # import-time failures are named too
+    assert "plugin error: plugin 'misspelled_hook'" in result.stderr  # import-time failures are named too, and the
+    assert "plugins failed to load (the error above): their variants did not run" in " ".join(result.stderr.split())
     terminal = " ".join(result.stderr.split())  # the terminal says why a cell failed, not only that it did
     assert (
         "failed: [" in terminal

@@ -129,11 +129,11 @@ def test_a_schema_1_store_resumes_and_reports(tmp_path: Path, untrained_model: P
                          data_recipe=DataRecipe(train_prompts=64, heldout_prompts=16, eval_prompts=16))  # fmt: skip
     messages: list[str] = []
     first = run_sweep(config, tmp_path, progress=messages.append)
-    assert "1 cells, 0 already in the store, 1 to run" in messages
+    assert "1 cell, 0 already in the store, 1 to run" in messages
     assert sorted(first.variant) == ["(reference)", "hinge"] and first.role.tolist().count("reference") == 1
     messages.clear()
     run_sweep(config, tmp_path, progress=messages.append)
-    assert "1 cells, 1 already in the store, 0 to run" in messages
+    assert "1 cell, 1 already in the store, 0 to run" in messages
     tidy = read_tidy(tmp_path)
     new = tidy[tidy.cell_id.isin(first.cell_id) & tidy.metric.notna()]
     assert set(new[new.source == "step"].metric) == set(by_source("step"))  # all 12, from the trainer's step

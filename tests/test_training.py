@@ -210,6 +210,17 @@ def test_sampled_pairs_are_cached_per_model_recipe_and_device(tmp_path: Path) ->
         cached_task_data(None, tokenizer, recipe, model_fingerprint="m2", cache_dir=tmp_path, device="cpu")
 
 
+def test_a_cells_progress_label_names_its_beta_only_where_it_has_one() -> None:
+    from dpobench.sweep import Cell, _label
+
+    spec = dpobench.get_losses()["dpo"]
+    config = SweepConfig(params={"dpo": {"label_smoothing": ("0.1",)}})
+    with_beta = Cell(spec, spec.build(beta=0.5, label_smoothing=0.1), 0.5, 2, "noisy")
+    assert _label(config, with_beta, 3, 12) == "[3/12] dpo β=0.5 seed=2 noisy label_smoothing=0.1"
+    without = Cell(spec, spec.build(), math.nan, 0, "clean")  # a variant without β (KTO-style plugins)
+    assert _label(SweepConfig(), without, 1, 1) == "[1/1] dpo seed=0 clean"
+
+
 def test_a_variants_own_beta_replaces_the_swept_betas_for_it_alone() -> None:
     """``--param simpo.beta=2`` gives SimPO its paper's β while the others sweep ``--betas``; it was once overridden
     by ``--betas`` without a word. A β that is not a number > 0 is refused before anything trains."""
