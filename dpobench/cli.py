@@ -529,7 +529,11 @@ def _stop_after_step(cells: Any):
         if requested["stop"] or not cells.training:
             raise KeyboardInterrupt
         requested["stop"] = True
-        err.print("stopping after this step (Ctrl-C again to stop at once)", highlight=False)
+        if getattr(cells, "in_flight", 0):  # cells trained elsewhere (Ray) cannot finish their step: they are dropped
+            err.print(f"stopping: cancelling the {cells.in_flight} cells in flight; finished cells are kept",
+                      highlight=False)  # fmt: skip
+        else:
+            err.print("stopping after this step (Ctrl-C again to stop at once)", highlight=False)
 
     previous = signal.signal(signal.SIGINT, handler)
     try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import math
+import socket
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
@@ -365,15 +366,34 @@ def check_config(config: SweepConfig, names: list[str], device: str) -> None:
 
 
 def check_executor(options: ExecutorOptions) -> None:
-    """The executor's settings, and Ray installed where it is asked for."""
-    if options.name == "ray" and importlib.util.find_spec("ray") is None:
-        raise SweepError("--executor ray: Ray is not installed; pip install 'dpobench[ray]'")
+    """The executor's settings, Ray installed where it is asked for, and a cluster address that answers."""
     if options.name != "ray":
         ray_only = {"ray_address": options.ray_address is not None, "threads_per_cell": options.threads_per_cell != 1,
                     "cells_per_gpu": options.cells_per_gpu != 1}  # fmt: skip
         for key, given in ray_only.items():
             if given:
-                raise SweepError(f"--{key.replace('_', '-')}: applies to --executor ray only; add it or drop this")
+                flag = key.replace("_", "-")
+                raise SweepError(f"--{flag} (or {key} in a config file) needs --executor ray (executor = \"ray\"); "
+                                 f"add that, or drop --{flag}")  # fmt: skip
+        return
+    if importlib.util.find_spec("ray") is None:
+        raise SweepError("--executor ray: Ray is not installed; pip install 'dpobench[ray]'")
+    if options.ray_address not in (None, "auto"):
+        _check_reachable(options.ray_address)
+
+
+def _check_reachable(address: str) -> None:
+    """A HOST:PORT that nothing answers at fails here in seconds: Ray itself retries for minutes."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise SweepError(f"--ray-address {address!r}: write HOST:PORT (what `ray start --head` prints) or auto")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as error:
+        raise SweepError(
+            f"--ray-address {address}: nothing answers there ({error.strerror or error}); start the cluster with "
+            "`ray start --head`, or leave out --ray-address for a local Ray"
+        ) from None
 
 
 def option_default(name: str) -> Any:

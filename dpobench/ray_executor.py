@@ -20,7 +20,7 @@ from typing import Any
 import ray
 import torch
 
-from dpobench.config import ExecutorOptions
+from dpobench.config import ExecutorOptions, SweepError
 from dpobench.sweep import Finished, Pending, Prepared, Progress, run_cell
 from dpobench.train import CellResult
 
@@ -42,21 +42,24 @@ class RayExecutor:
     def __call__(
         self, prepared: Prepared, pending: list[Pending], progress: Progress, should_stop: Callable[[], bool]
     ) -> Iterator[Finished]:
+        if not pending:  # a rerun with every cell in the store starts no Ray
+            return
         started_here = self._connect()
-        in_flight: dict[Any, tuple[Pending, float]] = {}
+        in_flight: dict[Any, Pending] = {}
         try:
+            resources = self._resources(prepared.plan.device)
+            self._check_feasible(resources)
             _pickle_loose_plugins_by_value(pending)
             shared = ray.put(prepared)
-            task = _train.options(**self._resources(prepared.plan.device), max_retries=1, retry_exceptions=False)
-            submitted = time.time()
+            task = _train.options(**resources, max_retries=1, retry_exceptions=False)
             # the object ref inside a list: Ray hands the task the ref itself, and the worker reads it only once
-            in_flight = {task.remote([shared], item, self.options.threads_per_cell): (item, submitted)
-                         for item in pending}  # fmt: skip
+            in_flight = {task.remote([shared], item, self.options.threads_per_cell): item for item in pending}
+            submitted = time.time()
             progress.running(len(in_flight))
             while in_flight and not should_stop():
                 ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=POLL_SECONDS)
                 for ref in ready:
-                    item, submitted = in_flight.pop(ref)
+                    item = in_flight.pop(ref)
                     progress.running(len(in_flight))
                     yield _collect(ref, item, submitted)
                     if should_stop():
@@ -71,14 +74,33 @@ class RayExecutor:
         """Join the cluster at ``ray_address``, or start a local Ray; True where this call started it."""
         if ray.is_initialized():
             return False
-        # "local": a new Ray on this machine, even where RAY_ADDRESS names a cluster
-        ray.init(address=self.options.ray_address or "local", include_dashboard=False, log_to_driver=False,
-                 logging_level=logging.WARNING, configure_logging=True)  # fmt: skip
+        try:
+            # "local": a new Ray on this machine, even where RAY_ADDRESS names a cluster. Ray's own notices (its
+            # token, the node's address) are left out of the sweep's output; its errors are not
+            ray.init(address=self.options.ray_address or "local", include_dashboard=False, log_to_driver=False,
+                     logging_level=logging.ERROR, configure_logging=True)  # fmt: skip
+        except (ConnectionError, RuntimeError) as error:
+            hint = ("; a cluster started with `ray start` wants RAY_AUTH_MODE=token in this shell"
+                    if "auth" in str(error).lower() or self.options.ray_address else "")  # fmt: skip
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise SweepError(f"--executor ray: Ray did not start or connect ({first}){hint}") from None
         return self.options.ray_address is None
 
     def _resources(self, device: str) -> dict[str, float]:
         gpu = 1.0 / self.options.cells_per_gpu if device.startswith("cuda") else 0.0
         return {"num_cpus": self.options.threads_per_cell, "num_gpus": gpu}
+
+    def _check_feasible(self, resources: dict[str, float]) -> None:
+        """A cell asking for more than any Ray node has would wait forever, silently: refuse it at once."""
+        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+        if any(n.get("CPU", 0) >= resources["num_cpus"] and n.get("GPU", 0) >= resources["num_gpus"] for n in nodes):
+            return
+        most_cpus = max((n.get("CPU", 0) for n in nodes), default=0)
+        asked = f"{resources['num_cpus']:g} CPUs" + (
+            f" and {resources['num_gpus']:g} GPU" if resources["num_gpus"] else ""
+        )
+        raise SweepError(f"--threads-per-cell {self.options.threads_per_cell}: each cell asks Ray for {asked}, and no "
+                         f"node of the Ray cluster has that (the largest has {most_cpus:g} CPUs); ask for fewer")  # fmt: skip
 
 
 @ray.remote
@@ -100,12 +122,18 @@ def _collect(ref: Any, item: Pending, submitted: float) -> Finished:
     try:
         return ray.get(ref)
     except ray.exceptions.RayTaskError as error:
-        cause = error.cause if error.cause is not None else error
-        reason = f"{type(cause).__name__}: {str(cause).strip().splitlines()[0] if str(cause).strip() else ''}"
-    except ray.exceptions.RayError as error:  # the worker process died (killed, out of memory), twice
+        reason = _one_line(error.cause if error.cause is not None else error)
+    except (ray.exceptions.WorkerCrashedError, ray.exceptions.OutOfMemoryError) as error:  # killed, twice
         reason = f"the Ray worker running it died, and again when Ray retried it ({type(error).__name__})"
-    now = time.time()
-    return Finished(item, CellResult(status="failed", error=reason), submitted, now)
+    except ray.exceptions.RayError as error:  # a lost object, a node gone, …
+        reason = _one_line(error)
+    # when it started is not known here: ``submitted`` includes its wait in Ray's queue
+    return Finished(item, CellResult(status="failed", error=reason), submitted, time.time())
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
 
 
 def _pickle_loose_plugins_by_value(pending: list[Pending]) -> None:

@@ -12,6 +12,7 @@ Three steps, each a function a reader can follow on its own:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import itertools
@@ -407,15 +408,19 @@ def _execute(
                for number, (identity, cell) in enumerate(todo, start=1)]  # fmt: skip
     cell_progress.begin(len(pending))
     committed = 0
-    for done in executor(prepared, pending, cell_progress, should_stop) if pending else ():
-        name, result = done.pending.cell.spec.name, done.result
-        if result.status == "interrupted":
-            raise SweepInterrupted(f"interrupted in cell {name}; {committed} of {len(todo)} cells of this run finished")
-        store.write_cell(_cell_row(prepared, base, done), result.steps, result.evaluations)
-        committed += 1
-        cell_progress.done(done.pending.label, result.status, result.error)
-        if should_stop():  # Ctrl-C after the cell's last step: it is kept, and so is the request to stop (the cells
-            break  # left, or the summary and report, wait for a rerun)
+    results = executor(prepared, pending, cell_progress, should_stop)
+    with contextlib.closing(results):  # closed on any way out, so that an executor cancels what it has in flight
+        for done in results:
+            name, result = done.pending.cell.spec.name, done.result
+            if result.status == "interrupted":
+                raise SweepInterrupted(
+                    f"interrupted in cell {name}; {committed} of {len(todo)} cells of this run finished"
+                )
+            store.write_cell(_cell_row(prepared, base, done), result.steps, result.evaluations)
+            committed += 1
+            cell_progress.done(done.pending.label, result.status, result.error)
+            if should_stop():  # Ctrl-C after the cell's last step: it is kept, and so is the request to stop (the
+                break  # cells left, or the summary and report, wait for a rerun)
     if should_stop():
         raise SweepInterrupted(f"stopped after {committed} of {len(todo)} cells of this run")
     return ours

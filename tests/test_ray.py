@@ -13,6 +13,7 @@ import random
 import shlex
 import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -171,6 +172,7 @@ def test_ctrl_c_cancels_the_cells_in_flight_keeps_the_committed_and_the_rerun_fi
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr
+    assert "stopping: cancelling the" in stderr and "cells in flight; finished cells are kept" in stderr
     assert "interrupted: finished cells are in the store; rerun the same command to resume" in stderr
     assert shlex.join(["dpobench", *args, "--executor", "ray"]) in stderr and "Traceback" not in stderr
     with sqlite3.connect(out / "results.sqlite") as db:
@@ -187,11 +189,30 @@ def test_ctrl_c_cancels_the_cells_in_flight_keeps_the_committed_and_the_rerun_fi
         assert db.execute("SELECT COUNT(*) FROM cells WHERE role = 'variant' AND status = 'done'").fetchone()[0] == 6
 
 
+def test_a_cell_no_node_can_hold_is_refused_not_left_waiting(tmp_path: Path, model: list[str]) -> None:
+    """A task asking for more CPUs than any node has would wait in Ray's queue forever, without a word."""
+    result = run(*sweep_args(model, tmp_path / "out", "dpo", "--threads-per-cell", "64"), ray=True)
+    assert result.returncode == 2, result.stderr
+    assert "error: --threads-per-cell 64: each cell asks Ray for 64 CPUs, and no node of the Ray cluster has that" in (
+        " ".join(result.stderr.split())
+    )
+    assert "Traceback" not in result.stderr
+
+
 def test_ray_options_need_the_ray_executor(tmp_path: Path) -> None:
     from dpobench.config import SweepError, check_executor, load_config
 
-    with pytest.raises(SweepError, match=r"--ray-address: applies to --executor ray only; add it or drop this"):
+    with pytest.raises(SweepError, match=r"--ray-address \(or ray_address in a config file\) needs --executor ray"):
         check_executor(load_config({"ray_address": "auto"}).executor)
+    free = socket.socket()
+    free.bind(("127.0.0.1", 0))
+    port = free.getsockname()[1]
+    free.close()  # a port nothing listens on: refused at once, where Ray would retry for minutes
+    with pytest.raises(SweepError, match=rf"--ray-address 127.0.0.1:{port}: nothing answers there \(Connection "
+                       r"refused\); start the cluster with `ray start --head`"):  # fmt: skip
+        check_executor(load_config({"executor": "ray", "ray_address": f"127.0.0.1:{port}"}).executor)
+    with pytest.raises(SweepError, match=r"--ray-address 'head-node': write HOST:PORT"):
+        check_executor(load_config({"executor": "ray", "ray_address": "head-node"}).executor)
     with pytest.raises(SweepError, match=r"executor = 'dask': use one of process, ray"):
         load_config({"executor": "dask"})
     assert load_config({"executor": "ray", "threads_per_cell": 2}).executor.threads_per_cell == 2
