@@ -440,13 +440,27 @@ def _run_sweep(sweep: object, out: Path) -> object:
     with _sweep_progress() as cells, _stop_after_step(cells) as stop:
         try:
             return _user_errors(lambda: run_sweep(
-                sweep, out, command=command, progress=lambda m: err.print(f"[dim]{escape(m)}[/]", highlight=False),
-                cell_progress=cells, should_stop=stop,
+                sweep, out, command=command, progress=_starting, cell_progress=cells, should_stop=stop,
             ))  # type: ignore[arg-type]  # fmt: skip
         except SweepInterrupted as interrupted:
             err.print(f"interrupted: finished cells are in the store; rerun the same command to resume "
                       f"({interrupted}): {command}", highlight=False, soft_wrap=True)  # fmt: skip
             raise typer.Exit(130) from None
+        except KeyboardInterrupt:  # Ctrl-C twice, or once while the sweep started (Typer would exit without a word)
+            starting = _options.get("starting")
+            if starting:  # what the start was doing is dropped whole: caches are written only once complete
+                err.print(f"interrupted while the sweep started ({starting}): nothing of that step is kept; rerun "
+                          "the same command to start again", highlight=False, soft_wrap=True)  # fmt: skip
+            else:  # finished cells are already committed; the cell in training is dropped whole
+                err.print(f"interrupted: finished cells are in the store; rerun the same command to resume: {command}",
+                          highlight=False, soft_wrap=True)  # fmt: skip
+            raise typer.Exit(130) from None
+
+
+def _starting(message: str) -> None:
+    """A line of the sweep's start (the SFT model, the pairs, …), kept so that a Ctrl-C can say what it stopped."""
+    _options["starting"] = message
+    err.print(f"[dim]{escape(message)}[/]", highlight=False)
 
 
 def _write_run_report(out: Path) -> None:
@@ -558,6 +572,7 @@ def _sweep_progress() -> Any:
             return self
 
         def begin(self, cells: int) -> None:
+            _options["starting"] = None  # the start is over: a Ctrl-C from here on stops cells, not the start
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
             self.total = cells
@@ -680,9 +695,8 @@ def main() -> None:
     """Console entry point: user errors become one line on stderr and exit code 2."""
     try:
         app(args=global_options_first(sys.argv[1:]))
-    except KeyboardInterrupt:
-        # Finished cells are already committed; the cell in training is dropped whole.
-        err.print("interrupted: finished cells are in the store; rerun the same command to resume", highlight=False)
+    except KeyboardInterrupt:  # outside a command (a command's own Ctrl-C says what it stopped)
+        err.print("interrupted", highlight=False)
         sys.exit(130)
     except (CLIError, ParamError, UnknownLossError) as error:
         if _options.get("debug"):

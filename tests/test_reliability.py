@@ -400,3 +400,27 @@ def test_a_hub_id_that_cannot_be_fetched_fails_at_once(tmp_path: Path, env: dict
     result = dpobench_run("run", "--model", "someorg/no-such-model", "--out", str(tmp_path / "out"), **env)
     assert result.returncode == 2 and message in result.stderr, result.stderr
     assert result.stderr.count("\n") == 1 and not (tmp_path / "out").exists()
+
+
+def test_ctrl_c_while_the_sweep_starts_says_what_it_stopped(tmp_path: Path, untrained_model: Path) -> None:
+    """Ctrl-C while pairs were sampled said "finished cells are in the store" though no cell had started; it says
+    which step of the start it stopped, and leaves nothing of it in the cache or in --out."""
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    command = [sys.executable, "-m", "dpobench", "run", "--model", str(untrained_model), "--variants", "dpo",
+               "--out", str(out), "--no-report"]  # fmt: skip
+    process = subprocess.Popen(command, env=subprocess_env(DPOBENCH_CACHE=str(cache)), stderr=subprocess.PIPE,
+                               stdout=subprocess.DEVNULL, text=True)  # fmt: skip
+    assert process.stderr is not None
+    lines = []
+    for line in process.stderr:  # until the start announces the sampling
+        lines.append(line)
+        if line.startswith("sampling preference pairs"):
+            break
+    time.sleep(0.5)
+    process.send_signal(signal.SIGINT)
+    stderr = "".join(lines) + process.stderr.read()
+    assert process.wait(timeout=60) == 130, stderr
+    assert "interrupted while the sweep started (sampling preference pairs from the reference model (cached for " \
+        "later runs)): nothing of that step is kept; rerun the same command to start again" in " ".join(stderr.split())  # fmt: skip
+    assert "Traceback" not in stderr and not list(cache.glob("pairs/*.json"))
+    assert claims_nothing(out)
