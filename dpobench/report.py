@@ -33,9 +33,17 @@ from dpobench.tables import (
     summary_table,
     throughput_table,
 )
+from dpobench.verdict import HEALTHY_GRAMMATICAL, NEAR_BEST, NO_PICK, verdict
 
 __all__ = ["Report", "build_report", "read_benchmark_json", "write_report"]
 
+VERDICT_RULES = (
+    f"How these are chosen: a configuration with fewer than {HEALTHY_GRAMMATICAL:.0%} grammatical samples is "
+    "degenerate and never picked; the Pareto set is the healthy configurations no other healthy one beats on both "
+    "gold reward and KL; 'most reward' is the best-ranked healthy configuration (configurations of the same rank "
+    f"differ within noise: ties); 'least drift' has the lowest KL among those keeping {NEAR_BEST:.0%} of the best "
+    "gain in gold reward over the SFT reference. The ranked summary below has every number."
+)
 HONESTY = (
     "Every number in this report was measured by dpobench on the runs named below, or (model-free geometry) "
     "computed from each loss's formula. The tutorial notebook dpobench started from showed invented numbers "
@@ -187,7 +195,12 @@ def build_report(store: str | Path, metric: str | None = None, bench: str | Path
               ("configuration", "; ".join(json.dumps(_shown_config(r["config"]), sort_keys=True) for r in runs)),
               ("batch layout", batch_layout(runs)),
               ("ranked by", metric), ("report by", f"dpobench {dpobench.__version__}")]  # fmt: skip
-    sections = [
+    sections = []
+    if metric == "gold_reward" and gold:
+        decided = verdict(summary, reference_gold)
+        lines = decided.lines if decided else (NO_PICK,)
+        sections.append(Section("verdict", "Which loss?", " ".join(line + "." for line in lines) + " " + VERDICT_RULES))
+    sections += [
         Section(
             "summary",
             "Summary",

@@ -406,7 +406,9 @@ def test_the_summary_defines_its_columns_and_names_degenerate_samples(store_dir:
     )
     assert _degenerate(table.iloc[:1]) == "" and _degenerate(table.drop(columns="grammatical_fraction")) == ""
     report = build_report(store_dir)
-    summary = report.sections[0]
+    first = report.sections[0]  # the verdict comes first: the picks, then the rules they follow
+    assert first.id == "verdict" and first.text.startswith("Most reward: ") and "How these are chosen:" in first.text
+    summary = next(s for s in report.sections if s.id == "summary")
     assert "gold_reward (higher is better), kl_to_reference (lower is better)" in summary.text
     ((_, ranked),) = summary.tables
     glossary = dict(summary.glossary)
@@ -564,7 +566,7 @@ def test_the_report_ranks_one_seed_runs_by_paired_differences(tmp_path: Path) ->
     assert paired.set_index("variant")["rank"].to_dict() == {"a": 1, "b": 2}
     assert paired.set_index("variant").gold_reward_gap["b"] == pytest.approx(0.05)
     assert summary_table(finals, "gold_reward").set_index("variant")["rank"].to_dict() == {"a": 1, "b": 1}
-    text = build_report(tmp_path).sections[0].text
+    text = next(s for s in build_report(tmp_path).sections if s.id == "summary").text
     assert "In scenario clean, every configuration is one cell evaluated on the same prompts, so a configuration's " \
         "rank is 1 + the number of configurations better than it by their paired difference" in text  # fmt: skip
     assert "intervals overlap" not in text

@@ -221,7 +221,9 @@ def test_the_reference_is_a_role_not_a_label(store: Store) -> None:
     assert summary_table(finals).variant.tolist() == ["(reference)", "dpo"]
     assert variant_table(finals).variant.tolist() == ["SFT model", "(reference)", "dpo"]
     report = build_report(store.path)
-    assert "The SFT reference scores a gold reward of +0.100" in report.sections[0].text
+    assert (
+        "The SFT reference scores a gold reward of +0.100" in next(s for s in report.sections if s.id == "summary").text
+    )
 
 
 @pytest.fixture
@@ -256,7 +258,7 @@ def test_adding_a_metric_is_one_catalogue_entry(tmp_path: Path, distinct_bigrams
     assert "distinct_bigrams" in rankable()
     ranked = summary_table(finals, "distinct_bigrams")
     assert ranked[["variant", "distinct_bigrams", "rank"]].values.tolist() == [["ipo", 0.60, 1], ["dpo", 0.50, 2]]
-    glossary = dict(build_report(tmp_path).sections[0].glossary)
+    glossary = dict(next(s for s in build_report(tmp_path).sections if s.id == "summary").glossary)
     assert glossary["distinct_bigrams"] == (
         "the fraction of the samples' bigrams that occur once (diversity) (fraction; higher is better; the last "
         "evaluation's)"

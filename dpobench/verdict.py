@@ -1,0 +1,103 @@
+"""Which loss to use: the verdict a sweep's summary supports, in a few lines a reader can check.
+
+The rules, each stated where it is shown:
+
+- a configuration is *healthy* when at least ``HEALTHY_GRAMMATICAL`` of its samples are grammatical; the others
+  are flagged degenerate and are never picked, whatever their gold reward;
+- the *Pareto set* is the healthy configurations no other healthy one beats on both gold reward (higher) and KL
+  to the reference (lower);
+- *most reward*: the healthy configuration with the best rank (the summary's rank, whose ties are differences
+  within noise), the highest gold reward among those; the others of that rank are named as ties;
+- *least drift*: the healthy configuration with the lowest KL among those that keep ``NEAR_BEST`` of the best
+  gain in gold reward over the SFT reference;
+- a warning when the ranking rests on one seed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import pandas as pd
+
+__all__ = ["HEALTHY_GRAMMATICAL", "NEAR_BEST", "NO_PICK", "Verdict", "verdict"]
+
+#: the share of grammatical samples below which a configuration counts as degenerate
+HEALTHY_GRAMMATICAL = 0.8
+#: the share of the best gain over the reference that "least drift" must keep
+NEAR_BEST = 0.9
+#: what is said where a run has a gold reward and no healthy configuration
+NO_PICK = f"No pick: no configuration has {HEALTHY_GRAMMATICAL:.0%} or more grammatical samples"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    most_reward: str
+    most_reward_ties: tuple[str, ...]
+    least_drift: str
+    pareto: tuple[str, ...]
+    degenerate: tuple[str, ...]
+    seeds: int
+    lines: tuple[str, ...]
+
+
+def verdict(summary: pd.DataFrame, reference_gold: float) -> Verdict | None:
+    """The verdict of a ``tables.summary_table`` ranked by gold reward (its clean scenario, where it has one); None
+    where there is nothing to decide on (no gold reward: pairs from ``--data``; no healthy configuration)."""
+    if "gold_reward" not in summary or "kl_to_reference" not in summary:
+        return None
+    rows = summary[(summary.seeds > 0) & summary.gold_reward.notna() & summary.kl_to_reference.notna()]
+    if "clean" in set(rows.scenario):
+        rows = rows[rows.scenario == "clean"]
+    if rows.empty:
+        return None
+    names = {i: _name(row) for i, row in rows.iterrows()}
+    grammatical = rows.get("grammatical_fraction", pd.Series(1.0, index=rows.index)).fillna(1.0)
+    healthy = rows[grammatical >= HEALTHY_GRAMMATICAL]
+    degenerate = tuple(names[i] for i in rows.index.difference(healthy.index))
+    if healthy.empty:
+        return None
+    best_rank = healthy["rank"].min() if "rank" in healthy and healthy["rank"].notna().any() else None
+    top = healthy[healthy["rank"] == best_rank] if best_rank is not None else healthy
+    winner = top.gold_reward.idxmax()
+    ties = tuple(names[i] for i in top.sort_values("gold_reward", ascending=False).index if i != winner)
+    gain = healthy.gold_reward - reference_gold
+    best_gain = gain.max()
+    keeping = healthy[gain >= NEAR_BEST * best_gain] if best_gain > 0 else healthy.loc[[winner]]
+    drift = keeping.kl_to_reference.idxmin()
+    pareto = tuple(
+        names[i]
+        for i, row in healthy.sort_values("gold_reward", ascending=False).iterrows()
+        if not ((healthy.gold_reward >= row.gold_reward) & (healthy.kl_to_reference <= row.kl_to_reference)
+                & ((healthy.gold_reward > row.gold_reward) | (healthy.kl_to_reference < row.kl_to_reference))).any()
+    )  # fmt: skip
+    seeds = int(rows.seeds.min())
+    lines = [
+        f"Most reward: {names[winner]} ({_scores(rows.loc[winner], grammatical[winner])})"
+        + (f"; tied within noise with {_list(ties)}" if ties else ""),
+        f"Least drift for ≥ {NEAR_BEST:.0%} of the best gain over the SFT reference: {names[drift]} "
+        f"({_scores(rows.loc[drift], grammatical[drift])})",
+        f"Pareto set (gold ↑, KL ↓, healthy only): {_list(pareto)}",
+    ]
+    if degenerate:
+        lines.append(f"Not picked, degenerate (< {HEALTHY_GRAMMATICAL:.0%} grammatical samples): {_list(degenerate)}")
+    if seeds == 1:
+        lines.append("One seed: the order rests on one training run per configuration; --seeds 0,1,2 measures it")
+    return Verdict(names[winner], ties, names[drift], pareto, degenerate, seeds, tuple(lines))
+
+
+def _name(row: pd.Series) -> str:
+    label = str(row.get("configuration") or row.variant)
+    beta = row.get("beta", math.nan)
+    return label if beta is None or (isinstance(beta, float) and math.isnan(beta)) else f"{label} β={beta:g}"
+
+
+def _scores(row: pd.Series, grammatical: float) -> str:
+    ci = row.get("gold_reward_ci", math.nan)
+    gold = f"gold {row.gold_reward:+.3f}" + (f" ± {ci:.3f}" if isinstance(ci, float) and not math.isnan(ci) else "")
+    return f"{gold}, KL {row.kl_to_reference:.2f}, {grammatical:.0%} grammatical"
+
+
+def _list(names: tuple[str, ...], most: int = 6) -> str:
+    shown = ", ".join(names[:most])
+    return shown + (f" and {len(names) - most} more" if len(names) > most else "")

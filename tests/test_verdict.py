@@ -1,0 +1,50 @@
+"""The verdict on hand-made summaries: ties, a degenerate winner, the Pareto set, one seed against three."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+from dpobench.verdict import verdict
+
+
+def summary(rows: list[tuple], seeds: int = 3) -> pd.DataFrame:
+    """(configuration, β, rank, gold, KL, grammatical) per row, the clean scenario."""
+    frame = pd.DataFrame(rows, columns=["configuration", "beta", "rank", "gold_reward", "kl_to_reference",
+                                        "grammatical_fraction"])  # fmt: skip
+    return frame.assign(variant=frame.configuration, scenario="clean", seeds=seeds, gold_reward_ci=0.05)
+
+
+def test_a_degenerate_winner_is_not_picked_and_ties_are_called_ties() -> None:
+    decided = verdict(summary([
+        ("broken", 0.1, 1, 0.40, 5.0, 0.50),  # the highest gold, from a model that writes mostly broken text
+        ("dpo", 0.1, 1, 0.30, 0.70, 0.86),
+        ("ipo", 0.1, 1, 0.29, 0.40, 0.90),  # same rank as dpo: within noise
+        ("cpo", 0.1, 2, 0.25, 0.30, 0.91),
+        ("slic", 0.5, 3, 0.10, 0.35, 0.93),  # beaten by cpo on both: not on the frontier
+    ]), reference_gold=0.0)  # fmt: skip
+    assert decided is not None
+    assert decided.most_reward == "dpo β=0.1" and decided.most_reward_ties == ("ipo β=0.1",)
+    assert decided.degenerate == ("broken β=0.1",)
+    assert decided.pareto == ("dpo β=0.1", "ipo β=0.1", "cpo β=0.1")
+    # 90% of the best gain (0.30 over the reference's 0.0) is 0.27: ipo keeps it with less KL than dpo; cpo does not
+    assert decided.least_drift == "ipo β=0.1"
+    assert decided.lines[0] == (
+        "Most reward: dpo β=0.1 (gold +0.300 ± 0.050, KL 0.70, 86% grammatical); tied within noise with ipo β=0.1"
+    )
+    assert not any(line.startswith("One seed") for line in decided.lines)  # three seeds
+
+
+def test_one_seed_is_said_and_a_variant_without_beta_has_no_beta_in_its_name() -> None:
+    decided = verdict(summary([("dpo", 0.1, 1, 0.3, 0.7, 0.9), ("kto_like", math.nan, 2, 0.2, 0.5, 0.9)], seeds=1),
+                      reference_gold=0.1)  # fmt: skip
+    assert decided is not None and decided.seeds == 1
+    assert decided.lines[-1].startswith("One seed: the order rests on one training run per configuration")
+    assert decided.pareto == ("dpo β=0.1", "kto_like")
+    assert decided.least_drift == "dpo β=0.1"  # kto_like's gain 0.1 is half of dpo's 0.2
+
+
+def test_no_verdict_without_a_gold_reward_or_a_healthy_configuration() -> None:
+    assert verdict(summary([("dpo", 0.1, 1, 0.3, 0.7, 0.9)]).drop(columns="gold_reward"), 0.0) is None
+    assert verdict(summary([("dpo", 0.1, 1, 0.3, 0.7, 0.5)]), 0.0) is None  # every configuration degenerate
