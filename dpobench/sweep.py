@@ -409,7 +409,8 @@ def _execute(
     cell_progress.begin(len(pending))
     committed = 0
     results = executor(prepared, pending, cell_progress, should_stop)
-    with contextlib.closing(results):  # closed on any way out, so that an executor cancels what it has in flight
+    # a generator is closed on any way out of the loop, so that an executor cancels what it has in flight
+    with contextlib.closing(results) if hasattr(results, "close") else contextlib.nullcontext():
         for done in results:
             name, result = done.pending.cell.spec.name, done.result
             if result.status == "interrupted":
