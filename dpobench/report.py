@@ -33,7 +33,7 @@ from dpobench.tables import (
     summary_table,
     throughput_table,
 )
-from dpobench.verdict import HEALTHY_GRAMMATICAL, NEAR_BEST, NO_PICK, verdict
+from dpobench.verdict import HEALTHY_GRAMMATICAL, NEAR_BEST, NO_PICK, decision_table, verdict
 
 __all__ = ["Report", "build_report", "read_benchmark_json", "write_report"]
 
@@ -199,7 +199,8 @@ def build_report(store: str | Path, metric: str | None = None, bench: str | Path
     if metric == "gold_reward" and gold:
         decided = verdict(summary, reference_gold)
         lines = decided.lines if decided else (NO_PICK,)
-        sections.append(Section("verdict", "Which loss?", " ".join(line + "." for line in lines) + " " + VERDICT_RULES))
+        sections.append(Section("verdict", "Which loss?", " ".join(line + "." for line in lines) + " " + VERDICT_RULES,
+                                tables=[("decision table", decision_table(summary))]))  # fmt: skip
     sections += [
         Section(
             "summary",

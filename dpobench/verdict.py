@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-__all__ = ["HEALTHY_GRAMMATICAL", "NEAR_BEST", "NO_PICK", "Verdict", "verdict"]
+__all__ = ["HEALTHY_GRAMMATICAL", "NEAR_BEST", "NO_PICK", "Verdict", "decision_table", "verdict"]
 
 #: the share of grammatical samples below which a configuration counts as degenerate
 HEALTHY_GRAMMATICAL = 0.8
@@ -101,3 +101,18 @@ def _scores(row: pd.Series, grammatical: float) -> str:
 def _list(names: tuple[str, ...], most: int = 6) -> str:
     shown = ", ".join(names[:most])
     return shown + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+#: the decision table's columns, those the summary has: what a reader weighs, and nothing else
+DECISION_COLUMNS = ("rank", "configuration", "beta", "scenario", "gold_reward", "gold_reward_ci", "kl_to_reference",
+                    "grammatical_fraction", "response_length")  # fmt: skip
+
+
+def decision_table(summary: pd.DataFrame) -> pd.DataFrame:
+    """The summary cut to what a choice rests on, best first, with a ``flag`` column naming each degenerate
+    configuration (under ``HEALTHY_GRAMMATICAL`` grammatical samples) in the table itself."""
+    table = summary[[c for c in DECISION_COLUMNS if c in summary]].copy()
+    if "grammatical_fraction" in table:
+        degenerate = table.grammatical_fraction < HEALTHY_GRAMMATICAL
+        table["flag"] = ["degenerate samples" if d else "" for d in degenerate]
+    return table.reset_index(drop=True)

@@ -6,7 +6,7 @@ import math
 
 import pandas as pd
 
-from dpobench.verdict import verdict
+from dpobench.verdict import decision_table, verdict
 
 
 def summary(rows: list[tuple], seeds: int = 3) -> pd.DataFrame:
@@ -48,3 +48,10 @@ def test_one_seed_is_said_and_a_variant_without_beta_has_no_beta_in_its_name() -
 def test_no_verdict_without_a_gold_reward_or_a_healthy_configuration() -> None:
     assert verdict(summary([("dpo", 0.1, 1, 0.3, 0.7, 0.9)]).drop(columns="gold_reward"), 0.0) is None
     assert verdict(summary([("dpo", 0.1, 1, 0.3, 0.7, 0.5)]), 0.0) is None  # every configuration degenerate
+
+
+def test_the_decision_table_keeps_what_a_choice_rests_on_and_flags_degenerate_rows() -> None:
+    table = decision_table(summary([("broken", 0.1, 1, 0.40, 5.0, 0.50), ("dpo", 0.1, 1, 0.30, 0.70, 0.86)]))
+    assert list(table.columns) == ["rank", "configuration", "beta", "scenario", "gold_reward", "gold_reward_ci",
+                                   "kl_to_reference", "grammatical_fraction", "flag"]  # fmt: skip
+    assert table.flag.tolist() == ["degenerate samples", ""]
