@@ -1,7 +1,8 @@
 """Ray executor against the in-process sweep: wall time of the same sweep, the two in turn, as ratios.
 
-Each round runs `dpobench run` twice into fresh output folders, sharing one cache (the SFT model and the reference
-log-probs, built by a warm-up run first): once in-process with every core's threads (torch's default), once with
+Each round runs `dpobench run` three times into fresh output folders, sharing one cache (the SFT model and the
+reference log-probs, built by a warm-up run first): in-process with every core's threads (torch's default),
+in-process with ``--threads`` threads (what one Ray worker has), and with
 `--executor ray` on a Ray of ``--workers`` × ``--threads`` CPUs (``ray start --head --num-cpus``, joined with
 ``--ray-address``), each cell asking for ``--threads``. The Ray run's wall time includes starting and stopping Ray
 and its workers. Ray runs inside a new network namespace (``unshare --net``, only ``lo`` up) so that it listens on
@@ -73,20 +74,25 @@ def main() -> None:
     if args.device.startswith("cuda"):
         ray_options += ["--cells-per-gpu", str(args.cells_per_gpu)]
     timed(sweep(variants[:1], scratch / "warm-up", args.steps, args.device), env)  # SFT model, pairs, reference
-    here, ray = [], []
+    here, narrow, ray = [], [], []
     for round_ in range(args.rounds):
         here.append(timed(sweep(variants, scratch / f"here-{round_}", args.steps, args.device), env))
+        one_worker = {**env, "OMP_NUM_THREADS": str(args.threads)}
+        narrow.append(timed(sweep(variants, scratch / f"narrow-{round_}", args.steps, args.device), one_worker))
         command = sweep(variants, scratch / f"ray-{round_}", args.steps, args.device) + ray_options
         ray.append(timed(on_ray(command, args.workers * args.threads), env))
     ratios = [r / h for r, h in zip(ray, here, strict=True)]
+    narrow_ratios = [r / n for r, n in zip(ray, narrow, strict=True)]
     print(f"{args.cells} cells of {args.steps} steps on {args.device}; Ray: {args.workers} workers × {args.threads} "
           f"thread(s); in-process: torch's default threads ({os.cpu_count()} cores)")  # fmt: skip
-    print("| round | in-process wall s | Ray wall s | Ray / in-process |")
-    print("|---|---|---|---|")
-    for round_, (h, r, q) in enumerate(zip(here, ray, ratios, strict=True), start=1):
-        print(f"| {round_} | {h:.1f} | {r:.1f} | {q:.2f} |")
-    print(f"| median | {statistics.median(here):.1f} | {statistics.median(ray):.1f} | "
-          f"{statistics.median(ratios):.2f} |")  # fmt: skip
+    print(f"| round | in-process wall s | in-process, {args.threads} thread(s), wall s | Ray wall s | Ray / in-process "
+          f"| Ray / in-process on {args.threads} thread(s) |")  # fmt: skip
+    print("|---|---|---|---|---|---|")
+    rows = zip(here, narrow, ray, ratios, narrow_ratios, strict=True)
+    for round_, (h, n, r, q, qn) in enumerate(rows, start=1):
+        print(f"| {round_} | {h:.1f} | {n:.1f} | {r:.1f} | {q:.2f} | {qn:.2f} |")
+    medians = [statistics.median(column) for column in (here, narrow, ray, ratios, narrow_ratios)]
+    print("| median | {:.1f} | {:.1f} | {:.1f} | {:.2f} | {:.2f} |".format(*medians))
     shutil.rmtree(scratch, ignore_errors=True)
 
 
