@@ -396,7 +396,7 @@ def run(
 
     _write_atomic_csv(summary_csv(summary), out / "summary.csv")
     _print_summary(summary)
-    _print_verdict(summary)
+    _print_verdict(summary, out)
     if report:
         _write_run_report(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -622,17 +622,19 @@ def _sweep_progress() -> Any:
     return SweepProgress()
 
 
-def _print_verdict(finals: object) -> None:
-    """Which loss the run supports, ranked by gold reward (report.html says how it is chosen)."""
+def _print_verdict(finals: object, out: Path) -> None:
+    """Which loss the run supports, ranked by gold reward as the report ranks it: this command's cells were
+    evaluated on the same prompts, so by paired differences (report.html says how it is chosen)."""
     import pandas as pd
 
-    from dpobench.tables import has_gold, is_reference, summary_table
+    from dpobench.tables import has_gold, is_reference, read_samples, summary_table
     from dpobench.verdict import NO_PICK, verdict
 
     assert isinstance(finals, pd.DataFrame)
     if not has_gold(finals) or (~is_reference(finals)).sum() < 2:
         return
-    decided = verdict(summary_table(finals, "gold_reward"), float(finals[is_reference(finals)].gold_reward.mean()))
+    ranked = summary_table(finals, "gold_reward", read_samples(out / "results.sqlite", "gold_reward"))
+    decided = verdict(ranked, float(finals[is_reference(finals)].gold_reward.mean()))
     for line in decided.lines if decided else (NO_PICK,):
         err.print(escape(line), highlight=False)
 
