@@ -13,7 +13,7 @@ import io
 import json
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -226,7 +226,7 @@ PAIRS_CACHE_VERSION = 1
 
 def cached_task_data(
     model: Any, tokenizer: Any, recipe: DataRecipe, *, model_fingerprint: str, cache_dir: Path, device: str,
-    progress: Any = lambda message: None,
+    progress: Callable[[str], None] = lambda message: None,
 ) -> TaskData:  # fmt: skip
     """``make_task_data``, sampled once per (model, tokenizer, recipe, device kind, torch version) and kept as JSON
     in ``cache_dir/pairs``: the pairs a sweep trains on are a function of those alone, and sampling them is the
