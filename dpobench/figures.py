@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import math
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -17,15 +17,19 @@ from matplotlib.figure import Figure
 
 from dpobench.metrics import METRICS
 from dpobench.tables import resolve_metric
+from dpobench.verdict import configuration_name
 
 if TYPE_CHECKING:
     from dpobench.registry import Study
+    from dpobench.verdict import Verdict
 
 __all__ = [
     "beta_sensitivity",
     "frontier",
     "geometry",
+    "hover_titles",
     "parameter_study",
+    "robust_limits",
     "scenario_robustness",
     "throughput",
     "training_curves",
@@ -41,10 +45,11 @@ def variant_colors(variants: Sequence[str]) -> dict[str, tuple[float, ...]]:
     from matplotlib import colormaps
 
     names = sorted(set(variants))
-    palette = [colormaps["tab20"](i % 20) for i in range(len(names))]
-    if len(names) > 20:  # tab20b adds 20 more distinguishable colours
-        palette[20:] = [colormaps["tab20b"](i % 20) for i in range(len(names) - 20)]
-    return dict(zip(names, palette, strict=True))
+    # tab20 less its two greys (grey means "the rest" in the figures), then tab20b's 20 distinguishable colours
+    distinct = [colormaps["tab20"](i) for i in range(20) if i not in (14, 15)] + [
+        colormaps["tab20b"](i) for i in range(20)
+    ]
+    return {name: distinct[i % len(distinct)] for i, name in enumerate(names)}
 
 
 #: marker shapes, paired with the colours: with more variants than colours, (colour, shape) still tells them apart
@@ -103,15 +108,17 @@ def training_curves(tidy: pd.DataFrame, colors: dict, scenario: str = "clean", b
             return {"color": colors.get(variant), "linewidth": 1.2, "zorder": 2, "label": variant}
         return {"color": "0.7", "linewidth": 0.6, "zorder": 1, "label": f"others ({len(greyed)})" if first else None}
 
-    for ax, (metric, label) in zip(axes.flat, panels, strict=False):
+    drawn_values: dict[int, dict[str, np.ndarray]] = {}  # panel → variant → what its lines drew
+    for number, (ax, (metric, label)) in enumerate(zip(axes.flat, panels, strict=False)):
         # grey first, under the coloured lines; the legend lists the coloured ones, then one entry for the grey
         for i, variant in enumerate(sorted(variants, key=order)):
             series = wide.loc[variant][metric].rolling(10, min_periods=1).mean()
             ax.plot(series.index, series.values, **style(variant, i == 0))
+            drawn_values.setdefault(number, {})[variant] = series.to_numpy(dtype=float)
         ax.set_xlabel("training step")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    axes.flat[0].set_yscale("symlog", linthresh=1.0)  # IPO/SPPO/Cal-DPO losses are 10–100× DPO's
+    axes.flat[0].set_yscale("symlog", linthresh=1.0)  # IPO/SPPO/Cal-DPO losses are 10–100× DPO's: their own scale
     axes.flat[0].set_ylabel(f"{METRICS['loss'].axis}, symmetric log scale")
     ax = axes.flat[3]
     for variant in sorted(variants, key=order):
@@ -120,11 +127,33 @@ def training_curves(tidy: pd.DataFrame, colors: dict, scenario: str = "clean", b
         kwargs = {**style(variant, False), "label": None}
         ax.plot(chosen.index, chosen.values, **kwargs)
         ax.plot(rejected.index, rejected.values, **{**kwargs, "linestyle": "--"})
+        drawn_values.setdefault(3, {})[variant] = np.concatenate(
+            [chosen.to_numpy(dtype=float), rejected.to_numpy(dtype=float)]
+        )
     ax.set_xlabel("training step")
     ax.set_ylabel("implicit reward (solid: chosen, dashed: rejected)")
     ax.grid(alpha=0.3)
+    for number in (1, 3):  # margins and rewards: one diverging cell would flatten every other line
+        _clip_to_robust_range(axes.flat[number], drawn_values.get(number, {}))
     _legend(fig, axes.flat[0], ncol=1 if len(shown) + bool(greyed) <= 18 else 2)
     return fig
+
+
+def _clip_to_robust_range(ax, lines: dict[str, np.ndarray]) -> None:
+    """Limit a panel to the robust range of its lines (``robust_limits``) and name, above it, the variants whose
+    line leaves that range."""
+    if not lines:
+        return
+    low, high = robust_limits(np.concatenate(list(lines.values())).tolist())
+    ax.set_ylim(low, high)
+    outside = [
+        v
+        for v, values in lines.items()
+        if ((values[np.isfinite(values)] < low) | (values[np.isfinite(values)] > high)).any()
+    ]
+    if outside:
+        ax.set_title("leaves the scale: " + ", ".join(sorted(outside)[:6]) + (" …" if len(outside) > 6 else ""),
+                     fontsize=8)  # fmt: skip
 
 
 def _quality_panel(table: pd.DataFrame) -> tuple[str, str]:
@@ -157,29 +186,125 @@ def beta_sensitivity(table: pd.DataFrame, colors: dict, scenario: str = "clean")
     return fig
 
 
-def frontier(table: pd.DataFrame, colors: dict, reference_gold: float | None, scenario: str = "clean") -> Figure:
-    """Gold reward against KL to the reference: one point per variant × β, lines through the β values."""
-    data = table[table.scenario == scenario]
+#: the figure attribute holding each hover title: SVG group id → text (``hover_titles``; the HTML report adds them)
+_HOVER = "_dpobench_hover_titles"
+
+
+def hover_titles(fig: Figure) -> dict[str, str]:
+    """The hover titles of a figure's points: the SVG id of each point's group → its text (plain, unescaped: the
+    HTML report escapes it into an SVG ``<title>``)."""
+    return dict(getattr(fig, _HOVER, {}))
+
+
+def _hover(fig: Figure, artist: object, text: str) -> None:
+    titles = getattr(fig, _HOVER, None)
+    if titles is None:
+        titles = {}
+        setattr(fig, _HOVER, titles)
+    gid = f"dpobench-point-{len(titles)}"
+    artist.set_gid(gid)
+    titles[gid] = text
+
+
+def robust_limits(values: Sequence[float], fence: float = 3.0) -> tuple[float, float]:
+    """Axis limits that hold every value but the far outliers: the values within ``fence`` interquartile ranges of
+    the quartiles, padded by 5%. One diverging cell (a reward of −7 among values near 0) no longer flattens the rest;
+    the caller names what falls outside."""
+    data = np.asarray([v for v in values if v is not None and np.isfinite(v)], dtype=float)
+    if data.size == 0:
+        return (0.0, 1.0)
+    q1, q3 = np.percentile(data, [25, 75])
+    spread = q3 - q1
+    inside = data[(data >= q1 - fence * spread) & (data <= q3 + fence * spread)] if spread > 0 else data
+    low, high = float(inside.min()), float(inside.max())
+    pad = 0.05 * (high - low) if high > low else max(abs(high) * 0.05, 0.05)
+    return (low - pad, high + pad)
+
+
+def frontier(table: pd.DataFrame, colors: dict, reference_gold: float | None, scenario: str = "clean",
+             decided: Verdict | None = None, own: Collection[str] = ()) -> Figure:  # fmt: skip
+    """Gold reward against KL to the reference: one point per configuration × β. The Pareto set of the verdict
+    (``decided``) and the reader's own plugins' variants (``own``) are in colour, with 95% bars, and named in a
+    column beside the points; the other healthy configurations are grey dots and the degenerate ones grey crosses.
+    Each point has a hover title (``hover_titles``) with its name and numbers; a line joins one variant's β values
+    where it ran several. The gold reward is bounded (−1…1), so no point is off the scale."""
+    data = table[table.scenario == scenario].copy()
+    data["name"] = [configuration_name(row) for _, row in data.iterrows()]
+    pareto = set(decided.pareto) if decided else set()
+    degenerate = set(decided.degenerate) if decided else set()
+    picks: dict[str, str] = {}
+    for name, pick in ((decided.most_reward, "most reward"), (decided.least_drift, "least drift")) if decided else ():
+        picks[name] = f"{picks[name]}, {pick}" if name in picks else pick
+    labelled = data.name.isin(pareto) | data.variant.isin(set(own))
     fig = Figure(figsize=WIDE, layout="constrained")
     ax = fig.subplots()
     markers = variant_markers(colors)
-    for variant, group in data.groupby("variant"):
-        group = group.sort_values("kl_to_reference")
-        ax.errorbar(group.kl_to_reference, group.gold_reward, yerr=group.gold_reward_ci.fillna(0), color=colors.get(variant),
-                    marker=markers.get(variant, "o"), markersize=5, linewidth=1, capsize=2, label=variant)  # fmt: skip
+    several = [v for v, g in data.groupby("variant") if g.beta.nunique() > 1]
+    for variant in several:  # under the points
+        group = data[data.variant == variant].sort_values("kl_to_reference")
+        shown = labelled[group.index].any()
+        ax.plot(group.kl_to_reference, group.gold_reward, color=colors.get(variant) if shown else "0.8", linewidth=0.8,
+                zorder=1)  # fmt: skip
+    for index, row in data.iterrows():
+        ci = row.get("gold_reward_ci", math.nan)
+        if labelled[index]:
+            style = {"color": colors.get(row.variant), "marker": markers.get(row.variant, "o"), "markersize": 6,
+                     "zorder": 3, "yerr": None if pd.isna(ci) else [ci], "capsize": 2, "elinewidth": 0.6}  # fmt: skip
+        elif row["name"] in degenerate:
+            style = {"color": "0.6", "marker": "x", "markersize": 5, "zorder": 2}
+        else:
+            style = {"color": "0.7", "marker": "o", "markersize": 4, "zorder": 2}
+        bars = ax.errorbar([row.kl_to_reference], [row.gold_reward], linestyle="none", **style)
+        grammatical = row.get("grammatical_fraction", math.nan)
+        _hover(fig, bars.lines[0], f"{row['name']}: gold {row.gold_reward:+.3f}" + ("" if pd.isna(ci) else f" ± {ci:.3f}")
+               + f", KL {row.kl_to_reference:.2f}" + ("" if pd.isna(grammatical) else f", {grammatical:.0%} grammatical")
+               + (f" ({picks[row['name']]})" if row["name"] in picks else ""))  # fmt: skip
     if reference_gold is not None and not math.isnan(reference_gold):
-        ax.axhline(reference_gold, color="black", linestyle=":", linewidth=1, label="SFT reference")
+        ax.axhline(reference_gold, color="black", linestyle=":", linewidth=1)
     ax.set_xscale("symlog", linthresh=1.0)
     largest = float(data.kl_to_reference.max()) if len(data) else 1.0
     # room right of the largest KL (symlog: a factor, not an offset), so that its marker is not cut at the frame
     ax.set_xlim(left=min(0.0, float(data.kl_to_reference.min()) if len(data) else 0.0), right=max(1.0, largest) * 1.6)
+    _name_points(ax, data[labelled], picks)
     ax.set_xlabel(f"{METRICS['kl_to_reference'].axis}, symmetric log scale")
     ax.set_ylabel(METRICS["gold_reward"].axis)
-    ax.set_title(f"Gold reward vs KL frontier ({scenario}; bars: 95% CI; a line joins one variant's β values)")
+    ax.set_title(
+        f"Gold reward vs KL ({scenario}; bars: 95% CI" + ("; a line joins one variant's β values)" if several else ")")
+    )
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7, ncol=2 if data.variant.nunique() > 14 else 1, loc="center left", bbox_to_anchor=(1.01, 0.5),
-              frameon=False)  # fmt: skip
+    ax.legend(handles=_frontier_key(reference_gold, bool(own), bool(degenerate)), fontsize=7, loc="center left",
+              bbox_to_anchor=(1.01, 0.5), frameon=False)  # fmt: skip
     return fig
+
+
+#: how many named points the frontier's column of names holds; past it, the lowest-ranked are named only on hover
+MOST_NAMED = 16
+
+
+def _name_points(ax, named: pd.DataFrame, picks: dict[str, str]) -> None:
+    """The named points' names in a column at the right of the axes, best gold reward at the top, each joined to
+    its point by a thin line: names placed beside clustered points would overlap, a column never does."""
+    named = named.sort_values("gold_reward", ascending=False).head(MOST_NAMED)
+    step = min(0.06, 0.9 / max(1, len(named)))
+    for i, (_, row) in enumerate(named.iterrows()):
+        text = row["name"] + (f" ({picks[row['name']]})" if row["name"] in picks else "")
+        ax.annotate(text, (row.kl_to_reference, row.gold_reward), xytext=(0.72, 0.96 - i * step),
+                    textcoords="axes fraction", fontsize=7, va="center", weight="bold" if row["name"] in picks else "normal",
+                    arrowprops={"arrowstyle": "-", "color": "0.75", "linewidth": 0.5, "shrinkA": 0, "shrinkB": 3})  # fmt: skip
+
+
+def _frontier_key(reference_gold: float | None, own: bool, degenerate: bool) -> list:
+    """The frontier's legend: what each kind of point means (the points carry their own names)."""
+    from matplotlib.lines import Line2D
+
+    named = "in colour, named: the Pareto set (healthy)" + (" and your plugins" if own else "")
+    key = [Line2D([], [], color="tab:blue", marker="o", linestyle="none", label=named)]
+    key.append(Line2D([], [], color="0.7", marker="o", linestyle="none", label="other healthy configurations"))
+    if degenerate:
+        key.append(Line2D([], [], color="0.6", marker="x", linestyle="none", label="degenerate samples"))
+    if reference_gold is not None and not math.isnan(reference_gold):
+        key.append(Line2D([], [], color="black", linestyle=":", label="SFT reference"))
+    return key
 
 
 def scenario_robustness(scenarios: pd.DataFrame, colors: dict) -> Figure:

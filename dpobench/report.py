@@ -8,6 +8,7 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
+from html import escape
 from pathlib import Path
 
 import matplotlib
@@ -78,6 +79,8 @@ class Section:
     id: str
     title: str
     text: str = ""
+    #: statements shown one per line above the text (the verdict's picks)
+    lines: list[str] = field(default_factory=list)
     figures: list[Figure] = field(default_factory=list)
     tables: list[tuple[str, pd.DataFrame]] = field(default_factory=list)
     #: (term, definition) pairs shown below the tables: the glossary of the metrics
@@ -89,6 +92,8 @@ class Report:
     title: str
     header: list[tuple[str, str]]
     sections: list[Section]
+    #: one line under the title: what was compared, on what (the header has the full provenance)
+    subtitle: str = ""
 
 
 def read_benchmark_json(path: str | Path) -> pd.DataFrame:
@@ -128,17 +133,32 @@ def _shown_config(config: object) -> object:
     return config
 
 
-def plugin_sources(finals: pd.DataFrame, runs: list[dict[str, object]]) -> str:
-    """The plugins whose variants the cells trained, with their versions (a loose file's: the hash of its text) and,
-    where a run recorded it, their source: "builtin", an installed distribution, or a loose file's path."""
+def _recorded_sources(runs: list[dict[str, object]]) -> dict[tuple[str, str], str]:
+    """(plugin, version) → where the runs recorded it came from: "builtin", a distribution, or a loose file's path."""
     sources: dict[tuple[str, str], str] = {}
     for run in runs:
         info = run.get("info")
         for name, plugin in (info.get("plugins") or {}).items() if isinstance(info, dict) else ():
             sources[(name, str(plugin.get("version", "")))] = str(plugin.get("source", ""))
+    return sources
+
+
+def plugin_sources(finals: pd.DataFrame, runs: list[dict[str, object]]) -> str:
+    """The plugins whose variants the cells trained, with their versions (a loose file's: the hash of its text) and,
+    where a run recorded it, their source: "builtin", an installed distribution, or a loose file's path."""
+    sources = _recorded_sources(runs)
     cells = finals.loc[~is_reference(finals), ["plugin", "plugin_version"]].dropna().drop_duplicates()
     pairs = sorted((str(p), str(v)) for p, v in cells.itertuples(index=False))
     return ", ".join(f"{p} {v}" + (f" ({sources[(p, v)]})" if sources.get((p, v)) else "") for p, v in pairs)
+
+
+def own_variants(finals: pd.DataFrame, runs: list[dict[str, object]]) -> set[str]:
+    """The variants (as the report labels them) whose plugin is not built into dpobench: the reader's own, which the
+    figures name. A run that recorded no plugin sources (an older store) names none."""
+    sources = _recorded_sources(runs)
+    cells = finals[~is_reference(finals)]
+    return {v for v, p, version in zip(cells.variant, cells.plugin, cells.plugin_version, strict=True)
+            if sources.get((str(p), str(version)), "builtin") != "builtin"}  # fmt: skip
 
 
 def batch_layout(runs: list[dict[str, object]]) -> str:
@@ -182,7 +202,10 @@ def build_report(store: str | Path, metric: str | None = None, bench: str | Path
     devices = ", ".join(sorted(set(finals.device.dropna())))
     scenarios = sorted(set(variants.scenario))
     main_scenario = "clean" if "clean" in scenarios else scenarios[0]
-    best = summary[summary.scenario == main_scenario].variant.drop_duplicates().head(8).tolist()  # ranked first
+    shown = summary[summary.scenario == main_scenario]
+    if "grammatical_fraction" in shown:  # a degenerate configuration is never among the curves in colour
+        shown = shown[~(shown.grammatical_fraction < HEALTHY_GRAMMATICAL)]
+    best = shown.variant.drop_duplicates().head(8).tolist()  # ranked first
 
     header = [("runs", ", ".join(r["run_id"] for r in runs)), ("device", devices),
               ("dtype", ", ".join(sorted(set(finals["dtype"].dropna())))),
@@ -196,11 +219,11 @@ def build_report(store: str | Path, metric: str | None = None, bench: str | Path
               ("batch layout", batch_layout(runs)),
               ("ranked by", metric), ("report by", f"dpobench {dpobench.__version__}")]  # fmt: skip
     sections = []
+    decided = verdict(summary, reference_gold) if metric == "gold_reward" and gold else None
     if metric == "gold_reward" and gold:
-        decided = verdict(summary, reference_gold)
         lines = decided.lines if decided else (NO_PICK,)
-        sections.append(Section("verdict", "Which loss?", " ".join(line + "." for line in lines) + " " + VERDICT_RULES,
-                                tables=[("decision table", decision_table(summary))]))  # fmt: skip
+        sections.append(Section("verdict", "Which loss?", VERDICT_RULES, lines=[line + "." for line in lines],
+                                tables=[("decision table", decision_table(summary, decided))]))  # fmt: skip
     sections += [
         Section(
             "summary",
@@ -247,10 +270,12 @@ def build_report(store: str | Path, metric: str | None = None, bench: str | Path
                                 figures=[figures.beta_sensitivity(summary, colors, main_scenario)],
                                 tables=[(f"{metric} by β", beta_table(finals, metric).reset_index())]))  # fmt: skip
     if gold:
-        sections.append(Section("frontier", "Gold reward vs KL", "The trade-off each variant buys: its gold reward "
-                                "against its KL from the reference (nats per completion). Up and left is better: more "
-                                "reward for less divergence.",
-                                figures=[figures.frontier(summary, colors, reference_gold, main_scenario)]))  # fmt: skip
+        sections.append(Section("frontier", "Gold reward vs KL", "The trade-off each configuration buys: its gold "
+                                "reward against its KL from the reference (nats per completion). Up and left is better: "
+                                "more reward for less divergence. The Pareto set of the verdict and your own plugins' "
+                                "variants are named; in the HTML, every point names itself when the pointer rests on it.",
+                                figures=[figures.frontier(summary, colors, reference_gold, main_scenario, decided,
+                                                          own_variants(finals, runs))]))  # fmt: skip
     if len(scenarios) > 1:
         table = scenario_table(finals)
         noise, bonus = (_run_setting(runs, key) for key in ("noise", "length_bonus"))
@@ -277,7 +302,9 @@ def build_report(store: str | Path, metric: str | None = None, bench: str | Path
         sections.append(
             Section("failures", "Failed and diverged cells", "Recorded, not hidden.", tables=[("cells", failed)])
         )
-    return Report(title="dpobench report", header=header, sections=sections)
+    subtitle = (f"{len(variants)} cells, {finals[~is_reference(finals)].seed.nunique()} seed(s), model "
+                f"{', '.join(sorted({str(r['model']) for r in runs}))} on {devices}; ranked by {metric}")  # fmt: skip
+    return Report(title="dpobench report", header=header, sections=sections, subtitle=subtitle)
 
 
 def _label_configurations(finals: pd.DataFrame, tidy: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -344,6 +371,7 @@ def _geometry_section(finals: pd.DataFrame, colors: dict) -> Section | None:
 
 
 def _svg(fig: Figure) -> str:
+    """The figure as an inline SVG, each hover title (``figures.hover_titles``) escaped into its point's group."""
     buffer = io.StringIO()
     with matplotlib.rc_context({"svg.fonttype": "path", "svg.hashsalt": "dpobench"}):
         fig.savefig(buffer, format="svg")
@@ -351,7 +379,11 @@ def _svg(fig: Figure) -> str:
     text = text[text.index("<svg") :]  # drop the XML prolog and DOCTYPE: the SVG is inlined
     # Text is drawn as paths; matplotlib repeats each string in an XML comment, which we drop so that
     # no plugin- or config-supplied string reaches the page outside an escaped context.
-    return re.sub(r"<!--.*?-->", "", text, flags=re.S)
+    text = re.sub(r"<!--.*?-->", "", text, flags=re.S)
+    for gid, title in figures.hover_titles(fig).items():
+        text = re.sub(f'(<g id="{re.escape(gid)}"[^>]*>)', lambda m, t=title: m.group(1) + f"<title>{escape(t)}</title>",
+                      text, count=1)  # fmt: skip
+    return text
 
 
 def render_html(report: Report) -> str:
@@ -361,31 +393,27 @@ def render_html(report: Report) -> str:
     env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
     template = env.from_string(_HTML)
     sections = [
-        {"id": s.id, "title": s.title, "text": s.text, "figures": [Markup(_svg(f)) for f in s.figures],
-         "glossary": s.glossary, "tables": [(name, Markup(_fmt_table(t).to_html(index=False, escape=True, border=0, na_rep="–")))
+        {"id": s.id, "title": s.title, "text": s.text, "lines": s.lines, "figures": [Markup(_svg(f)) for f in s.figures],
+         "glossary": s.glossary,
+         "tables": [(name, Markup(_fmt_table(t).to_html(index=False, escape=True, border=0, na_rep="–", classes="sortable")))
                     for name, t in s.tables]}
         for s in report.sections
     ]  # fmt: skip
-    return template.render(title=report.title, header=report.header, sections=sections)
+    return template.render(title=report.title, subtitle=report.subtitle, header=report.header, sections=sections,
+                           script=Markup(_SORT_SCRIPT))  # fmt: skip
 
 
 def render_pdf(report: Report, path: Path) -> None:
+    """The report as A4 pages: the verdict and its decision table first (one page), then the provenance, then each
+    section as the HTML has it."""
     from matplotlib.backends.backend_pdf import PdfPages
 
     with PdfPages(path, metadata={"Title": report.title, "Creator": f"dpobench {dpobench.__version__}"}) as pdf:
-        title = Figure(figsize=(8.27, 11.69))
-        title.text(0.08, 0.95, report.title, fontsize=20, weight="bold", va="top")
-        y = 0.90
-        for key, value in report.header:
-            for line in _wrap(f"{key}: {value}", 100)[:8]:
-                title.text(0.08, y, line, fontsize=8, va="top", family="monospace")
-                y -= 0.018
-        y -= 0.02
-        for line in _wrap(HONESTY, 100):
-            title.text(0.08, y, line, fontsize=8, va="top")
-            y -= 0.018
-        pdf.savefig(title)
-        for section in report.sections:
+        sections = list(report.sections)
+        if sections and sections[0].lines:
+            pdf.savefig(_verdict_page(report, sections.pop(0)))
+        pdf.savefig(_provenance_page(report))
+        for section in sections:
             pdf.savefig(_text_page(section.title, section.text))
             for fig in section.figures:
                 pdf.savefig(fig)
@@ -394,6 +422,57 @@ def render_pdf(report: Report, path: Path) -> None:
                     pdf.savefig(page)
             for page in _glossary_pages(f"{section.title}: glossary", section.glossary):
                 pdf.savefig(page)
+
+
+#: rows of the decision table that the PDF's first page holds; the ranked summary that follows has every row
+FIRST_PAGE_ROWS = 40
+
+
+def _verdict_page(report: Report, section: Section) -> Figure:
+    """The first page (A4 landscape): title, what was compared, the verdict's lines, its rules, and its decision table
+    (the first ``FIRST_PAGE_ROWS`` rows, the rest named)."""
+    page = Figure(figsize=(11.69, 8.27))
+    page.text(0.04, 0.96, f"{report.title}: {section.title}", fontsize=15, weight="bold", va="top")
+    page.text(0.04, 0.915, report.subtitle, fontsize=8, va="top", color="0.3")
+    y = 0.885
+    for line in section.lines:
+        for i, part in enumerate(_wrap(line, 150)):
+            page.text(0.04 if i == 0 else 0.055, y, ("• " if i == 0 else "") + part, fontsize=8, va="top")
+            y -= 0.02
+    for part in _wrap(section.text, 170):
+        page.text(0.04, y, part, fontsize=6.5, va="top", color="0.3")
+        y -= 0.016
+    name, table = section.tables[0]
+    shown = _fmt_table(table.head(FIRST_PAGE_ROWS))
+    caption = f"{name}" + (f" (first {FIRST_PAGE_ROWS} of {len(table)} rows; the ranked summary has all)"
+                           if len(table) > FIRST_PAGE_ROWS else "")  # fmt: skip
+    page.text(0.04, y - 0.005, caption, fontsize=8, weight="bold", va="top")
+    ax = page.add_axes((0.04, 0.02, 0.92, max(0.1, y - 0.035)))
+    ax.axis("off")
+    cells = ax.table(cellText=shown.values.tolist(), colLabels=list(shown.columns), loc="upper left", cellLoc="left")
+    cells.auto_set_font_size(False)
+    cells.set_fontsize(6.5)
+    cells.auto_set_column_width(list(range(len(shown.columns))))
+    height = (y - 0.035) / (len(shown) + 1)
+    for cell in cells.get_celld().values():  # rows as tall as the space allows, up to a comfortable height
+        cell.set_height(min(0.035, height / max(0.1, y - 0.035)))
+    return page
+
+
+def _provenance_page(report: Report) -> Figure:
+    """The runs, device, versions, plugins and configuration behind the report, and what its numbers are."""
+    page = Figure(figsize=(8.27, 11.69))
+    page.text(0.08, 0.95, f"{report.title}: provenance", fontsize=16, weight="bold", va="top")
+    y = 0.90
+    for key, value in report.header:
+        for line in _wrap(f"{key}: {value}", 100)[:8]:
+            page.text(0.08, y, line, fontsize=8, va="top", family="monospace")
+            y -= 0.018
+    y -= 0.02
+    for line in _wrap(HONESTY, 100):
+        page.text(0.08, y, line, fontsize=8, va="top")
+        y -= 0.018
+    return page
 
 
 def _wrap(text: str, width: int) -> list[str]:
@@ -483,30 +562,64 @@ def write_report(store: str | Path, out_dir: str | Path, formats: tuple[str, ...
     return written
 
 
+#: sorts a table by the column whose heading is clicked (again: the other way); numbers as numbers, "–" last.
+#: Written here, not fetched: the report opens offline.
+_SORT_SCRIPT = """
+for (const table of document.querySelectorAll("table.sortable")) {
+  const heads = Array.from(table.tHead.rows[0].cells);
+  heads.forEach((head, column) => head.addEventListener("click", () => {
+    const up = head.dataset.order !== "ascending";
+    heads.forEach(h => delete h.dataset.order);
+    head.dataset.order = up ? "ascending" : "descending";
+    const value = row => {
+      const text = row.cells[column].textContent.trim().replace("\u2212", "-");
+      const number = Number(text.split(/[ \u00b1]/)[0].replace(/%$/, ""));
+      return text === "\u2013" || text === "" ? null : (Number.isNaN(number) ? text : number);
+    };
+    const body = table.tBodies[0];
+    const rows = Array.from(body.rows).sort((a, b) => {
+      const x = value(a), y = value(b);
+      if (x === null || y === null) return (x === null) - (y === null);
+      const order = typeof x === "number" && typeof y === "number" ? x - y : String(x).localeCompare(String(y));
+      return up ? order : -order;
+    });
+    rows.forEach(row => body.appendChild(row));
+  }));
+}
+"""
+
 _HTML = """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{{ title }}</title>
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <style>
 body { font: 14px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1200px; padding: 0 1em; color: #222; }
+h1 { margin-bottom: 0.1em; } p.subtitle { margin-top: 0; color: #555; }
 table { border-collapse: collapse; font-size: 12px; margin: 0.5em 0 1.5em; }
 th, td { padding: 2px 8px; border-bottom: 1px solid #ddd; text-align: right; white-space: nowrap; }
-th { background: #f4f4f4; } td:first-child, th:first-child { text-align: left; }
+th { background: #f4f4f4; cursor: pointer; } td:nth-child(-n+2), th:nth-child(-n+2) { text-align: left; }
+th[data-order=ascending]::after { content: " \\25B2"; } th[data-order=descending]::after { content: " \\25BC"; }
+details.header summary { cursor: pointer; color: #555; }
 dl.header { display: grid; grid-template-columns: max-content 1fr; gap: 2px 1em; font-size: 12px; }
 dl.header dt { font-weight: bold; } dl.header dd { margin: 0; word-break: break-all; }
+ul.lines { padding-left: 1.2em; } ul.lines li { margin: 0.2em 0; } p.rules { font-size: 12px; color: #444; }
 figure { margin: 1em 0; } figure svg { max-width: 100%; height: auto; }
 .table-wrap { overflow-x: auto; } nav li { display: inline; margin-right: 1em; }
 dl.glossary { font-size: 12px; } dl.glossary dt { font-weight: bold; } dl.glossary dd { margin: 0 0 0.4em 2em; }
 </style></head>
 <body>
 <h1>{{ title }}</h1>
-<dl class="header">{% for key, value in header %}<dt>{{ key }}</dt><dd>{{ value }}</dd>{% endfor %}</dl>
-<nav><h2>Contents</h2><ul>{% for s in sections %}<li><a href="#{{ s.id }}">{{ s.title }}</a></li>{% endfor %}</ul></nav>
+<p class="subtitle">{{ subtitle }}</p>
+<details class="header"><summary>Provenance: runs, device, versions, plugins, configuration</summary>
+<dl class="header">{% for key, value in header %}<dt>{{ key }}</dt><dd>{{ value }}</dd>{% endfor %}</dl></details>
+<nav><ul>{% for s in sections %}<li><a href="#{{ s.id }}">{{ s.title }}</a></li>{% endfor %}</ul></nav>
 {% for s in sections %}<section id="{{ s.id }}"><h2>{{ s.title }}</h2>
-<p>{{ s.text }}</p>
+{% if s.lines %}<ul class="lines">{% for line in s.lines %}<li>{{ line }}</li>{% endfor %}</ul>
+<p class="rules">{{ s.text }}</p>{% else %}<p>{{ s.text }}</p>{% endif %}
 {% for svg in s.figures %}<figure>{{ svg }}</figure>
 {% endfor %}{% for name, table in s.tables %}<h3>{{ name }}</h3><div class="table-wrap">{{ table }}</div>
 {% endfor %}{% if s.glossary %}<h3>glossary</h3><dl class="glossary">{% for term, text in s.glossary %}<dt>{{ term }}</dt>
 <dd>{{ text }}</dd>{% endfor %}</dl>
 {% endif %}</section>
-{% endfor %}</body></html>
+{% endfor %}<script>{{ script }}</script>
+</body></html>
 """

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-__all__ = ["HEALTHY_GRAMMATICAL", "NEAR_BEST", "NO_PICK", "Verdict", "decision_table", "verdict"]
+__all__ = ["HEALTHY_GRAMMATICAL", "NEAR_BEST", "NO_PICK", "Verdict", "configuration_name", "decision_table", "verdict"]
 
 #: the share of grammatical samples below which a configuration counts as degenerate
 HEALTHY_GRAMMATICAL = 0.8
@@ -51,7 +51,7 @@ def verdict(summary: pd.DataFrame, reference_gold: float) -> Verdict | None:
         rows = rows[rows.scenario == "clean"]
     if rows.empty:
         return None
-    names = {i: _name(row) for i, row in rows.iterrows()}
+    names = {i: configuration_name(row) for i, row in rows.iterrows()}
     grammatical = rows.get("grammatical_fraction", pd.Series(1.0, index=rows.index)).fillna(1.0)
     healthy = rows[grammatical >= HEALTHY_GRAMMATICAL]
     degenerate = tuple(names[i] for i in rows.index.difference(healthy.index))
@@ -86,7 +86,8 @@ def verdict(summary: pd.DataFrame, reference_gold: float) -> Verdict | None:
     return Verdict(names[winner], ties, names[drift], pareto, degenerate, seeds, tuple(lines))
 
 
-def _name(row: pd.Series) -> str:
+def configuration_name(row: pd.Series) -> str:
+    """A summary row's name as the verdict says it: its configuration, and its β where it has one."""
     label = str(row.get("configuration") or row.variant)
     beta = row.get("beta", math.nan)
     return label if beta is None or (isinstance(beta, float) and math.isnan(beta)) else f"{label} β={beta:g}"
@@ -103,16 +104,43 @@ def _list(names: tuple[str, ...], most: int = 6) -> str:
     return shown + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
-#: the decision table's columns, those the summary has: what a reader weighs, and nothing else
-DECISION_COLUMNS = ("rank", "configuration", "beta", "scenario", "gold_reward", "gold_reward_ci", "kl_to_reference",
-                    "grammatical_fraction", "response_length")  # fmt: skip
+def decision_table(summary: pd.DataFrame, decided: Verdict | None = None) -> pd.DataFrame:
+    """The summary cut to what a choice rests on, best first, as a reader reads it: rank, configuration, β, gold ±
+    95% CI, KL, grammatical share and length, formatted; the scenario where there are several. Its ``verdict``
+    column says what the verdict (``decided``) made of each row: "most reward", "least drift", "tie", "Pareto set",
+    and "degenerate samples" for each configuration under ``HEALTHY_GRAMMATICAL`` grammatical samples, so that a
+    degenerate row never shares a rank unflagged."""
+    rows = summary.reset_index(drop=True)
+
+    def number(column: str, fmt: str) -> list[str] | None:
+        return [("–" if pd.isna(v) else format(v, fmt)) for v in rows[column]] if column in rows else None
+
+    ci = rows["gold_reward_ci"] if "gold_reward_ci" in rows else pd.Series(math.nan, index=rows.index)
+    gold = [
+        ("–" if pd.isna(g) else f"{g:+.3f}" + ("" if pd.isna(c) else f" ± {c:.3f}"))
+        for g, c in zip(rows.gold_reward, ci, strict=True)
+    ]
+    columns = {
+        "rank": [("–" if pd.isna(r) else str(int(r))) for r in rows["rank"]] if "rank" in rows else None,
+        "configuration": rows.get("configuration", rows.variant).astype(str).tolist(),
+        "β": number("beta", "g"),
+        "scenario": rows.scenario.tolist() if rows.scenario.nunique() > 1 else None,
+        "gold ± 95% CI": gold,
+        "KL": number("kl_to_reference", ".2f"),
+        "grammatical": number("grammatical_fraction", ".0%"),
+        "length": number("response_length", ".1f"),
+    }
+    table = pd.DataFrame({k: v for k, v in columns.items() if v is not None})
+    table["verdict"] = [_what_became_of(configuration_name(row), row, decided) for _, row in rows.iterrows()]
+    return table
 
 
-def decision_table(summary: pd.DataFrame) -> pd.DataFrame:
-    """The summary cut to what a choice rests on, best first, with a ``flag`` column naming each degenerate
-    configuration (under ``HEALTHY_GRAMMATICAL`` grammatical samples) in the table itself."""
-    table = summary[[c for c in DECISION_COLUMNS if c in summary]].copy()
-    if "grammatical_fraction" in table:
-        degenerate = table.grammatical_fraction < HEALTHY_GRAMMATICAL
-        table["flag"] = ["degenerate samples" if d else "" for d in degenerate]
-    return table.reset_index(drop=True)
+def _what_became_of(name: str, row: pd.Series, decided: Verdict | None) -> str:
+    grammatical = row.get("grammatical_fraction", math.nan)
+    if not pd.isna(grammatical) and grammatical < HEALTHY_GRAMMATICAL:
+        return "degenerate samples"
+    if decided is None:
+        return ""
+    said = [("most reward", name == decided.most_reward), ("least drift", name == decided.least_drift),
+            ("tie", name in decided.most_reward_ties), ("Pareto set", name in decided.pareto)]  # fmt: skip
+    return ", ".join(word for word, holds in said if holds)

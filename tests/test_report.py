@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 from dpobench import Study, figures
-from dpobench.report import batch_layout, build_report, plugin_sources, render_html, write_report
+from dpobench.report import _SORT_SCRIPT, batch_layout, build_report, plugin_sources, render_html, write_report
 from dpobench.store import Store
 from dpobench.tables import CELL_COLUMNS, aggregate, cell_finals, rank, read_tidy, summary_table, variant_table
 
@@ -206,20 +206,73 @@ def test_beta_figure_draws_the_values_that_went_in(store_dir: Path) -> None:
     assert fig._suptitle.get_text().startswith("β sensitivity")
 
 
-def test_frontier_has_one_point_per_variant_and_beta(store_dir: Path) -> None:
-    summary = summary_table(cell_finals(read_tidy(store_dir)))
-    fig = figures.frontier(summary, figures.variant_colors(summary.variant), 0.0)
+def frontier_summary() -> pd.DataFrame:
+    """A clean scenario by hand: a and b are the Pareto set (a the most reward, b the least drift keeping 90% of a's
+    gain: 0.28 ≥ 0.27), c is beaten by both, d has the highest gold reward from degenerate samples, mine is the reader's
+    own plugin (beaten), and a also ran at β = 0.5 (beaten by b)."""
+    rows = [("a", 0.1, 1, 0.30, 1.0, 0.90), ("b", 0.1, 1, 0.28, 0.3, 0.95), ("c", 0.1, 3, 0.20, 2.0, 0.90),
+            ("d", 0.1, 1, 0.40, 5.0, 0.50), ("mine", 0.1, 5, 0.10, 3.0, 0.90), ("a", 0.5, 4, 0.25, 0.8, 0.90)]  # fmt: skip
+    frame = pd.DataFrame(
+        rows, columns=["variant", "beta", "rank", "gold_reward", "kl_to_reference", "grammatical_fraction"]
+    )
+    return frame.assign(configuration=frame.variant, scenario="clean", seeds=1, gold_reward_ci=0.05)
+
+
+def test_frontier_names_the_pareto_set_and_your_plugins_and_greys_the_rest() -> None:
+    from matplotlib.colors import to_rgba
+
+    from dpobench.verdict import verdict
+
+    summary = frontier_summary()
+    decided = verdict(summary, 0.0)
+    assert decided.pareto == ("a β=0.1", "b β=0.1") and decided.least_drift == "b β=0.1"
+    colors = figures.variant_colors(summary.variant)
+    fig = figures.frontier(summary, colors, 0.0, decided=decided, own={"mine"})
     ax = fig.axes[0]
-    line = next(c.lines[0] for c in ax.containers if c.get_label() == "dpo")
-    np.testing.assert_allclose(sorted(zip(line.get_xdata(), line.get_ydata(), strict=True)), [(1.5, 0.35), (5.5, 0.21)])
-    assert ax.get_xlabel().startswith("KL") and ax.get_ylabel().startswith("gold reward")
+    named = {t.get_text(): t.get_fontweight() for t in ax.texts}
+    assert list(named) == ["a β=0.1 (most reward)", "b β=0.1 (least drift)", "mine β=0.1"]  # best gold first
+    assert named["a β=0.1 (most reward)"] == "bold" and named["mine β=0.1"] == "normal"
+    points = {(float(c.lines[0].get_xdata()[0]), float(c.lines[0].get_ydata()[0])): c.lines[0] for c in ax.containers}
+    assert set(points) == {(1.0, 0.30), (0.3, 0.28), (2.0, 0.20), (5.0, 0.40), (3.0, 0.10), (0.8, 0.25)}
+    assert (
+        to_rgba(points[(1.0, 0.30)].get_color()) == colors["a"]
+        and to_rgba(points[(3.0, 0.10)].get_color()) == colors["mine"]
+    )
+    assert points[(2.0, 0.20)].get_color() == "0.7" and points[(0.8, 0.25)].get_color() == "0.7"  # beaten: grey
+    assert points[(5.0, 0.40)].get_marker() == "x"  # degenerate: a grey cross, whatever its reward
+    # a's two β values joined by a line in a's colour, in KL order; the title says what the line is
+    (line,) = [line for line in ax.get_lines() if len(line.get_xdata()) > 1 and line.get_linestyle() == "-"]
+    assert list(zip(line.get_xdata(), line.get_ydata(), strict=True)) == [(0.8, 0.25), (1.0, 0.30)]
+    assert "a line joins one variant's β values" in ax.get_title()
+    titles = figures.hover_titles(fig)
+    assert titles[points[(5.0, 0.40)].get_gid()] == "d β=0.1: gold +0.400 ± 0.050, KL 5.00, 50% grammatical"
+    assert (
+        titles[points[(1.0, 0.30)].get_gid()] == "a β=0.1: gold +0.300 ± 0.050, KL 1.00, 90% grammatical (most reward)"
+    )
+    # one β per variant: no line, and the title does not mention one
+    single = figures.frontier(summary[summary.beta == 0.1], colors, 0.0, decided=decided)
+    assert "line" not in single.axes[0].get_title()
+    assert not [
+        line for line in single.axes[0].get_lines() if len(line.get_xdata()) > 1 and line.get_linestyle() == "-"
+    ]
+
+
+def test_hover_titles_are_escaped_into_the_svg() -> None:
+    """A plugin's variant name is the reader's string: it reaches the page only inside an escaped SVG <title>."""
+    from dpobench.report import _svg
+
+    summary = frontier_summary().replace({"variant": {"mine": EVIL}, "configuration": {"mine": EVIL}})
+    fig = figures.frontier(summary, figures.variant_colors(summary.variant), 0.0, own={EVIL})
+    svg = _svg(fig)
+    assert EVIL not in svg and "<title>&lt;script&gt;alert(1)&lt;/script&gt; β=0.1: gold +0.100 ± 0.050" in svg
+    assert svg.count("<title>") == 6  # one per point
 
 
 def test_html_escapes_every_string_and_is_self_contained(store_dir: Path) -> None:
     html = render_html(build_report(store_dir))
     assert EVIL not in html
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html  # in tables and in the configuration header
-    assert "<script" not in html.lower()
+    assert html.lower().count("<script") == 1 and f"<script>{_SORT_SCRIPT}</script>" in html  # only the table sorter
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", html)  # nothing fetched from the network
     assert html.count("<svg") >= 4 and 'id="summary"' in html and 'href="#frontier"' in html
 
@@ -407,7 +460,8 @@ def test_the_summary_defines_its_columns_and_names_degenerate_samples(store_dir:
     assert _degenerate(table.iloc[:1]) == "" and _degenerate(table.drop(columns="grammatical_fraction")) == ""
     report = build_report(store_dir)
     first = report.sections[0]  # the verdict comes first: the picks, then the rules they follow
-    assert first.id == "verdict" and first.text.startswith("Most reward: ") and "How these are chosen:" in first.text
+    assert first.id == "verdict" and first.lines[0].startswith("Most reward: dpo β=0.1 (gold +0.350")
+    assert first.text.startswith("How these are chosen:")
     summary = next(s for s in report.sections if s.id == "summary")
     assert "gold_reward (higher is better), kl_to_reference (lower is better)" in summary.text
     ((_, ranked),) = summary.tables
@@ -479,19 +533,43 @@ def test_peak_memory_is_shown_for_cuda_only() -> None:
     ]
 
 
-def test_frontier_tells_33_variants_apart_and_keeps_the_largest_kl_in_frame() -> None:
-    """With more variants than the palettes' distinct colours, each variant's (colour, marker) pair is its own; the
-    point at the largest KL (apo_down's 185 nats in the default run) lies inside the axes, not on the frame."""
+def test_frontier_tells_33_named_variants_apart_and_keeps_the_largest_kl_in_frame() -> None:
+    """With more variants than the palettes' distinct colours, each named variant's (colour, marker) pair is its own,
+    and none is grey (grey means "not named"); the point at the largest KL (apo_down's 185 nats in the default run)
+    lies inside the axes, not on the frame."""
+    from matplotlib.colors import to_rgba
+
     names = [f"v{i:02d}" for i in range(33)]
     colors = figures.variant_colors(names)
     markers = figures.variant_markers(colors)
     assert len({(colors[n], markers[n]) for n in names}) == 33
-    table = pd.DataFrame({"variant": names, "scenario": "clean", "kl_to_reference": np.linspace(0.1, 185.5, 33),
-                          "gold_reward": 0.2, "gold_reward_ci": 0.05})  # fmt: skip
-    ax = figures.frontier(table, colors, 0.0).axes[0]
+    assert all(len(set(c[:3])) > 1 for c in colors.values())  # no grey among the variants' colours
+    table = pd.DataFrame({"variant": names, "configuration": names, "beta": 0.1, "scenario": "clean",
+                          "kl_to_reference": np.linspace(0.1, 185.5, 33), "gold_reward": 0.2, "gold_reward_ci": 0.05})  # fmt: skip
+    ax = figures.frontier(table, colors, 0.0, own=set(names)).axes[0]
     assert ax.get_xlim()[1] > 185.5 * 1.5
-    drawn = {bars.get_label(): bars.lines[0].get_marker() for bars in ax.containers}
-    assert drawn == markers
+    drawn = [(to_rgba(c.lines[0].get_color()), c.lines[0].get_marker()) for c in ax.containers]
+    assert drawn == [(colors[n], markers[n]) for n in names]
+    assert len(ax.texts) == figures.MOST_NAMED  # the column of names holds 16; the rest are named on hover
+
+
+def test_one_diverging_cell_does_not_flatten_the_training_curves_and_is_named() -> None:
+    """Twelve variants whose reward margins rise to 0.08–0.19 and one whose margin dives to −7 (the default run had
+    such a grey outlier): the margin panel keeps the twelve's range, and its title names the one that leaves it."""
+    rows = [{"variant": f"v{i:02d}", "scenario": "clean", "beta": 0.1, "source": "step", "step": step, "metric": m,
+             "value": (-7.0 * step / 20 if i == 12 and m == "reward_margin" else 0.01 * (i + 8) * step / 20)}
+            for i in range(13) for step in range(1, 21)
+            for m in ("loss", "reward_margin", "reward_accuracy", "chosen_reward", "rejected_reward")]  # fmt: skip
+    tidy = pd.DataFrame(rows)
+    fig = figures.training_curves(tidy, figures.variant_colors(tidy.variant.unique()), highlight=["v00"])
+    margin = fig.axes[1]
+    low, high = margin.get_ylim()
+    # drawn: 10-step rolling means, from v00's 0.004 at step 1 to v11's 0.19 × 15.5 / 20 at step 20; padded by 5%
+    pad = 0.05 * (0.19 * 15.5 / 20 - 0.004)
+    np.testing.assert_allclose([low, high], [0.004 - pad, 0.19 * 15.5 / 20 + pad])
+    assert margin.get_title() == "leaves the scale: v12"
+    assert fig.axes[3].get_title() == ""  # its rewards are the others' kind: nothing left out there
+    assert figures.robust_limits([0.0, 1.0]) == (-0.05, 1.05)
 
 
 def test_geometry_draws_each_variant_at_the_beta_it_trained_with() -> None:

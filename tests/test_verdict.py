@@ -50,8 +50,30 @@ def test_no_verdict_without_a_gold_reward_or_a_healthy_configuration() -> None:
     assert verdict(summary([("dpo", 0.1, 1, 0.3, 0.7, 0.5)]), 0.0) is None  # every configuration degenerate
 
 
-def test_the_decision_table_keeps_what_a_choice_rests_on_and_flags_degenerate_rows() -> None:
-    table = decision_table(summary([("broken", 0.1, 1, 0.40, 5.0, 0.50), ("dpo", 0.1, 1, 0.30, 0.70, 0.86)]))
-    assert list(table.columns) == ["rank", "configuration", "beta", "scenario", "gold_reward", "gold_reward_ci",
-                                   "kl_to_reference", "grammatical_fraction", "flag"]  # fmt: skip
-    assert table.flag.tolist() == ["degenerate samples", ""]
+def test_the_decision_table_keeps_what_a_choice_rests_on_and_says_what_became_of_each_row() -> None:
+    """Rows as the reader reads them, and the verdict's word on each: the degenerate row shares rank 1 with the pick,
+    flagged in the table itself; the tie and the Pareto set named; the scenario column only where there are several."""
+    rows = summary([("broken", 0.1, 1, 0.40, 5.0, 0.50), ("dpo", 0.1, 1, 0.30, 0.70, 0.86),
+                    ("ipo", 0.1, 1, 0.29, 0.20, 0.90), ("slic", 0.1, 4, 0.10, 0.90, 0.93)]).assign(response_length=15.04)  # fmt: skip
+    table = decision_table(rows, verdict(rows, 0.0))
+    assert list(table.columns) == [
+        "rank",
+        "configuration",
+        "β",
+        "gold ± 95% CI",
+        "KL",
+        "grammatical",
+        "length",
+        "verdict",
+    ]
+    assert table.values.tolist() == [
+        ["1", "broken", "0.1", "+0.400 ± 0.050", "5.00", "50%", "15.0", "degenerate samples"],
+        ["1", "dpo", "0.1", "+0.300 ± 0.050", "0.70", "86%", "15.0", "most reward, Pareto set"],
+        ["1", "ipo", "0.1", "+0.290 ± 0.050", "0.20", "90%", "15.0", "least drift, tie, Pareto set"],
+        ["4", "slic", "0.1", "+0.100 ± 0.050", "0.90", "93%", "15.0", ""],
+    ]
+    both = pd.concat([rows, rows.assign(scenario="noisy")])
+    assert decision_table(both).columns[3] == "scenario" and decision_table(both).verdict.tolist()[:2] == [
+        "degenerate samples",
+        "",
+    ]
