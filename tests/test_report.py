@@ -303,6 +303,38 @@ def test_html_renders_in_headless_chromium(store_dir: Path, tmp_path: Path) -> N
     assert "Uncaught" not in result.stderr and "CONSOLE" not in result.stderr
 
 
+@pytest.mark.skipif(not (shutil.which("chromium") or shutil.which("chromium-browser")), reason="Chromium not installed")
+def test_a_table_sorts_by_the_column_clicked_in_a_real_browser(store_dir: Path, tmp_path: Path) -> None:
+    """The decision table's KL heading clicked twice (descending) and the gold heading once (ascending), in headless
+    Chromium: the rows come back in those orders, numbers compared as numbers ("-0.110 ± …" before "+0.210 ± …",
+    which as text would sort the other way)."""
+    write_report(store_dir, tmp_path, formats=("html",))
+    page = (tmp_path / "report.html").read_text()
+    clicks = """<script>
+    const table = document.querySelector("#verdict table.sortable"), heads = Array.from(table.tHead.rows[0].cells);
+    const order = () => Array.from(table.tBodies[0].rows).map(r => r.cells[1].textContent + " " + r.cells[2].textContent);
+    const kl = heads.find(h => h.textContent === "KL"); kl.click(); kl.click();
+    const byKl = order();
+    const gold = heads.find(h => h.textContent.startsWith("gold")); gold.click();
+    document.body.dataset.sorted = JSON.stringify([byKl, order(), gold.dataset.order]);
+    </script></body>"""
+    (tmp_path / "clicked.html").write_text(page.replace("</body>", clicks))
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    result = subprocess.run(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", (tmp_path / "clicked.html").as_uri()],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    import html as html_module
+
+    found = re.search(r'data-sorted="([^"]*)"', result.stdout)
+    assert found, result.stderr[-500:]
+    by_kl, by_gold, direction = json.loads(html_module.unescape(found.group(1)))
+    # KL: 5.5 for both β = 0.5 rows, 1.5 for both β = 0.1 rows (ties keep the table's order: best gold first)
+    assert by_kl == ["dpo 0.5", f"{EVIL} 0.5", "dpo 0.1", f"{EVIL} 0.1"]
+    # gold: EVIL 0.5 −0.11, dpo 0.5 +0.21, EVIL 0.1 +0.30, dpo 0.1 +0.35
+    assert by_gold == [f"{EVIL} 0.5", "dpo 0.5", f"{EVIL} 0.1", "dpo 0.1"] and direction == "ascending"
+
+
 def test_cells_from_runs_with_other_settings_are_not_pooled_as_seeds(store_dir: Path, tmp_path: Path) -> None:
     import shutil
 
