@@ -348,6 +348,11 @@ _CellsPerGpuOption = Annotated[
     typer.Option(help=f"With --executor ray on CUDA: cells sharing one GPU (default {_default('cells_per_gpu')}).",
                  min=1),
 ]  # fmt: skip
+_StepCostRoundsOption = Annotated[
+    int | None,
+    typer.Option(help=f"Rounds of the side-by-side step-cost measurement after the cells: every configuration on "
+                 f"one batch, interleaved (default {_default('step_cost_rounds')}; 0: none).", min=0),
+]  # fmt: skip
 
 
 @app.command("run")
@@ -377,6 +382,7 @@ def run(
     ray_address: _RayAddressOption = None,
     threads_per_cell: _ThreadsPerCellOption = None,
     cells_per_gpu: _CellsPerGpuOption = None,
+    step_cost_rounds: _StepCostRoundsOption = None,
 ) -> None:
     """Train every variant identically on a small real model and compare them (resumable)."""
     from dpobench.config import FILE_KEYS, load_config

@@ -96,6 +96,8 @@ class SweepConfig:
     params: dict[str, dict[str, tuple[Any, ...]]] = field(default_factory=dict)
     data_recipe: DataRecipe = field(default_factory=DataRecipe)
     executor: ExecutorOptions = field(default_factory=ExecutorOptions)
+    #: rounds of the side-by-side step-cost measurement after the cells (``dpobench.stepcost``); 0: none
+    step_cost_rounds: int = 7
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -190,6 +192,7 @@ OPTIONS: dict[str, Option] = {
     "ray_address": Option(lambda value, key: str(value) if value else None, "executor.ray_address"),
     "threads_per_cell": Option(_integer(1), "executor.threads_per_cell"),
     "cells_per_gpu": Option(_integer(1), "executor.cells_per_gpu"),
+    "step_cost_rounds": Option(_integer(0), "step_cost_rounds"),
 }
 #: keys a TOML file may hold besides the options: the preset it starts from and its parameter grids
 FILE_KEYS = frozenset(OPTIONS) | {"preset", "params"}

@@ -326,35 +326,42 @@ def scenario_robustness(scenarios: pd.DataFrame, colors: dict) -> Figure:
     return fig
 
 
-def throughput(table: pd.DataFrame, colors: dict, device: str, bench: pd.DataFrame | None = None) -> Figure:
-    """Training pairs/s per variant, measured during the sweep, and CUDA's peak memory. tokens/s is pairs/s times
-    the data's tokens per pair, the same for every variant, so it has no panel (the table has it); the CPU's peak
-    memory is the process's so far, not a variant's own, so it has none either."""
-    data = table.sort_values("pairs_per_s")
-    panels = [("pairs_per_s", METRICS["pairs_per_s"].axis)]
-    if "peak_memory_mb" in data and not data.device.eq("cpu").all():
-        panels.append(("peak_memory_mb", METRICS["peak_memory_mb"].axis))
-    with_bench = bench is not None and not bench.empty
+def throughput(costs: pd.DataFrame, colors: dict, device: str, memory: pd.DataFrame | None = None,
+               bench: pd.DataFrame | None = None) -> Figure:  # fmt: skip
+    """Each configuration's step cost measured side by side (``tables.step_cost_table``: the median over rounds of
+    its step time over the round's median configuration, a line from the least to the most), CUDA's peak memory per
+    variant, and a pytest-benchmark file's loss-kernel times over plain DPO's, each where given."""
+    panels = [p for p, given in (("cost", len(costs) > 0), ("memory", memory is not None),
+                                 ("bench", bench is not None and not bench.empty)) if given]  # fmt: skip
     fig = Figure(figsize=A4_LANDSCAPE, layout="constrained")
-    fig.suptitle(f"Throughput during training, device: {device} (means over the last 10% of steps)")
-    axes = fig.subplots(1, len(panels) + with_bench, sharey=False, squeeze=False)[0]
-    # one set of labels, on the first panel (a configuration's label can be long: wrapped, not repeated per panel)
-    rows = np.arange(len(data))
-    names = [textwrap.fill(str(v), 40, break_long_words=False, break_on_hyphens=False) for v in data.variant]
-    for i, (ax, (column, label)) in enumerate(zip(axes, panels, strict=False)):
-        ax.barh(rows, data[column], color=[colors.get(v) for v in data.variant])
-        ax.set_yticks(rows, names if i == 0 else [""] * len(rows))
-        ax.set_ylim(-0.6, len(rows) - 0.4)
-        ax.set_xlabel(label)
+    fig.suptitle(f"Step cost and memory, device: {device}")
+    axes = fig.subplots(1, max(1, len(panels)), squeeze=False)[0]
+    color = lambda name: colors.get(str(name).split("[")[0], "grey")  # noqa: E731  a configuration: its variant's
+    for ax, panel in zip(axes, panels, strict=False):
+        if panel == "cost":
+            # a dot at the median ratio and a line over its range: bars from 0 would hide differences of a few %
+            for row, cost in enumerate(costs.itertuples(index=False)):
+                ax.errorbar([cost.x_median], [row], xerr=[[cost.x_median - cost.x_low], [cost.x_high - cost.x_median]],
+                            color=color(cost.configuration), marker="o", markersize=4, linewidth=1.2, capsize=2)  # fmt: skip
+            names = [textwrap.fill(str(c), 40, break_long_words=False) + (f" ({d})" if d else "")
+                     for c, d in zip(costs.configuration, costs.differs, strict=True)]  # fmt: skip
+            ax.set_yticks(np.arange(len(costs)), names)
+            ax.set_ylim(len(costs) - 0.4, -0.6)  # cheapest at the top, as in the table
+            ax.axvline(1.0, color="black", linewidth=0.8)
+            ax.set_xlabel(
+                "step time / the median configuration's, same round (dot: median, line: least to most over rounds)"
+            )
+        elif panel == "memory":
+            data = memory.sort_values("peak_memory_mb")
+            ax.barh(data.variant, data.peak_memory_mb, color=[color(v) for v in data.variant])
+            ax.set_xlabel(METRICS["peak_memory_mb"].axis)
+        else:
+            data = bench.sort_values("x_baseline")
+            ax.barh(data.variant, data.x_baseline, color=[color(v) for v in data.variant])
+            ax.axvline(1.0, color="black", linewidth=0.8)
+            ax.set_xlabel("loss fwd+bwd time / plain DPO (pytest-benchmark)")
         ax.tick_params(axis="y", labelsize=7)
         ax.grid(alpha=0.3, axis="x")
-    if with_bench:
-        ax = axes[-1]
-        b = bench.sort_values("x_baseline")
-        ax.barh(b.variant, b.x_baseline, color=[colors.get(v, "grey") for v in b.variant])
-        ax.axvline(1.0, color="black", linewidth=0.8)
-        ax.set_xlabel("loss fwd+bwd time / plain DPO (pytest-benchmark)")
-        ax.tick_params(axis="y", labelsize=7)
     return fig
 
 

@@ -20,6 +20,7 @@ from dpobench import figures
 from dpobench._util import atomic_path
 from dpobench.metrics import METRICS
 from dpobench.tables import (
+    SIGN_TEST_ROUNDS,
     beta_table,
     cell_finals,
     configuration_labels,
@@ -31,6 +32,7 @@ from dpobench.tables import (
     resolve_metric,
     run_info,
     scenario_table,
+    step_cost_table,
     summary_table,
     throughput_table,
 )
@@ -283,17 +285,7 @@ def build_report(store: str | Path, metric: str | None = None, bench: str | Path
                                 f"Length-biased: the labeller adds {bonus} gold reward per token.",
                                 figures=[figures.scenario_robustness(table, colors)], tables=[("scenario deltas", table)]))  # fmt: skip
     sections += _study_sections(finals)
-    speed = throughput_table(finals)
-    bench_frame = read_benchmark_json(bench) if bench else None
-    speed_tables = [("throughput and memory", speed)]
-    if bench_frame is not None:
-        speed_tables.append(("loss kernels (pytest-benchmark, 1e6 pairs)", bench_frame))
-    sections.append(Section("throughput", "Throughput and memory", f"Measured per training step on {devices}, one "
-                            "cell after another: on a shared machine, differences of about 20 % between variants "
-                            "can be noise (benchmarks/ times steps side by side). Tokens count each pair's prompt "
-                            "twice. Peak memory (MiB) is CUDA's max_memory_allocated; on the CPU it is left out, as the "
-                            "process's peak RSS so far is inherited from the cells before, not a variant's own.",
-                            figures=[figures.throughput(speed, colors, devices, bench_frame)], tables=speed_tables))  # fmt: skip
+    sections.append(_throughput_section(store, finals, colors, devices, bench))
     geometry = _geometry_section(finals, colors)
     if geometry is not None:
         sections.append(geometry)
@@ -302,7 +294,8 @@ def build_report(store: str | Path, metric: str | None = None, bench: str | Path
         sections.append(
             Section("failures", "Failed and diverged cells", "Recorded, not hidden.", tables=[("cells", failed)])
         )
-    subtitle = (f"{len(variants)} cells, {finals[~is_reference(finals)].seed.nunique()} seed(s), model "
+    seeds = variants.seed.nunique()
+    subtitle = (f"{len(variants)} cells, {seeds} seed{'s' * (seeds != 1)}, model "
                 f"{', '.join(sorted({str(r['model']) for r in runs}))} on {devices}; ranked by {metric}")  # fmt: skip
     return Report(title="dpobench report", header=header, sections=sections, subtitle=subtitle)
 
@@ -344,6 +337,43 @@ def _study_sections(finals: pd.DataFrame) -> list[Section]:
         if figure is not None:
             sections.append(Section(f"study-{name}", f"Parameter study: {name}", study.text, figures=[figure]))
     return sections
+
+
+def _throughput_section(store: str | Path, finals: pd.DataFrame, colors: dict, devices: str,
+                        bench: str | Path | None) -> Section:  # fmt: skip
+    """What each configuration's training step costs, as measured side by side (``step_cost_table``); the sweep's own
+    per-cell throughput only as its range, since cells timed one after another on a shared machine differ by the
+    machine's load; CUDA's peak memory per variant; a pytest-benchmark file's kernel timings where given."""
+    costs = step_cost_table(store)
+    speed = throughput_table(finals)
+    memory = speed[["variant", "device", "peak_memory_mb"]] if "peak_memory_mb" in speed else None
+    bench_frame = read_benchmark_json(bench) if bench else None
+    if len(costs):
+        differ = costs[costs.differs != ""]
+        text = (f"Step cost, measured side by side after the cells (run {costs.attrs['run_id']}, on {devices}): every "
+                f"configuration trained one step on the same batch from the same weights, in {int(costs.rounds.max())} "
+                "interleaved rounds; its cost is its step time over the median configuration's in the same round, "
+                "so that the machine's load between rounds cancels (x_median, and its least and most over the "
+                f"rounds). 'cheaper' or 'dearer' marks a configuration every one of {SIGN_TEST_ROUNDS} or more rounds "
+                "puts on the same side (a sign test at 5%): "
+                + (f"{len(differ)} of {len(costs)} do. " if len(differ) else "none does: the losses cost the same "
+                   "step within what the measurement can tell. "))  # fmt: skip
+    else:
+        text = ("No side-by-side step cost in this store (a sweep with --step-cost-rounds 0, or from before "
+                "dpobench measured it), so no variant is compared on speed here. ")  # fmt: skip
+    if len(speed):
+        text += (f"During the sweep, cells timed one after another ran at {speed.pairs_per_s.median():.0f} training "
+                 f"pairs/s (median over variants; from {speed.pairs_per_s.min():.0f} to {speed.pairs_per_s.max():.0f}): "
+                 "that spread is the machine's load while each cell ran, not the losses', and is not shown per "
+                 "variant. ")  # fmt: skip
+    text += ("Peak memory (MiB) is CUDA's max_memory_allocated per variant; on the CPU there is none, as the process's "
+             "peak RSS is inherited from the cells before." if memory is not None else "")  # fmt: skip
+    tables = [(name, table) for name, table in (("step cost, side by side", costs if len(costs) else None),
+              ("peak memory", memory), ("loss kernels (pytest-benchmark, 1e6 pairs)", bench_frame))
+              if table is not None]  # fmt: skip
+    drawn = len(costs) or memory is not None or bench_frame is not None
+    return Section("throughput", "Step cost and memory", text, tables=tables,
+                   figures=[figures.throughput(costs, colors, devices, memory, bench_frame)] if drawn else [])  # fmt: skip
 
 
 def _geometry_section(finals: pd.DataFrame, colors: dict) -> Section | None:

@@ -2,8 +2,8 @@
 
 Tables: ``runs`` (a command's settings, device and versions), ``cells`` (one trained configuration, or the reference
 model: its ``role``), ``measurements`` (one row per cell × source × step × metric, the metric a name of the catalogue,
-``dpobench.metrics``) and ``prompt_values`` (a metric per evaluation prompt, where the catalogue says the evaluator
-gives one). ``steps`` and ``evaluations`` are views with a column per metric, for reading with SQL.
+``dpobench.metrics``), ``prompt_values`` (a metric per evaluation prompt, where the catalogue says the evaluator
+gives one) and ``step_costs`` (a run's side-by-side step times per configuration and round, ``dpobench.stepcost``). ``steps`` and ``evaluations`` are views with a column per metric, for reading with SQL.
 
 A finished cell is written in one transaction, so an interrupted sweep loses nothing finished and a rerun of the
 same command skips the cells already done. A store of schema 1 (a column per metric, and the reference cell known by
@@ -63,6 +63,12 @@ _LONG_TABLES = [
         prompt INTEGER NOT NULL, value REAL, PRIMARY KEY (cell_id, step, metric, prompt)
     ) WITHOUT ROWID""",
 ]
+# Each configuration's step time in each round of a run's side-by-side measurement (``dpobench.stepcost``); added to
+# schema 2 by ``CREATE TABLE IF NOT EXISTS`` when a store is opened for writing (older stores read as having none)
+_STEP_COSTS = """CREATE TABLE IF NOT EXISTS step_costs (
+    run_id TEXT NOT NULL REFERENCES runs(run_id), variant TEXT NOT NULL, params TEXT NOT NULL, round INTEGER NOT NULL,
+    step_time_ms REAL NOT NULL, PRIMARY KEY (run_id, variant, params, round)
+) WITHOUT ROWID"""
 _SOURCES = {"step": "steps", "eval": "evaluations"}  # a source's wide view (schema 1: its table)
 
 
@@ -132,6 +138,7 @@ class Store:
                 self.db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
             elif version == 1:
                 self._migrate_from_1(tables)
+            self.db.execute(_STEP_COSTS)
             self._write_views()
         return SCHEMA_VERSION
 
@@ -273,6 +280,15 @@ class Store:
                 "INSERT INTO prompt_values (cell_id, step, metric, prompt, value) VALUES (?, ?, ?, ?, ?)", prompts
             )
 
+    def write_step_costs(self, run_id: str, times: Sequence[Mapping[str, Any]]) -> None:
+        """A run's side-by-side step-cost measurement, one transaction: ``variant``, ``params`` (JSON, no β),
+        ``round``, ``step_time_ms`` per row; a measurement repeated for the run replaces the earlier one."""
+        self._writable()
+        rows = [(run_id, t["variant"], t["params"], int(t["round"]), float(t["step_time_ms"])) for t in times]
+        with self._transaction():
+            self.db.execute("DELETE FROM step_costs WHERE run_id=?", (run_id,))
+            self.db.executemany("INSERT INTO step_costs VALUES (?, ?, ?, ?, ?)", rows)
+
     def _writable(self) -> None:
         if self.readonly:
             raise StoreError(f"{self.path}: opened read-only")
@@ -322,6 +338,17 @@ class Store:
             params=(metric,),
         )
         return frame.astype({"prompt": "int64", "value": "float64"})
+
+    def step_costs(self) -> pd.DataFrame:
+        """Every run's side-by-side step times: ``run_id``, ``variant``, ``params``, ``round``, ``step_time_ms``, with
+        the run's ``created`` time (empty for a store that has none)."""
+        if "step_costs" not in self._tables():
+            return pd.DataFrame(columns=["run_id", "variant", "params", "round", "step_time_ms", "created"])
+        return pd.read_sql_query(
+            "SELECT s.*, r.created FROM step_costs s JOIN runs r USING (run_id) ORDER BY r.created, s.variant, "
+            "s.params, s.round",
+            self.db,
+        )
 
     def frame(self, table: str) -> pd.DataFrame:
         """A table as it is: ``runs``, ``cells``, or the wide views ``steps`` and ``evaluations``."""

@@ -30,6 +30,7 @@ import pandas as pd
 import torch
 
 import dpobench
+from dpobench._util import one_line
 from dpobench.acceleration import Acceleration, plan_acceleration
 from dpobench.config import (
     PRESETS,
@@ -49,6 +50,7 @@ from dpobench.models import reference_model as build_reference_model
 from dpobench.plugins import get_losses
 from dpobench.plugins import state as plugin_state
 from dpobench.registry import LossSpec
+from dpobench.stepcost import configuration_key, measure_step_costs
 from dpobench.store import Store
 from dpobench.tables import cell_finals, read_tidy
 from dpobench.train import CellResult, Evaluator, train_cell
@@ -424,6 +426,17 @@ def _execute(
                 break  # cells left, or the summary and report, wait for a rerun)
     if should_stop():
         raise SweepInterrupted(f"stopped after {committed} of {len(todo)} cells of this run")
+    costs = store.step_costs()
+    measured = set(zip(costs.variant, costs.params, strict=True))
+    unmeasured = {configuration_key(cell) for cell in plan.cells} - measured
+    if todo or unmeasured:  # each configuration's step cost side by side: the cells' own times are not comparable
+        try:
+            times = measure_step_costs(prepared, plan.cells, config.step_cost_rounds, should_stop, progress)
+        except Exception as error:  # the cells are committed; a measurement that breaks costs the report one table
+            progress(f"step cost not measured: {one_line(error)}")
+            times = []
+        if times:
+            store.write_step_costs(run_id, [asdict(t) for t in times])
     return ours
 
 

@@ -36,6 +36,7 @@ __all__ = [
     "resolve_metric",
     "run_info",
     "scenario_table",
+    "step_cost_table",
     "summary_csv",
     "summary_table",
     "throughput_table",
@@ -380,6 +381,40 @@ def throughput_table(finals: pd.DataFrame) -> pd.DataFrame:
     columns += ["peak_memory_mb"] if not cells.device.eq("cpu").all() else []
     table = cells.groupby(["variant", "device"], as_index=False)[columns].mean()
     return table.sort_values("pairs_per_s", ascending=False).reset_index(drop=True)
+
+
+#: rounds from which "every round agrees" is a difference at 5%: a two-sided sign test, 2 × 0.5^6 = 0.031
+SIGN_TEST_ROUNDS = 6
+
+
+def step_cost_table(store: str | Path) -> pd.DataFrame:
+    """The latest side-by-side step-cost measurement of a store (``dpobench.stepcost``), one row per configuration,
+    cheapest first: ``configuration``, ``step_ms`` (median over rounds), ``x_median`` (its step time over the median
+    configuration's in the same round, median over rounds), ``x_low`` / ``x_high`` (the least and most of those
+    ratios), ``rounds``, and ``differs``: "cheaper" or "dearer" where every one of ``SIGN_TEST_ROUNDS`` or more rounds
+    says so, else "" (the same cost within what the measurement can tell). ``attrs``: its ``run_id``. Empty where the
+    store holds none."""
+    columns = ["configuration", "step_ms", "x_median", "x_low", "x_high", "rounds", "differs"]
+    with Store(store, readonly=True) as results:
+        costs = results.step_costs()
+    if costs.empty:
+        return pd.DataFrame(columns=columns)
+    run_id = costs.run_id.iloc[-1]  # oldest first: the last run that measured
+    costs = costs[costs.run_id == run_id].copy()
+    costs["ratio"] = costs.step_time_ms / costs.groupby("round").step_time_ms.transform("median")
+    several = costs.groupby("variant").params.nunique()
+    rows = []
+    for (variant, params), group in costs.groupby(["variant", "params"], sort=False):
+        shown = _parameters(params)
+        ratios = group.ratio
+        agree = len(ratios) >= SIGN_TEST_ROUNDS and ((ratios < 1).all() or (ratios > 1).all())
+        rows.append({"configuration": f"{variant}[{shown}]" if several[variant] > 1 and shown else variant,
+                     "step_ms": group.step_time_ms.median(), "x_median": ratios.median(), "x_low": ratios.min(),
+                     "x_high": ratios.max(), "rounds": len(ratios),
+                     "differs": ("cheaper" if (ratios < 1).all() else "dearer") if agree else ""})  # fmt: skip
+    table = pd.DataFrame(rows, columns=columns).sort_values("x_median", kind="stable").reset_index(drop=True)
+    table.attrs["run_id"] = run_id
+    return table
 
 
 def run_info(store: str | Path) -> list[dict[str, object]]:

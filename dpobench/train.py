@@ -141,6 +141,11 @@ class CellTrainer:
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
 
+    def use_loss(self, loss: PreferenceLoss) -> None:
+        """Train with ``loss`` from the next step on: the side-by-side step-cost measurement (``dpobench.stepcost``)
+        times every configuration on one trainer, one batch and one set of weights."""
+        self.loss, self.statistics = loss, declared_statistics(loss)
+
     def step(self, index: torch.Tensor | None = None) -> dict[str, float]:
         """One optimizer step on the pairs ``index`` (default: the next batch of the order); its metrics.
 

@@ -381,8 +381,8 @@ def test_every_table_and_figure_keeps_a_variants_settings_apart(store_dir: Path,
     assert beta.loc[plain, 0.5] == pytest.approx(0.21) and EVIL in beta.index
     curves = sections["training"].figures[0].axes[0]
     assert {plain, smoothed} <= {line.get_label() for line in curves.get_lines()}
-    speed = sections["throughput"].tables[0][1].set_index("variant")
-    assert speed.loc[smoothed, "pairs_per_s"] == pytest.approx(50.0) and speed.loc[plain, "pairs_per_s"] > 99
+    # cells timed one after another are not compared on speed: the sweep's range only, and no per-variant table
+    assert "no variant is compared on speed" in sections["throughput"].text and not sections["throughput"].tables
 
 
 def test_the_header_names_each_plugin_with_its_version_and_source() -> None:
@@ -428,21 +428,58 @@ def test_report_errors_are_one_line(data_store_dir: Path, tmp_path: Path, args: 
     assert "Traceback" not in result.stderr and (tmp_path / "FILE").read_text() == "not a folder"
 
 
-def test_throughput_labels_long_configurations_once_and_lays_out(recwarn) -> None:
-    """A --param grid's labels, repeated on each of three panels, collapsed them: matplotlib warned that
-    constrained_layout was not applied, and labels ran over the neighbouring panels."""
+def test_step_cost_labels_long_configurations_once_and_lays_out(recwarn) -> None:
+    """A --param grid's labels collapsed a figure with several panels: matplotlib warned that constrained_layout was
+    not applied, and labels ran over the neighbouring panels. Each label is drawn once, wrapped, cheapest first, with
+    the measurement's verdict on it."""
     import io
 
     labels = [f"seed_custom_dpo[confidence_weighting={c}, length_normalization={n}, temperature={t}]"
               for c in (False, True) for n in (False, True) for t in (0.5, 1)]  # fmt: skip
-    table = pd.DataFrame({"variant": labels, "device": "cpu", "pairs_per_s": np.arange(1.0, 9.0),
-                          "tokens_per_s": 10.0, "step_time_ms": 5.0, "peak_memory_mb": 100.0})  # fmt: skip
-    fig = figures.throughput(table, figures.variant_colors(labels), "cpu")
+    costs = pd.DataFrame({"configuration": labels, "step_ms": 5.0, "x_median": np.linspace(0.9, 1.1, 8),
+                          "x_low": 0.8, "x_high": 1.2, "rounds": 7, "differs": ["cheaper"] + [""] * 7})  # fmt: skip
+    memory = pd.DataFrame({"variant": labels, "device": "cuda", "peak_memory_mb": 100.0})
+    fig = figures.throughput(costs, figures.variant_colors(["seed_custom_dpo"]), "cuda", memory)
     fig.savefig(io.BytesIO(), format="svg")
     assert not [w for w in recwarn if "constrained_layout not applied" in str(w.message)]
-    first, *others = fig.axes
-    assert [t.get_text().replace("\n", " ") for t in first.get_yticklabels()] == labels  # by pairs/s, wrapped
-    assert all(t.get_text() == "" for ax in others for t in ax.get_yticklabels())
+    shown = [t.get_text().replace("\n", " ") for t in fig.axes[0].get_yticklabels()]
+    assert shown == [f"{labels[0]} (cheaper)", *labels[1:]]
+    assert [ax.get_xlabel() for ax in fig.axes] == [
+        "step time / the median configuration's, same round (dot: median, line: least to most over rounds)",
+        "peak memory (MiB)",
+    ]
+
+
+def test_the_step_cost_table_compares_configurations_within_each_round(tmp_path: Path) -> None:
+    """Four configurations over six rounds of the latest run (an older run's rounds are left out): a 8 ms, b 10,
+    c 12, d alternating 9 and 13. Round medians: 9.5 where d is 9, 11 where d is 13. Ratios: a 0.842 / 0.727 (every
+    round below 1: cheaper), b 1.053 / 0.909, c 1.263 / 1.091 (every round above: dearer), d 0.947 / 1.182. Five
+    rounds are too few for a sign test at 5% (2 × 0.5⁵ = 0.0625): nothing differs then."""
+    from dpobench.tables import step_cost_table
+
+    store = Store(tmp_path / "results.sqlite")
+    for run_id in ("old", "new"):
+        store.add_run(run_id, config={})
+    store.write_step_costs(
+        "old", [{"variant": "a", "params": "{}", "round": r, "step_time_ms": 99.0} for r in range(6)]
+    )
+    times = {"a": [8] * 6, "b": [10] * 6, "c": [12] * 6, "d": [9, 13] * 3}
+    store.write_step_costs("new", [{"variant": v, "params": "{}", "round": r, "step_time_ms": float(ms)}
+                                   for v, values in times.items() for r, ms in enumerate(values)])  # fmt: skip
+    store.close()
+    table = step_cost_table(tmp_path).set_index("configuration")
+    assert list(table.index) == ["a", "b", "d", "c"] and table.attrs["run_id"] == "new"
+    ranges = {"a": (8 / 11, 8 / 9.5), "b": (10 / 11, 10 / 9.5), "c": (12 / 11, 12 / 9.5), "d": (9 / 9.5, 13 / 11)}
+    for name, (least, most) in ranges.items():
+        row = table.loc[name]
+        np.testing.assert_allclose([row.x_low, row.x_high, row.x_median], [least, most, (least + most) / 2])
+    assert table.differs.to_dict() == {"a": "cheaper", "b": "", "d": "", "c": "dearer"}
+    assert table.step_ms.to_dict() == {"a": 8.0, "b": 10.0, "d": 11.0, "c": 12.0} and (table.rounds == 6).all()
+    store = Store(tmp_path / "results.sqlite")
+    store.write_step_costs("new", [{"variant": v, "params": "{}", "round": r, "step_time_ms": float(ms)}
+                                   for v, values in times.items() for r, ms in enumerate(values[:5])])  # fmt: skip
+    store.close()
+    assert (step_cost_table(tmp_path).differs == "").all()  # the measurement replaced: five rounds each
 
 
 def test_one_gold_value_among_seeds_gets_its_own_cells_interval() -> None:
@@ -547,8 +584,8 @@ def test_a_parameter_study_needs_two_configurations() -> None:
 
 def test_peak_memory_is_shown_for_cuda_only() -> None:
     """On the CPU a cell's peak memory is the process's peak RSS so far, inherited from the cells before it (about
-    the same 530 MB for every variant of the default run): the table and the figure leave it out there, and show
-    CUDA's max_memory_allocated. tokens/s, pairs/s times a constant, gets no panel."""
+    the same 530 MB for every variant of the default run): the table leaves it out there, and keeps CUDA's
+    max_memory_allocated."""
     from dpobench.tables import throughput_table
 
     def finals(device: str) -> pd.DataFrame:
@@ -557,12 +594,6 @@ def test_peak_memory_is_shown_for_cuda_only() -> None:
 
     cpu, cuda = throughput_table(finals("cpu")), throughput_table(finals("cuda"))
     assert "peak_memory_mb" not in cpu and cuda.peak_memory_mb.tolist() == [300.0, 200.0]
-    colors = figures.variant_colors(["dpo", "ipo"])
-    assert [ax.get_xlabel() for ax in figures.throughput(cpu, colors, "cpu").axes] == ["training throughput (pairs/s)"]
-    assert [ax.get_xlabel() for ax in figures.throughput(cuda, colors, "cuda").axes] == [
-        "training throughput (pairs/s)",
-        "peak memory (MiB)",
-    ]
 
 
 def test_frontier_tells_33_named_variants_apart_and_keeps_the_largest_kl_in_frame() -> None:

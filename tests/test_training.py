@@ -115,6 +115,29 @@ def test_rerun_skips_finished_cells(tmp_path: Path) -> None:
     assert sorted(third.variant) == ["(reference)", "hinge"]
 
 
+def test_step_costs_are_measured_side_by_side_once_per_configuration(tmp_path: Path) -> None:
+    """After its cells, a sweep times each configuration (variant and parameters; β changes no step) on one batch
+    in interleaved rounds: three variants × two β are three configurations × the rounds asked for. A rerun that
+    trains nothing (and finds every configuration measured) measures nothing; one that trains measures its own
+    configurations side by side; --step-cost-rounds 0 measures nothing."""
+    sweep(tmp_path, variants=("dpo", "ipo", "aot"), betas=(0.1, 0.5), steps=2, step_cost_rounds=6)
+    costs = Store(tmp_path / "results.sqlite").step_costs()
+    assert (
+        sorted(costs.variant.unique()) == ["aot", "dpo", "ipo"]
+        and (costs.groupby("variant").params.nunique() == 1).all()
+    )
+    assert not costs.params.str.contains('"beta"').any()  # a configuration's parameters but β
+    assert costs.groupby("variant")["round"].apply(sorted).tolist() == [list(range(6))] * 3
+    assert (costs.step_time_ms > 0).all() and costs.run_id.nunique() == 1
+    sweep(tmp_path, variants=("dpo", "ipo", "aot"), betas=(0.1, 0.5), steps=2, step_cost_rounds=6)
+    assert len(Store(tmp_path / "results.sqlite").step_costs()) == 18  # nothing trained, nothing measured
+    sweep(tmp_path, variants=("dpo", "hinge"), steps=2, step_cost_rounds=6)  # hinge trains: both measured anew
+    latest = Store(tmp_path / "results.sqlite").step_costs().groupby("run_id").variant.unique().iloc[-1]
+    assert sorted(latest) == ["dpo", "hinge"]
+    sweep(tmp_path / "none", variants=("dpo", "ipo"), steps=2, step_cost_rounds=0)
+    assert Store(tmp_path / "none" / "results.sqlite").step_costs().empty
+
+
 def test_provenance_on_every_cell(tmp_path: Path) -> None:
     sweep(tmp_path, variants=("cdpo",), steps=3)
     store = Store(tmp_path / "results.sqlite")
