@@ -45,7 +45,17 @@ VERDICT_RULES = (
     "degenerate and never picked; the Pareto set is the healthy configurations no other healthy one beats on both "
     "gold reward and KL; 'most reward' is the best-ranked healthy configuration (configurations of the same rank "
     f"differ within noise: ties); 'least drift' has the lowest KL among those keeping {NEAR_BEST:.0%} of the best "
-    "gain in gold reward over the SFT reference. The ranked summary below has every number."
+    "gain in gold reward over the SFT reference. The picks hold for this model and task: rerun on yours (--model, "
+    "--data) before trusting them there. The ranked summary below has every number."
+)
+PAIRED_RANK_RULE = (
+    "Rank: 1 + the number of configurations better than this one beyond noise, compared prompt by prompt on the same "
+    "held-out prompts (paired differences); equal ranks are ties, so a row can share a rank with, or outrank, one "
+    "whose mean is a little higher."
+)
+INTERVAL_RANK_RULE = (
+    "Rank: configurations whose 95% intervals overlap their rank's leader (its best) share the leader's rank (ties); "
+    "the first that does not starts the next rank."
 )
 HONESTY = (
     "Every number in this report was measured by dpobench on the runs named below, or (model-free geometry) "
@@ -221,11 +231,19 @@ def build_report(store: str | Path, metric: str | None = None, bench: str | Path
               ("batch layout", batch_layout(runs)),
               ("ranked by", metric), ("report by", f"dpobench {dpobench.__version__}")]  # fmt: skip
     sections = []
-    decided = verdict(summary, reference_gold) if metric == "gold_reward" and gold else None
+    decided = verdict(summary, reference_gold, most=None) if metric == "gold_reward" and gold else None
     if metric == "gold_reward" and gold:
         lines = decided.lines if decided else (NO_PICK,)
-        sections.append(Section("verdict", "Which loss?", VERDICT_RULES, lines=[line + "." for line in lines],
-                                tables=[("decision table", decision_table(summary, decided))]))  # fmt: skip
+        table = decision_table(summary, decided)
+        betas = table["β"].unique() if "β" in table else []
+        if len(betas) == 1:  # one β for every row: said once, not in a column of the same number
+            table = table.drop(columns="β")
+        rank_rule = PAIRED_RANK_RULE if main_scenario in paired else INTERVAL_RANK_RULE
+        sections.append(Section("verdict", "Which loss?", f"{rank_rule} The SFT reference every configuration starts "
+                                f"from scores a gold reward of {reference_gold:+.3f} (KL 0); the variant named sft is "
+                                "trained with the SFT loss on the chosen responses. " + VERDICT_RULES
+                                + (f" Every configuration here trained at β = {betas[0]}." if len(betas) == 1 else ""),
+                                lines=[line + "." for line in lines], tables=[("decision table", table)]))  # fmt: skip
     sections += [
         Section(
             "summary",
@@ -469,9 +487,9 @@ def _verdict_page(report: Report, section: Section) -> Figure:
         for i, part in enumerate(_wrap(line, 150)):
             page.text(0.04 if i == 0 else 0.055, y, ("• " if i == 0 else "") + part, fontsize=8, va="top")
             y -= 0.02
-    for part in _wrap(section.text, 170):
-        page.text(0.04, y, part, fontsize=6.5, va="top", color="0.3")
-        y -= 0.016
+    for part in _wrap(section.text, 165):
+        page.text(0.04, y, part, fontsize=7.5, va="top", color="0.25")
+        y -= 0.018
     name, table = section.tables[0]
     shown = _fmt_table(table.head(FIRST_PAGE_ROWS))
     caption = f"{name}" + (f" (first {FIRST_PAGE_ROWS} of {len(table)} rows; the ranked summary has all)"

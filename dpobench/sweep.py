@@ -401,6 +401,7 @@ def _execute(
         ours.append(identity)
         if not store.finished(identity):
             todo.append((identity, cell))
+    planned = list(zip(ours[len(config.seeds) :], plan.cells, strict=True))
     total = len(plan.cells)
     progress(f"{total} cell{'s' * (total != 1)}, {total - len(todo)} already in the store, {len(todo)} to run")
     if todo:  # after the data and settings checks, so that an error there stays the only line
@@ -426,18 +427,29 @@ def _execute(
                 break  # cells left, or the summary and report, wait for a rerun)
     if should_stop():
         raise SweepInterrupted(f"stopped after {committed} of {len(todo)} cells of this run")
+    _measure_step_costs(prepared, store, run_id, planned, bool(todo), progress, should_stop)
+    return ours
+
+
+def _measure_step_costs(
+    prepared: Prepared, store: Store, run_id: str, planned: list[tuple[str, Cell]], trained: bool,
+    progress: Callable[[str], None], should_stop: Callable[[], bool],
+) -> None:  # fmt: skip
+    """Each configuration's step cost side by side (the cells' own step times are not comparable), where this command
+    trained a cell or a configuration has none yet. Only configurations with a finished cell: a loss that failed, or
+    killed its worker, is not run again here, in the driver."""
+    status = store.cells().set_index("cell_id").status
+    done = [cell for identity, cell in planned if status.get(identity) == "done"]
     costs = store.step_costs()
-    measured = set(zip(costs.variant, costs.params, strict=True))
-    unmeasured = {configuration_key(cell) for cell in plan.cells} - measured
-    if todo or unmeasured:  # each configuration's step cost side by side: the cells' own times are not comparable
+    unmeasured = {configuration_key(cell) for cell in done} - set(zip(costs.variant, costs.params, strict=True))
+    if trained or unmeasured:
         try:
-            times = measure_step_costs(prepared, plan.cells, config.step_cost_rounds, should_stop, progress)
+            times = measure_step_costs(prepared, done, prepared.config.step_cost_rounds, should_stop, progress)
         except Exception as error:  # the cells are committed; a measurement that breaks costs the report one table
             progress(f"step cost not measured: {one_line(error)}")
             times = []
         if times:
             store.write_step_costs(run_id, [asdict(t) for t in times])
-    return ours
 
 
 def _label(config: SweepConfig, cell: Cell, number: int, total: int) -> str:

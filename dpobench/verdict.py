@@ -41,9 +41,10 @@ class Verdict:
     lines: tuple[str, ...]
 
 
-def verdict(summary: pd.DataFrame, reference_gold: float) -> Verdict | None:
+def verdict(summary: pd.DataFrame, reference_gold: float, most: int | None = 6) -> Verdict | None:
     """The verdict of a ``tables.summary_table`` ranked by gold reward (its clean scenario, where it has one); None
-    where there is nothing to decide on (no gold reward: pairs from ``--data``; no healthy configuration)."""
+    where there is nothing to decide on (no gold reward: pairs from ``--data``; no healthy configuration). Its lines
+    name ``most`` configurations of a list and count the rest (None: name them all)."""
     if "gold_reward" not in summary or "kl_to_reference" not in summary:
         return None
     rows = summary[(summary.seeds > 0) & summary.gold_reward.notna() & summary.kl_to_reference.notna()]
@@ -74,13 +75,15 @@ def verdict(summary: pd.DataFrame, reference_gold: float) -> Verdict | None:
     seeds = int(rows.seeds.min())
     lines = [
         f"Most reward: {names[winner]} ({_scores(rows.loc[winner], grammatical[winner])})"
-        + (f"; tied within noise with {_list(ties)}" if ties else ""),
+        + (f"; tied within noise with {_list(ties, most)}" if ties else ""),
         f"Least drift for ≥ {NEAR_BEST:.0%} of the best gain over the SFT reference: {names[drift]} "
         f"({_scores(rows.loc[drift], grammatical[drift])})",
-        f"Pareto set (gold ↑, KL ↓, healthy only): {_list(pareto)}",
+        f"Pareto set (gold ↑, KL ↓, among the healthy): {_list(pareto, most)}",
     ]
     if degenerate:
-        lines.append(f"Not picked, degenerate (< {HEALTHY_GRAMMATICAL:.0%} grammatical samples): {_list(degenerate)}")
+        lines.append(
+            f"Not picked, degenerate (< {HEALTHY_GRAMMATICAL:.0%} grammatical samples): {_list(degenerate, most)}"
+        )
     if seeds == 1:
         lines.append("One seed: the order rests on one training run per configuration; --seeds 0,1,2 measures it")
     return Verdict(names[winner], ties, names[drift], pareto, degenerate, seeds, tuple(lines))
@@ -99,9 +102,10 @@ def _scores(row: pd.Series, grammatical: float) -> str:
     return f"{gold}, KL {row.kl_to_reference:.2f}, {grammatical:.0%} grammatical"
 
 
-def _list(names: tuple[str, ...], most: int = 6) -> str:
-    shown = ", ".join(names[:most])
-    return shown + (f" and {len(names) - most} more" if len(names) > most else "")
+def _list(names: tuple[str, ...], most: int | None) -> str:
+    if most is None or len(names) <= most:
+        return ", ".join(names)
+    return ", ".join(names[:most]) + f" and {len(names) - most} more"
 
 
 def decision_table(summary: pd.DataFrame, decided: Verdict | None = None) -> pd.DataFrame:

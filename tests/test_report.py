@@ -530,7 +530,9 @@ def test_the_summary_defines_its_columns_and_names_degenerate_samples(store_dir:
     report = build_report(store_dir)
     first = report.sections[0]  # the verdict comes first: the picks, then the rules they follow
     assert first.id == "verdict" and first.lines[0].startswith("Most reward: dpo β=0.1 (gold +0.350")
-    assert first.text.startswith("How these are chosen:")
+    # two seeds: the interval rule, stated where the table is; then the reference's score and the picking rules
+    assert first.text.startswith("Rank: configurations whose 95% intervals overlap their rank's leader")
+    assert "scores a gold reward of +0.000 (KL 0)" in first.text and "How these are chosen:" in first.text
     summary = next(s for s in report.sections if s.id == "summary")
     assert "gold_reward (higher is better), kl_to_reference (lower is better)" in summary.text
     ((_, ranked),) = summary.tables

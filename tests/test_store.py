@@ -77,6 +77,7 @@ def test_a_schema_1_store_reads_as_before_without_being_changed(tmp_path: Path) 
     assert (finals.role == "reference").sum() == 1
     with Store(tmp_path, readonly=True) as store:
         assert store.schema == 1
+        assert store.step_costs().empty  # measured side by side by later versions only: none, and no error
         with pytest.raises(StoreError, match="opened read-only"):
             store.add_run("x")
     assert hashlib.sha256(path.read_bytes()).hexdigest() == before
@@ -99,7 +100,7 @@ def test_a_schema_1_store_migrates_when_opened_for_writing(tmp_path: Path) -> No
         view_losses = db.execute("SELECT COUNT(*), SUM(loss) FROM steps").fetchone()
     assert int(version) == SCHEMA_VERSION == 2
     assert kinds == {"meta": "table", "runs": "table", "cells": "table", "measurements": "table",
-                     "prompt_values": "table", "steps": "view", "evaluations": "view"}  # fmt: skip
+                     "prompt_values": "table", "step_costs": "table", "steps": "view", "evaluations": "view"}  # fmt: skip
     assert {(c, s, st, m): v for c, s, st, m, v in rows} == values and len(rows) == len(values) == 646
     assert per_prompt == samples and len(samples) == 9 * 256  # 4 cells × 2 evaluations and the reference's one
     assert roles == {"(reference)": "reference", "dpo": "variant", "ipo": "variant", "nan_loss": "variant"}
