@@ -561,16 +561,22 @@ _ROW_NAMES = ("rank", "variant", "configuration", "beta", "scenario")
 
 
 def _table_pages(title: str, table: pd.DataFrame, rows_per_page: int = 36, columns_per_page: int = 12,
-                 cell_chars: int = 28) -> list[Figure]:  # fmt: skip
+                 cell_chars: int = 28, long_chars: int = 110) -> list[Figure]:  # fmt: skip
     """A table on A4 landscape pages: every column, in groups of ``columns_per_page`` with the row-naming columns
-    repeated in each group; cells longer than ``cell_chars`` cut with "…"."""
+    repeated in each group, each column as wide as its text. A column with cells longer than ``cell_chars`` (a
+    configuration's parameters) gets a group of its own, where its cells keep up to ``long_chars``; longer cells are
+    cut with "…"."""
     names = [c for c in table.columns if c in _ROW_NAMES]
     rest = [c for c in table.columns if c not in _ROW_NAMES]
+    long = [c for c in rest if table[c].astype(str).str.len().max() > cell_chars]
+    short = [c for c in rest if c not in long]
     width = max(1, columns_per_page - len(names))
-    groups = [names + rest[i : i + width] for i in range(0, len(rest), width)] or [names]
+    groups = [(names + short[i : i + width], cell_chars) for i in range(0, len(short), width)]
+    groups += [(names + [c], long_chars) for c in long]
+    groups = groups or [(names, cell_chars)]
     cut = lambda text, n: text if len(text) <= n else text[: n - 1] + "…"  # noqa: E731
     pages = []
-    for number, columns in enumerate(groups, 1):
+    for number, (columns, chars) in enumerate(groups, 1):
         part_of = f", columns {number} of {len(groups)}" if len(groups) > 1 else ""
         for start in range(0, max(1, len(table)), rows_per_page):
             part = table.iloc[start : start + rows_per_page][columns].astype(str)
@@ -579,10 +585,11 @@ def _table_pages(title: str, table: pd.DataFrame, rows_per_page: int = 36, colum
             ax = fig.add_axes((0.03, 0.03, 0.94, 0.88))
             ax.axis("off")
             if len(part):
-                cell_table = ax.table(cellText=[[cut(c, cell_chars) for c in row] for row in part.values.tolist()],
+                cell_table = ax.table(cellText=[[cut(c, chars) for c in row] for row in part.values.tolist()],
                                       colLabels=[cut(str(c), 20) for c in columns], loc="upper center", cellLoc="left")  # fmt: skip
                 cell_table.auto_set_font_size(False)
                 cell_table.set_fontsize(6.5)
+                cell_table.auto_set_column_width(list(range(len(columns))))
                 cell_table.scale(1, 1.15)
             pages.append(fig)
     return pages

@@ -494,14 +494,15 @@ def test_one_gold_value_among_seeds_gets_its_own_cells_interval() -> None:
 
 def test_pdf_tables_keep_every_column_and_name_each_row_on_every_page() -> None:
     """A table wider than a page goes onto several, each with the row-naming columns; it used to keep the first 12
-    columns only, so the PDF's ranked summary lost its rank. Long cells are cut visibly."""
+    columns only, so the PDF's ranked summary lost its rank. A column of long cells (the parameters) gets a page of
+    its own instead of being cut at 28 characters; past 110, cells are cut visibly."""
     from dpobench.report import _table_pages
 
     columns = ["rank", "variant", "configuration", "parameters", *(f"m{i}" for i in range(20))]
     table = pd.DataFrame([[1, "dpo", "dpo", "x" * 40, *range(20)], [2, "ipo", "ipo", "", *range(20, 40)]],
                          columns=columns)  # fmt: skip
     pages = _table_pages("Summary: ranked summary", table, columns_per_page=14)
-    assert len(pages) == 2  # 21 other columns, 11 per page beside the 3 names
+    assert len(pages) == 3  # 20 short columns, 11 per page beside the 3 names; the long one on a page of its own
     shown = []
     for page in pages:
         cells = page.axes[0].tables[0].get_celld()
@@ -510,10 +511,12 @@ def test_pdf_tables_keep_every_column_and_name_each_row_on_every_page() -> None:
         shown += header[3:]
         rows = [[cells[r, c].get_text().get_text() for c in range(len(header))] for r in (1, 2)]
         assert [row[:3] for row in rows] == [["1", "dpo", "dpo"], ["2", "ipo", "ipo"]]
-    assert shown == columns[3:]
-    first = pages[0].axes[0].tables[0].get_celld()
-    assert first[1, 3].get_text().get_text() == "x" * 27 + "…"
-    assert pages[1]._suptitle.get_text() == "Summary: ranked summary (rows 1–2 of 2, columns 2 of 2)"
+    assert shown == [*columns[4:], "parameters"]
+    last = pages[2].axes[0].tables[0].get_celld()
+    assert last[1, 3].get_text().get_text() == "x" * 40  # whole, on its own page
+    assert pages[2]._suptitle.get_text() == "Summary: ranked summary (rows 1–2 of 2, columns 3 of 3)"
+    cut = _table_pages("t", table.assign(parameters="y" * 200))[-1].axes[0].tables[0].get_celld()
+    assert cut[1, 3].get_text().get_text() == "y" * 109 + "…"
 
 
 def test_the_summary_defines_its_columns_and_names_degenerate_samples(store_dir: Path) -> None:
