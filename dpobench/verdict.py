@@ -16,7 +16,7 @@ The rules, each stated where it is shown:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pandas as pd
 
@@ -39,6 +39,8 @@ class Verdict:
     degenerate: tuple[str, ...]
     seeds: int
     lines: tuple[str, ...]
+    #: each healthy configuration off the Pareto set → the Pareto configuration with the most reward that beats it
+    beaten_by: dict[str, str] = field(default_factory=dict)
 
 
 def verdict(summary: pd.DataFrame, reference_gold: float, most: int | None = 6) -> Verdict | None:
@@ -66,12 +68,16 @@ def verdict(summary: pd.DataFrame, reference_gold: float, most: int | None = 6) 
     best_gain = gain.max()
     keeping = healthy[gain >= NEAR_BEST * best_gain] if best_gain > 0 else healthy.loc[[winner]]
     drift = keeping.kl_to_reference.idxmin()
-    pareto = tuple(
-        names[i]
-        for i, row in healthy.sort_values("gold_reward", ascending=False).iterrows()
-        if not ((healthy.gold_reward >= row.gold_reward) & (healthy.kl_to_reference <= row.kl_to_reference)
-                & ((healthy.gold_reward > row.gold_reward) | (healthy.kl_to_reference < row.kl_to_reference))).any()
-    )  # fmt: skip
+    by_gold = healthy.sort_values("gold_reward", ascending=False)
+    beats = {  # i → the healthy rows at least as good on both, and better on one
+        i: by_gold[(by_gold.gold_reward >= row.gold_reward) & (by_gold.kl_to_reference <= row.kl_to_reference)
+                   & ((by_gold.gold_reward > row.gold_reward) | (by_gold.kl_to_reference < row.kl_to_reference))].index
+        for i, row in by_gold.iterrows()
+    }  # fmt: skip
+    pareto = tuple(names[i] for i in by_gold.index if beats[i].empty)
+    beaten_by = {
+        names[i]: next(names[j] for j in better if beats[j].empty) for i, better in beats.items() if len(better)
+    }
     seeds = int(rows.seeds.min())
     lines = [
         f"Most reward: {names[winner]} ({_scores(rows.loc[winner], grammatical[winner])})"
@@ -86,7 +92,10 @@ def verdict(summary: pd.DataFrame, reference_gold: float, most: int | None = 6) 
         )
     if seeds == 1:
         lines.append("One seed: the order rests on one training run per configuration; --seeds 0,1,2 measures it")
-    return Verdict(names[winner], ties, names[drift], pareto, degenerate, seeds, tuple(lines))
+    betas = rows.beta.dropna().unique() if "beta" in rows else []
+    if len(betas) == 1:
+        lines.append(f"One β ({betas[0]:g}) for every configuration: --betas 0.05,0.1,0.5 compares β values")
+    return Verdict(names[winner], ties, names[drift], pareto, degenerate, seeds, tuple(lines), beaten_by)
 
 
 def configuration_name(row: pd.Series) -> str:
@@ -146,5 +155,6 @@ def _what_became_of(name: str, row: pd.Series, decided: Verdict | None) -> str:
     if decided is None:
         return ""
     said = [("most reward", name == decided.most_reward), ("least drift", name == decided.least_drift),
-            ("tie", name in decided.most_reward_ties), ("Pareto set", name in decided.pareto)]  # fmt: skip
+            ("tie", name in decided.most_reward_ties), ("Pareto set", name in decided.pareto),
+            (f"beaten by {decided.beaten_by.get(name)}", name in decided.beaten_by)]  # fmt: skip
     return ", ".join(word for word, holds in said if holds)

@@ -34,13 +34,16 @@ def test_a_degenerate_winner_is_not_picked_and_ties_are_called_ties() -> None:
         "Most reward: dpo β=0.1 (gold +0.300 ± 0.050, KL 0.70, 86% grammatical); tied within noise with ipo β=0.1"
     )
     assert not any(line.startswith("One seed") for line in decided.lines)  # three seeds
+    assert not any(line.startswith("One β") for line in decided.lines)  # 0.1 and 0.5
+    assert decided.beaten_by == {"slic β=0.5": "cpo β=0.1"}  # the degenerate one is not "beaten": it is out
 
 
 def test_one_seed_is_said_and_a_variant_without_beta_has_no_beta_in_its_name() -> None:
     decided = verdict(summary([("dpo", 0.1, 1, 0.3, 0.7, 0.9), ("kto_like", math.nan, 2, 0.2, 0.5, 0.9)], seeds=1),
                       reference_gold=0.1)  # fmt: skip
     assert decided is not None and decided.seeds == 1
-    assert decided.lines[-1].startswith("One seed: the order rests on one training run per configuration")
+    assert decided.lines[-2].startswith("One seed: the order rests on one training run per configuration")
+    assert decided.lines[-1] == "One β (0.1) for every configuration: --betas 0.05,0.1,0.5 compares β values"
     assert decided.pareto == ("dpo β=0.1", "kto_like")
     assert decided.least_drift == "dpo β=0.1"  # kto_like's gain 0.1 is half of dpo's 0.2
 
@@ -70,7 +73,7 @@ def test_the_decision_table_keeps_what_a_choice_rests_on_and_says_what_became_of
         ["1", "broken", "0.1", "+0.400 ± 0.050", "5.00", "50%", "15.0", "degenerate samples"],
         ["1", "dpo", "0.1", "+0.300 ± 0.050", "0.70", "86%", "15.0", "most reward, Pareto set"],
         ["1", "ipo", "0.1", "+0.290 ± 0.050", "0.20", "90%", "15.0", "least drift, tie, Pareto set"],
-        ["4", "slic", "0.1", "+0.100 ± 0.050", "0.90", "93%", "15.0", ""],
+        ["4", "slic", "0.1", "+0.100 ± 0.050", "0.90", "93%", "15.0", "beaten by dpo β=0.1"],
     ]
     both = pd.concat([rows, rows.assign(scenario="noisy")])
     assert decision_table(both).columns[3] == "scenario" and decision_table(both).verdict.tolist()[:2] == [
