@@ -572,7 +572,7 @@ def _table_pages(title: str, table: pd.DataFrame, rows_per_page: int = 36, colum
     short = [c for c in rest if c not in long]
     width = max(1, columns_per_page - len(names))
     groups = [(names + short[i : i + width], cell_chars) for i in range(0, len(short), width)]
-    groups += [(names + [c], long_chars) for c in long]
+    groups += [([*names, c], long_chars) for c in long]
     groups = groups or [(names, cell_chars)]
     cut = lambda text, n: text if len(text) <= n else text[: n - 1] + "…"  # noqa: E731
     pages = []
