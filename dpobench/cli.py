@@ -354,6 +354,23 @@ _StepCostRoundsOption = Annotated[
                  f"one batch, interleaved (default {_default('step_cost_rounds')}; 0: none).", min=0),
 ]  # fmt: skip
 
+_LoraOption = Annotated[
+    bool | None,
+    typer.Option("--lora/--no-lora", help="Train LoRA adapters (peft; pip install 'dpobench[real]') instead of every "
+                 "weight; the reference is the base model (default: off)."),
+]  # fmt: skip
+_LoraRankOption = Annotated[
+    int | None, typer.Option(help=f"With --lora: the adapters' rank (default {_default('lora_rank')}).", min=1)
+]
+_LoraAlphaOption = Annotated[
+    float | None, typer.Option(help=f"With --lora: their scale is alpha / rank (default {_default('lora_alpha')}).")
+]
+_LoraTargetsOption = Annotated[
+    str | None,
+    typer.Option(help="With --lora: comma-separated module names the adapters go on (default all-linear: every "
+                 "linear layer but the output head)."),
+]  # fmt: skip
+
 
 @app.command("run")
 def run(
@@ -383,6 +400,10 @@ def run(
     threads_per_cell: _ThreadsPerCellOption = None,
     cells_per_gpu: _CellsPerGpuOption = None,
     step_cost_rounds: _StepCostRoundsOption = None,
+    lora: _LoraOption = None,
+    lora_rank: _LoraRankOption = None,
+    lora_alpha: _LoraAlphaOption = None,
+    lora_targets: _LoraTargetsOption = None,
 ) -> None:
     """Train every variant identically on a small real model and compare them (resumable)."""
     from dpobench.config import FILE_KEYS, load_config

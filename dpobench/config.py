@@ -21,7 +21,7 @@ import torch
 
 from dpobench.acceleration import SpeedOptions, check_speed
 from dpobench.data import SCENARIOS, DataRecipe
-from dpobench.models import SFTRecipe
+from dpobench.models import PRETRAINED, SFTRecipe
 from dpobench.registry import Registry
 
 __all__ = [
@@ -30,6 +30,7 @@ __all__ = [
     "OPTIONS",
     "PRESETS",
     "ExecutorOptions",
+    "LoraOptions",
     "SweepConfig",
     "SweepError",
     "TrainConfig",
@@ -78,6 +79,18 @@ EXECUTORS = ("process", "ray")
 
 
 @dataclass(frozen=True)
+class LoraOptions:
+    """LoRA adapters on the policy (``dpobench.lora``, through peft): only the adapters train, and the reference is
+    the base model. Off by default: every weight trains. Part of a cell's identity when on."""
+
+    enabled: bool = False
+    rank: int = 8
+    alpha: float = 16.0
+    #: module names the adapters go on; "all-linear": every linear layer but the output head (peft's convention)
+    targets: tuple[str, ...] = ("all-linear",)
+
+
+@dataclass(frozen=True)
 class SweepConfig:
     variants: tuple[str, ...] = ()  # empty: every registered variant carrying every one of ``tags``
     tags: tuple[str, ...] = ()
@@ -98,6 +111,7 @@ class SweepConfig:
     executor: ExecutorOptions = field(default_factory=ExecutorOptions)
     #: rounds of the side-by-side step-cost measurement after the cells (``dpobench.stepcost``); 0: none
     step_cost_rounds: int = 7
+    lora: LoraOptions = field(default_factory=LoraOptions)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -193,6 +207,10 @@ OPTIONS: dict[str, Option] = {
     "threads_per_cell": Option(_integer(1), "executor.threads_per_cell"),
     "cells_per_gpu": Option(_integer(1), "executor.cells_per_gpu"),
     "step_cost_rounds": Option(_integer(0), "step_cost_rounds"),
+    "lora": Option(_flag, "lora.enabled"),
+    "lora_rank": Option(_integer(1), "lora.rank"),
+    "lora_alpha": Option(_real, "lora.alpha"),
+    "lora_targets": Option(_names, "lora.targets"),
 }
 #: keys a TOML file may hold besides the options: the preset it starts from and its parameter grids
 FILE_KEYS = frozenset(OPTIONS) | {"preset", "params"}
@@ -357,6 +375,9 @@ def check_config(config: SweepConfig, names: list[str], device: str) -> None:
         raise SweepError(
             f"--labels {config.data_recipe.labels}: labels the synthetic task's pairs; drop it with --data"
         )
+    if not config.data and (config.model in PRETRAINED or config.model.endswith(".gguf")):
+        raise SweepError(f"--model {config.model}: a pretrained model does not know the synthetic task's grammar (only "
+                         "the sizes tiny, small and base are trained on it); give your pairs with --data pairs.jsonl")  # fmt: skip
     if config.data and set(config.scenarios) != {"clean"}:
         raise SweepError(
             "--scenarios noisy/length-biased need the synthetic task's gold labels; drop --data or use clean"
@@ -366,6 +387,33 @@ def check_config(config: SweepConfig, names: list[str], device: str) -> None:
     except ValueError as error:
         raise SweepError(str(error)) from None
     check_executor(config.executor)
+    check_lora(config.lora)
+
+
+def check_lora(options: LoraOptions) -> None:
+    """LoRA's settings, and peft installed where LoRA is asked for (whether the model has the target modules is
+    known once it is loaded: ``dpobench.lora.add_adapters`` says)."""
+    if not options.enabled:
+        _only_with({"lora_rank": options.rank != LoraOptions.rank, "lora_alpha": options.alpha != LoraOptions.alpha,
+                    "lora_targets": options.targets != LoraOptions.targets}, "sets up LoRA", "--lora (lora = true)")  # fmt: skip
+        return
+    if importlib.util.find_spec("peft") is None:
+        raise SweepError("--lora: peft is not installed; pip install 'dpobench[real]'")
+    if not options.alpha > 0:
+        raise SweepError(f"--lora-alpha {options.alpha:g}: must be > 0 (the adapters' scale is alpha / rank)")
+    if not options.targets:
+        raise SweepError(
+            "--lora-targets: names no module; leave it out for all-linear, or name modules (q_proj,v_proj)"
+        )
+
+
+def _only_with(given: dict[str, bool], needs: str, add: str) -> None:
+    """Refuse the first option of ``given`` that was set (True) without what it ``needs``: one line that says to
+    ``add`` it, or drop the option."""
+    for key, was_set in given.items():
+        if was_set:
+            flag = key.replace("_", "-")
+            raise SweepError(f"--{flag} (or {key} in a config file) {needs}; add {add}, or drop --{flag}")
 
 
 def check_executor(options: ExecutorOptions) -> None:
@@ -373,11 +421,7 @@ def check_executor(options: ExecutorOptions) -> None:
     if options.name != "ray":
         ray_only = {"ray_address": options.ray_address is not None, "threads_per_cell": options.threads_per_cell != 1,
                     "cells_per_gpu": options.cells_per_gpu != 1}  # fmt: skip
-        for key, given in ray_only.items():
-            if given:
-                flag = key.replace("_", "-")
-                raise SweepError(f"--{flag} (or {key} in a config file) needs --executor ray (executor = \"ray\"); "
-                                 f"add that, or drop --{flag}")  # fmt: skip
+        _only_with(ray_only, 'needs --executor ray (executor = "ray")', "that")
         return
     if importlib.util.find_spec("ray") is None:
         raise SweepError("--executor ray: Ray is not installed; pip install 'dpobench[ray]'")

