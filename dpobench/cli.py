@@ -24,7 +24,7 @@ from dpobench.acceleration import AUTO_COMPILE_MIN_PARAMETERS, CUDA_GRAPH_MIN_ST
 from dpobench.config import DEFAULT_PRESET, PRESETS
 from dpobench.data import SCENARIOS
 from dpobench.losses import ParamError
-from dpobench.models import SIZES
+from dpobench.models import PRETRAINED, SIZES
 from dpobench.registry import LossSpec, Registry, UnknownLossError
 
 app = typer.Typer(
@@ -271,7 +271,10 @@ _BatchSizeOption = Annotated[
 _LrOption = Annotated[float | None, typer.Option(help=f"AdamW learning rate (default {_default('lr')}).")]
 _ModelOption = Annotated[
     str | None,
-    typer.Option(help=f"{', '.join(SIZES)}, or a save_pretrained folder / Hub id (default {_default('model')})."),
+    typer.Option(
+        help=f"{', '.join(SIZES)} (trained on the synthetic task), {', '.join(PRETRAINED)} or a .gguf file "
+        f"(pretrained; needs --data), or a save_pretrained folder / Hub id (default {_default('model')})."
+    ),
 ]
 _DataOption = Annotated[Path | None, typer.Option(help="JSONL / CSV / Parquet of prompt, chosen, rejected.")]
 _DeviceOption = Annotated[str | None, typer.Option(help=f"auto, cpu or cuda (default {_default('device')}).")]

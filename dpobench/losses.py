@@ -282,6 +282,10 @@ def implicit_rewards(beta: float, chosen: Tensor, rejected: Tensor) -> tuple[Ten
     return (beta * chosen).detach(), (beta * rejected).detach()
 
 
+#: where the losses clamp exp()'s argument (TRL clamps its exponentials at 80 too): finite in float32 and bf16
+EXP_MAX = 80.0
+
+
 def chosen_nll(policy: LogProbs) -> Tensor:
     """Token-level mean NLL over every chosen completion token of the batch, replicated per pair (TRL `sft`)."""
     nll = -policy.chosen.sum() / policy.chosen_tokens.sum().clamp(min=1)

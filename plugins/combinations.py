@@ -10,9 +10,7 @@ from torch import Tensor
 
 import dpobench
 from dpobench import LogProbs, LossOutput, Param, ParamError, PreferenceLoss, hookimpl
-
-# exp() arguments are clamped here (TRL clamps its exponentials at 80 too): keeps fp32/bf16 finite.
-_EXP_MAX = 80.0
+from dpobench.losses import EXP_MAX
 
 
 class WeightedPreferenceLoss(PreferenceLoss):
@@ -62,7 +60,7 @@ class WeightedPreferenceLoss(PreferenceLoss):
         with torch.no_grad():
             log_wc = (policy.chosen - policy.chosen_logsumsq) / policy.chosen_tokens.clamp(min=1)
             log_wr = (policy.rejected - policy.rejected_logsumsq) / policy.rejected_tokens.clamp(min=1)
-            weight = torch.exp((log_wc + log_wr).float().clamp(max=_EXP_MAX))
+            weight = torch.exp((log_wc + log_wr).float().clamp(max=EXP_MAX))
             if self.clamp:
                 weight = weight.clamp(max=1.0)
         out = self.inner(policy, reference, **extras)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dpobench import LogProbs, LossOutput, Param, ParamError, PreferenceLoss, hookimpl
-from dpobench.losses import LabelSmoothingMixin, implicit_rewards, log_ratios, smoothed_logsigmoid_loss
+from dpobench.losses import EXP_MAX, LabelSmoothingMixin, implicit_rewards, log_ratios, smoothed_logsigmoid_loss
 
 BETA = Param(0.1, "(0, inf)", "strength of the KL regularisation toward the reference (higher: stay closer)")
 
@@ -26,9 +26,6 @@ F_DIVERGENCE_PARAMS: dict[str, Param] = {
     "f_alpha": Param(0.5, "[0, 1]", "α of the α-divergence, paper convention (TRL's coefficient is 1 − α)"),
 }
 
-# exp() arguments are clamped here (TRL clamps its α-divergence at 80 too): keeps fp32/bf16 finite.
-_EXP_MAX = 80.0
-
 
 def f_divergence_score(delta: Tensor, kind: str, alpha: float = 0.5) -> Tensor:
     """f'(u) at u = π/π_ref = exp(Δ): the score f-DPO puts where DPO puts Δ (arXiv 2309.16240, Table 1).
@@ -40,13 +37,13 @@ def f_divergence_score(delta: Tensor, kind: str, alpha: float = 0.5) -> Tensor:
         return delta
     x = delta.to(torch.promote_types(delta.dtype, torch.float32))  # exponentials in ≥ float32, as TRL
     if kind == "forward_kl":
-        return 1 - torch.exp((-x).clamp(max=_EXP_MAX))
+        return 1 - torch.exp((-x).clamp(max=EXP_MAX))
     if kind == "js_divergence":
         return math.log(2) + torch.nn.functional.logsigmoid(x)
     if kind == "alpha_divergence":
         if alpha < 1e-6:
             return delta
-        return (1 - torch.exp((-alpha * x).clamp(max=_EXP_MAX))) / alpha
+        return (1 - torch.exp((-alpha * x).clamp(max=EXP_MAX))) / alpha
     raise ParamError(f"unknown f-divergence {kind!r}; use one of {', '.join(F_DIVERGENCES)}")
 
 

@@ -1,4 +1,5 @@
-"""Losses on the two log-ratios separately (NCA, BCO, SPPO, APO) and the batch-level AOT losses.
+"""Losses on the two log-ratios separately (NCA, BCO, SPPO, APO, paired KTO, DPO-Shift) and the batch-level AOT
+losses.
 
 Rewards follow TRL 1.16: β·Δc and β·Δr.
 """
@@ -146,6 +147,61 @@ class APODownLoss(_LogRatioLoss):
         return torch.sigmoid(self.beta * dc) + 1 - torch.sigmoid(self.beta * (dc - dr))
 
 
+class KTOPairLoss(_LogRatioLoss):
+    """KTO (paired): Model Alignment as Prospect Theoretic Optimization (https://arxiv.org/abs/2402.01306).
+
+    KTO's value function on paired data: each answer's log-ratio against a reference point, the other side's
+    batch-mean log-ratio, clamped at 0 (KTO's KL estimate).
+
+    Formula:
+        z_c = max(0, mean_B Δc),  z_r = max(0, mean_B Δr)
+        ℓ = ½·[(1 − σ(β·(Δc − z_r))) + (1 − σ(β·(z_c − Δr)))]
+
+    Symbols: Δc, Δr as in `nca_pair`; mean_B over the batch (not detached).
+    Convention: TRL ≤ 0.9.4 `DPOTrainer(loss_type="kto_pair")` (removed in TRL 0.10 for `KTOTrainer`), which
+    concatenates the two terms into 2B losses and averages them: the ½ makes each pair's loss the mean of its
+    two, so the batch mean is TRL's. Rewards β·Δc, β·Δr.
+
+    Args:
+        beta: β (TRL default 0.1).
+    """
+
+    name = "kto_pair"
+    paper = "https://arxiv.org/abs/2402.01306"
+    batch_coupled = True  # the reference points are batch means
+
+    def pair_loss(self, dc: Tensor, dr: Tensor) -> Tensor:
+        kl_c, kl_r = dc.mean().clamp(min=0), dr.mean().clamp(min=0)
+        return 0.5 * ((1 - torch.sigmoid(self.beta * (dc - kl_r))) + (1 - torch.sigmoid(self.beta * (kl_c - dr))))
+
+
+class DPOShiftLoss(_LogRatioLoss):
+    """DPO-Shift: Shifting the Distribution of Direct Preference Optimization (https://arxiv.org/abs/2502.07599).
+
+    DPO with the rejected reward scaled down by λ ≤ 1, against the likelihood displacement of DPO that lowers the
+    chosen answer's probability along with the rejected one's.
+
+    Formula:
+        ℓ = −logσ(β·Δc − λ·β·Δr)
+
+    Symbols: Δc, Δr as in `nca_pair`; λ = 1 is DPO.
+    Convention: the official trainer (Meaquadddd/DPO-Shift, `scripts/dposhift_trainer.py`) with a fixed λ
+    (it also offers linear schedules of λ over training); λ = 0.95, the value its released models centre on
+    (its configuration's own default, 1.0, is DPO). Rewards β·Δc, β·Δr.
+
+    Args:
+        beta: β (paper default 0.1).
+        shift: λ, the rejected reward's scale, in (0, 1].
+    """
+
+    name = "dpo_shift"
+    paper = "https://arxiv.org/abs/2502.07599"
+    params = {"beta": BETA, "shift": Param(0.95, "(0, 1]", "λ, the rejected reward's scale (1: DPO)")}
+
+    def pair_loss(self, dc: Tensor, dr: Tensor) -> Tensor:
+        return -F.logsigmoid(self.beta * dc - self.shift * self.beta * dr)
+
+
 class AOTLoss(LabelSmoothingMixin, PreferenceLoss):
     """AOT (paired): Distributional Preference Alignment of LLMs via Optimal Transport (https://arxiv.org/abs/2406.05882).
 
@@ -210,7 +266,7 @@ class AOTUnpairedLoss(AOTLoss):
 
 @hookimpl
 def register_losses(register) -> None:  # type: ignore[no-untyped-def]
-    for cls in (NCAPairLoss, BCOPairLoss, APODownLoss, AOTLoss, AOTUnpairedLoss):
+    for cls in (NCAPairLoss, BCOPairLoss, APODownLoss, AOTLoss, AOTUnpairedLoss, KTOPairLoss, DPOShiftLoss):
         register(cls)
     for cls in (SPPOHardLoss, APOZeroLoss):  # in the `standard` preset
         register(cls, tags=("main",))

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dpobench import LogProbs, LossOutput, Param, PreferenceLoss, hookimpl
-from dpobench.losses import LabelSmoothingMixin, chosen_nll, implicit_rewards, smoothed_logsigmoid_loss
+from dpobench.losses import EXP_MAX, LabelSmoothingMixin, chosen_nll, implicit_rewards, smoothed_logsigmoid_loss
 
 
 class CPOLoss(LabelSmoothingMixin, PreferenceLoss):
@@ -97,6 +97,75 @@ class SimPOLoss(LabelSmoothingMixin, PreferenceLoss):
         return LossOutput(losses, *implicit_rewards(self.beta, avg_c, avg_r))
 
 
+class AlphaPOLoss(PreferenceLoss):
+    """AlphaPO: Reward Shape Matters for LLM Alignment (https://arxiv.org/abs/2501.03884).
+
+    SimPO's length-normalised reward bent by a shape parameter α; α → 0 is SimPO's reward.
+
+    Formula:
+        a = pc/|y_c|, b = pr/|y_r|        (average per-token log-probs)
+        r(a) = (1 − e^(−α·a)) / α         (= (1 − p̄^(−α))/α with p̄ = e^a; r(a) = a at α = 0)
+        ℓ = −logσ(β·(r(a) − r(b)) − γ)
+
+    Symbols: |y| completion tokens (clamped ≥ 1); γ the target margin, as in `simpo`.
+    Convention: TRL's `CPOTrainer(loss_type="simpo", alpha=α)` (TRL ≥ 0.22, PR #3824), without its NLL
+    term (`cpo_alpha=0`, as the paper) and label smoothing; defaults the paper's Mistral-Instruct setting
+    as TRL's documentation quotes it (α = 0.25, β = 2.5, γ = 0.1); the exponent is clamped at 80 (TRL's
+    overflows for very unlikely responses). Rewards β·r(a), β·r(b).
+
+    Args:
+        alpha: α, the reward's shape (0: SimPO's; the authors' trainer defaulted to −1).
+        beta: β, the reward scale.
+        gamma: γ, the target reward margin.
+    """
+
+    name = "alphapo"
+    paper = "https://arxiv.org/abs/2501.03884"
+    reference_free = True
+    params = {
+        "alpha": Param(0.25, "[-5, 5]", "α, the reward's shape (0: SimPO's log-prob reward)"),
+        "beta": Param(2.5, "(0, inf)", "scale of the shaped reward"),
+        "gamma": Param(0.1, "[0, inf)", "target reward margin γ"),
+    }
+
+    def reward(self, average: Tensor) -> Tensor:
+        if self.alpha == 0:
+            return average
+        # in float32 at least (bf16 log-probs are promoted), as TRL's; the exponent clamped, as the f-divergence
+        # scores' are, so that a very unlikely response (where TRL's code overflows) gives a finite, saturated reward
+        x = average.to(torch.promote_types(average.dtype, torch.float32))
+        return (1 - torch.exp((-self.alpha * x).clamp(max=EXP_MAX))) / self.alpha
+
+    def forward(self, policy: LogProbs, reference: LogProbs | None, **extras: Tensor) -> LossOutput:
+        r_c = self.reward(policy.chosen / policy.chosen_tokens.clamp(min=1))
+        r_r = self.reward(policy.rejected / policy.rejected_tokens.clamp(min=1))
+        return LossOutput(-F.logsigmoid(self.beta * (r_c - r_r) - self.gamma), *implicit_rewards(self.beta, r_c, r_r))
+
+
+class SimPERLoss(PreferenceLoss):
+    """SimPER: A Minimalist Approach to Preference Alignment without Hyperparameters (https://arxiv.org/abs/2502.00883).
+
+    Raises the chosen response's inverse perplexity and lowers the rejected one's; no β, no margin, no reference.
+
+    Formula:
+        ℓ = −e^(pc/|y_c|) + e^(pr/|y_r|)
+
+    Symbols: e^(p/|y|) the inverse perplexity (the geometric-mean token probability); |y| clamped ≥ 1.
+    Convention: the official trainer (tengxiao1/SimPER, `scripts/simper_trainer.py`, `loss_type="SimPER"`),
+    which ignores the β and γ its configs set; rewards its logged mean log-probs pc/|y_c|, pr/|y_r| (the
+    loss is not a function of a reward difference).
+    """
+
+    name = "simper"
+    paper = "https://arxiv.org/abs/2502.00883"
+    reference_free = True
+
+    def forward(self, policy: LogProbs, reference: LogProbs | None, **extras: Tensor) -> LossOutput:
+        a = policy.chosen / policy.chosen_tokens.clamp(min=1)
+        b = policy.rejected / policy.rejected_tokens.clamp(min=1)
+        return LossOutput(-torch.exp(a) + torch.exp(b), a.detach(), b.detach())
+
+
 class ORPOLoss(PreferenceLoss):
     """ORPO: Monolithic Preference Optimization without Reference Model (https://arxiv.org/abs/2403.07691).
 
@@ -169,3 +238,5 @@ def register_losses(register) -> None:  # type: ignore[no-untyped-def]
     register(SimPOLoss, name="simpo_trl", beta=0.1, gamma=0.5, sft_weight=1.0)
     register(ORPOLoss, tags=("main",))
     register(SFTLoss)
+    register(AlphaPOLoss)
+    register(SimPERLoss)

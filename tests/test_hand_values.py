@@ -19,6 +19,10 @@ def softplus(x: float) -> float:
     return math.log1p(math.exp(x))  # −logσ(−x)
 
 
+def sigmoid(x: float) -> float:
+    return 1 / (1 + math.exp(-x))
+
+
 def one_pair(pc=-10.0, pr=-12.0, rc=-11.0, rr=-11.0, lc=5.0, lr=4.0, lsc=None, lsr=None):
     t = lambda v: None if v is None else torch.tensor([v], dtype=torch.float64)  # noqa: E731
     return LogProbs(t(pc), t(pr), t(lc), t(lr), t(lsc), t(lsr)), LogProbs(t(rc), t(rr), t(lc), t(lr))
@@ -64,6 +68,19 @@ DPO_AT_H2_BETA_HALF = softplus(-1.0)  # −logσ(0.5·2) = log(1 + e^−1) = 0.3
         ("mpo", {"beta": 0.5}, 0.8 * DPO_AT_H2_BETA_HALF + 0.2 * 2 * softplus(-0.5) + 2.0),
         # combined with a string spec: 2·hinge + 1·sft; hinge = max(0, 1 − 0.25·2) = 0.5
         ("combined", {"beta": 0.25, "components": "hinge:2,sft:1"}, 2 * 0.5 + 2.0),
+        # AlphaPO, its defaults α = 0.25, β = 2.5, γ = 0.1; averages a = −10/5 = −2, b = −12/4 = −3:
+        # r(a) − r(b) = ((1 − e^0.5) − (1 − e^0.75))/0.25 = 4·(e^0.75 − e^0.5)
+        ("alphapo", {}, softplus(-(2.5 * 4 * (math.exp(0.75) - math.exp(0.5)) - 0.1))),
+        # at α = 0 the reward is the average log-prob itself: SimPO's −logσ(2.5·(−2 + 3) − 0.1)
+        ("alphapo", {"alpha": 0.0}, softplus(-2.4)),
+        # SimPER: −e^(−10/5) + e^(−12/4)
+        ("simper", {}, -math.exp(-2) + math.exp(-3)),
+        # paired KTO, one pair: reference points max(0, Δc) = 1 and max(0, Δr) = 0;
+        # ½·[(1 − σ(0.5·(1 − 0))) + (1 − σ(0.5·(1 − (−1))))]
+        ("kto_pair", {"beta": 0.5}, 0.5 * ((1 - sigmoid(0.5)) + (1 - sigmoid(1.0)))),
+        # DPO-Shift, λ = 0.95: −logσ(0.5·1 − 0.95·0.5·(−1))
+        ("dpo_shift", {"beta": 0.5}, softplus(-0.975)),
+        ("dpo_shift", {"beta": 0.5, "shift": 1.0}, DPO_AT_H2_BETA_HALF),  # λ = 1 is DPO
     ],
 )
 def test_hand_worked(name: str, params: dict, expected: float) -> None:
@@ -160,3 +177,19 @@ def test_orpo_is_finite_for_a_certain_response() -> None:
     policy, reference = one_pair(pc=0.0)
     out = dpobench.get_loss("orpo")(policy, reference)
     assert torch.isfinite(out.losses).all()
+
+
+def test_kto_pair_takes_its_reference_points_from_the_batch_as_trl_did() -> None:
+    """Two pairs, Δc = (1, 3), Δr = (−1, 1): the reference points are the batch means clamped at 0, z_c = 2 and
+    z_r = max(0, 0) = 0, so pair i's loss is ½·[(1 − σ(β·Δc_i)) + (1 − σ(β·(2 − Δr_i)))]. TRL ≤ 0.9.4 concatenated
+    the 2B terms and averaged them: the same mean. At β = 0.1 and the one pair above (z_c = 1, z_r = 0), TRL's
+    formula gives ½·[(1 − σ(0.1)) + (1 − σ(0.2))] = 0.462593…"""
+    t = lambda *v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+    policy = LogProbs(t(-10.0, -8.0), t(-12.0, -10.0), t(5.0, 5.0), t(4.0, 4.0))
+    reference = LogProbs(t(-11.0, -11.0), t(-11.0, -11.0), t(5.0, 5.0), t(4.0, 4.0))
+    out = dpobench.get_loss("kto_pair", beta=0.5)(policy, reference)
+    expected = [0.5 * ((1 - sigmoid(0.5 * dc)) + (1 - sigmoid(0.5 * (2 - dr)))) for dc, dr in ((1, -1), (3, 1))]
+    assert out.losses.tolist() == pytest.approx(expected, rel=1e-12)
+    trl_terms = [1 - sigmoid(0.5 * dc) for dc in (1, 3)] + [1 - sigmoid(0.5 * (2 - dr)) for dr in (-1, 1)]
+    assert float(out.losses.mean()) == pytest.approx(sum(trl_terms) / 4, rel=1e-12)
+    assert loss_of("kto_pair", beta=0.1) == pytest.approx(0.462593, abs=1e-6)
