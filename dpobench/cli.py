@@ -276,7 +276,14 @@ _ModelOption = Annotated[
         f"(pretrained; needs --data), or a save_pretrained folder / Hub id (default {_default('model')})."
     ),
 ]
-_DataOption = Annotated[Path | None, typer.Option(help="JSONL / CSV / Parquet of prompt, chosen, rejected.")]
+_DataOption = Annotated[
+    Path | None,
+    typer.Option(help="Pairs: a JSONL / CSV / Parquet file or a Hugging Face dataset folder (save_to_disk), with "
+                 "prompt, chosen, rejected as text or chat messages (or chosen and rejected alone).")
+]  # fmt: skip
+_SplitOption = Annotated[
+    str | None, typer.Option(help=f"With --data FOLDER: the dataset's split (default {_default('split')}).")
+]
 _DeviceOption = Annotated[str | None, typer.Option(help=f"auto, cpu or cuda (default {_default('device')}).")]
 _EvalEveryOption = Annotated[
     int | None,
@@ -386,6 +393,7 @@ def run(
     lr: _LrOption = None,
     model: _ModelOption = None,
     data: _DataOption = None,
+    split: _SplitOption = None,
     device: _DeviceOption = None,
     eval_every: _EvalEveryOption = None,
     length_buckets: _LengthBucketsOption = None,

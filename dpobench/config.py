@@ -98,7 +98,8 @@ class SweepConfig:
     seeds: tuple[int, ...] = (0,)
     scenarios: tuple[str, ...] = ("clean",)
     model: str = "tiny"  # a size name (dpobench builds and SFTs it) or a folder / Hub id
-    data: str | None = None  # a JSONL / CSV / Parquet file of pairs instead of the synthetic task
+    data: str | None = None  # a JSONL / CSV / Parquet file or a datasets folder of pairs instead of the synthetic task
+    split: str = "train"  # the split of a datasets folder that holds several
     device: str = "auto"
     train: TrainConfig = field(default_factory=TrainConfig)
     speed: SpeedOptions = field(default_factory=SpeedOptions)
@@ -197,6 +198,7 @@ OPTIONS: dict[str, Option] = {
     "length_buckets": Option(_integer(0), "train.length_buckets"),
     "model": Option(_text, "model"),
     "data": Option(lambda value, key: str(value) if value else None, "data"),
+    "split": Option(_text, "split"),
     "device": Option(_text, "device"),
     "labels": Option(_labels, "data_recipe.labels"),
     "compile": Option(_flag, "speed.compile"),
@@ -378,6 +380,9 @@ def check_config(config: SweepConfig, names: list[str], device: str) -> None:
     if not config.data and (config.model in PRETRAINED or config.model.endswith(".gguf")):
         raise SweepError(f"--model {config.model}: a pretrained model does not know the synthetic task's grammar (only "
                          "the sizes tiny, small and base are trained on it); give your pairs with --data pairs.jsonl")  # fmt: skip
+    if config.split != SweepConfig.split and not (config.data and Path(config.data).is_dir()):
+        raise SweepError(f"--split {config.split}: picks a split of a dataset folder (--data FOLDER written by "
+                         "save_to_disk); a file of pairs has none, and neither has the synthetic task")  # fmt: skip
     if config.data and set(config.scenarios) != {"clean"}:
         raise SweepError(
             "--scenarios noisy/length-biased need the synthetic task's gold labels; drop --data or use clean"

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from dpobench._util import atomic_path
+from dpobench._util import atomic_path, one_line
 from dpobench.task import TASK_VERSION, gold_reward, sample_review
 
 __all__ = [
@@ -295,15 +295,19 @@ def _swap(p: Pair) -> Pair:
 
 
 def load_pairs_file(
-    path: str | Path, tokenizer: Any, max_length: int, heldout_fraction: float = 0.1, seed: int = 0
-) -> TaskData:
-    """JSONL / CSV / Parquet with ``prompt``, ``chosen``, ``rejected`` (and optional ``weight``).
+    path: str | Path, tokenizer: Any, max_length: int, heldout_fraction: float = 0.1, seed: int = 0,
+    split: str = "train",
+) -> TaskData:  # fmt: skip
+    """Pairs from a JSONL / CSV / Parquet file or a Hugging Face ``datasets`` folder (``save_to_disk``; ``split`` of a
+    DatasetDict), in TRL's conventions: ``prompt``, ``chosen``, ``rejected`` as text (and optional ``weight``); an
+    implicit prompt (``chosen`` and ``rejected`` only: their shared start is the prompt); or conversational rows
+    (lists of ``{"role", "content"}`` messages) rendered by the tokenizer's chat template.
 
     A pair longer than ``max_length`` tokens keeps its prompt and the start of each completion
     (truncated from the end, EOS kept); such pairs are counted in ``truncated``.
     """
     path = Path(path)
-    rows = _read_rows(path)
+    rows = [(where, _text_pair(path, where, row, tokenizer)) for where, row in _read_rows(path, split)]
     pairs, truncated = [], 0
     for where, row in rows:
         for key in ("prompt", "chosen", "rejected"):
@@ -320,8 +324,12 @@ def load_pairs_file(
             raise DataError(f"{path}:{where}: weight {weight!r} is not a number") from None
         if not math.isfinite(weight) or weight < 0:  # a negative weight turns the pair's loss upside down
             raise DataError(f"{path}:{where}: weight {weight!r} must be a finite number ≥ 0")
-        prompt = encode_prompt(tokenizer, row["prompt"])
-        chosen, rejected = encode_completion(tokenizer, row["chosen"]), encode_completion(tokenizer, row["rejected"])
+        if row.get(_TEMPLATED):  # the chat template wrote every special token: the text is tokenized as it is
+            prompt = tokenizer(row["prompt"], add_special_tokens=False).input_ids
+            chosen, rejected = (_templated_completion(tokenizer, row[key]) for key in ("chosen", "rejected"))
+        else:
+            prompt = encode_prompt(tokenizer, row["prompt"])
+            chosen, rejected = (encode_completion(tokenizer, row[key]) for key in ("chosen", "rejected"))
         room = max_length - len(prompt)
         if room < 2:
             raise DataError(
@@ -368,8 +376,56 @@ def _refuse_unknown_tokens(path: Path, tokenizer: Any, pairs: list[Pair]) -> Non
 
 
 def require_pairs_file(path: Path) -> None:
-    if not path.is_file():
-        raise DataError(f"{path}: no such file; --data takes a JSONL, CSV or Parquet file of pairs")
+    if not (path.is_file() or path.is_dir()):
+        raise DataError(f"{path}: no such file or folder; --data takes a JSONL, CSV or Parquet file of pairs, or a "
+                        "folder written by a Hugging Face dataset's save_to_disk")  # fmt: skip
+
+
+#: the key a row carries once the chat template has rendered it
+_TEMPLATED = "_chat_template"
+
+
+def _text_pair(source: Path, where: str, row: dict[str, Any], tokenizer: Any) -> dict[str, Any]:
+    """A row in TRL's conventions as prompt, chosen and rejected text: an implicit prompt is the shared start of
+    chosen and rejected (TRL's ``extract_prompt``); conversational rows (lists of messages) are rendered by the
+    tokenizer's chat template, the completion being what the full conversation adds to the prompt's rendering
+    (TRL's ``maybe_apply_chat_template``). Rows already in text form come back as they are."""
+    chosen, rejected, prompt = row.get("chosen"), row.get("rejected"), row.get("prompt")
+    if not (isinstance(chosen, list) and isinstance(rejected, list)):
+        if prompt is None and isinstance(chosen, str) and isinstance(rejected, str):
+            cut = _shared_start(chosen, rejected)
+            return {**row, "prompt": chosen[:cut], "chosen": chosen[cut:], "rejected": rejected[cut:]}
+        return row
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(f"{source}:{where}: conversational rows (lists of messages) need a chat template, and this "
+                        "model's tokenizer has none; give a chat model with --model, or rows of text")  # fmt: skip
+    if prompt is None:  # implicit: the messages chosen and rejected share
+        shared = next((i for i, (a, b) in enumerate(zip(chosen, rejected, strict=False)) if a != b),
+                      min(len(chosen), len(rejected)))  # fmt: skip
+        prompt, chosen, rejected = chosen[:shared], chosen[shared:], rejected[shared:]
+    try:
+        head = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        texts = [tokenizer.apply_chat_template([*prompt, *side], tokenize=False) for side in (chosen, rejected)]
+    except Exception as error:  # messages without role/content, a template that refuses them
+        raise DataError(f"{source}:{where}: the chat template cannot render this row ({one_line(error)}); each message "
+                        "needs a role and a content") from None  # fmt: skip
+    if not all(text.startswith(head) for text in texts):
+        raise DataError(f"{source}:{where}: the chat template renders the prompt differently inside the conversation; "
+                        "give prompt, chosen and rejected as text")  # fmt: skip
+    return {**row, "prompt": head, "chosen": texts[0][len(head) :], "rejected": texts[1][len(head) :], _TEMPLATED: True}
+
+
+def _shared_start(chosen: str, rejected: str) -> int:
+    """Where chosen and rejected first differ, moved back before a space (TRL's ``extract_prompt``)."""
+    cut = next(
+        (i for i, (a, b) in enumerate(zip(chosen, rejected, strict=False)) if a != b), min(len(chosen), len(rejected))
+    )
+    return cut - 1 if cut > 0 and chosen[cut - 1] == " " else cut
+
+
+def _templated_completion(tokenizer: Any, text: str) -> list[int]:
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    return ids if ids and ids[-1] == tokenizer.eos_token_id else [*ids, tokenizer.eos_token_id]
 
 
 def _read_text(path: Path) -> str:
@@ -385,8 +441,10 @@ def _read_text(path: Path) -> str:
         ) from None
 
 
-def _read_rows(path: Path) -> list[tuple[str, dict[str, Any]]]:
+def _read_rows(path: Path, split: str = "train") -> list[tuple[str, dict[str, Any]]]:
     require_pairs_file(path)
+    if path.is_dir():
+        return _dataset_rows(path, split)
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json"):
         rows = []
@@ -419,3 +477,23 @@ def _read_rows(path: Path) -> list[tuple[str, dict[str, Any]]]:
             raise DataError(f"{path}: not a readable Parquet file ({type(error).__name__}: {error})") from None
         return [(f"row {i}", r) for i, r in enumerate(frame.to_dict("records"), start=1)]
     raise DataError(f"{path}: unknown format {suffix!r}; use .jsonl, .csv or .parquet")
+
+
+def _dataset_rows(folder: Path, split: str) -> list[tuple[str, dict[str, Any]]]:
+    """The rows of a Hugging Face dataset saved with ``save_to_disk``: a Dataset, or ``split`` of a DatasetDict."""
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(
+            f"{folder}: a dataset folder needs the datasets package; pip install 'dpobench[real]'"
+        ) from None
+    try:
+        loaded = datasets.load_from_disk(str(folder))
+    except (FileNotFoundError, ValueError) as error:
+        raise DataError(f"{folder}: not a folder written by save_to_disk ({one_line(error)}); give a dataset folder "
+                        "or a JSONL, CSV or Parquet file") from None  # fmt: skip
+    if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            raise DataError(f"{folder}: no split {split!r}; it has {', '.join(loaded)} (choose one with --split)")
+        loaded = loaded[split]
+    return [(f"row {i}", dict(row)) for i, row in enumerate(loaded, start=1)]

@@ -241,7 +241,7 @@ def _task_data(
 ) -> TaskData:  # fmt: skip
     if config.data:
         max_length = getattr(reference.config, "max_position_embeddings", 512) or 512
-        data = load_pairs_file(config.data, tokenizer, max_length=min(max_length, 1024))
+        data = load_pairs_file(config.data, tokenizer, max_length=min(max_length, 1024), split=config.split)
     else:
         data = cached_task_data(reference, tokenizer, config.data_recipe, model_fingerprint=model_hash,
                                 cache_dir=cache_root(), device=device, progress=progress)  # fmt: skip
