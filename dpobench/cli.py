@@ -281,6 +281,11 @@ _DataOption = Annotated[
     typer.Option(help="Pairs: a JSONL / CSV / Parquet file or a Hugging Face dataset folder (save_to_disk), with "
                  "prompt, chosen, rejected as text or chat messages (or chosen and rejected alone).")
 ]  # fmt: skip
+_JudgeOption = Annotated[
+    str | None,
+    typer.Option(help="With --data: what scores the samples as their gold reward: vader (sentiment), or a reward "
+                 "model's save_pretrained folder (default: none, so no gold reward)."),
+]  # fmt: skip
 _SplitOption = Annotated[
     str | None, typer.Option(help=f"With --data FOLDER: the dataset's split (default {_default('split')}).")
 ]
@@ -394,6 +399,7 @@ def run(
     model: _ModelOption = None,
     data: _DataOption = None,
     split: _SplitOption = None,
+    judge: _JudgeOption = None,
     device: _DeviceOption = None,
     eval_every: _EvalEveryOption = None,
     length_buckets: _LengthBucketsOption = None,

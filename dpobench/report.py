@@ -181,6 +181,16 @@ def batch_layout(runs: list[dict[str, object]]) -> str:
     return " and ".join(names[layout] for layout in sorted(shared, reverse=True))
 
 
+def _gold_source(runs: list[dict[str, object]], gold: bool) -> str:
+    """What produced the gold reward: the synthetic task's lexicon, a run's judge (``--judge``), or nothing."""
+    judges = sorted(
+        {str(r["info"]["judge"]) for r in runs if isinstance(r.get("info"), dict) and r["info"].get("judge")}
+    )
+    if judges:
+        return "; ".join(judges)
+    return "the synthetic task's sentiment lexicon (dpobench.task)" if gold else "none (pairs from --data, no --judge)"
+
+
 def _run_setting(runs: list[dict[str, object]], key: str) -> str:
     """A sweep setting as the runs recorded it (the configuration's default where a run predates the key)."""
     from dpobench.config import SweepConfig
@@ -229,6 +239,7 @@ def build_report(store: str | Path, metric: str | None = None, bench: str | Path
               ("plugins", plugin_sources(finals, runs)),
               ("configuration", "; ".join(json.dumps(_shown_config(r["config"]), sort_keys=True) for r in runs)),
               ("batch layout", batch_layout(runs)),
+              ("gold reward by", _gold_source(runs, gold)),
               ("ranked by", metric), ("report by", f"dpobench {dpobench.__version__}")]  # fmt: skip
     sections = []
     decided = verdict(summary, reference_gold, most=None) if metric == "gold_reward" and gold else None

@@ -44,6 +44,7 @@ from dpobench.config import (
     select_variants,
 )
 from dpobench.data import PairSet, TaskData, apply_scenario, cached_task_data, load_pairs_file, require_pairs_file
+from dpobench.judges import Judge, JudgeError, load_judge
 from dpobench.logprobs import cached_reference_logprobs
 from dpobench.losses import PreferenceLoss
 from dpobench.models import (
@@ -167,6 +168,8 @@ class Prepared:
     data_hash: str
     #: the training settings that are part of every cell's identity (the compile setting as decided)
     train_json: dict[str, Any] = field(default_factory=dict)
+    #: what scores the samples where the pairs have no gold reward (``--judge``), or None
+    judge: Judge | None = None
 
     @property
     def config(self) -> SweepConfig:
@@ -219,10 +222,15 @@ def prepare(plan: SweepPlan, progress: Callable[[str], None] = print) -> Prepare
     trains = {
         s: apply_scenario(data.train, s, noise=config.noise, length_bonus=config.length_bonus) for s in config.scenarios
     }
+    try:
+        judge = load_judge(config.judge, device) if config.judge else None
+    except JudgeError as error:
+        raise SweepError(str(error)) from None
     return Prepared(
         plan=plan, reference=reference, policy=policy, reference_state=reference_state, tokenizer=tokenizer,
         data=data, trains=trains, train_reference=train_ref,
-        evaluator=Evaluator(reference, tokenizer, data, heldout_ref, device=device, autocast=autocast),
+        evaluator=Evaluator(reference, tokenizer, data, heldout_ref, device=device, autocast=autocast, judge=judge),
+        judge=judge,
         acceleration=acceleration, model_hash=model_hash, data_hash=data_hash,
         # the batch layout and CUDA graphs are not part of a cell's identity: the same log-probs within float
         # rounding (tests/test_logprobs.py; within bf16 rounding on an H200), so a store resumes either way
@@ -260,11 +268,18 @@ def cell_id(prepared: Prepared, cell: Cell, builtin: bool) -> str:
     code = () if builtin else (cell.spec.version,)
     return _hash(cell.spec.name, cell.loss.hparams, cell.seed, cell.scenario, prepared.model_hash,
                  prepared.data_hash, prepared.train_json, prepared.plan.device, config.noise, config.length_bonus,
-                 *code)  # fmt: skip
+                 *code, *_judged(prepared))  # fmt: skip
 
 
 def reference_cell_id(prepared: Prepared, seed: int) -> str:
-    return _hash("reference", seed, prepared.model_hash, prepared.data_hash, prepared.config.train.max_grad_norm)
+    return _hash("reference", seed, prepared.model_hash, prepared.data_hash, prepared.config.train.max_grad_norm,
+                 *_judged(prepared))  # fmt: skip
+
+
+def _judged(prepared: Prepared) -> tuple[str, ...]:
+    """A judge's key, part of a cell's identity (its gold reward is the judge's); nothing without one, so that the
+    cells of runs without a judge keep their identities."""
+    return (prepared.judge.key,) if prepared.judge is not None else ()
 
 
 def _hash(*parts: Any) -> str:
@@ -504,6 +519,7 @@ def _record_run(prepared: Prepared, store: Store, command: str) -> str:
         dtype=acceleration.dtype, dpobench_version=dpobench.__version__, torch_version=torch.__version__,
         transformers_version=transformers.__version__,
         info={**prepared.data.info, "truncated": prepared.data.train.truncated,
+              **({"judge": prepared.judge.describe} if prepared.judge is not None else {}),
               "share_prompt": acceleration.share_prompt, "cuda_graphs": config.speed.cuda_graphs, "plugins": plugins},
     )  # fmt: skip
     return run_id

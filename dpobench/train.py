@@ -290,6 +290,8 @@ class Evaluator:
     device: str = "cpu"
     max_new_tokens: int = 48
     autocast: bool = False
+    #: scores the samples as their gold reward where the pairs have none (``--judge``; ``dpobench.judges``)
+    judge: Any = None
 
     @torch.no_grad()
     def __call__(self, policy: Any, step: int, loss: PreferenceLoss | None, seed: int) -> dict[str, float]:
@@ -316,13 +318,17 @@ class Evaluator:
             "response_length": statistics.fmean(lengths),
             "n_samples": float(len(samples)),
         }
-        if self.data.has_gold:  # metrics that need a gold reward exist only for the synthetic task
+        if self.data.has_gold or self.judge is not None:  # the synthetic task's gold reward, or the judge's
             texts = [decode_completion(self.tokenizer, s) for s in samples]
-            gold = [gold_reward(t) for t in texts]
+            if self.data.has_gold:
+                gold = [gold_reward(t) for t in texts]
+            else:
+                gold = self.judge([self.tokenizer.decode(p, skip_special_tokens=True) for p in prompts], texts)
             metrics["gold_reward"] = statistics.fmean(gold)
             metrics["gold_samples"] = gold  # per evaluation prompt, in order: the report pairs cells by prompt
             metrics["gold_reward_se"] = statistics.stdev(gold) / math.sqrt(len(gold)) if len(gold) > 1 else math.nan
-            metrics["grammatical_fraction"] = statistics.fmean(float(is_grammatical(t)) for t in texts)
+            if self.data.has_gold:  # the grammar is the synthetic task's
+                metrics["grammatical_fraction"] = statistics.fmean(float(is_grammatical(t)) for t in texts)
         return metrics
 
     def _logps(

@@ -55,7 +55,8 @@ def verdict(summary: pd.DataFrame, reference_gold: float, most: int | None = 6) 
     if rows.empty:
         return None
     names = {i: configuration_name(row) for i, row in rows.iterrows()}
-    grammatical = rows.get("grammatical_fraction", pd.Series(1.0, index=rows.index)).fillna(1.0)
+    measured = rows.get("grammatical_fraction", pd.Series(math.nan, index=rows.index))  # NaN: no grammar (--judge)
+    grammatical = measured.fillna(1.0)  # where nothing measures health, every configuration counts as healthy
     healthy = rows[grammatical >= HEALTHY_GRAMMATICAL]
     degenerate = tuple(names[i] for i in rows.index.difference(healthy.index))
     if healthy.empty:
@@ -80,10 +81,10 @@ def verdict(summary: pd.DataFrame, reference_gold: float, most: int | None = 6) 
     }
     seeds = int(rows.seeds.min())
     lines = [
-        f"Most reward: {names[winner]} ({_scores(rows.loc[winner], grammatical[winner])})"
+        f"Most reward: {names[winner]} ({_scores(rows.loc[winner], measured[winner])})"
         + (f"; tied within noise with {_list(ties, most)}" if ties else ""),
         f"Least drift for ≥ {NEAR_BEST:.0%} of the best gain over the SFT reference: {names[drift]} "
-        f"({_scores(rows.loc[drift], grammatical[drift])})",
+        f"({_scores(rows.loc[drift], measured[drift])})",
         f"Pareto set (gold ↑, KL ↓, among the healthy): {_list(pareto, most)}",
     ]
     if degenerate:
@@ -108,7 +109,9 @@ def configuration_name(row: pd.Series) -> str:
 def _scores(row: pd.Series, grammatical: float) -> str:
     ci = row.get("gold_reward_ci", math.nan)
     gold = f"gold {row.gold_reward:+.3f}" + (f" ± {ci:.3f}" if isinstance(ci, float) and not math.isnan(ci) else "")
-    return f"{gold}, KL {row.kl_to_reference:.2f}, {grammatical:.0%} grammatical"
+    return f"{gold}, KL {row.kl_to_reference:.2f}" + (
+        "" if math.isnan(grammatical) else f", {grammatical:.0%} grammatical"
+    )
 
 
 def _list(names: tuple[str, ...], most: int | None) -> str:

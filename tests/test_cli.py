@@ -61,7 +61,7 @@ def test_plugins_lists_sources() -> None:
         "reference_free",
         dpobench.__version__,
         "builtin",
-        "cpo, orpo, sft, simpo, simpo_trl",
+        "alphapo, cpo, orpo, sft, simper, simpo, simpo_trl",
     ]
 
 
