@@ -536,8 +536,6 @@ def report(
     """Rebuild the HTML and PDF report from a results store (several runs in one store are compared)."""
     from dpobench.metrics import rankable
     from dpobench.report import write_report
-    from dpobench.store import StoreError, results_file
-    from dpobench.tables import run_info
 
     formats = tuple(f.strip() for f in format.split(",") if f.strip())
     if not formats or set(formats) - {"html", "pdf"}:
@@ -549,22 +547,7 @@ def report(
         close = [m for m in choices if m.startswith(metric)] or difflib.get_close_matches(metric, choices, n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
         raise CLIError(f"--metric {metric!r}: {hint}use one of {', '.join(choices)}")
-    database = results_file(store)
-    if not database.is_file():
-        raise CLIError(f"{store}: no results.sqlite here; give the --out directory of `dpobench run`")
-    import sqlite3
-
-    import pandas as pd
-
-    try:  # a file that is not a store, or another program's: sqlite's error, pandas' wrapping of it, or the store's
-        runs = run_info(database)
-    except (sqlite3.DatabaseError, pd.errors.DatabaseError, StoreError) as error:
-        reason = str(error).splitlines()[0].removeprefix(f"{database}: ")
-        raise CLIError(
-            f"{database}: not a dpobench results store ({reason}); give the --out directory of `dpobench run`"
-        ) from None
-    if not runs:
-        raise CLIError(f"{database}: the store holds no runs yet; run `dpobench run --out {store}` first")
+    database, runs = _store_runs(store)
     _load()
     target = to or Path("reports") / runs[-1]["run_id"]
     try:
@@ -577,6 +560,65 @@ def report(
         ) from None
     for path in written:
         out.print(f"wrote {path}", highlight=False)
+
+
+def _store_runs(store: Path) -> tuple[Path, list[dict[str, object]]]:
+    """A store's SQLite file and its runs; one line naming the store where it is not one, or holds no run."""
+    import sqlite3
+
+    import pandas as pd
+
+    from dpobench.store import StoreError, results_file
+    from dpobench.tables import run_info
+
+    database = results_file(store)
+    if not database.is_file():
+        raise CLIError(f"{store}: no results.sqlite here; give the --out directory of `dpobench run`")
+    try:  # a file that is not a store, or another program's: sqlite's error, pandas' wrapping of it, or the store's
+        runs = run_info(database)
+    except (sqlite3.DatabaseError, pd.errors.DatabaseError, StoreError) as error:
+        reason = str(error).splitlines()[0].removeprefix(f"{database}: ")
+        raise CLIError(
+            f"{database}: not a dpobench results store ({reason}); give the --out directory of `dpobench run`"
+        ) from None
+    if not runs:
+        raise CLIError(f"{database}: the store holds no runs yet; run `dpobench run --out {store}` first")
+    return database, runs
+
+
+@app.command("compare")
+def compare(
+    store_a: Annotated[Path, typer.Argument(help="An output directory of `dpobench run` (the first ranking).")],
+    store_b: Annotated[Path, typer.Argument(help="Another one, with the same variants and β (the second ranking).")],
+    scenario: Annotated[str, typer.Option(help="The scenario whose cells are ranked.")] = "clean",
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap draws over the held-out prompts.", min=0)] = 1000,
+) -> None:
+    """Does the ranking transfer? Two runs' rankings by gold reward, Kendall's τ and Spearman's ρ between them with
+    95% bootstrap intervals over the held-out prompts, and the configurations that moved most."""
+    from rich.table import Table
+
+    from dpobench.transfer import rank_transfer
+
+    (database_a, _), (database_b, _) = _store_runs(store_a), _store_runs(store_b)
+    _load()
+    try:
+        result = rank_transfer(database_a, database_b, scenario, draws=bootstrap)
+    except ValueError as error:
+        raise CLIError(str(error)) from None
+    table = Table("configuration", "gold A", "rank A", "gold B", "rank B", "moved", box=None)
+    for row in result.table.itertuples(index=False):
+        table.add_row(row.configuration, f"{row.gold_a:+.3f}", str(row.rank_a), f"{row.gold_b:+.3f}", str(row.rank_b),
+                      f"{row.moved:+d}" if row.moved else "0")  # fmt: skip
+    _wide().print(table)
+    interval = lambda pair: f"{pair[0]:.2f} to {pair[1]:.2f}" if bootstrap else "no bootstrap"  # noqa: E731
+    out.print(f"{len(result.table)} configurations in both. Kendall τ-b = {result.tau:.2f} (95% interval "
+              f"{interval(result.tau_interval)}); Spearman ρ = {result.rho:.2f} ({interval(result.rho_interval)}); "
+              f"intervals from {bootstrap} bootstrap draws of each run's held-out prompts.", highlight=False)  # fmt: skip
+    moved = result.table.reindex(result.table.moved.abs().sort_values(ascending=False, kind="stable").index).head(3)
+    moved = moved[moved.moved != 0]
+    if len(moved):
+        out.print("Moved most: " + ", ".join(f"{r.configuration} ({r.rank_a} → {r.rank_b})"
+                                              for r in moved.itertuples(index=False)), highlight=False)  # fmt: skip
 
 
 @contextlib.contextmanager

@@ -1,0 +1,99 @@
+"""Does a ranking transfer? Two runs' rankings of the same configurations, side by side, with Kendall's τ and
+Spearman's ρ and bootstrap intervals over the held-out prompts (``dpobench compare``).
+
+Each configuration's gold reward is the mean of its per-prompt values (the store keeps each evaluation prompt's), its
+seeds averaged prompt by prompt. A bootstrap draw resamples each run's prompts with replacement, independently,
+recomputes every configuration's mean in both runs and the two rank correlations: the interval is what the
+evaluation's finite prompts leave uncertain. Training's seed-to-seed spread is in it only as far as the runs have
+several seeds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from dpobench.tables import cell_finals, configuration_labels, is_reference, read_samples, read_tidy
+from dpobench.verdict import configuration_name
+
+__all__ = ["Transfer", "kendall_tau_b", "rank_transfer", "spearman_rho"]
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """Two runs' rankings: ``table`` (configuration, gold and rank in each, how far it moved), the correlations with
+    their 95% bootstrap intervals, and the number of bootstrap draws."""
+
+    table: pd.DataFrame
+    tau: float
+    tau_interval: tuple[float, float]
+    rho: float
+    rho_interval: tuple[float, float]
+    draws: int
+
+
+def kendall_tau_b(x: np.ndarray, y: np.ndarray) -> float:
+    """Kendall's τ-b (ties counted as neither concordant nor discordant, and taken out of the denominator)."""
+    i, j = np.triu_indices(len(x), k=1)
+    sx, sy = np.sign(x[i] - x[j]), np.sign(y[i] - y[j])
+    denominator = np.sqrt(np.abs(sx).sum() * np.abs(sy).sum())
+    return float((sx * sy).sum() / denominator) if denominator else float("nan")
+
+
+def spearman_rho(x: np.ndarray, y: np.ndarray) -> float:
+    """Spearman's ρ: Pearson's correlation of the average ranks."""
+    rx, ry = pd.Series(x).rank().to_numpy(), pd.Series(y).rank().to_numpy()
+    if rx.std() == 0 or ry.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def _per_prompt(store: str | Path, scenario: str) -> dict[str, np.ndarray]:
+    """Each configuration's gold reward per evaluation prompt (seeds averaged prompt by prompt), by its name."""
+    finals = cell_finals(read_tidy(store))
+    cells = finals[~is_reference(finals) & (finals.status == "done") & (finals.scenario == scenario)]
+    if cells.empty:
+        raise ValueError(f"{store}: no finished cells in scenario {scenario!r}")
+    cells = cells.assign(configuration=configuration_labels(cells))
+    samples = read_samples(store)
+    if samples.empty:
+        raise ValueError(f"{store}: its cells kept no per-prompt gold reward (pairs from --data without --judge, or "
+                         "a store from before dpobench kept them); compare runs that have a gold reward")  # fmt: skip
+    wide = samples.pivot(index="cell_id", columns="prompt", values="gold_reward")
+    values: dict[str, np.ndarray] = {}
+    for _, group in cells.groupby(["configuration", "beta"], dropna=False):
+        rows = wide.reindex(group.cell_id).dropna(how="all")
+        if len(rows):
+            values[configuration_name(group.iloc[0])] = rows.mean(axis=0).to_numpy(dtype=float)
+    return values
+
+
+def rank_transfer(store_a: str | Path, store_b: str | Path, scenario: str = "clean", draws: int = 1000,
+                  seed: int = 0) -> Transfer:  # fmt: skip
+    """The configurations both stores ran (by name and β), ranked by gold reward in each, with Kendall's τ-b and
+    Spearman's ρ between the rankings and their 95% bootstrap intervals over each run's held-out prompts."""
+    a, b = _per_prompt(store_a, scenario), _per_prompt(store_b, scenario)
+    names = sorted(set(a) & set(b))
+    if len(names) < 3:
+        raise ValueError(f"{store_a} and {store_b} share {len(names)} configuration(s) in {scenario!r}; a rank "
+                         "correlation needs 3 or more (the same --variants and --betas in both runs)")  # fmt: skip
+    matrix_a, matrix_b = np.stack([a[n] for n in names]), np.stack([b[n] for n in names])
+    gold_a, gold_b = matrix_a.mean(axis=1), matrix_b.mean(axis=1)
+    table = pd.DataFrame({"configuration": names, "gold_a": gold_a, "gold_b": gold_b})
+    table["rank_a"] = table.gold_a.rank(ascending=False, method="min").astype(int)
+    table["rank_b"] = table.gold_b.rank(ascending=False, method="min").astype(int)
+    table["moved"] = table.rank_b - table.rank_a
+    table = table.sort_values(["rank_a", "configuration"]).reset_index(drop=True)
+    rng = np.random.default_rng(seed)
+    taus, rhos = [], []
+    for _ in range(draws):
+        mean_a = matrix_a[:, rng.integers(matrix_a.shape[1], size=matrix_a.shape[1])].mean(axis=1)
+        mean_b = matrix_b[:, rng.integers(matrix_b.shape[1], size=matrix_b.shape[1])].mean(axis=1)
+        taus.append(kendall_tau_b(mean_a, mean_b))
+        rhos.append(spearman_rho(mean_a, mean_b))
+    interval = lambda v: tuple(float(q) for q in np.nanpercentile(v, [2.5, 97.5])) if draws else (np.nan, np.nan)  # noqa: E731
+    return Transfer(table, kendall_tau_b(gold_a, gold_b), interval(taus), spearman_rho(gold_a, gold_b),
+                    interval(rhos), draws)  # fmt: skip
