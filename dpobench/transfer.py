@@ -17,15 +17,16 @@ import numpy as np
 import pandas as pd
 
 from dpobench.tables import cell_finals, configuration_labels, is_reference, read_samples, read_tidy
-from dpobench.verdict import configuration_name
+from dpobench.verdict import HEALTHY_GRAMMATICAL, configuration_name
 
 __all__ = ["Transfer", "kendall_tau_b", "rank_transfer", "spearman_rho"]
 
 
 @dataclass(frozen=True)
 class Transfer:
-    """Two runs' rankings: ``table`` (configuration, gold and rank in each, how far it moved), the correlations with
-    their 95% bootstrap intervals, and the number of bootstrap draws."""
+    """Two runs' rankings: ``table`` (configuration, gold and rank in each, how far it moved, the runs where its
+    samples were degenerate), the correlations with their 95% bootstrap intervals, and the number of bootstrap
+    draws."""
 
     table: pd.DataFrame
     tau: float
@@ -51,8 +52,9 @@ def spearman_rho(x: np.ndarray, y: np.ndarray) -> float:
     return float(np.corrcoef(rx, ry)[0, 1])
 
 
-def _per_prompt(store: str | Path, scenario: str) -> dict[str, np.ndarray]:
-    """Each configuration's gold reward per evaluation prompt (seeds averaged prompt by prompt), by its name."""
+def _per_prompt(store: str | Path, scenario: str) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """Each configuration's gold reward per evaluation prompt (seeds averaged prompt by prompt), and its share of
+    grammatical samples (NaN where nothing measured it), by its name."""
     finals = cell_finals(read_tidy(store))
     cells = finals[~is_reference(finals) & (finals.status == "done") & (finals.scenario == scenario)]
     if cells.empty:
@@ -64,18 +66,26 @@ def _per_prompt(store: str | Path, scenario: str) -> dict[str, np.ndarray]:
                          "a store from before dpobench kept them); compare runs that have a gold reward")  # fmt: skip
     wide = samples.pivot(index="cell_id", columns="prompt", values="gold_reward")
     values: dict[str, np.ndarray] = {}
+    grammatical: dict[str, float] = {}
     for _, group in cells.groupby(["configuration", "beta"], dropna=False):
         rows = wide.reindex(group.cell_id).dropna(how="all")
         if len(rows):
-            values[configuration_name(group.iloc[0])] = rows.mean(axis=0).to_numpy(dtype=float)
-    return values
+            name = configuration_name(group.iloc[0])
+            values[name] = rows.mean(axis=0).to_numpy(dtype=float)
+            grammatical[name] = float(group.get("grammatical_fraction", pd.Series(np.nan)).mean())
+    return values, grammatical
+
+
+def _degenerate_in(a: float, b: float) -> str:
+    low = [run for run, share in (("A", a), ("B", b)) if share < HEALTHY_GRAMMATICAL]
+    return " and ".join(low)
 
 
 def rank_transfer(store_a: str | Path, store_b: str | Path, scenario: str = "clean", draws: int = 1000,
                   seed: int = 0) -> Transfer:  # fmt: skip
     """The configurations both stores ran (by name and β), ranked by gold reward in each, with Kendall's τ-b and
     Spearman's ρ between the rankings and their 95% bootstrap intervals over each run's held-out prompts."""
-    a, b = _per_prompt(store_a, scenario), _per_prompt(store_b, scenario)
+    (a, grammar_a), (b, grammar_b) = _per_prompt(store_a, scenario), _per_prompt(store_b, scenario)
     names = sorted(set(a) & set(b))
     if len(names) < 3:
         raise ValueError(f"{store_a} and {store_b} share {len(names)} configuration(s) in {scenario!r}; a rank "
@@ -86,6 +96,8 @@ def rank_transfer(store_a: str | Path, store_b: str | Path, scenario: str = "cle
     table["rank_a"] = table.gold_a.rank(ascending=False, method="min").astype(int)
     table["rank_b"] = table.gold_b.rank(ascending=False, method="min").astype(int)
     table["moved"] = table.rank_b - table.rank_a
+    # ranked by gold reward alone, as the runs measured it: a degenerate configuration is named, not left out
+    table["degenerate_in"] = [_degenerate_in(grammar_a[n], grammar_b[n]) for n in names]
     table = table.sort_values(["rank_a", "configuration"]).reset_index(drop=True)
     rng = np.random.default_rng(seed)
     taus, rhos = [], []
