@@ -181,6 +181,16 @@ def batch_layout(runs: list[dict[str, object]]) -> str:
     return " and ".join(names[layout] for layout in sorted(shared, reverse=True))
 
 
+def _trained_weights(runs: list[dict[str, object]]) -> str:
+    """Every weight, or LoRA's adapters with their share of the parameters, as each run trained."""
+    said = set()
+    for run in runs:
+        lora = run["info"].get("lora") if isinstance(run.get("info"), dict) else None
+        said.add(f"LoRA ({lora['settings']}): {lora['trainable']:,} of {lora['total']:,} parameters"
+                 if isinstance(lora, dict) else "every weight (full fine-tuning)")  # fmt: skip
+    return "; ".join(sorted(said))
+
+
 def _gold_source(runs: list[dict[str, object]], gold: bool) -> str:
     """What produced the gold reward: the synthetic task's lexicon, a run's judge (``--judge``), or nothing."""
     judges = sorted(
@@ -239,7 +249,7 @@ def build_report(store: str | Path, metric: str | None = None, bench: str | Path
               ("plugins", plugin_sources(finals, runs)),
               ("configuration", "; ".join(json.dumps(_shown_config(r["config"]), sort_keys=True) for r in runs)),
               ("batch layout", batch_layout(runs)),
-              ("gold reward by", _gold_source(runs, gold)),
+              ("gold reward by", _gold_source(runs, gold)), ("trained weights", _trained_weights(runs)),
               ("ranked by", metric), ("report by", f"dpobench {dpobench.__version__}")]  # fmt: skip
     sections = []
     decided = verdict(summary, reference_gold, most=None) if metric == "gold_reward" and gold else None

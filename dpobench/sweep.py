@@ -170,6 +170,8 @@ class Prepared:
     train_json: dict[str, Any] = field(default_factory=dict)
     #: what scores the samples where the pairs have no gold reward (``--judge``), or None
     judge: Judge | None = None
+    #: with LoRA: (trainable, total) parameters of the policy
+    lora_parameters: tuple[int, int] | None = None
 
     @property
     def config(self) -> SweepConfig:
@@ -198,10 +200,11 @@ def prepare(plan: SweepPlan, progress: Callable[[str], None] = print) -> Prepare
         model_path = resolve_model(config.model, progress)  # a named or GGUF model is converted once, then cached
     reference, tokenizer = load_model(model_path, device="cpu")
     policy = copy.deepcopy(reference)  # the same weights, without reading the files a second time
+    lora_parameters = None
     if config.lora.enabled:
         from dpobench.lora import add_adapters
 
-        trainable, total = add_adapters(policy, config.lora)
+        lora_parameters = trainable, total = add_adapters(policy, config.lora)
         progress(f"LoRA rank {config.lora.rank} on {','.join(config.lora.targets)}: {trainable / 1e6:.2f} M of "
                  f"{total / 1e6:.1f} M parameters train; the reference is the base model")  # fmt: skip
     reference_state = {k: v.detach().clone() for k, v in policy.state_dict().items()}  # where every cell starts
@@ -230,7 +233,7 @@ def prepare(plan: SweepPlan, progress: Callable[[str], None] = print) -> Prepare
         plan=plan, reference=reference, policy=policy, reference_state=reference_state, tokenizer=tokenizer,
         data=data, trains=trains, train_reference=train_ref,
         evaluator=Evaluator(reference, tokenizer, data, heldout_ref, device=device, autocast=autocast, judge=judge),
-        judge=judge,
+        judge=judge, lora_parameters=lora_parameters,
         acceleration=acceleration, model_hash=model_hash, data_hash=data_hash,
         # the batch layout and CUDA graphs are not part of a cell's identity: the same log-probs within float
         # rounding (tests/test_logprobs.py; within bf16 rounding on an H200), so a store resumes either way
@@ -520,6 +523,8 @@ def _record_run(prepared: Prepared, store: Store, command: str) -> str:
         transformers_version=transformers.__version__,
         info={**prepared.data.info, "truncated": prepared.data.train.truncated,
               **({"judge": prepared.judge.describe} if prepared.judge is not None else {}),
+              **({"lora": {"settings": lora_label(config.lora), "trainable": prepared.lora_parameters[0],
+                           "total": prepared.lora_parameters[1]}} if prepared.lora_parameters else {}),
               "share_prompt": acceleration.share_prompt, "cuda_graphs": config.speed.cuda_graphs, "plugins": plugins},
     )  # fmt: skip
     return run_id

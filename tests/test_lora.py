@@ -82,6 +82,12 @@ def test_a_lora_sweep_records_its_adapters_and_is_deterministic(untrained_model:
     cells = Store(tmp_path / "a" / "results.sqlite").frame("cells")
     trained = cells[cells.role == "variant"]
     assert {json.loads(c)["lora"] for c in trained.config} == {"rank=2, alpha=16, targets=all-linear"}
+    from dpobench.report import build_report
+
+    header = dict(build_report(tmp_path / "a").header)
+    # rank 2 is half of rank 4's 8,704; the tiny Llama has 87,040 weights: embeddings 75 × 64, 2 layers of
+    # 4 × 64² + 3 × 64 × 128 + 2 × 64, and the final norm's 64
+    assert header["trained weights"] == "LoRA (rank=2, alpha=16, targets=all-linear): 4,352 of 91,392 parameters"
     full = run_sweep(replace(config, lora=LoraOptions()), tmp_path / "a", progress=lambda m: None)
     assert len(full) == 3  # the reference and two new cells: full fine-tuning is another configuration
     from dpobench.tables import cell_finals, configuration_labels, read_tidy
