@@ -124,6 +124,7 @@ def _print_verbose(spec: LossSpec) -> None:
     out.print(f"[bold]{escape(spec.name)}[/]  ({escape(spec.plugin)} {escape(spec.version)}{preset})", highlight=False)
     out.print(f"  {escape(spec.summary)}", highlight=False, soft_wrap=True)
     out.print(f"  reference-free: {'yes' if spec.reference_free else 'no'}", highlight=False)
+    out.print(f"  inputs: {escape(', '.join(spec.inputs))}", highlight=False)
     out.print(f"  paper: {escape(spec.paper)}", highlight=False)  # a preset's own, where it has one
     out.print("  formula:", highlight=False)
     for line in spec.formula.splitlines():

@@ -92,6 +92,15 @@ class LossSpec:
         return self.build().reference_free
 
     @property
+    def inputs(self) -> tuple[str, ...]:
+        """What the variant reads: the summed log-probs of chosen and rejected (the policy's, and the reference's
+        unless it is reference-free), their token counts, and what it declares beyond them (``PreferenceLoss.inputs``,
+        per instance: WPO's depend on its base); "batch" where a pair's loss depends on the rest of the batch."""
+        loss = self.build()
+        read = ["policy log-probs"] + ([] if loss.reference_free else ["reference log-probs"]) + ["token counts"]
+        return (*read, *sorted(loss.inputs), *(["batch"] if loss.batch_coupled else []))
+
+    @property
     def paper(self) -> str:
         return self.paper_override or self.cls.paper
 

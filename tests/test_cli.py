@@ -65,6 +65,24 @@ def test_plugins_lists_sources() -> None:
     ]
 
 
+def test_verbose_list_says_what_each_variant_reads() -> None:
+    """`list -v` names each variant's inputs: the reference's log-probs unless it is reference-free, the extras it
+    declares (weights, a statistic), and "batch" where a pair's loss depends on the others."""
+    text = invoke("list", "-v").stdout
+    inputs = {}
+    for block in text.split("\n\n"):
+        lines = block.strip().splitlines()
+        found = [line.split("inputs: ", 1)[1] for line in lines if line.strip().startswith("inputs: ")]
+        if lines and found:
+            inputs[lines[0].split()[0]] = found[0]
+    assert inputs["dpo"] == "policy log-probs, reference log-probs, token counts"
+    assert inputs["simper"] == "policy log-probs, token counts"
+    assert inputs["kto_pair"] == "policy log-probs, reference log-probs, token counts, batch"
+    assert inputs["seed_custom_dpo"] == "policy log-probs, reference log-probs, token counts, weights"
+    assert inputs["wpo"] == "policy log-probs, reference log-probs, token counts, logsumsq"
+    assert len(inputs) == len(dpobench.get_losses())
+
+
 def test_verbose_list_shows_a_presets_own_paper() -> None:
     """cdpo (a preset of dpo) cites its own paper in `list`; `list -v` showed none, and the class's summary line."""
     result = invoke("list", "-v")
