@@ -284,8 +284,9 @@ _DataOption = Annotated[
 ]  # fmt: skip
 _JudgeOption = Annotated[
     str | None,
-    typer.Option(help="With --data: what scores the samples as their gold reward: vader (sentiment), or a reward "
-                 "model's save_pretrained folder (default: none, so no gold reward)."),
+    typer.Option(help="What scores the samples as their gold reward: vader (sentiment), or a reward model's "
+                 "save_pretrained folder; without --data it also labels the task's pairs, the model's own samples "
+                 "(default: none: the task's lexicon, and no gold reward for --data)."),
 ]  # fmt: skip
 _SplitOption = Annotated[
     str | None, typer.Option(help=f"With --data FOLDER: the dataset's split (default {_default('split')}).")

@@ -100,7 +100,9 @@ class SweepConfig:
     model: str = "tiny"  # a size name (dpobench builds and SFTs it) or a folder / Hub id
     data: str | None = None  # a JSONL / CSV / Parquet file or a datasets folder of pairs instead of the synthetic task
     split: str = "train"  # the split of a datasets folder that holds several
-    judge: str | None = None  # with --data: "vader" or a reward-model folder scores the samples (``dpobench.judges``)
+    #: "vader" or a reward-model folder (``dpobench.judges``) scores the samples as the gold reward; without --data it
+    #: also labels the task's pairs (the model's own samples of the task's prompts) in place of the grammar's lexicon
+    judge: str | None = None
     device: str = "auto"
     train: TrainConfig = field(default_factory=TrainConfig)
     speed: SpeedOptions = field(default_factory=SpeedOptions)
@@ -379,12 +381,10 @@ def check_config(config: SweepConfig, names: list[str], device: str) -> None:
         raise SweepError(
             f"--labels {config.data_recipe.labels}: labels the synthetic task's pairs; drop it with --data"
         )
-    if not config.data and (config.model in PRETRAINED or config.model.endswith(".gguf")):
+    if not config.data and not config.judge and (config.model in PRETRAINED or config.model.endswith(".gguf")):
         raise SweepError(f"--model {config.model}: a pretrained model does not know the synthetic task's grammar (only "
-                         "the sizes tiny, small and base are trained on it); give your pairs with --data pairs.jsonl")  # fmt: skip
-    if config.judge and not config.data:
-        raise SweepError(f"--judge {config.judge}: the synthetic task has its own gold reward; a judge scores the "
-                         "samples of runs on your pairs (--data)")  # fmt: skip
+                         "the sizes tiny, small and base are trained on it); give your pairs with --data pairs.jsonl, "
+                         "or a judge to label its own samples with --judge vader")  # fmt: skip
     if config.split != SweepConfig.split and not (config.data and Path(config.data).is_dir()):
         raise SweepError(f"--split {config.split}: picks a split of a dataset folder (--data FOLDER written by "
                          "save_to_disk); a file of pairs has none, and neither has the synthetic task")  # fmt: skip

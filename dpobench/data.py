@@ -185,20 +185,33 @@ class DataRecipe:
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def make_task_data(model: Any, tokenizer: Any, recipe: DataRecipe, device: str = "cpu") -> TaskData:
-    """Two samples from the model per prompt, labelled by the gold reward; ties dropped."""
+def make_task_data(
+    model: Any, tokenizer: Any, recipe: DataRecipe, device: str = "cpu",
+    labeller: Callable[[list[str], list[str]], list[float]] | None = None,
+) -> TaskData:  # fmt: skip
+    """Two samples from the model per prompt, labelled by the gold reward (the task's lexicon, or ``labeller``: a
+    judge scoring (prompts, completions), ``dpobench.judges``); ties dropped. Pairs labelled by a judge carry its
+    scores as their gold values; ``has_gold`` says the task's own gold reward made them."""
     rng = random.Random(recipe.seed)
     total = recipe.train_prompts + recipe.heldout_prompts + recipe.eval_prompts
-    prompts = [encode_prompt(tokenizer, sample_review(rng).prompt) for _ in range(total)]
+    texts = [sample_review(rng).prompt for _ in range(total)]
+    prompts = [encode_prompt(tokenizer, text) for text in texts]
     n_train, n_held = recipe.train_prompts, recipe.heldout_prompts
     samples = sample_completions(
         model, tokenizer, prompts[: n_train + n_held], samples=2, max_new_tokens=recipe.max_new_tokens,
         temperature=recipe.temperature, seed=recipe.seed, device=device,
     )  # fmt: skip
+    decoded = [[decode_completion(tokenizer, s) for s in pair] for pair in samples]
+    if labeller is None:
+        scores = [[gold_reward(text) for text in pair] for pair in decoded]
+    else:  # one call for every sample: a reward model scores them in batches
+        flat = labeller([t for t, pair in zip(texts, decoded, strict=False) for _ in pair],
+                        [text for pair in decoded for text in pair])  # fmt: skip
+        scores = [flat[2 * i : 2 * i + 2] for i in range(len(decoded))]
     label_rng = random.Random(recipe.seed + 1)
     train, heldout, ties = [], [], 0
     for index, (prompt, (a, b)) in enumerate(zip(prompts, samples, strict=False)):
-        ra, rb = (gold_reward(decode_completion(tokenizer, s)) for s in (a, b))
+        ra, rb = scores[index]
         if abs(ra - rb) < 1e-9:
             ties += 1
             continue
@@ -215,9 +228,10 @@ def make_task_data(model: Any, tokenizer: Any, recipe: DataRecipe, device: str =
         train=PairSet(train),
         heldout=PairSet(heldout),
         eval_prompts=[tuple(p) for p in prompts[n_train + n_held :]],
-        has_gold=True,
-        info={"ties_dropped": ties, "recipe": asdict(recipe)},
-    )
+        has_gold=labeller is None,
+        info={"ties_dropped": ties, "recipe": asdict(recipe),
+              **({"labeller": getattr(labeller, "describe", str(labeller))} if labeller is not None else {})},
+    )  # fmt: skip
 
 
 #: part of the pairs cache's key: bump it when sampling or the stored format changes, so older entries are not read
@@ -226,13 +240,14 @@ PAIRS_CACHE_VERSION = 1
 
 def cached_task_data(
     model: Any, tokenizer: Any, recipe: DataRecipe, *, model_fingerprint: str, cache_dir: Path, device: str,
-    progress: Callable[[str], None] = lambda message: None,
+    progress: Callable[[str], None] = lambda message: None, labeller: Any = None,
 ) -> TaskData:  # fmt: skip
     """``make_task_data``, sampled once per (model, tokenizer, recipe, device kind, torch version) and kept as JSON
     in ``cache_dir/pairs``: the pairs a sweep trains on are a function of those alone, and sampling them is the
     slowest part of a sweep's start. An entry that cannot be read is sampled anew."""
     identity = "|".join([model_fingerprint, type(tokenizer).__name__, str(len(tokenizer)), torch.device(device).type,
-                         torch.__version__, TASK_VERSION, str(PAIRS_CACHE_VERSION)])  # fmt: skip
+                         torch.__version__, TASK_VERSION, str(PAIRS_CACHE_VERSION),
+                         *([labeller.key] if labeller is not None else [])])  # fmt: skip
     path = cache_dir / "pairs" / f"{recipe.key(identity)}.json"
     if path.is_file():
         try:
@@ -240,7 +255,7 @@ def cached_task_data(
         except (OSError, ValueError, KeyError, TypeError):
             pass
     progress("sampling preference pairs from the reference model (cached for later runs)")
-    data = make_task_data(model, tokenizer, recipe, device=device)
+    data = make_task_data(model, tokenizer, recipe, device=device, labeller=labeller)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(_task_data_to_json(data)))

@@ -214,7 +214,11 @@ def prepare(plan: SweepPlan, progress: Callable[[str], None] = print) -> Prepare
         raise SweepError(str(error)) from None
     reference.to(device)
     model_hash = model_fingerprint(model_path)
-    data = _task_data(config, reference, tokenizer, device, model_hash, progress)
+    try:
+        judge = load_judge(config.judge, device) if config.judge else None
+    except JudgeError as error:
+        raise SweepError(str(error)) from None
+    data = _task_data(config, reference, tokenizer, device, model_hash, progress, judge)
     data_hash = data.train.fingerprint() + data.heldout.fingerprint()
     ref_key, cache, autocast = f"{model_hash}|{data_hash}", cache_root(), acceleration.autocast
     pad_id = tokenizer.pad_token_id
@@ -225,10 +229,6 @@ def prepare(plan: SweepPlan, progress: Callable[[str], None] = print) -> Prepare
     trains = {
         s: apply_scenario(data.train, s, noise=config.noise, length_bonus=config.length_bonus) for s in config.scenarios
     }
-    try:
-        judge = load_judge(config.judge, device) if config.judge else None
-    except JudgeError as error:
-        raise SweepError(str(error)) from None
     return Prepared(
         plan=plan, reference=reference, policy=policy, reference_state=reference_state, tokenizer=tokenizer,
         data=data, trains=trains, train_reference=train_ref,
@@ -248,14 +248,17 @@ def lora_label(options: LoraOptions) -> str:
 
 
 def _task_data(
-    config: SweepConfig, reference: Any, tokenizer: Any, device: str, model_hash: str, progress: Callable
+    config: SweepConfig, reference: Any, tokenizer: Any, device: str, model_hash: str, progress: Callable,
+    judge: Judge | None,
 ) -> TaskData:  # fmt: skip
+    """The user's pairs (``--data``), or the task's: its prompts, two samples of the reference model for each,
+    labelled by the task's grammar-and-lexicon gold reward, or by ``judge`` where one is given."""
     if config.data:
         max_length = getattr(reference.config, "max_position_embeddings", 512) or 512
         data = load_pairs_file(config.data, tokenizer, max_length=min(max_length, 1024), split=config.split)
     else:
         data = cached_task_data(reference, tokenizer, config.data_recipe, model_fingerprint=model_hash,
-                                cache_dir=cache_root(), device=device, progress=progress)  # fmt: skip
+                                cache_dir=cache_root(), device=device, progress=progress, labeller=judge)  # fmt: skip
     cut = data.train.truncated
     progress(f"{len(data.train.pairs)} training pairs, {len(data.heldout.pairs)} held-out pairs"
              + (f"; {cut} pair{'s' * (cut != 1)} cut to the model's length (completions truncated, EOS kept)"

@@ -61,12 +61,38 @@ def test_what_is_not_a_reward_model_is_refused_in_one_line(tmp_path: Path, untra
         load_judge("vadr")
 
 
-def test_a_judge_needs_pairs_from_data(tmp_path: Path) -> None:
-    from dpobench.config import SweepError, load_config
+@pytest.mark.skipif(not VADER, reason="vaderSentiment not installed (the real extra)")
+def test_without_data_a_judge_labels_the_models_own_samples(tmp_path: Path, untrained_model: Path) -> None:
+    """--judge vader with no --data: the task's prompts, two samples of the model for each, the one VADER scores
+    higher chosen (the DPO paper's controlled-sentiment set-up); each pair carries VADER's scores of its two
+    completions, decoded and scored again here; the cells' gold reward is VADER's too, and there is no grammar rate."""
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    from dpobench.config import SweepConfig
+    from dpobench.data import DataRecipe, decode_completion
+    from dpobench.models import load_model
+    from dpobench.sweep import plan_sweep, prepare
+    from dpobench.train import TrainConfig
+
+    recipe = DataRecipe(train_prompts=40, heldout_prompts=8, eval_prompts=8, max_new_tokens=12)
+    config = SweepConfig(model=str(untrained_model), judge="vader", variants=("dpo",), data_recipe=recipe,
+                         train=TrainConfig(steps=2, batch_size=4), step_cost_rounds=0)  # fmt: skip
+    prepared = prepare(plan_sweep(config), progress=lambda m: None)
+    _, tokenizer = load_model(untrained_model)
+    analyser = SentimentIntensityAnalyzer()
+    vader = lambda ids: analyser.polarity_scores(decode_completion(tokenizer, ids))["compound"]  # noqa: E731
+    pairs = prepared.data.train.pairs
+    assert len(pairs) >= 10 and not prepared.data.has_gold
+    assert prepared.data.info["labeller"].startswith("VADER compound sentiment")
+    for pair in pairs:
+        assert pair.chosen_gold == pytest.approx(vader(pair.chosen)) and pair.rejected_gold == pytest.approx(
+            vader(pair.rejected)
+        )
+        assert pair.chosen_gold > pair.rejected_gold
     from dpobench.sweep import run_sweep
 
-    with pytest.raises(SweepError, match=r"^--judge vader: the synthetic task has its own gold reward"):
-        run_sweep(load_config({"judge": "vader", "variants": "dpo"}), tmp_path / "out")
+    summary = run_sweep(config, tmp_path / "out", progress=lambda m: None)
+    assert summary.gold_reward.notna().all() and summary.grammatical_fraction.isna().all()
 
 
 @pytest.mark.skipif(not VADER, reason="vaderSentiment not installed (the real extra)")
