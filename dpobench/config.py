@@ -89,6 +89,10 @@ class LoraOptions:
     #: module names the adapters go on; "all-linear": every linear layer but the output head (peft's convention)
     targets: tuple[str, ...] = ("all-linear",)
 
+    def label(self) -> str:
+        """The settings as a cell's configuration records them (and a report's label shows them)."""
+        return f"rank={self.rank}, alpha={self.alpha:g}, targets={','.join(self.targets)}"
+
 
 @dataclass(frozen=True)
 class SweepConfig:

@@ -415,8 +415,7 @@ def _text_pair(source: Path, where: str, row: dict[str, Any], tokenizer: Any) ->
         raise DataError(f"{source}:{where}: conversational rows (lists of messages) need a chat template, and this "
                         "model's tokenizer has none; give a chat model with --model, or rows of text")  # fmt: skip
     if prompt is None:  # implicit: the messages chosen and rejected share
-        shared = next((i for i, (a, b) in enumerate(zip(chosen, rejected, strict=False)) if a != b),
-                      min(len(chosen), len(rejected)))  # fmt: skip
+        shared = _first_difference(chosen, rejected)
         prompt, chosen, rejected = chosen[:shared], chosen[shared:], rejected[shared:]
     try:
         head = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
@@ -430,11 +429,16 @@ def _text_pair(source: Path, where: str, row: dict[str, Any], tokenizer: Any) ->
     return {**row, "prompt": head, "chosen": texts[0][len(head) :], "rejected": texts[1][len(head) :], _TEMPLATED: True}
 
 
-def _shared_start(chosen: str, rejected: str) -> int:
-    """Where chosen and rejected first differ, moved back before a space (TRL's ``extract_prompt``)."""
-    cut = next(
+def _first_difference(chosen: Sequence[Any], rejected: Sequence[Any]) -> int:
+    """The first index where two sequences (texts, lists of messages) differ; the shorter's length if none does."""
+    return next(
         (i for i, (a, b) in enumerate(zip(chosen, rejected, strict=False)) if a != b), min(len(chosen), len(rejected))
     )
+
+
+def _shared_start(chosen: str, rejected: str) -> int:
+    """Where chosen and rejected first differ, moved back before a space (TRL's ``extract_prompt``)."""
+    cut = _first_difference(chosen, rejected)
     return cut - 1 if cut > 0 and chosen[cut - 1] == " " else cut
 
 

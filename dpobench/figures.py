@@ -146,11 +146,8 @@ def _clip_to_robust_range(ax, lines: dict[str, np.ndarray]) -> None:
         return
     low, high = robust_limits(np.concatenate(list(lines.values())).tolist())
     ax.set_ylim(low, high)
-    outside = [
-        v
-        for v, values in lines.items()
-        if ((values[np.isfinite(values)] < low) | (values[np.isfinite(values)] > high)).any()
-    ]
+    finite = {v: values[np.isfinite(values)] for v, values in lines.items()}
+    outside = [v for v, values in finite.items() if ((values < low) | (values > high)).any()]
     if outside:
         ax.set_title("leaves the scale: " + ", ".join(sorted(outside)[:6]) + (" …" if len(outside) > 6 else ""),
                      fontsize=8)  # fmt: skip

@@ -11,7 +11,6 @@ implicit rewards. A judge turns the policy's samples on held-out prompts into nu
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -71,6 +70,8 @@ def _vader() -> Judge:
 def _reward_model(folder: Path, device: str) -> Judge:
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
+    from dpobench.models import model_fingerprint
+
     try:
         config = AutoConfig.from_pretrained(folder)
     except (OSError, ValueError) as error:
@@ -99,8 +100,5 @@ def _reward_model(folder: Path, device: str) -> Judge:
             out += model(**encoded).logits[:, 0].float().tolist()
         return out
 
-    digest = hashlib.sha256()
-    for file in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")):
-        digest.update(file.read_bytes())
-    key = digest.hexdigest()[:16]
+    key = model_fingerprint(folder)  # its weights' hash, as a model's elsewhere
     return Judge(str(folder), f"reward model {folder} ({architectures[0]}, weights {key})", f"rm-{key}", score)

@@ -34,7 +34,6 @@ from dpobench._util import one_line
 from dpobench.acceleration import Acceleration, plan_acceleration
 from dpobench.config import (
     PRESETS,
-    LoraOptions,
     SweepConfig,
     SweepError,
     TrainConfig,
@@ -238,13 +237,8 @@ def prepare(plan: SweepPlan, progress: Callable[[str], None] = print) -> Prepare
         # the batch layout and CUDA graphs are not part of a cell's identity: the same log-probs within float
         # rounding (tests/test_logprobs.py; within bf16 rounding on an H200), so a store resumes either way
         train_json={**asdict(config.train), "compile": acceleration.compile,
-                    **({"lora": lora_label(config.lora)} if config.lora.enabled else {})},
+                    **({"lora": config.lora.label()} if config.lora.enabled else {})},
     )  # fmt: skip
-
-
-def lora_label(options: LoraOptions) -> str:
-    """LoRA's settings as a cell's configuration records them (and a report's label shows them)."""
-    return f"rank={options.rank}, alpha={options.alpha:g}, targets={','.join(options.targets)}"
 
 
 def _task_data(
@@ -526,7 +520,7 @@ def _record_run(prepared: Prepared, store: Store, command: str) -> str:
         transformers_version=transformers.__version__,
         info={**prepared.data.info, "truncated": prepared.data.train.truncated,
               **({"judge": prepared.judge.describe} if prepared.judge is not None else {}),
-              **({"lora": {"settings": lora_label(config.lora), "trainable": prepared.lora_parameters[0],
+              **({"lora": {"settings": config.lora.label(), "trainable": prepared.lora_parameters[0],
                            "total": prepared.lora_parameters[1]}} if prepared.lora_parameters else {}),
               "share_prompt": acceleration.share_prompt, "cuda_graphs": config.speed.cuda_graphs, "plugins": plugins},
     )  # fmt: skip
