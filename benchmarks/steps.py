@@ -23,7 +23,7 @@ import torch
 import dpobench
 from dpobench.acceleration import SpeedOptions, plan_acceleration
 from dpobench.data import Pair, PairSet
-from dpobench.logprobs import collate, pair_rows
+from dpobench.logprobs import ReferenceLogps, collate, pair_rows
 from dpobench.models import SIZES
 from dpobench.train import CellTrainer, TrainConfig
 
@@ -142,7 +142,7 @@ class DpobenchStep:
                  speed: SpeedOptions | None = None, variant: str = "dpo", steps: int = 10_000,
                  **plan: Any) -> None:  # fmt: skip
         state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        reference = (torch.zeros(len(pairs)), torch.zeros(len(pairs)))
+        reference = ReferenceLogps(torch.zeros(len(pairs)), torch.zeros(len(pairs)))
         acceleration = replace(plan_acceleration(speed or SpeedOptions(), device, model), **plan)
         loss = dpobench.get_loss(variant).to(device)  # as the sweep does: a loss may hold buffers
         config = TrainConfig(steps=steps, batch_size=batch, lr=1e-6)

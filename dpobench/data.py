@@ -55,6 +55,9 @@ class Pair:
     weight: float = 1.0
     chosen_gold: float = math.nan  # gold rewards, when the task knows them
     rejected_gold: float = math.nan
+    #: by how much the labeller scored chosen over rejected (≥ 0): the task's |Δ gold|, a data file's ``margin`` or
+    #: ``score_chosen`` − ``score_rejected``; NaN where the data has no scores. The variants declaring "margin" read it
+    margin: float = math.nan
 
     @property
     def length(self) -> int:
@@ -70,7 +73,9 @@ class PairSet:
     def fingerprint(self) -> str:
         digest = hashlib.sha256()
         for p in self.pairs:
-            digest.update(json.dumps([p.prompt, p.chosen, p.rejected, p.weight]).encode())
+            # a margin the gold rewards do not already give (a data file's) is data of its own
+            own_margin = [p.margin] if math.isfinite(p.margin) and math.isnan(p.chosen_gold) else []
+            digest.update(json.dumps([p.prompt, p.chosen, p.rejected, p.weight, *own_margin]).encode())
         return digest.hexdigest()[:16]
 
 
@@ -223,7 +228,9 @@ def make_task_data(
         # The labeller's confidence in its label, σ(|Δ gold| / τ) ∈ (0.5, 1): the per-pair weight that
         # variants declaring "weights" (the seed's confidence weighting) receive.
         confidence = 1 / (1 + math.exp(-abs(rc - rr) / recipe.bt_temperature))
-        (train if index < n_train else heldout).append(Pair(tuple(prompt), chosen, rejected, confidence, rc, rr))
+        (train if index < n_train else heldout).append(
+            Pair(tuple(prompt), chosen, rejected, confidence, rc, rr, margin=abs(rc - rr))
+        )
     return TaskData(
         train=PairSet(train),
         heldout=PairSet(heldout),
@@ -272,7 +279,8 @@ def _task_data_to_json(data: TaskData) -> dict[str, Any]:
 
 def _task_data_from_json(stored: dict[str, Any]) -> TaskData:
     def pairs(stored_set: dict[str, Any]) -> PairSet:
-        rows = [Pair(**{**row, **{k: tuple(row[k]) for k in ("prompt", "chosen", "rejected")}})
+        rows = [Pair(**{"margin": abs(row["chosen_gold"] - row["rejected_gold"]),  # entries written before margins
+                        **row, **{k: tuple(row[k]) for k in ("prompt", "chosen", "rejected")}})
                 for row in stored_set["pairs"]]  # fmt: skip
         return PairSet(rows, stored_set["truncated"])
 
@@ -339,6 +347,7 @@ def load_pairs_file(
             raise DataError(f"{path}:{where}: weight {weight!r} is not a number") from None
         if not math.isfinite(weight) or weight < 0:  # a negative weight turns the pair's loss upside down
             raise DataError(f"{path}:{where}: weight {weight!r} must be a finite number ≥ 0")
+        margin = _row_margin(path, where, row)
         if row.get(_TEMPLATED):  # the chat template wrote every special token: the text is tokenized as it is
             prompt = tokenizer(row["prompt"], add_special_tokens=False).input_ids
             chosen, rejected = (_templated_completion(tokenizer, row[key]) for key in ("chosen", "rejected"))
@@ -353,7 +362,7 @@ def load_pairs_file(
         if len(chosen) > room or len(rejected) > room:
             truncated += 1
             chosen, rejected = chosen[: room - 1] + chosen[-1:], rejected[: room - 1] + rejected[-1:]
-        pairs.append(Pair(tuple(prompt), tuple(chosen), tuple(rejected), weight))
+        pairs.append(Pair(tuple(prompt), tuple(chosen), tuple(rejected), weight, margin=margin))
     if len(pairs) < 2:
         raise DataError(f"{path}: needs at least 2 pairs, found {len(pairs)}")
     _refuse_unknown_tokens(path, tokenizer, pairs)
@@ -369,6 +378,30 @@ def load_pairs_file(
         has_gold=False,
         info={"file": str(path), "pairs": len(pairs), "truncated": truncated},
     )
+
+
+def _row_margin(path: Path, where: str, row: dict[str, Any]) -> float:
+    """A row's score margin: its ``margin``, or ``score_chosen`` − ``score_rejected`` (UltraFeedback's columns), or
+    NaN without either; a margin is a finite number ≥ 0 (the chosen completion scored at least as high)."""
+    if row.get("margin") not in (None, ""):
+        value, what = row["margin"], "margin"
+    elif row.get("score_chosen") not in (None, "") and row.get("score_rejected") not in (None, ""):
+        what = "score_chosen − score_rejected"
+        try:
+            value = float(row["score_chosen"]) - float(row["score_rejected"])
+        except (TypeError, ValueError):
+            raise DataError(f"{path}:{where}: score_chosen {row['score_chosen']!r} or score_rejected "
+                            f"{row['score_rejected']!r} is not a number") from None  # fmt: skip
+    else:
+        return math.nan
+    try:
+        margin = float(value)
+    except (TypeError, ValueError):
+        raise DataError(f"{path}:{where}: margin {value!r} is not a number") from None
+    if not math.isfinite(margin) or margin < 0:
+        raise DataError(f"{path}:{where}: {what} is {margin!r}; a margin is a finite number ≥ 0 (the chosen "
+                        "completion scored at least as high as the rejected one)")  # fmt: skip
+    return margin
 
 
 #: the most of a data file's tokens that may be the tokenizer's unknown token: beyond it the model would train on

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from dpobench.losses import LogProbs, call_loss, check_output
+from dpobench.losses import LogProbs, PreferenceLoss, call_loss, check_output
 from dpobench.registry import LossSpec
 
 __all__ = ["DEFAULT_BETAS", "DEFAULT_MARGINS", "landscape"]
@@ -72,7 +72,7 @@ def landscape(
     return frame
 
 
-def _evaluate(loss: torch.nn.Module, margins: torch.Tensor, tokens: int) -> tuple[list[float], ...]:
+def _evaluate(loss: PreferenceLoss, margins: torch.Tensor, tokens: int) -> tuple[list[float], ...]:
     """Loss, −∂loss/∂margin and σ(reward margin) at each margin: every margin one pair of one batch, or, for a
     variant whose pairs see the rest of the batch (``batch_coupled``: AOT's sorting, TRL's batch-wide NLL), a batch
     of one pair per margin. The contract check (``dpobench check``) holds the others to their pairs' own losses."""
@@ -82,15 +82,20 @@ def _evaluate(loss: torch.nn.Module, margins: torch.Tensor, tokens: int) -> tupl
     return _evaluate_batch(loss, margins, tokens)
 
 
-def _evaluate_batch(loss: torch.nn.Module, margins: torch.Tensor, tokens: int) -> tuple[list[float], ...]:
+def _evaluate_batch(loss: PreferenceLoss, margins: torch.Tensor, tokens: int) -> tuple[list[float], ...]:
+    loss.reset()  # a stateful loss (β-DPO) sees each batch as the first of a cell
     n = margins.shape[0]
     base = torch.full((n,), -float(tokens), dtype=torch.float64)
     length = torch.full((n,), float(tokens), dtype=torch.float64)
-    reference = LogProbs(base, base, length, length, base, base)
+    reference = LogProbs(base, base, length, length, base, base).with_even_tokens()
     h = margins.detach().clone().requires_grad_(True)
-    # log Σ p² = log p here, so WPO's pair weight is exactly 1 and the landscape is its base's.
-    policy = LogProbs(base + h / 2, base - h / 2, length, length, base + h.detach() / 2, base - h.detach() / 2)
-    out = call_loss(loss, policy, reference, weights=torch.ones(n, dtype=torch.float64))
+    # log Σ p² = log p here, so WPO's pair weight is exactly 1 and the landscape is its base's; chosen and rejected
+    # are equally long, so the per-token losses (LD-DPO, SamPO) see every token and are their base's too. A score
+    # margin of 1 makes ODPO's offset α·log 1 = 0.
+    policy = LogProbs(base + h / 2, base - h / 2, length, length, base + h.detach() / 2,
+                      base - h.detach() / 2).with_even_tokens()  # fmt: skip
+    ones = torch.ones(n, dtype=torch.float64)
+    out = call_loss(loss, policy, reference, weights=ones, margin=ones)
     check_output(out, n)  # as training does: a loss that is not per pair is left out, as `dpobench check` fails it
     (grad,) = torch.autograd.grad(out.losses.sum(), h)
     probs = torch.sigmoid(out.chosen_rewards - out.rejected_rewards)

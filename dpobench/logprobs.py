@@ -21,8 +21,12 @@ from torch import Tensor
 
 from dpobench._util import atomic_path
 from dpobench.data import Pair
+from dpobench.losses import LogProbs
 
-__all__ = ["Batch", "can_share_prompt", "collate", "collate_shared", "reference_logprobs", "sequence_logprobs"]
+__all__ = [
+    "Batch", "ReferenceLogps", "can_share_prompt", "collate", "collate_shared", "per_token_rows", "reference_logprobs",
+    "sequence_logprobs",
+]  # fmt: skip
 
 
 @dataclass
@@ -284,16 +288,18 @@ def _compute_dtype(hidden: Tensor) -> torch.dtype:
 
 def sequence_logprobs(
     model: Any, batch: Batch, *, statistics: Sequence[str] = (), chunk_tokens: int | None = None,
-    compiled_head: bool = False,
+    compiled_head: bool = False, token_width: int | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:  # fmt: skip
     """Σ_t log π(y_t | x, y_<t) over completion tokens per sequence, float32; and each of ``statistics``
-    (``TOKEN_STATISTICS``) summed the same way, by name.
+    (``TOKEN_STATISTICS``) summed the same way, by name, and with ``"token_logps"`` among them the per-token log-probs
+    themselves, (sequences, ``token_width``) right-padded with 0 (``per_token_rows``), with their gradient.
 
     The LM head is applied only at completion positions, ``chunk_tokens`` at a time (by default as many as fit
     ``LOGITS_BUDGET``), through a fused head whose backward recomputes logits chunk by chunk. ``compiled_head``:
     its softmax statistics and gradient come from torch.compile'd kernels that read each chunk's logits in their
     own dtype (bf16 under autocast), rather than eager passes over a float32 copy."""
     head = model.get_output_embeddings()
+    summed = tuple(name for name in statistics if name != "token_logps")  # the per-token values are not summed
     if _head_only_path(model) and getattr(head, "bias", None) is None:
         # one row per sequence gets no attention mask: rows are right-padded, so causal attention keeps every real
         # token from seeing a pad, and without one SDPA runs its causal kernel (flash attention where it has one),
@@ -303,7 +309,7 @@ def sequence_logprobs(
         selected = hidden.flatten(0, 1).index_select(0, batch.positions)
         chunk = chunk_tokens or max(1, LOGITS_BUDGET // head.weight.shape[0])
         token_logp, *token_stats = _HeadLogprobs.apply(
-            selected, head.weight, batch.targets, chunk, _compute_dtype(selected), tuple(statistics), compiled_head
+            selected, head.weight, batch.targets, chunk, _compute_dtype(selected), summed, compiled_head
         )  # fmt: skip
     else:  # models that transform their logits (or have a head bias): take them whole
         logits = (
@@ -315,10 +321,24 @@ def sequence_logprobs(
         token_logp = -F.cross_entropy(logits, batch.targets, reduction="none")
         with torch.no_grad():
             lse = torch.logsumexp(logits, -1)
-            token_stats = [TOKEN_STATISTICS[name](logits, lse) for name in statistics]
+            token_stats = [TOKEN_STATISTICS[name](logits, lse) for name in summed]
     zeros = torch.zeros(batch.size, dtype=torch.float32, device=token_logp.device)
-    per_sequence = {name: zeros.index_add(0, batch.rows, t) for name, t in zip(statistics, token_stats, strict=True)}
+    per_sequence = {name: zeros.index_add(0, batch.rows, t) for name, t in zip(summed, token_stats, strict=True)}
+    if "token_logps" in statistics:
+        per_sequence["token_logps"] = per_token_rows(token_logp, batch, token_width or batch.input_ids.shape[1])
     return zeros.index_add(0, batch.rows, token_logp), per_sequence
+
+
+def per_token_rows(values: Tensor, batch: Batch, width: int) -> Tensor:
+    """Per-token ``values`` (one per completion position of ``batch``) as (sequences, ``width``) rows, each sequence's
+    values from column 0 in order, 0 after them. Both layouts list a sequence's positions together and in order
+    (``collate``'s row-major positions; ``collate_shared``'s chosen then rejected, each row-major), so a value's column
+    is its index less where its sequence starts: no count comes back from the device."""
+    counts = batch.tokens.long()
+    starts = counts.cumsum(0) - counts
+    column = torch.arange(values.shape[0], device=values.device) - starts.index_select(0, batch.rows)
+    rows = torch.zeros(batch.size, width, dtype=values.dtype, device=values.device)
+    return rows.index_put((batch.rows, column), values)
 
 
 @torch.no_grad()
@@ -327,48 +347,97 @@ def rows_logprobs(
     batch_size: int = 128, autocast: bool = False, statistics: Sequence[str] = (),
 ) -> tuple[Tensor, dict[str, Tensor]]:  # fmt: skip
     """Completion log-probs of (prompt, completion) rows, and each of ``statistics``, without gradients, on the
-    CPU, float32."""
+    CPU, float32; per-token log-probs (``"token_logps"``) as wide as the longest completion of all rows."""
     sums, stats = [], []
+    width = max((len(c) for _, c in rows), default=0)
     for start in range(0, len(rows), batch_size):
         batch = collate(rows[start : start + batch_size], pad_id).to(device)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-            part, part_stats = sequence_logprobs(model, batch, statistics=statistics)
+            part, part_stats = sequence_logprobs(model, batch, statistics=statistics, token_width=width)
         sums.append(part.cpu())
         stats.append({k: v.cpu() for k, v in part_stats.items()})
     return torch.cat(sums), {name: torch.cat([s[name] for s in stats]) for name in statistics}
 
 
+@dataclass(frozen=True)
+class ReferenceLogps:
+    """The reference model's log-probs of every pair of a set, computed once for all cells: summed per completion,
+    and, where some variant of the sweep declares ``"token_logps"``, per token ((pairs, L) right-padded with 0, L the
+    longest completion of the set)."""
+
+    chosen: Tensor
+    rejected: Tensor
+    chosen_token_logps: Tensor | None = None
+    rejected_token_logps: Tensor | None = None
+
+    def to(self, device: str | torch.device) -> ReferenceLogps:
+        return ReferenceLogps(*(None if t is None else t.to(device) for t in self._tensors()))
+
+    def select(self, index: Tensor, chosen_tokens: Tensor, rejected_tokens: Tensor, width: int) -> LogProbs:
+        """The pairs ``index`` as the reference side of a loss call, per-token log-probs (if any) ``width`` wide."""
+        per_token = {}
+        if self.chosen_token_logps is not None and self.rejected_token_logps is not None:
+            per_token = {f"{side}_token_logps": _fit(values.index_select(0, index), width)
+                         for side, values in (("chosen", self.chosen_token_logps),
+                                              ("rejected", self.rejected_token_logps))}  # fmt: skip
+        return LogProbs(self.chosen.index_select(0, index), self.rejected.index_select(0, index), chosen_tokens,
+                        rejected_tokens, **per_token)  # fmt: skip
+
+    def _tensors(self) -> tuple[Tensor | None, ...]:
+        return tuple(getattr(self, f.name) for f in fields(self))
+
+
+def _fit(rows: Tensor, width: int) -> Tensor:
+    """``rows`` cut or zero-padded to ``width`` columns."""
+    if rows.shape[1] >= width:
+        return rows[:, :width]
+    return F.pad(rows, (0, width - rows.shape[1]))
+
+
 def reference_logprobs(
-    model: Any, pairs: Sequence[Pair], pad_id: int, *, device: str, batch_size: int = 64, autocast: bool = False
-) -> tuple[Tensor, Tensor]:
-    """Reference (chosen, rejected) log-probs of every pair, on the CPU, float32."""
-    chosen, rejected = [], []
+    model: Any, pairs: Sequence[Pair], pad_id: int, *, device: str, batch_size: int = 64, autocast: bool = False,
+    token_logps: bool = False,
+) -> ReferenceLogps:  # fmt: skip
+    """Reference log-probs of every pair, on the CPU, float32; per token too with ``token_logps``."""
+    chosen, rejected, per_token = [], [], []
+    statistics = ("token_logps",) if token_logps else ()
+    width = max((max(len(p.chosen), len(p.rejected)) for p in pairs), default=0)
     for start in range(0, len(pairs), batch_size):  # one batch holds a chunk's chosen and rejected rows
         part = pairs[start : start + batch_size]
-        sums, _ = rows_logprobs(model, pair_rows(part), pad_id, device=device, batch_size=2 * len(part),
-                                autocast=autocast)  # fmt: skip
+        sums, stats = rows_logprobs(model, pair_rows(part), pad_id, device=device, batch_size=2 * len(part),
+                                    autocast=autocast, statistics=statistics)  # fmt: skip
         chosen.append(sums[: len(part)])
         rejected.append(sums[len(part) :])
-    return torch.cat(chosen), torch.cat(rejected)
+        if token_logps:
+            per_token.append(_fit(stats["token_logps"], width))
+    if not token_logps:
+        return ReferenceLogps(torch.cat(chosen), torch.cat(rejected))
+    n = [len(c) for c in chosen]
+    tokens = [t.split([k, k]) for t, k in zip(per_token, n, strict=True)]
+    return ReferenceLogps(torch.cat(chosen), torch.cat(rejected), torch.cat([c for c, _ in tokens]),
+                          torch.cat([r for _, r in tokens]))  # fmt: skip
 
 
 def cached_reference_logprobs(
-    model: Any, pairs: Sequence[Pair], pad_id: int, key: str, cache_dir: Path, *, device: str, autocast: bool
-) -> tuple[Tensor, Tensor]:
-    """``reference_logprobs``, computed once per (model, data, precision) and kept as safetensors."""
+    model: Any, pairs: Sequence[Pair], pad_id: int, key: str, cache_dir: Path, *, device: str, autocast: bool,
+    token_logps: bool = False,
+) -> ReferenceLogps:  # fmt: skip
+    """``reference_logprobs``, computed once per (model, data, precision, per-token or not) and kept as
+    safetensors."""
     from safetensors.torch import load_file, save_file
 
-    name = hashlib.sha256(f"{key}|{autocast}|{len(pairs)}".encode()).hexdigest()[:20]
+    name = hashlib.sha256(f"{key}|{autocast}|{len(pairs)}{'|tokens' * token_logps}".encode()).hexdigest()[:20]
     path = cache_dir / "reference" / f"{name}.safetensors"
     if path.is_file():
         try:
             stored = load_file(str(path))
-            if stored["chosen"].shape == (len(pairs),):
-                return stored["chosen"], stored["rejected"]
+            if stored["chosen"].shape == (len(pairs),) and (not token_logps or "chosen_token_logps" in stored):
+                return ReferenceLogps(**stored)
         except Exception:  # a corrupted entry is rebuilt, not trusted
             pass
-    chosen, rejected = reference_logprobs(model, pairs, pad_id, device=device, autocast=autocast)
+    reference = reference_logprobs(model, pairs, pad_id, device=device, autocast=autocast, token_logps=token_logps)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
-        save_file({"chosen": chosen.contiguous(), "rejected": rejected.contiguous()}, str(tmp))
-    return chosen, rejected
+        save_file({f.name: getattr(reference, f.name).contiguous() for f in fields(reference)
+                   if getattr(reference, f.name) is not None}, str(tmp))  # fmt: skip
+    return reference

@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
+    "PAIR_INPUTS",
+    "TOKEN_LOGPS",
     "LabelSmoothingMixin",
     "LogProbs",
     "LossOutput",
@@ -50,9 +52,14 @@ class LogProbs:
         chosen_logsumsq: optional Σ_t log Σ_v π(v|x, y_<t)² over chosen completion tokens, shape (B,);
             filled only for variants that declare ``"logsumsq"`` in ``inputs`` (WPO weighting).
         rejected_logsumsq: same for the rejected responses.
+        chosen_token_logps: optional per-token log π(y_t|x, y_<t) of the chosen completions, shape (B, L), each row
+            right-padded with 0 after its ``chosen_tokens`` entries (so a row sums to ``chosen``); L is the same for
+            chosen and rejected, policy and reference. Filled, for the policy and the reference, only for variants
+            that declare ``"token_logps"`` in ``inputs`` (LD-DPO, SamPO).
+        rejected_token_logps: same for the rejected completions, shape (B, L).
 
-    The optional fields are the policy's per-sequence statistics (``STATISTICS``): each pair of fields
-    ``chosen_<name>`` / ``rejected_<name>`` is one statistic a variant can declare in ``inputs`` by its name.
+    Each pair of optional fields ``chosen_<name>`` / ``rejected_<name>`` is one input a variant declares in
+    ``inputs`` by its name: the policy's statistics (``STATISTICS``), and ``TOKEN_LOGPS``.
     """
 
     chosen: Tensor
@@ -61,23 +68,28 @@ class LogProbs:
     rejected_tokens: Tensor
     chosen_logsumsq: Tensor | None = None
     rejected_logsumsq: Tensor | None = None
+    chosen_token_logps: Tensor | None = None
+    rejected_token_logps: Tensor | None = None
 
     def __post_init__(self) -> None:
-        shape = None
         for f in fields(self):
             value = getattr(self, f.name)
             if value is None:
                 continue
             if not isinstance(value, Tensor):
                 raise TypeError(f"LogProbs.{f.name} must be a torch.Tensor, got {type(value).__name__}")
-            if value.dim() != 1:
-                raise ValueError(f"LogProbs.{f.name} must have shape (B,), got {tuple(value.shape)}")
-            if shape is None:
-                shape = value.shape
-            elif value.shape != shape:
+            per_token = f.name.endswith("_token_logps")
+            if value.dim() != (2 if per_token else 1):
+                raise ValueError(f"LogProbs.{f.name} must have shape {'(B, L)' if per_token else '(B,)'}, "
+                                 f"got {tuple(value.shape)}")  # fmt: skip
+            if value.shape[0] != self.chosen.shape[0]:
                 raise ValueError(
-                    f"LogProbs.{f.name} has shape {tuple(value.shape)} but LogProbs.chosen has {tuple(shape)}"
+                    f"LogProbs.{f.name} has {value.shape[0]} rows but LogProbs.chosen has {self.chosen.shape[0]}"
                 )
+        if self.chosen_token_logps is not None and self.rejected_token_logps is not None:
+            if self.chosen_token_logps.shape != self.rejected_token_logps.shape:
+                raise ValueError(f"LogProbs.chosen_token_logps has shape {tuple(self.chosen_token_logps.shape)} but "
+                                 f"rejected_token_logps has {tuple(self.rejected_token_logps.shape)}")  # fmt: skip
 
     @classmethod
     def from_rows(cls, sums: Tensor, tokens: Tensor, statistics: dict[str, Tensor] | None = None) -> LogProbs:
@@ -97,6 +109,17 @@ class LogProbs:
                 if getattr(self, f"{side}_{name}") is not None}  # fmt: skip
         return replace(self, **drop) if drop else self
 
+    def with_even_tokens(self, width: int | None = None) -> LogProbs:
+        """These log-probs with per-token log-probs made by spreading each sum evenly over its tokens (width L:
+        ``width``, or the most tokens of any sequence). For what has only sums (the contract check's batches, the loss
+        landscape); the per-token values are differentiable functions of the sums, so gradients reach ``chosen``."""
+        counts = torch.cat([self.chosen_tokens, self.rejected_tokens]).round().long().clamp(min=1)
+        width = width or int(counts.max())
+        mask = (torch.arange(width, device=counts.device)[None, :] < counts[:, None]).to(self.chosen.dtype)
+        each = torch.cat([self.chosen, self.rejected])[:, None] / counts[:, None].to(self.chosen.dtype) * mask
+        b = self.batch_size
+        return replace(self, chosen_token_logps=each[:b], rejected_token_logps=each[b:])
+
     def detach(self) -> LogProbs:
         return LogProbs(*(None if v is None else v.detach() for v in self._values()))
 
@@ -108,22 +131,29 @@ class LogProbs:
         return tuple(getattr(self, f.name) for f in fields(self))
 
 
-#: the per-sequence statistics of the policy a variant can declare in ``inputs``: the names of LogProbs's optional
-#: field pairs. The harness computes only those declared (``dpobench.logprobs.TOKEN_STATISTICS`` holds each one's
-#: computation from the logits)
+#: the per-token log-probs of policy and reference (``LogProbs.chosen_token_logps`` / ``rejected_token_logps``), as an
+#: input a variant declares: its policy side carries the gradient, and the reference side is cached per token
+TOKEN_LOGPS = "token_logps"
+#: the per-sequence statistics of the policy a variant can declare in ``inputs``: the names of LogProbs's other
+#: optional field pairs, constants of the loss (no gradient). The harness computes only those declared
+#: (``dpobench.logprobs.TOKEN_STATISTICS`` holds each one's computation from the logits)
 STATISTICS: tuple[str, ...] = tuple(
     f.name.removeprefix("chosen_")
     for f in fields(LogProbs)
-    if f.name.startswith("chosen_") and f.name != "chosen_tokens"
+    if f.name.startswith("chosen_") and f.name not in ("chosen_tokens", f"chosen_{TOKEN_LOGPS}")
 )
-#: every input a variant can declare: per-pair confidence ``weights`` from the data (a ``forward`` argument), and
-#: the statistics
-KNOWN_INPUTS = frozenset({"weights", *STATISTICS})
+#: the per-pair inputs from the data, each a ``forward`` keyword argument of shape (B,): ``weights``, the labeller's
+#: confidence in (0.5, 1]; ``margin``, by how much the labeller scored the chosen completion over the rejected one
+#: (the synthetic task's gold difference, or a data file's ``margin`` / ``score_chosen`` − ``score_rejected``)
+PAIR_INPUTS: tuple[str, ...] = ("weights", "margin")
+#: every input a variant can declare
+KNOWN_INPUTS = frozenset({*PAIR_INPUTS, TOKEN_LOGPS, *STATISTICS})
 
 
-def declared_statistics(loss: PreferenceLoss) -> tuple[str, ...]:
-    """The statistics ``loss`` declares in ``inputs``, in ``STATISTICS`` order: what the harness computes for it."""
-    return tuple(name for name in STATISTICS if name in loss.inputs)
+def sequence_inputs(loss: PreferenceLoss) -> tuple[str, ...]:
+    """What the harness computes with the policy's summed log-probs for ``loss``: the statistics it declares, in
+    ``STATISTICS`` order, then ``TOKEN_LOGPS`` if it declares that."""
+    return tuple(name for name in (*STATISTICS, TOKEN_LOGPS) if name in loss.inputs)
 
 
 class LossOutput(NamedTuple):
@@ -228,7 +258,8 @@ class PreferenceLoss(nn.Module):
     batch_coupled: bool = False
     #: True when the loss does not increase as the chosen-over-rejected margin grows
     monotone: bool = True
-    #: extra inputs the variant needs, of ``KNOWN_INPUTS``: "weights" (per-pair confidence), or a statistic
+    #: extra inputs the variant needs, of ``KNOWN_INPUTS``: per-pair data (``PAIR_INPUTS``), per-token log-probs
+    #: (``TOKEN_LOGPS``) or a statistic of the policy (``STATISTICS``)
     inputs: frozenset[str] = frozenset()
     #: hyper-parameters, with defaults and valid ranges
     params: ClassVar[dict[str, Param]] = {}
@@ -262,8 +293,18 @@ class PreferenceLoss(nn.Module):
         else:
             # The reference model is frozen: no gradient may reach it, whatever the variant does with it.
             reference = reference.detach()
+        if TOKEN_LOGPS in self.inputs:
+            for side, given in (("policy", policy), ("reference", reference)):
+                if given is not None and given.chosen_token_logps is None:
+                    raise ValueError(f"loss {self.name!r} reads per-token log-probs: give the {side}'s "
+                                     "chosen_token_logps and rejected_token_logps (LogProbs.with_even_tokens() makes "
+                                     "them from sums)")  # fmt: skip
         out = super().__call__(policy, reference, **extras)
         return out if isinstance(out, LossOutput) else LossOutput(*out)
+
+    def reset(self) -> None:
+        """Forget what the loss carried from step to step (a stateful variant's running statistics, kept in buffers):
+        the harness calls it as every cell starts, so that a cell's state is its own. Stateless variants have none."""
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.hparams.items())
@@ -310,17 +351,15 @@ def smoothed_logsigmoid_loss(z: Tensor, label_smoothing: float = 0.0) -> Tensor:
 
 
 def call_loss(
-    loss: PreferenceLoss, policy: LogProbs, reference: LogProbs | None, weights: Tensor | None = None
+    loss: PreferenceLoss, policy: LogProbs, reference: LogProbs | None, **pair_inputs: Tensor | None
 ) -> LossOutput:
-    """Call ``loss`` the way the harness does: extras only when the variant declares them. The statistics
-    (``STATISTICS``) are the policy's alone, and only those the variant declares: training computes nothing else,
-    so the contract check and the landscape give nothing else either."""
-    extras: dict[str, Tensor] = {}
-    if "weights" in loss.inputs and weights is not None:
-        extras["weights"] = weights
-    policy = policy.without(s for s in STATISTICS if s not in loss.inputs)
+    """Call ``loss`` the way the harness does: the per-pair inputs (``PAIR_INPUTS``, by keyword) and the optional
+    fields of ``LogProbs`` only when the variant declares them. The statistics (``STATISTICS``) are the policy's
+    alone: training computes nothing else, so the contract check and the landscape give nothing else either."""
+    extras = {k: v for k, v in pair_inputs.items() if k in loss.inputs and v is not None}
+    policy = policy.without(s for s in (*STATISTICS, TOKEN_LOGPS) if s not in loss.inputs)
     if reference is not None:
-        reference = reference.without(STATISTICS)
+        reference = reference.without([*STATISTICS, *([] if TOKEN_LOGPS in loss.inputs else [TOKEN_LOGPS])])
     return loss(policy, None if loss.reference_free else reference, **extras)
 
 

@@ -22,7 +22,7 @@ import os
 import subprocess
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,7 @@ from dpobench.config import (
 from dpobench.data import PairSet, TaskData, apply_scenario, cached_task_data, load_pairs_file, require_pairs_file
 from dpobench.judges import Judge, JudgeError, load_judge
 from dpobench.logprobs import cached_reference_logprobs
-from dpobench.losses import PreferenceLoss
+from dpobench.losses import TOKEN_LOGPS, PreferenceLoss
 from dpobench.models import (
     SIZES,
     SFTRecipe,
@@ -219,12 +219,16 @@ def prepare(plan: SweepPlan, progress: Callable[[str], None] = print) -> Prepare
         raise SweepError(str(error)) from None
     data = _task_data(config, reference, tokenizer, device, model_hash, progress, judge)
     data_hash = data.train.fingerprint() + data.heldout.fingerprint()
+    plan = _cells_with_their_inputs(plan, data, progress)
     ref_key, cache, autocast = f"{model_hash}|{data_hash}", cache_root(), acceleration.autocast
     pad_id = tokenizer.pad_token_id
-    train_ref = cached_reference_logprobs(reference, data.train.pairs, pad_id, ref_key + "|train", cache,
-                                          device=device, autocast=autocast)  # fmt: skip
-    heldout_ref = cached_reference_logprobs(reference, data.heldout.pairs, pad_id, ref_key + "|heldout", cache,
-                                            device=device, autocast=autocast)  # fmt: skip
+    # per token only where a variant of the sweep reads them: they cost a (pairs, longest completion) table
+    per_token = any(TOKEN_LOGPS in cell.loss.inputs for cell in plan.cells)
+    train_ref, heldout_ref = (
+        cached_reference_logprobs(reference, part.pairs, pad_id, f"{ref_key}|{name}", cache, device=device,
+                                  autocast=autocast, token_logps=per_token)
+        for name, part in (("train", data.train), ("heldout", data.heldout))
+    )  # fmt: skip
     trains = {
         s: apply_scenario(data.train, s, noise=config.noise, length_bonus=config.length_bonus) for s in config.scenarios
     }
@@ -239,6 +243,24 @@ def prepare(plan: SweepPlan, progress: Callable[[str], None] = print) -> Prepare
         train_json={**asdict(config.train), "compile": acceleration.compile,
                     **({"lora": config.lora.label()} if config.lora.enabled else {})},
     )  # fmt: skip
+
+
+def _cells_with_their_inputs(plan: SweepPlan, data: TaskData, progress: Callable[[str], None]) -> SweepPlan:
+    """The plan less the cells of variants that read the pairs' score margins, where the data has none: a variant
+    named with ``--variants`` is refused instead, before any cell trains."""
+    if not any(math.isnan(p.margin) for p in (*data.train.pairs, *data.heldout.pairs)):
+        return plan
+    needs = sorted({cell.spec.name for cell in plan.cells if "margin" in cell.loss.inputs})
+    if not needs:
+        return plan
+    fix = "give every row a `margin` (or `score_chosen` and `score_rejected`)"
+    if plan.config.variants:
+        raise SweepError(f"{', '.join(needs)} read{'s' * (len(needs) == 1)} each pair's score margin, and "
+                         f"{plan.config.data} has rows without one; {fix}, or drop {'it' if len(needs) == 1 else 'them'} "
+                         "from --variants")  # fmt: skip
+    progress(f"{', '.join(needs)} left out: {'it reads' if len(needs) == 1 else 'they read'} each pair's score margin, "
+             f"which these pairs do not have ({fix} to train {'it' if len(needs) == 1 else 'them'})")  # fmt: skip
+    return replace(plan, cells=[cell for cell in plan.cells if cell.spec.name not in needs])
 
 
 def _task_data(

@@ -59,8 +59,9 @@ class ContractReport:
 
 def make_batch(
     batch_size: int = 8, *, dtype: torch.dtype = torch.float32, seed: int = 0, extreme: bool = False
-) -> tuple[LogProbs, LogProbs, Tensor]:
-    """A policy and a reference ``LogProbs`` with plausible values, and per-pair weights in (0, 1].
+) -> tuple[LogProbs, LogProbs, dict[str, Tensor]]:
+    """A policy and a reference ``LogProbs`` with plausible values (per-token log-probs too, each sum spread evenly
+    over its tokens), and the per-pair inputs from the data: ``weights`` in (0.1, 1], ``margin`` in (0, 2].
 
     ``extreme=True`` mixes log-probs near 0 with −1e4 and 1-token with 4096-token responses, so
     that |margins| reach 1e4 nats: what a diverging run feeds a loss.
@@ -85,11 +86,13 @@ def make_batch(
         pc, pr, rc, rr = -lc * per_token(), -lr * per_token(), -lc * per_token(), -lr * per_token()
     # log Σ_v p_v² lies between 2·log p(y_t) and 0 per token: take a point in between.
     lsc, lsr = 0.5 * pc, 0.5 * pr
-    weights = 0.1 + 0.9 * torch.rand(batch_size, generator=g)
+    inputs = {"weights": 0.1 + 0.9 * torch.rand(batch_size, generator=g),
+              "margin": 2.0 * (1 - torch.rand(batch_size, generator=g))}  # fmt: skip
     cast = lambda t: t.to(dtype)  # noqa: E731
-    policy = LogProbs(cast(pc), cast(pr), cast(lc), cast(lr), cast(lsc), cast(lsr))
-    reference = LogProbs(cast(rc), cast(rr), cast(lc), cast(lr), cast(lsc), cast(lsr))
-    return policy, reference, cast(weights)
+    width = 4096 if extreme else 64  # one width for every batch, so that two can be mixed pair by pair
+    policy = LogProbs(cast(pc), cast(pr), cast(lc), cast(lr), cast(lsc), cast(lsr)).with_even_tokens(width)
+    reference = LogProbs(cast(rc), cast(rr), cast(lc), cast(lr), cast(lsc), cast(lsr)).with_even_tokens(width)
+    return policy, reference, {k: cast(v) for k, v in inputs.items()}
 
 
 def check_loss(target: str | LossSpec | type[PreferenceLoss] | PreferenceLoss, **params: Any) -> ContractReport:
@@ -138,8 +141,12 @@ def _resolve(target: Any, params: dict[str, Any]) -> tuple[Callable[[], Preferen
     raise TypeError(f"cannot check {target!r}: give a variant name, a LossSpec, a PreferenceLoss class or object")
 
 
-def _run(loss: PreferenceLoss, policy: LogProbs, reference: LogProbs, weights: Tensor) -> LossOutput:
-    out = call_loss(loss, policy, reference, weights=weights)
+def _run(loss: PreferenceLoss, policy: LogProbs, reference: LogProbs, inputs: dict[str, Tensor]) -> LossOutput:
+    # every call from the same state of torch's generator (the caller's left as it was): a loss that draws at random
+    # (SamPO's token sampling) is checked as the function of its inputs it is within one training step
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        out = call_loss(loss, policy, reference, **inputs)
     if not (isinstance(out, tuple) and len(out) == 3):
         raise TypeError(
             f"forward returned {type(out).__name__}; return LossOutput(losses, chosen_rewards, rejected_rewards)"
@@ -166,12 +173,17 @@ def _finite_problem(out: LossOutput, what: str) -> str | None:
 
 
 def _leaves(policy: LogProbs, reference: LogProbs) -> tuple[LogProbs, LogProbs]:
-    def grad_leaf(t: Tensor | None) -> Tensor | None:
-        return None if t is None else t.detach().clone().requires_grad_(True)
+    """The batch with its sums as leaves of the graph; per-token log-probs made anew from them, so that a gradient
+    through either reaches the sums."""
 
-    return tuple(
-        replace(lp, chosen=grad_leaf(lp.chosen), rejected=grad_leaf(lp.rejected)) for lp in (policy, reference)
-    )
+    def grad_leaf(t: Tensor) -> Tensor:
+        return t.detach().clone().requires_grad_(True)
+
+    def leaf(lp: LogProbs) -> LogProbs:
+        out = replace(lp, chosen=grad_leaf(lp.chosen), rejected=grad_leaf(lp.rejected))
+        return out if lp.chosen_token_logps is None else out.with_even_tokens(lp.chosen_token_logps.shape[1])
+
+    return leaf(policy), leaf(reference)
 
 
 def _check_shapes(build: Callable[[], PreferenceLoss], cls: type) -> CheckResult:
@@ -207,9 +219,9 @@ def _backward(loss: torch.Tensor) -> None:
 
 def _check_gradients(build: Callable[[], PreferenceLoss], cls: type) -> CheckResult:
     name = "gradients reach the policy, not the reference"
-    policy, reference, weights = make_batch(8, seed=2)
+    policy, reference, inputs = make_batch(8, seed=2)
     policy, reference = _leaves(policy, reference)
-    out = _run(build(), policy, reference, weights)
+    out = _run(build(), policy, reference, inputs)
     if not out.losses.requires_grad:
         return CheckResult(name, False, "losses carry no gradient: do not detach the policy log-probs")
     _backward(out.losses.mean())
@@ -237,7 +249,7 @@ def _check_pair_independent(build: Callable[[], PreferenceLoss], cls: type) -> C
     first = lambda a, b: torch.cat([a[:1], b[1:]]) if a is not None else None  # noqa: E731  pair 0 of a, the rest b
     mixed = [LogProbs(**{f.name: first(getattr(a, f.name), getattr(b, f.name)) for f in fields(a)})
              for a, b in ((p1, p2), (r1, r2))]  # fmt: skip
-    one, other = _run(build(), p1, r1, w1), _run(build(), *mixed, first(w1, w2))
+    one, other = _run(build(), p1, r1, w1), _run(build(), *mixed, {k: first(w1[k], w2[k]) for k in w1})
     for field_name, a, b in zip(LossOutput._fields, one, other, strict=True):
         a0, b0 = float(a[0]), float(b[0])
         if not math.isclose(a0, b0, rel_tol=1e-5, abs_tol=1e-6):
@@ -250,9 +262,9 @@ def _check_pair_independent(build: Callable[[], PreferenceLoss], cls: type) -> C
 
 
 def _check_rewards_detached(build: Callable[[], PreferenceLoss], cls: type) -> CheckResult:
-    policy, reference, weights = make_batch(8, seed=3)
+    policy, reference, inputs = make_batch(8, seed=3)
     policy, reference = _leaves(policy, reference)
-    out = _run(build(), policy, reference, weights)
+    out = _run(build(), policy, reference, inputs)
     attached = [
         n
         for n, v in (("chosen_rewards", out.chosen_rewards), ("rejected_rewards", out.rejected_rewards))
@@ -265,9 +277,9 @@ def _check_rewards_detached(build: Callable[[], PreferenceLoss], cls: type) -> C
 def _check_extreme_inputs(build: Callable[[], PreferenceLoss], cls: type) -> CheckResult:
     name = "finite at extreme inputs"
     for dtype in (torch.float32, torch.bfloat16):
-        policy, reference, weights = make_batch(6, dtype=dtype, extreme=True)
+        policy, reference, inputs = make_batch(6, dtype=dtype, extreme=True)
         policy, reference = _leaves(policy, reference)
-        out = _run(build(), policy, reference, weights)
+        out = _run(build(), policy, reference, inputs)
         what = f"{dtype} log-probs between −1e4 and 0 (margins up to 1e4 nats, 1 to 4096 tokens)"
         problem = _finite_problem(out, what)
         if problem:
@@ -281,13 +293,15 @@ def _check_extreme_inputs(build: Callable[[], PreferenceLoss], cls: type) -> Che
 
 def _check_bfloat16(build: Callable[[], PreferenceLoss], cls: type) -> CheckResult:
     name = "bfloat16 agrees with float32"
-    policy, reference, weights = make_batch(8, dtype=torch.bfloat16, seed=4)
-    low = _run(build(), policy, reference, weights)
+    policy, reference, inputs = make_batch(8, dtype=torch.bfloat16, seed=4)
+    low = _run(build(), policy, reference, inputs)
     problem = _shape_problem(low, 8) or _finite_problem(low, "bfloat16 inputs")
     if problem:
         return CheckResult(name, False, problem)
     # The same (bf16-rounded) inputs in float32: only the loss's own arithmetic may differ.
-    high = _run(build(), policy.to(torch.float32), reference.to(torch.float32), weights.float())
+    high = _run(
+        build(), policy.to(torch.float32), reference.to(torch.float32), {k: v.float() for k, v in inputs.items()}
+    )
     a, b = low.losses.float(), high.losses.float()
     tolerance = 0.05 * b.abs() + 0.05
     if ((a - b).abs() > tolerance).any():
@@ -313,7 +327,8 @@ def _check_monotone(build: Callable[[], PreferenceLoss], cls: type) -> CheckResu
         one = lambda v: torch.tensor([v])  # noqa: E731
         policy = LogProbs(one(base + t / 2), one(base - t / 2), one(tokens), one(tokens), one(base), one(base))
         reference = LogProbs(one(base), one(base), one(tokens), one(tokens), one(base), one(base))
-        values.append(float(_run(build(), policy, reference, torch.ones(1)).losses[0]))
+        values.append(float(_run(build(), policy.with_even_tokens(), reference.with_even_tokens(),
+                                 {"weights": torch.ones(1), "margin": torch.ones(1)}).losses[0]))  # fmt: skip
     for (t0, v0), (t1, v1) in zip(
         zip(margins.tolist(), values, strict=False), zip(margins.tolist()[1:], values[1:], strict=False), strict=False
     ):

@@ -26,9 +26,9 @@ from dpobench.acceleration import (
     plan_acceleration,
 )
 from dpobench.config import TrainConfig
-from dpobench.data import PairSet, TaskData, decode_completion, sample_completions
-from dpobench.logprobs import pair_rows, rows_logprobs, sequence_logprobs
-from dpobench.losses import LogProbs, PreferenceLoss, call_loss, check_output, declared_statistics
+from dpobench.data import Pair, PairSet, TaskData, decode_completion, sample_completions
+from dpobench.logprobs import ReferenceLogps, pair_rows, rows_logprobs, sequence_logprobs
+from dpobench.losses import LogProbs, PreferenceLoss, call_loss, check_output, sequence_inputs
 from dpobench.task import gold_reward, is_grammatical
 
 __all__ = [
@@ -107,7 +107,7 @@ class CellTrainer:
 
     def __init__(
         self, policy: Any, reference_state: dict[str, torch.Tensor], loss: PreferenceLoss, train: PairSet,
-        reference_logps: tuple[torch.Tensor, torch.Tensor], pad_id: int, config: TrainConfig, seed: int,
+        reference_logps: ReferenceLogps, pad_id: int, config: TrainConfig, seed: int,
         acceleration: Acceleration | None = None,
     ) -> None:  # fmt: skip
         self.policy, self.loss, self.pairs, self.pad_id, self.config = policy, loss, train.pairs, pad_id, config
@@ -127,9 +127,9 @@ class CellTrainer:
         )  # fmt: skip
         # per-pair inputs of the loss live on the device, so a step gathers them there (a blocking copy from the host
         # would wait for the queued forward pass)
-        self.reference_chosen, self.reference_rejected = (t.to(device) for t in reference_logps)
-        self.weights = torch.tensor([p.weight for p in train.pairs], dtype=torch.float32, device=device)
-        self.statistics = declared_statistics(loss)  # what the loss reads beyond the log-probs, computed with them
+        self.reference = reference_logps.to(device)
+        self.pair_inputs = pair_inputs(train.pairs, device)
+        self.use_loss(loss)
         lengths = [p.length for p in train.pairs]
         self.order = batch_order(
             len(train.pairs), config.steps, config.batch_size, seed, lengths, config.length_buckets
@@ -143,9 +143,11 @@ class CellTrainer:
             torch.cuda.reset_peak_memory_stats()
 
     def use_loss(self, loss: PreferenceLoss) -> None:
-        """Train with ``loss`` from the next step on: the side-by-side step-cost measurement (``dpobench.stepcost``)
-        times every configuration on one trainer, one batch and one set of weights."""
-        self.loss, self.statistics = loss, declared_statistics(loss)
+        """Train with ``loss`` from the next step on (its state, if it keeps any, reset): the side-by-side step-cost
+        measurement (``dpobench.stepcost``) times every configuration on one trainer, one batch and one set of
+        weights."""
+        loss.reset()
+        self.loss, self.sequence_inputs = loss, sequence_inputs(loss)  # what is computed with the policy's sums
 
     def step(self, index: torch.Tensor | None = None) -> dict[str, float]:
         """One optimizer step on the pairs ``index`` (default: the next batch of the order); its metrics.
@@ -173,19 +175,18 @@ class CellTrainer:
         batch = self.plan.collate(pairs, self.pad_id).to(device)
         on_device = index.to(device, non_blocking=True)
         b = len(pairs)
+        width = max(max(len(p.chosen), len(p.rejected)) for p in pairs)  # of per-token inputs, if the loss reads them
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.plan.autocast), self.layers.active():
-            sums, statistics = sequence_logprobs(policy, batch, statistics=self.statistics,
+            sums, statistics = sequence_logprobs(policy, batch, statistics=self.sequence_inputs,
                                                  chunk_tokens=self.layers.head_chunk_tokens,
-                                                 compiled_head=self.layers.head)  # fmt: skip
+                                                 compiled_head=self.layers.head, token_width=width)  # fmt: skip
         tokens = batch.tokens
         policy_lp = LogProbs.from_rows(sums, tokens, statistics)
-        reference = LogProbs(
-            self.reference_chosen.index_select(0, on_device), self.reference_rejected.index_select(0, on_device),
-            tokens[:b], tokens[b:],
-        )  # fmt: skip
+        reference = self.reference.select(on_device, tokens[:b], tokens[b:], width)
         step = self.done + 1
         try:  # a plugin's fault fails this cell, not the sweep
-            out = call_loss(self.loss, policy_lp, reference, self.weights.index_select(0, on_device))
+            out = call_loss(self.loss, policy_lp, reference,
+                            **{k: v.index_select(0, on_device) for k, v in self.pair_inputs.items()})  # fmt: skip
             check_output(out, b)
         except Exception as error:
             raise CellStopped("failed", f"step {step}: {_one_line(error)}") from error
@@ -226,6 +227,15 @@ class CellTrainer:
         }  # fmt: skip
 
 
+def pair_inputs(pairs: Sequence[Pair], device: str) -> dict[str, torch.Tensor]:
+    """The per-pair inputs from the data (``dpobench.losses.PAIR_INPUTS``) of every pair, on ``device``: a step
+    gathers its batch's there (a blocking copy from the host would wait for the queued forward pass)."""
+    return {
+        "weights": torch.tensor([p.weight for p in pairs], dtype=torch.float32, device=device),
+        "margin": torch.tensor([p.margin for p in pairs], dtype=torch.float32, device=device),
+    }
+
+
 def _stop_unless_finite(mean_loss: float, step: int) -> None:
     if not math.isfinite(mean_loss):  # recorded as diverged, at this step; the sweep goes on
         raise CellStopped("diverged", f"step {step}: the loss is {mean_loss}")  # as a failed step says "step N: …"
@@ -236,7 +246,7 @@ def train_cell(
     reference_state: dict[str, torch.Tensor],
     loss: PreferenceLoss,
     train: PairSet,
-    reference_logps: tuple[torch.Tensor, torch.Tensor],
+    reference_logps: ReferenceLogps,
     pad_id: int,
     config: TrainConfig,
     seed: int,
@@ -286,7 +296,7 @@ class Evaluator:
     reference: Any
     tokenizer: Any
     data: TaskData
-    heldout_reference: tuple[torch.Tensor, torch.Tensor]
+    heldout_reference: ReferenceLogps
     device: str = "cpu"
     max_new_tokens: int = 48
     autocast: bool = False
@@ -345,14 +355,18 @@ class Evaluator:
         pairs = self.data.heldout.pairs
         if not pairs:
             return {}
-        policy_lp, statistics = self._logps(policy, pair_rows(pairs), declared_statistics(loss))
+        policy_lp, statistics = self._logps(policy, pair_rows(pairs), sequence_inputs(loss))
         n = len(pairs)
         tokens = torch.tensor([len(p.chosen) for p in pairs] + [len(p.rejected) for p in pairs], dtype=torch.float32)
-        ref_c, ref_r = self.heldout_reference
-        out = call_loss(
-            loss, LogProbs.from_rows(policy_lp, tokens, statistics), LogProbs(ref_c, ref_r, tokens[:n], tokens[n:]),
-            torch.tensor([p.weight for p in pairs]),
-        )  # fmt: skip
+        width = max(max(len(p.chosen), len(p.rejected)) for p in pairs)
+        reference = self.heldout_reference.select(torch.arange(n), tokens[:n], tokens[n:], width)
+        was_training = loss.training
+        loss.eval().cpu()  # a stateful loss does not learn from held-out pairs; its state meets them on the CPU
+        try:
+            out = call_loss(loss, LogProbs.from_rows(policy_lp, tokens, statistics), reference,
+                            **pair_inputs(pairs, "cpu"))  # fmt: skip
+        finally:
+            loss.train(was_training).to(self.device)
         margin = out.chosen_rewards - out.rejected_rewards
         return {
             "heldout_reward_accuracy": float((margin > 0).float().mean()),

@@ -134,9 +134,10 @@ def test_a_loss_that_reads_the_rest_of_the_batch_must_say_so() -> None:
 def test_the_batch_coupled_built_ins_are_those_with_a_batch_wide_term() -> None:
     """AOT sorts the batch; TRL's NLL term on chosen is the batch's token mean, the same for every pair, so every
     variant that adds it is coupled (the contract check found cpo, orpo, sft, simpo_trl, rpo, mpo undeclared); paired
-    KTO's reference points are batch means."""
+    KTO's reference points are batch means; β-DPO's β and filter are the batch's."""
     coupled = {name for name in ALL_VARIANTS if dpobench.get_loss(name).batch_coupled}
-    assert coupled == {"aot", "aot_unpaired", "combined", "cpo", "kto_pair", "mpo", "orpo", "rpo", "sft", "simpo_trl"}
+    assert coupled == {"aot", "aot_unpaired", "beta_dpo", "combined", "cpo", "kto_pair", "mpo", "orpo", "rpo", "sft",
+                       "simpo_trl"}  # fmt: skip
     assert not dpobench.get_loss("cpo", cpo_alpha=0.0).batch_coupled  # no NLL term, nothing shared
     assert dpobench.get_loss("simpo", sft_weight=0.5).batch_coupled
 
@@ -232,14 +233,30 @@ def test_a_loss_in_its_own_precision_fails(dtype: torch.dtype) -> None:
 
 
 def test_make_batch_is_deterministic_and_plausible() -> None:
-    a, _, w = make_batch(16, seed=7)
+    a, _, inputs = make_batch(16, seed=7)
     b, _, _ = make_batch(16, seed=7)
     assert torch.equal(a.chosen, b.chosen)
+    w, margin = inputs["weights"], inputs["margin"]
     assert (a.chosen < 0).all() and (a.chosen_tokens >= 1).all() and ((w > 0) & (w <= 1)).all()
+    assert ((margin > 0) & (margin <= 2)).all()
+    # per-token log-probs: each row's tokens carry its sum, evenly, and nothing after them
+    for sums, per_token, tokens in ((a.chosen, a.chosen_token_logps, a.chosen_tokens),
+                                    (a.rejected, a.rejected_token_logps, a.rejected_tokens)):  # fmt: skip
+        torch.testing.assert_close(per_token.sum(1), sums)
+        assert per_token.shape == (16, 64)
+        for row, count in zip(per_token, tokens.long().tolist(), strict=True):
+            assert (row[:count] == row[0]).all() and (row[count:] == 0).all()
 
 
 def test_logprobs_validates_shapes() -> None:
-    with pytest.raises(ValueError, match=r"LogProbs.rejected has shape \(3,\) but LogProbs.chosen has \(2,\)"):
+    with pytest.raises(ValueError, match=r"LogProbs.rejected has 3 rows but LogProbs.chosen has 2"):
         LogProbs(torch.zeros(2), torch.zeros(3), torch.ones(2), torch.ones(2))
     with pytest.raises(ValueError, match=r"LogProbs.chosen must have shape \(B,\), got \(2, 5\)"):
         LogProbs(torch.zeros(2, 5), torch.zeros(2), torch.ones(2), torch.ones(2))
+    two = torch.zeros(2)
+    with pytest.raises(ValueError, match=r"LogProbs.chosen_token_logps must have shape \(B, L\), got \(2,\)"):
+        LogProbs(two, two, two, two, chosen_token_logps=two)
+    with pytest.raises(
+        ValueError, match=r"chosen_token_logps has shape \(2, 4\) but rejected_token_logps has \(2, 5\)"
+    ):
+        LogProbs(two, two, two, two, chosen_token_logps=torch.zeros(2, 4), rejected_token_logps=torch.zeros(2, 5))

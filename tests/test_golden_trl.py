@@ -78,3 +78,38 @@ def test_every_trl_loss_type_is_covered() -> None:
     assert trl_types <= covered
     names = {dpobench_variant(c)[0] for c in GOLDEN["cases"]}
     assert names <= set(dpobench.get_losses())
+
+
+# LD-DPO: TRL computes it inside its training step from per-token log-probs (tests/data/make_golden_trl_ld_dpo.py).
+GOLDEN_LD = json.loads((Path(__file__).parent / "data" / "golden_trl_ld_dpo.json").read_text())
+
+
+def per_token_batch(side: str) -> LogProbs:
+    """One side (policy or reference) of the LD-DPO golden inputs as LogProbs: rows 0..B−1 chosen, B..2B−1 rejected."""
+    rows, lengths = GOLDEN_LD["inputs"][side], GOLDEN_LD["inputs"]["lengths"]
+    width = max(lengths)
+    table = torch.zeros(len(rows), width)
+    for i, values in enumerate(rows):
+        table[i, : len(values)] = torch.tensor(values)
+    b = len(rows) // 2
+    tokens = torch.tensor(lengths, dtype=torch.float32)
+    return LogProbs(table[:b].sum(1), table[b:].sum(1), tokens[:b], tokens[b:], chosen_token_logps=table[:b],
+                    rejected_token_logps=table[b:])  # fmt: skip
+
+
+@pytest.mark.parametrize("case", GOLDEN_LD["cases"], ids=[c["case"] for c in GOLDEN_LD["cases"]])
+def test_ld_dpo_matches_trl(case: dict) -> None:
+    out = dpobench.get_loss("ld_dpo", **case["params"])(per_token_batch("policy"), per_token_batch("reference"))
+    torch.testing.assert_close(out.losses, torch.tensor(case["losses"]), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.chosen_rewards, torch.tensor(case["chosen_rewards"]), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.rejected_rewards, torch.tensor(case["rejected_rewards"]), rtol=1e-5, atol=1e-6)
+
+
+def test_ld_dpo_at_alpha_one_is_dpo_and_the_golden_pairs_differ_otherwise() -> None:
+    """α = 1 weighs every token alike (TRL's ld_alpha=1.0 case is DPO's loss on the same sums); a case at α < 1 moves
+    the losses of the pairs of unequal lengths only (pair 0 has equal lengths)."""
+    policy, reference = per_token_batch("policy"), per_token_batch("reference")
+    dpo = dpobench.get_loss("dpo")(policy, reference).losses
+    torch.testing.assert_close(dpobench.get_loss("ld_dpo", alpha=1.0)(policy, reference).losses, dpo)
+    half = dpobench.get_loss("ld_dpo", alpha=0.5)(policy, reference).losses
+    assert half[0] == pytest.approx(float(dpo[0]), rel=1e-6) and (half[1:] - dpo[1:]).abs().min() > 1e-3

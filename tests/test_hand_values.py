@@ -193,3 +193,128 @@ def test_kto_pair_takes_its_reference_points_from_the_batch_as_trl_did() -> None
     trl_terms = [1 - sigmoid(0.5 * dc) for dc in (1, 3)] + [1 - sigmoid(0.5 * (2 - dr)) for dr in (-1, 1)]
     assert float(out.losses.mean()) == pytest.approx(sum(trl_terms) / 4, rel=1e-12)
     assert loss_of("kto_pair", beta=0.1) == pytest.approx(0.462593, abs=1e-6)
+
+
+def per_token_pair(policy_c, policy_r, reference_c, reference_r):
+    """One pair given token by token (lists of log-probs), as policy and reference LogProbs with per-token rows."""
+    width = max(len(policy_c), len(policy_r))
+    row = lambda values: torch.tensor([values + [0.0] * (width - len(values))], dtype=torch.float64)  # noqa: E731
+    tokens_c = torch.tensor([float(len(policy_c))], dtype=torch.float64)
+    tokens_r = torch.tensor([float(len(policy_r))], dtype=torch.float64)
+
+    def side(chosen, rejected):
+        return LogProbs(row(chosen).sum(1), row(rejected).sum(1), tokens_c, tokens_r, chosen_token_logps=row(chosen),
+                        rejected_token_logps=row(rejected))  # fmt: skip
+
+    return side(policy_c, policy_r), side(reference_c, reference_r)
+
+
+def test_ld_dpo_weighs_the_longer_answers_extra_tokens_by_alpha() -> None:
+    """Chosen 2 tokens, rejected 4, so ℓ_s = 2 and the rejected answer's last two tokens count α times. Log-ratios per
+    token: chosen (+0.5, +0.5); rejected (−0.25, −0.25, −1, −1). α = 0.5: Δc = 1, Δr = −0.5 + 0.5·(−2) = −1.5;
+    loss −logσ(0.5·2.5)."""
+    pair = per_token_pair([-1.0, -2.0], [-1.0, -1.0, -2.0, -2.0], [-1.5, -2.5], [-0.75, -0.75, -1.0, -1.0])
+    out = dpobench.get_loss("ld_dpo", beta=0.5, alpha=0.5)(*pair)
+    assert float(out.losses[0]) == pytest.approx(softplus(-1.25))
+    assert float(out.chosen_rewards[0]) == pytest.approx(0.5) and float(out.rejected_rewards[0]) == pytest.approx(-0.75)
+    # α = 1 is DPO on the plain sums: Δr = −2.5, −logσ(0.5·3.5)
+    assert loss_of("ld_dpo", pair, beta=0.5, alpha=1.0) == pytest.approx(softplus(-1.75))
+
+
+def test_sampo_sums_as_many_log_ratios_on_each_side_drawn_without_replacement() -> None:
+    """Chosen 2 tokens with log-ratios (+0.5, +0.5), rejected 4 with (−0.1, −0.2, −0.3, −0.4): SamPO keeps 2 of the
+    rejected answer's 4, so Δ̂r is the sum of one of the 6 pairs of distinct log-ratios, each pair drawn as often (1/6:
+    −0.5 comes from two pairs); the chosen answer keeps both, Δ̂c = 1. Over 600 seeded draws: only those sums, each
+    100 ± 40 times per pair that makes it."""
+    pair = per_token_pair([-1.0, -2.0], [-1.1, -1.2, -1.3, -1.4], [-1.5, -2.5], [-1.0, -1.0, -1.0, -1.0])
+    loss = dpobench.get_loss("sampo", beta=0.5)
+    torch.manual_seed(0)
+    seen: dict[float, int] = {}
+    for _ in range(600):
+        out = loss(*pair)
+        assert float(out.chosen_rewards[0]) == pytest.approx(0.5)
+        dr = round(float(out.rejected_rewards[0]) / 0.5, 6)
+        assert float(out.losses[0]) == pytest.approx(softplus(-0.5 * (1.0 - dr)))
+        seen[dr] = seen.get(dr, 0) + 1
+    pairs: dict[float, int] = {}
+    for a, b in ((a, b) for a in (0.1, 0.2, 0.3, 0.4) for b in (0.1, 0.2, 0.3, 0.4) if a < b):
+        pairs[round(-(a + b), 6)] = pairs.get(round(-(a + b), 6), 0) + 1
+    assert sorted(seen) == sorted(pairs)
+    assert all(60 * pairs[s] <= n <= 140 * pairs[s] for s, n in seen.items()), seen
+
+
+def test_sampo_of_equal_lengths_is_dpo() -> None:
+    pair = per_token_pair([-1.0, -2.0], [-1.1, -1.2], [-1.5, -2.5], [-1.0, -1.0])
+    expected = softplus(-0.5 * (1.0 - (-0.3)))
+    assert loss_of("sampo", pair, beta=0.5) == pytest.approx(expected) == loss_of("dpo", pair, beta=0.5)
+
+
+def test_a_per_token_loss_without_per_token_log_probs_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="reads per-token log-probs: give the policy's chosen_token_logps"):
+        dpobench.get_loss("ld_dpo")(*one_pair())
+
+
+@pytest.mark.parametrize(
+    ("margin", "alpha", "expected"),
+    [
+        # h = 2, β = 0.5: −logσ(1 − α·log m)
+        (0.5, 1.0, softplus(-(1 + math.log(2)))),  # a barely-preferred pair: a negative offset, an easier target
+        (2.0, 1.0, softplus(-(1 - math.log(2)))),  # a clear one: it must win by more
+        (1.0, 1.0, DPO_AT_H2_BETA_HALF),  # log 1 = 0: DPO
+        (2.0, 0.0, DPO_AT_H2_BETA_HALF),  # α = 0: DPO
+        (0.0, 1.0, softplus(-(1 - math.log(1e-3)))),  # a tie floored at 10⁻³
+    ],
+)
+def test_odpo_offsets_the_margin_by_the_log_score_margin(margin: float, alpha: float, expected: float) -> None:
+    policy, reference = one_pair()
+    loss = dpobench.get_loss("odpo", beta=0.5, alpha=alpha)
+    out = loss(policy, reference, margin=torch.tensor([margin], dtype=torch.float64))
+    assert float(out.losses[0]) == pytest.approx(expected)
+    assert float(out.chosen_rewards[0]) == pytest.approx(0.5) and float(out.rejected_rewards[0]) == pytest.approx(-0.5)
+
+
+def gaps_batch(gaps: list[float]) -> tuple[LogProbs, LogProbs]:
+    """Pairs whose reward gaps Δc − Δr are ``gaps`` (Δc = gap, Δr = 0), in float64."""
+    t = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+    n = len(gaps)
+    tokens = t([5.0] * n)
+    return LogProbs(t([-10.0 + g for g in gaps]), t([-12.0] * n), tokens, tokens), LogProbs(
+        t([-10.0] * n), t([-12.0] * n), tokens, tokens
+    )
+
+
+def test_beta_dpo_adapts_beta_to_the_running_gap_statistics_and_resets() -> None:
+    """Gaps (1, 2, 3, 6): mean 3. No filtering (ρ = 0). From M = 0: M ← 0.1·3 = 0.3 before the loss, so
+    β_B = 0.5·(1 + 0.6·(3 − 0.3)) = 1.31 and ℓ_i = −logσ(1.31·A_i). The same batch again: M = 0.9·0.3 + 0.3 = 0.57,
+    β_B = 0.5·(1 + 0.6·2.43) = 1.229. Reset: the first value again. In eval mode the statistics stay."""
+    gaps = [1.0, 2.0, 3.0, 6.0]
+    loss = dpobench.get_loss("beta_dpo", beta=0.5, scale=0.6, filter_ratio=0.0)
+    first = loss(*gaps_batch(gaps)).losses
+    assert first.tolist() == pytest.approx([softplus(-1.31 * a) for a in gaps])
+    assert float(loss.gap_mean) == pytest.approx(0.3)
+    assert float(loss.gap_std) == pytest.approx(0.1 * math.sqrt(14 / 3))
+    second = loss(*gaps_batch(gaps)).losses
+    assert second.tolist() == pytest.approx([softplus(-1.229 * a) for a in gaps])
+    loss.eval()
+    assert loss(*gaps_batch(gaps)).losses.tolist() == pytest.approx(second.tolist())  # 0.57 again: no update
+    assert float(loss.gap_mean) == pytest.approx(0.57)
+    loss.train()
+    loss.reset()
+    assert loss(*gaps_batch(gaps)).losses.tolist() == pytest.approx(first.tolist())
+    rewards = loss(*gaps_batch(gaps))
+    assert rewards.chosen_rewards.tolist() == pytest.approx([0.5 * a for a in gaps])  # the base β
+
+
+def test_beta_dpo_filters_outliers_and_averages_over_the_kept_pairs() -> None:
+    """ρ = 0.25 of 4 pairs: 3 kept, each kept loss ×4/3 so that the batch mean is the kept pairs' mean. With the
+    running statistics at M = 0, S = 1 (eval mode: they stay) the gap 50 has weight e^−1250, and is never kept."""
+    gaps = [0.0, 0.1, -0.1, 50.0]
+    loss = dpobench.get_loss("beta_dpo", beta=0.5, scale=0.6, filter_ratio=0.25)
+    loss.gap_std.fill_(1.0)
+    loss.eval()
+    torch.manual_seed(0)
+    for _ in range(50):
+        out = loss(*gaps_batch(gaps)).losses
+        assert float(out[3]) == 0.0
+        beta = 0.5 * (1 + 0.6 * (0.0 - 0.0))  # the kept gaps 0, 0.1, −0.1 have mean 0
+        assert out[:3].tolist() == pytest.approx([softplus(-beta * a) * 4 / 3 for a in gaps[:3]])

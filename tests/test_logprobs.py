@@ -235,10 +235,10 @@ def test_every_declarable_statistic_has_its_computation_and_arrives_by_name() ->
     harness splits rows into the two fields and strips what a variant did not declare. By hand: log Σ_v p(v)² of
     logits (0, ln 3) is log(1/16 + 9/16)."""
     from dpobench.logprobs import TOKEN_STATISTICS
-    from dpobench.losses import KNOWN_INPUTS, STATISTICS, LogProbs, declared_statistics
+    from dpobench.losses import KNOWN_INPUTS, STATISTICS, LogProbs, sequence_inputs
 
     assert STATISTICS == tuple(TOKEN_STATISTICS) == ("logsumsq",)
-    assert KNOWN_INPUTS == {"weights", "logsumsq"}
+    assert KNOWN_INPUTS == {"weights", "margin", "token_logps", "logsumsq"}
     logits = torch.tensor([[0.0, math.log(3.0)]])
     value = TOKEN_STATISTICS["logsumsq"](logits, torch.logsumexp(logits, -1))
     assert float(value) == pytest.approx(math.log(10 / 16))
@@ -250,5 +250,41 @@ def test_every_declarable_statistic_has_its_computation_and_arrives_by_name() ->
     stripped = rows.without(["logsumsq"])
     assert stripped.chosen_logsumsq is None and stripped.rejected_logsumsq is None
     assert stripped.without(["logsumsq"]) is stripped  # nothing to strip: no copy
-    assert declared_statistics(dpobench.get_loss("wpo")) == ("logsumsq",)
-    assert declared_statistics(dpobench.get_loss("dpo")) == ()
+    assert sequence_inputs(dpobench.get_loss("wpo")) == ("logsumsq",)
+    assert sequence_inputs(dpobench.get_loss("dpo")) == ()
+    assert sequence_inputs(dpobench.get_loss("ld_dpo")) == ("token_logps",)
+
+
+def per_token_computation(model, rows, width):
+    """One sequence at a time, full log-softmax: each completion token's log p, as (rows, width) padded with 0."""
+    out = torch.zeros(len(rows), width, dtype=torch.float64)
+    for i, (prompt, completion) in enumerate(rows):
+        ids = torch.tensor([[*prompt, *completion]])
+        logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].double(), -1)
+        for j, t in enumerate(range(len(prompt) - 1, len(prompt) + len(completion) - 1)):
+            out[i, j] = logp[t, ids[0, t + 1]]
+    return out
+
+
+@pytest.mark.parametrize("layout", ["rows", "shared"])
+def test_per_token_log_probs_are_each_tokens_own_and_carry_the_gradient(model, layout: str) -> None:
+    """``token_logps`` against a one-sequence-at-a-time log-softmax, in both layouts (the shared one lists a pair's
+    rejected positions after every chosen one), and the gradient of a per-token weighting through them equals the
+    same weighting of the independent computation's."""
+    pairs = [Pair((1, 5, 6), (7, 8, 2), (9, 2)), Pair((1, 9), (10, 2), (11, 12, 13, 2)), Pair((4,), (2,), (5, 6, 2))]
+    rows = pair_rows(pairs)
+    batch = collate(rows, 0) if layout == "rows" else collate_shared(pairs, 0)
+    width = 6
+    sums, stats = sequence_logprobs(model, batch, statistics=("token_logps",), token_width=width)
+    expected = per_token_computation(model, rows, width)
+    torch.testing.assert_close(stats["token_logps"].double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(stats["token_logps"].sum(1), sums)
+    weights = torch.linspace(0.5, 2.0, width)
+    model.zero_grad()
+    (stats["token_logps"] * weights).sum().backward()
+    ours = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    (per_token_computation(model, rows, width) * weights.double()).sum().backward()
+    for a, b in zip(ours, (p.grad for p in model.parameters()), strict=True):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5)
+    model.zero_grad()

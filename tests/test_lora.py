@@ -15,6 +15,7 @@ import torch
 import dpobench
 from dpobench.config import LoraOptions, SweepConfig, SweepError, load_config
 from dpobench.data import Pair, PairSet
+from dpobench.logprobs import ReferenceLogps
 from dpobench.models import PRETRAINED, ModelError, Pretrained, check_model_source, load_model
 from dpobench.store import Store
 from dpobench.sweep import run_sweep
@@ -40,7 +41,7 @@ def test_adapters_are_what_train_and_a_cell_starts_at_the_reference(untrained_mo
         assert torch.equal(policy(ids).logits, reference(ids).logits)
     pairs = [Pair((1, 5, 9), (12, 7, 2), (13, 8, 2)) for _ in range(8)]
     state = {k: v.detach().clone() for k, v in policy.state_dict().items()}
-    trainer = CellTrainer(policy, state, dpobench.get_loss("dpo"), PairSet(pairs), (torch.zeros(8), torch.zeros(8)),
+    trainer = CellTrainer(policy, state, dpobench.get_loss("dpo"), PairSet(pairs), ReferenceLogps(torch.zeros(8), torch.zeros(8)),
                           0, TrainConfig(steps=3, batch_size=4, lr=1e-2), seed=0)  # fmt: skip
     assert sum(p.numel() for p in trainer.parameters) == 8704  # the optimizer holds the adapters only
     for _ in range(3):

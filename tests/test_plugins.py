@@ -15,7 +15,7 @@ from dpobench.losses import PreferenceLoss
 
 from .conftest import BROKEN_PLUGINS, ROOT
 
-BUILTIN_MODULES = {"dpo", "pairwise", "reference_free", "regularised", "seed", "combinations"}
+BUILTIN_MODULES = {"dpo", "pairwise", "reference_free", "regularised", "seed", "combinations", "token_level", "adaptive"}
 
 EXPECTED_VARIANTS = {
     # the seed's own
@@ -31,6 +31,8 @@ EXPECTED_VARIANTS = {
     "fdpo_forward_kl", "fdpo_js", "fdpo_alpha", "wpo", "combined", "rpo", "mpo",
     # the field beyond TRL 1.16's DPOTrainer (issue 22): no new inputs
     "alphapo", "simper", "kto_pair", "dpo_shift",
+    # per-token log-probs, score margins, state across steps
+    "ld_dpo", "sampo", "odpo", "beta_dpo",
 }  # fmt: skip
 
 
@@ -247,7 +249,7 @@ def _subclass(**attributes) -> type:
         ),
         (  # "weight" for "weights": it trained unweighted, silently
             lambda register: register(_subclass(inputs=frozenset({"weight"}))),
-            "plugin 'bad', variant 'custom': unknown input 'weight' in inputs; known: logsumsq, weights",
+            "plugin 'bad', variant 'custom': unknown input 'weight' in inputs; known: logsumsq, margin, token_logps, weights",
         ),
         (
             lambda register: register(dpobench.get_losses()["dpo"].cls, name="dpo_two", paper=2024),

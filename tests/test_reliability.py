@@ -276,7 +276,13 @@ def test_corrupted_caches_are_rebuilt_not_trusted(tmp_path: Path, untrained_mode
     (cache_file,) = (tmp_path / "reference").glob("*.safetensors")
     cache_file.write_bytes(b"garbage")
     again = cached_reference_logprobs(model, pairs, 0, "k", tmp_path, device="cpu", autocast=False)
-    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    assert torch.equal(first.chosen, again.chosen) and torch.equal(first.rejected, again.rejected)
+    # per token: a separate entry, whose rows add up to the sums
+    tokens = cached_reference_logprobs(model, pairs, 0, "k", tmp_path, device="cpu", autocast=False, token_logps=True)
+    assert len(list((tmp_path / "reference").glob("*.safetensors"))) == 2
+    torch.testing.assert_close(tokens.chosen_token_logps.sum(1), first.chosen)
+    torch.testing.assert_close(tokens.rejected_token_logps.sum(1), first.rejected)
+    assert tokens.chosen_token_logps.shape == (3, 2) and first.chosen_token_logps is None
 
 
 def wait_for_cells(db_path: Path, count: int, timeout: float = 240) -> None:

@@ -16,6 +16,7 @@ import torch
 
 import dpobench
 from dpobench.data import DataRecipe, decode_completion, make_task_data
+from dpobench.logprobs import ReferenceLogps
 from dpobench.models import SFTRecipe, load_model, reference_model
 from dpobench.store import Store
 from dpobench.sweep import SweepConfig, SweepError, plan_cells, run_sweep
@@ -92,7 +93,7 @@ def test_every_variant_sees_the_same_batches() -> None:
     model, tokenizer = load_model(path)
     data = make_task_data(model, tokenizer, replace(DATA, train_prompts=128, heldout_prompts=8, eval_prompts=8))
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    ref = (torch.zeros(len(data.train.pairs)), torch.zeros(len(data.train.pairs)))
+    ref = ReferenceLogps(torch.zeros(len(data.train.pairs)), torch.zeros(len(data.train.pairs)))
     config = TrainConfig(steps=3, batch_size=8)
     batches = {}
     for name in ("dpo", "simpo", "aot"):

@@ -28,6 +28,7 @@ from benchmarks.steps import add_data_arguments, build_model, cuda_graphs_record
 from dpobench import get_loss
 from dpobench.acceleration import CUDA_GRAPH_MIN_STEPS_PER_WIDTH, SpeedOptions, batch_widths, plan_acceleration
 from dpobench.data import PairSet
+from dpobench.logprobs import ReferenceLogps
 from dpobench.models import SIZES
 from dpobench.train import CellTrainer, TrainConfig
 
@@ -36,7 +37,7 @@ def run_cell(model, state, pairs, pad, args, cuda_graphs: bool) -> dict[str, obj
     config = TrainConfig(steps=args.steps, batch_size=args.pairs, lr=1e-5)
     # graphs set on the plan rather than asked: on the CPU, where none can run, the plan leaves them out
     plan = replace(plan_acceleration(SpeedOptions(compile=True), args.device, model), cuda_graphs=cuda_graphs)
-    reference = (torch.zeros(len(pairs)), torch.zeros(len(pairs)))
+    reference = ReferenceLogps(torch.zeros(len(pairs)), torch.zeros(len(pairs)))
     loss = get_loss("dpo").to(args.device)
     trainer = CellTrainer(model, state, loss, PairSet(pairs), reference, pad, config, 0, acceleration=plan)
     widths = batch_widths(trainer.order, trainer.pairs, trainer.plan.share_prompt, trainer.plan.pad_multiple)
