@@ -18,13 +18,23 @@ Where each concern lives, in the order a sweep runs:
 from __future__ import annotations
 
 from dpobench.hookspecs import hookimpl
-from dpobench.losses import LogProbs, LossOutput, Param, ParamError, PreferenceLoss
+from dpobench.losses import (
+    Completions,
+    LogProbs,
+    LossOutput,
+    Param,
+    ParamError,
+    PreferenceLoss,
+    UnpairedLoss,
+    UnpairedOutput,
+)
 from dpobench.plugins import get_loss, get_losses, plugin_errors
 from dpobench.registry import LossSpec, Study, UnknownLossError
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Completions",
     "LogProbs",
     "LossOutput",
     "LossSpec",
@@ -33,6 +43,8 @@ __all__ = [
     "PreferenceLoss",
     "Study",
     "UnknownLossError",
+    "UnpairedLoss",
+    "UnpairedOutput",
     "__version__",
     "get_loss",
     "get_losses",

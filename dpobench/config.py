@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from dpobench.acceleration import SpeedOptions, check_speed
-from dpobench.data import SCENARIOS, DataRecipe
+from dpobench.data import SCENARIOS, DataRecipe, desirable_ratio
 from dpobench.models import PRETRAINED, SFTRecipe
 from dpobench.registry import Registry
 
@@ -363,8 +363,9 @@ def distinct_variants(registry: Registry) -> list[str]:
 def check_config(config: SweepConfig, names: list[str], device: str) -> None:
     """Everything about a sweep's settings that can be checked without a model or data (``device``: definite)."""
     for scenario in config.scenarios:
-        if scenario not in SCENARIOS:
-            raise SweepError(f"unknown scenario {scenario!r}; use one of {', '.join(SCENARIOS)}")
+        if scenario not in SCENARIOS and not desirable_ratio(scenario):
+            raise SweepError(f"unknown scenario {scenario!r}; use one of {', '.join(SCENARIOS)}, or unpaired-D:U "
+                             "(unpaired-1:10: a desirable example for every 10 undesirable ones)")  # fmt: skip
     for beta in config.betas:
         if not beta > 0:
             raise SweepError(f"β = {beta}: every β must be > 0")
@@ -392,7 +393,7 @@ def check_config(config: SweepConfig, names: list[str], device: str) -> None:
     if config.split != SweepConfig.split and not (config.data and Path(config.data).is_dir()):
         raise SweepError(f"--split {config.split}: picks a split of a dataset folder (--data FOLDER written by "
                          "save_to_disk); a file of pairs has none, and neither has the synthetic task")  # fmt: skip
-    if config.data and set(config.scenarios) != {"clean"}:
+    if config.data and {s for s in config.scenarios if not desirable_ratio(s)} - {"clean"}:
         raise SweepError(
             "--scenarios noisy/length-biased need the synthetic task's gold labels; drop --data or use clean"
         )

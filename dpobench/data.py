@@ -13,6 +13,7 @@ import io
 import json
 import math
 import random
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -25,22 +26,31 @@ from dpobench.task import TASK_VERSION, gold_reward, sample_review
 
 __all__ = [
     "SCENARIOS",
+    "UNPAIRED_SCENARIO",
     "DataError",
     "DataRecipe",
+    "Example",
+    "ExampleSet",
     "Pair",
     "PairSet",
     "TaskData",
     "apply_scenario",
     "cached_task_data",
     "decode_completion",
+    "desirable_ratio",
     "encode_completion",
     "encode_prompt",
     "load_pairs_file",
     "make_task_data",
     "sample_completions",
+    "unroll",
 ]
 
 SCENARIOS = ("clean", "noisy", "length-biased")
+#: the unpaired scenarios, ``unpaired-D:U``: the clean pairs unrolled into desirable and undesirable examples, the
+#: more plentiful side thinned to D:U (KTO's claim: it trains at 1:10). Only unpaired variants train in them; an
+#: unpaired variant in a paired scenario trains on its pairs unrolled, 1:1
+UNPAIRED_SCENARIO = re.compile(r"^unpaired-([1-9][0-9]*):([1-9][0-9]*)$")
 
 
 class DataError(ValueError):
@@ -77,6 +87,62 @@ class PairSet:
             own_margin = [p.margin] if math.isfinite(p.margin) and math.isnan(p.chosen_gold) else []
             digest.update(json.dumps([p.prompt, p.chosen, p.rejected, p.weight, *own_margin]).encode())
         return digest.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Example:
+    """One unpaired example: a prompt, one completion, and whether the labeller found it desirable; with the
+    completion of another example that KTO's KL estimate scores under this prompt (``kl_completion``)."""
+
+    prompt: tuple[int, ...]
+    completion: tuple[int, ...]
+    desirable: bool
+    kl_completion: tuple[int, ...] = ()
+
+    @property
+    def length(self) -> int:
+        """Tokens in the example's row, prompt and completion: its width once padded."""
+        return len(self.prompt) + len(self.completion)
+
+
+@dataclass
+class ExampleSet:
+    """Unpaired examples, as unpaired variants train on them."""
+
+    examples: list[Example]
+
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256()
+        for e in self.examples:
+            digest.update(json.dumps([e.prompt, e.completion, e.desirable, e.kl_completion]).encode())
+        return digest.hexdigest()[:16]
+
+
+def desirable_ratio(scenario: str) -> tuple[int, int] | None:
+    """(D, U) of an unpaired scenario ``unpaired-D:U``; None for a paired one."""
+    match = UNPAIRED_SCENARIO.match(scenario)
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+def unroll(pairs: PairSet, ratio: tuple[int, int] = (1, 1), seed: int = 0) -> ExampleSet:
+    """The pairs as unpaired examples: each chosen completion desirable, each rejected one undesirable, the more
+    plentiful side thinned at random (the same for every cell) to ``ratio`` = (D, U). Each example's KL completion is
+    the next example's in one fixed random cycle over them all (TRL rotates completions within each batch of its
+    dataset; a fixed cycle lets the reference's log-probs of the mismatched rows be cached like the others)."""
+    d, u = ratio
+    rng = random.Random(seed + 11)
+    n = len(pairs.pairs)
+    keep_desirable = n if d >= u else round(n * d / u)
+    keep_undesirable = n if u >= d else round(n * u / d)
+    desirable = sorted(rng.sample(range(n), keep_desirable))
+    undesirable = sorted(rng.sample(range(n), keep_undesirable))
+    rows = [(pairs.pairs[i].prompt, pairs.pairs[i].chosen, True) for i in desirable]
+    rows += [(pairs.pairs[i].prompt, pairs.pairs[i].rejected, False) for i in undesirable]
+    cycle = list(range(len(rows)))
+    rng.shuffle(cycle)
+    after = {cycle[k]: cycle[(k + 1) % len(cycle)] for k in range(len(cycle))}
+    return ExampleSet([Example(prompt, completion, good, rows[after[i]][1])
+                       for i, (prompt, completion, good) in enumerate(rows)])  # fmt: skip
 
 
 @dataclass
@@ -293,7 +359,7 @@ def apply_scenario(
     pairs: PairSet, scenario: str, *, noise: float = 0.2, length_bonus: float = 0.03, seed: int = 0
 ) -> PairSet:
     """The training pairs as a scenario's labeller would have labelled them."""
-    if scenario == "clean":
+    if scenario == "clean" or desirable_ratio(scenario):  # unpaired scenarios thin the clean pairs, once unrolled
         return pairs
     if scenario == "noisy":
         # Exactly round(ε·n) labels flipped, chosen at random but the same for every cell.
@@ -307,7 +373,9 @@ def apply_scenario(
             biased_r = p.rejected_gold + length_bonus * len(p.rejected)
             relabelled.append(_swap(p) if biased_r > biased_c else p)
         return PairSet(relabelled, pairs.truncated)
-    raise DataError(f"unknown scenario {scenario!r}; use one of {', '.join(SCENARIOS)}")
+    raise DataError(
+        f"unknown scenario {scenario!r}; use one of {', '.join(SCENARIOS)}, or unpaired-D:U (unpaired-1:10)"
+    )
 
 
 def _swap(p: Pair) -> Pair:

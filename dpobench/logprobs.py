@@ -20,11 +20,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dpobench._util import atomic_path
-from dpobench.data import Pair
+from dpobench.data import ExampleSet, Pair
 from dpobench.losses import LogProbs
 
 __all__ = [
-    "Batch", "ReferenceLogps", "can_share_prompt", "collate", "collate_shared", "per_token_rows", "reference_logprobs",
+    "Batch", "ExampleReference", "ReferenceLogps", "cached_example_reference", "can_share_prompt", "collate", "collate_shared", "per_token_rows", "reference_logprobs",
     "sequence_logprobs",
 ]  # fmt: skip
 
@@ -385,6 +385,46 @@ class ReferenceLogps:
 
     def _tensors(self) -> tuple[Tensor | None, ...]:
         return tuple(getattr(self, f.name) for f in fields(self))
+
+
+@dataclass(frozen=True)
+class ExampleReference:
+    """The reference model's summed log-probs of every unpaired example of a set, and of its mismatched row (the
+    example's prompt with its ``kl_completion``), computed once for all cells."""
+
+    logps: Tensor
+    kl_logps: Tensor
+
+    def to(self, device: str | torch.device) -> ExampleReference:
+        return ExampleReference(self.logps.to(device), self.kl_logps.to(device))
+
+
+def cached_example_reference(
+    model: Any, examples: ExampleSet, pad_id: int, cache_dir: Path, *, key: str, device: str, autocast: bool
+) -> ExampleReference:
+    """The reference's log-probs of ``examples`` and their mismatched rows, computed once per (model, examples,
+    precision) and kept as safetensors."""
+    from safetensors.torch import load_file, save_file
+
+    n = len(examples.examples)
+    name = hashlib.sha256(f"{key}|{examples.fingerprint()}|{autocast}|examples".encode()).hexdigest()[:20]
+    path = cache_dir / "reference" / f"{name}.safetensors"
+    if path.is_file():
+        try:
+            stored = load_file(str(path))
+            if stored["logps"].shape == (n,):
+                return ExampleReference(stored["logps"], stored["kl_logps"])
+        except Exception:  # a corrupted entry is rebuilt, not trusted
+            pass
+    rows = [(e.prompt, e.completion) for e in examples.examples] + [
+        (e.prompt, e.kl_completion) for e in examples.examples
+    ]
+    sums, _ = rows_logprobs(model, rows, pad_id, device=device, autocast=autocast)
+    reference = ExampleReference(sums[:n].contiguous(), sums[n:].contiguous())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        save_file({"logps": reference.logps, "kl_logps": reference.kl_logps}, str(tmp))
+    return reference
 
 
 def _fit(rows: Tensor, width: int) -> Tensor:

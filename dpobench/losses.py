@@ -20,15 +20,21 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
+    "KL_LOGPS",
     "PAIR_INPUTS",
     "TOKEN_LOGPS",
+    "Completions",
     "LabelSmoothingMixin",
     "LogProbs",
     "LossOutput",
     "Param",
     "ParamError",
     "PreferenceLoss",
+    "UnpairedLoss",
+    "UnpairedOutput",
     "call_loss",
+    "call_unpaired_loss",
+    "check_unpaired_output",
     "chosen_nll",
     "implicit_rewards",
     "log_ratios",
@@ -146,8 +152,10 @@ STATISTICS: tuple[str, ...] = tuple(
 #: confidence in (0.5, 1]; ``margin``, by how much the labeller scored the chosen completion over the rejected one
 #: (the synthetic task's gold difference, or a data file's ``margin`` / ``score_chosen`` − ``score_rejected``)
 PAIR_INPUTS: tuple[str, ...] = ("weights", "margin")
+#: the log-probs of mismatched completions an unpaired variant declares for KTO's KL estimate (``Completions.kl_logps``)
+KL_LOGPS = "kl_logps"
 #: every input a variant can declare
-KNOWN_INPUTS = frozenset({*PAIR_INPUTS, TOKEN_LOGPS, *STATISTICS})
+KNOWN_INPUTS = frozenset({*PAIR_INPUTS, TOKEN_LOGPS, KL_LOGPS, *STATISTICS})
 
 
 def sequence_inputs(loss: PreferenceLoss) -> tuple[str, ...]:
@@ -162,6 +170,58 @@ class LossOutput(NamedTuple):
     losses: Tensor
     chosen_rewards: Tensor
     rejected_rewards: Tensor
+
+
+@dataclass(frozen=True)
+class Completions:
+    """Per-completion log-probs of one model on a batch of N unpaired examples (a prompt, one completion, and whether
+    it is desirable): what an ``UnpairedLoss`` receives.
+
+    Args:
+        logps: log π(y|x) summed over completion tokens, shape (N,).
+        tokens: completion tokens of each example, shape (N,).
+        desirable: the labels, bool, shape (N,).
+        kl_logps: optional log π(y'|x) of mismatched completions, example i's prompt with another example's
+            completion (KTO's KL estimate), shape (N,); filled only for variants that declare ``"kl_logps"`` in
+            ``inputs``. The policy's carry no gradient (as in TRL).
+    """
+
+    logps: Tensor
+    tokens: Tensor
+    desirable: Tensor
+    kl_logps: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                continue
+            if not isinstance(value, Tensor) or value.dim() != 1 or value.shape != self.logps.shape:
+                shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+                raise ValueError(f"Completions.{f.name} must be a tensor of shape (N,) like logps, got {shape}")
+        if self.desirable.dtype != torch.bool:
+            raise ValueError(f"Completions.desirable must be bool, got {self.desirable.dtype}")
+
+    def detach(self) -> Completions:
+        return Completions(*(None if v is None else (v.detach() if v.is_floating_point() else v)
+                             for v in (getattr(self, f.name) for f in fields(self))))  # fmt: skip
+
+    @classmethod
+    def unrolled(cls, pairs: LogProbs) -> Completions:
+        """A batch of pairs as 2B examples, the chosen completions desirable and the rejected ones not; the
+        mismatched log-probs are those of the completions rotated by one (TRL's rotation), under their own prompts:
+        for the contract check, the loss landscape and held-out rewards, which have pairs' log-probs only."""
+        logps = torch.cat([pairs.chosen, pairs.rejected])
+        desirable = torch.cat([torch.ones(pairs.batch_size), torch.zeros(pairs.batch_size)]).bool()
+        return cls(logps, torch.cat([pairs.chosen_tokens, pairs.rejected_tokens]), desirable.to(logps.device),
+                   torch.roll(logps, 1).detach())  # fmt: skip
+
+
+class UnpairedOutput(NamedTuple):
+    """Per-example losses (not reduced) and detached implicit rewards, each (N,)."""
+
+    losses: Tensor
+    rewards: Tensor
 
 
 _INTERVAL = re.compile(r"^\s*([\[(])\s*(-inf|[-+0-9.e]+)\s*,\s*(inf|[-+0-9.e]+)\s*([\])])\s*$")
@@ -258,6 +318,8 @@ class PreferenceLoss(nn.Module):
     batch_coupled: bool = False
     #: True when the loss does not increase as the chosen-over-rejected margin grows
     monotone: bool = True
+    #: True for an ``UnpairedLoss``: it trains on unpaired examples (``Completions``), not pairs
+    unpaired: ClassVar[bool] = False
     #: extra inputs the variant needs, of ``KNOWN_INPUTS``: per-pair data (``PAIR_INPUTS``), per-token log-probs
     #: (``TOKEN_LOGPS``) or a statistic of the policy (``STATISTICS``)
     inputs: frozenset[str] = frozenset()
@@ -310,6 +372,32 @@ class PreferenceLoss(nn.Module):
         return ", ".join(f"{k}={v!r}" for k, v in self.hparams.items())
 
 
+class UnpairedLoss(PreferenceLoss):
+    """Base class of the variants that train on unpaired examples (KTO, APO-zero unpaired): ``forward(policy,
+    reference, **extras)`` receives ``Completions`` and returns an ``UnpairedOutput`` of per-example losses and
+    detached rewards, each (N,).
+
+    The harness trains them on examples (a paired sweep's pairs unrolled 1:1; an ``unpaired-D:U`` scenario's
+    thinned examples), N per step as many completions as a paired step's 2B. Everywhere else that has pairs (the
+    contract check, the loss landscape, held-out rewards), ``call_loss`` gives them the pairs unrolled
+    (``Completions.unrolled``) and reads a pair's loss as the mean of its two examples' and its rewards as theirs.
+    """
+
+    unpaired = True
+
+    def __call__(self, policy: Completions, reference: Completions | None = None, **extras: Tensor) -> UnpairedOutput:  # type: ignore[override]
+        if not isinstance(policy, Completions):
+            raise TypeError(f"loss {self.name!r}: policy must be dpobench.Completions, got {type(policy).__name__}")
+        if reference is None:
+            raise ValueError(f"loss {self.name!r} needs reference log-probs")
+        reference = reference.detach()  # frozen, whatever the variant does with it
+        if KL_LOGPS in self.inputs and (policy.kl_logps is None or reference.kl_logps is None):
+            raise ValueError(f"loss {self.name!r} reads the log-probs of mismatched completions: give the policy's and "
+                             "the reference's kl_logps")  # fmt: skip
+        out = nn.Module.__call__(self, policy, reference, **extras)
+        return out if isinstance(out, UnpairedOutput) else UnpairedOutput(*out)
+
+
 # --- shared arithmetic of the DPO family (pure functions; equation numbers refer to the DPO paper) ---
 
 
@@ -357,10 +445,32 @@ def call_loss(
     fields of ``LogProbs`` only when the variant declares them. The statistics (``STATISTICS``) are the policy's
     alone: training computes nothing else, so the contract check and the landscape give nothing else either."""
     extras = {k: v for k, v in pair_inputs.items() if k in loss.inputs and v is not None}
+    if loss.unpaired:
+        assert reference is not None
+        out = loss(Completions.unrolled(policy), Completions.unrolled(reference), **extras)
+        b = policy.batch_size
+        return LossOutput((out.losses[:b] + out.losses[b:]) / 2, out.rewards[:b], out.rewards[b:])
     policy = policy.without(s for s in (*STATISTICS, TOKEN_LOGPS) if s not in loss.inputs)
     if reference is not None:
         reference = reference.without([*STATISTICS, *([] if TOKEN_LOGPS in loss.inputs else [TOKEN_LOGPS])])
     return loss(policy, None if loss.reference_free else reference, **extras)
+
+
+def call_unpaired_loss(loss: PreferenceLoss, policy: Completions, reference: Completions) -> UnpairedOutput:
+    """Call an unpaired ``loss`` the way the harness does: the mismatched log-probs only if it declares them."""
+    if KL_LOGPS not in loss.inputs:
+        policy, reference = replace(policy, kl_logps=None), replace(reference, kl_logps=None)
+    return loss(policy, reference)
+
+
+def check_unpaired_output(out: Any, examples: int) -> None:
+    """The harness's check of an unpaired loss's output: per-example tensors of shape (N,)."""
+    for name, value in zip(("losses", "rewards"), out, strict=True):
+        if not isinstance(value, torch.Tensor) or tuple(value.shape) != (examples,):
+            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(
+                f"the loss returned {name} of shape {shape} for {examples} examples; expected ({examples},)"
+            )
 
 
 def check_output(out: Any, batch_size: int) -> None:

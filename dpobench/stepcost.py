@@ -56,14 +56,16 @@ def measure_step_costs(
         losses.setdefault(configuration_key(cell), cell.loss)
     if rounds < 1 or len(losses) < 2:
         return []
-    first = cells[0]
     device = prepared.plan.device
-    trainer = CellTrainer(
-        prepared.policy, prepared.reference_state, first.loss, prepared.trains[first.scenario],
-        prepared.train_reference, prepared.tokenizer.pad_token_id, prepared.config.train, first.seed,
-        prepared.acceleration,
-    )  # fmt: skip
-    batch = trainer.order[0]
+    # one trainer per kind of data (pairs, and unpaired examples for unpaired variants), on the same weights; the
+    # unpaired one on the first cell's scenario unrolled, its batches as many completions as a paired one's
+    trainers: dict[bool, CellTrainer] = {}
+    for cell in cells:
+        if cell.loss.unpaired not in trainers:
+            trainers[cell.loss.unpaired] = CellTrainer(
+                prepared.policy, prepared.reference_state, cell.loss, *prepared.training(cell),
+                prepared.tokenizer.pad_token_id, prepared.config.train, cell.seed, prepared.acceleration,
+            )  # fmt: skip
     keys, failed, times = list(losses), set(), []
     started = time.perf_counter()
     for number in range(WARMUP_ROUNDS + rounds):
@@ -75,9 +77,10 @@ def measure_step_costs(
             if key in failed:
                 continue
             loss = losses[key].to(device)
+            trainer = trainers[loss.unpaired]
             trainer.use_loss(loss)
             try:
-                step = trainer.step(batch)
+                step = trainer.step(trainer.order[0])
             except (CellStopped, torch.OutOfMemoryError):
                 failed.add(key)
                 continue

@@ -42,9 +42,19 @@ from dpobench.config import (
     resolve_device,
     select_variants,
 )
-from dpobench.data import PairSet, TaskData, apply_scenario, cached_task_data, load_pairs_file, require_pairs_file
+from dpobench.data import (
+    ExampleSet,
+    PairSet,
+    TaskData,
+    apply_scenario,
+    cached_task_data,
+    desirable_ratio,
+    load_pairs_file,
+    require_pairs_file,
+    unroll,
+)
 from dpobench.judges import Judge, JudgeError, load_judge
-from dpobench.logprobs import cached_reference_logprobs
+from dpobench.logprobs import ExampleReference, ReferenceLogps, cached_example_reference, cached_reference_logprobs
 from dpobench.losses import TOKEN_LOGPS, PreferenceLoss
 from dpobench.models import (
     SIZES,
@@ -130,7 +140,10 @@ def plan_cells(config: SweepConfig, specs: list[LossSpec]) -> list[Cell]:
         betas = config.betas
         if "beta" in grid and "beta" in spec.params:
             betas = tuple(_own_beta(spec.name, value) for value in grid.pop("beta"))
+        unpaired = spec.cls.unpaired
         for beta, seed, scenario in itertools.product(betas, config.seeds, config.scenarios):
+            if desirable_ratio(scenario) and not unpaired:
+                continue  # an unpaired scenario has no pairs to train a paired variant on
             for values in itertools.product(*grid.values()):
                 params = {**dict(zip(grid, values, strict=True)), **({"beta": beta} if "beta" in spec.params else {})}
                 loss = spec.build(**params)  # parameters validated before anything trains
@@ -160,7 +173,7 @@ class Prepared:
     tokenizer: Any
     data: TaskData
     trains: dict[str, PairSet]
-    train_reference: tuple[torch.Tensor, torch.Tensor]
+    train_reference: ReferenceLogps
     evaluator: Evaluator
     acceleration: Acceleration
     model_hash: str
@@ -171,6 +184,16 @@ class Prepared:
     judge: Judge | None = None
     #: with LoRA: (trainable, total) parameters of the policy
     lora_parameters: tuple[int, int] | None = None
+    #: per scenario with an unpaired cell: its examples, and the reference's log-probs of them
+    examples: dict[str, ExampleSet] = field(default_factory=dict)
+    example_reference: dict[str, ExampleReference] = field(default_factory=dict)
+
+    def training(self, cell: Cell) -> tuple[PairSet | ExampleSet, ReferenceLogps | ExampleReference]:
+        """What ``cell`` trains on, and the reference's log-probs of it: its scenario's pairs, or, for an unpaired
+        variant, its scenario's examples."""
+        if cell.loss.unpaired:
+            return self.examples[cell.scenario], self.example_reference[cell.scenario]
+        return self.trains[cell.scenario], self.train_reference
 
     @property
     def config(self) -> SweepConfig:
@@ -232,9 +255,16 @@ def prepare(plan: SweepPlan, progress: Callable[[str], None] = print) -> Prepare
     trains = {
         s: apply_scenario(data.train, s, noise=config.noise, length_bonus=config.length_bonus) for s in config.scenarios
     }
+    # unpaired variants train on examples: a scenario's pairs unrolled, thinned to an unpaired scenario's ratio
+    examples = {s: unroll(trains[s], desirable_ratio(s) or (1, 1))
+                for s in sorted({c.scenario for c in plan.cells if c.loss.unpaired})}  # fmt: skip
+    example_reference = {
+        s: cached_example_reference(reference, part, pad_id, cache, key=model_hash, device=device, autocast=autocast)
+        for s, part in examples.items()
+    }  # fmt: skip
     return Prepared(
         plan=plan, reference=reference, policy=policy, reference_state=reference_state, tokenizer=tokenizer,
-        data=data, trains=trains, train_reference=train_ref,
+        data=data, trains=trains, train_reference=train_ref, examples=examples, example_reference=example_reference,
         evaluator=Evaluator(reference, tokenizer, data, heldout_ref, device=device, autocast=autocast, judge=judge),
         judge=judge, lora_parameters=lora_parameters,
         acceleration=acceleration, model_hash=model_hash, data_hash=data_hash,
@@ -317,8 +347,7 @@ def run_cell(
     loss.to(prepared.plan.device)
     try:
         return train_cell(
-            prepared.policy, prepared.reference_state, loss, prepared.trains[cell.scenario], prepared.train_reference,
-            prepared.tokenizer.pad_token_id, prepared.config.train, seed,
+            prepared.policy, prepared.reference_state, loss, *prepared.training(cell), prepared.tokenizer.pad_token_id, prepared.config.train, seed,
             evaluate=lambda model, step: evaluator(model, step, loss, seed), on_step=on_step, should_stop=should_stop,
             acceleration=prepared.acceleration,
         )  # fmt: skip

@@ -26,9 +26,28 @@ from dpobench.acceleration import (
     plan_acceleration,
 )
 from dpobench.config import TrainConfig
-from dpobench.data import Pair, PairSet, TaskData, decode_completion, sample_completions
-from dpobench.logprobs import ReferenceLogps, pair_rows, rows_logprobs, sequence_logprobs
-from dpobench.losses import LogProbs, PreferenceLoss, call_loss, check_output, sequence_inputs
+from dpobench.data import ExampleSet, Pair, PairSet, TaskData, decode_completion, sample_completions
+from dpobench.logprobs import (
+    Batch,
+    ExampleReference,
+    ReferenceLogps,
+    collate,
+    pair_rows,
+    round_up,
+    rows_logprobs,
+    sequence_logprobs,
+)
+from dpobench.losses import (
+    KL_LOGPS,
+    Completions,
+    LogProbs,
+    PreferenceLoss,
+    call_loss,
+    call_unpaired_loss,
+    check_output,
+    check_unpaired_output,
+    sequence_inputs,
+)
 from dpobench.task import gold_reward, is_grammatical
 
 __all__ = [
@@ -106,11 +125,11 @@ class CellTrainer:
     defaults for the policy's device and model."""
 
     def __init__(
-        self, policy: Any, reference_state: dict[str, torch.Tensor], loss: PreferenceLoss, train: PairSet,
-        reference_logps: ReferenceLogps, pad_id: int, config: TrainConfig, seed: int,
+        self, policy: Any, reference_state: dict[str, torch.Tensor], loss: PreferenceLoss, train: PairSet | ExampleSet,
+        reference_logps: ReferenceLogps | ExampleReference, pad_id: int, config: TrainConfig, seed: int,
         acceleration: Acceleration | None = None,
     ) -> None:  # fmt: skip
-        self.policy, self.loss, self.pairs, self.pad_id, self.config = policy, loss, train.pairs, pad_id, config
+        self.policy, self.loss, self.pad_id, self.config = policy, loss, pad_id, config
         plan = acceleration or plan_acceleration(SpeedOptions(), str(next(policy.parameters()).device), policy)
         device = plan.device
         policy.load_state_dict(reference_state)  # start from the reference weights
@@ -125,27 +144,39 @@ class CellTrainer:
         self.schedule = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / max(1, config.warmup_steps))
         )  # fmt: skip
-        # per-pair inputs of the loss live on the device, so a step gathers them there (a blocking copy from the host
+        # per-item inputs of the loss live on the device, so a step gathers them there (a blocking copy from the host
         # would wait for the queued forward pass)
         self.reference = reference_logps.to(device)
-        self.pair_inputs = pair_inputs(train.pairs, device)
+        if isinstance(train, ExampleSet):  # an unpaired loss: as many completions a step as a paired one's 2·batch
+            self.pairs, self.examples, per_step = [], train.examples, 2 * config.batch_size
+            self.desirable = torch.tensor([e.desirable for e in train.examples], dtype=torch.bool, device=device)
+            lengths = [e.length for e in train.examples]
+        else:
+            self.pairs, self.examples, per_step = train.pairs, [], config.batch_size
+            self.pair_inputs = pair_inputs(train.pairs, device)
+            lengths = [p.length for p in train.pairs]
         self.use_loss(loss)
-        lengths = [p.length for p in train.pairs]
-        self.order = batch_order(
-            len(train.pairs), config.steps, config.batch_size, seed, lengths, config.length_buckets
-        )
-        self.plan = plan.for_batches(
-            lambda: len(set(batch_widths(self.order, self.pairs, plan.share_prompt, plan.pad_multiple))), config.steps
-        )
+        self.order = batch_order(len(lengths), config.steps, per_step, seed, lengths, config.length_buckets)
+        self.plan = plan.for_batches(lambda: len(set(self._widths(plan))), config.steps)
         self.layers = CompiledLayers(policy, self.plan)
         self.done = 0
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
 
+    def _widths(self, plan: Acceleration) -> list[int]:
+        """The padded width of each planned batch."""
+        if self.examples:
+            return [round_up(max(self.examples[i].length for i in index.tolist()), plan.pad_multiple)
+                    for index in self.order]  # fmt: skip
+        return batch_widths(self.order, self.pairs, plan.share_prompt, plan.pad_multiple)
+
     def use_loss(self, loss: PreferenceLoss) -> None:
         """Train with ``loss`` from the next step on (its state, if it keeps any, reset): the side-by-side step-cost
         measurement (``dpobench.stepcost``) times every configuration on one trainer, one batch and one set of
         weights."""
+        if loss.unpaired != bool(self.examples):
+            raise ValueError(f"loss {loss.name!r} trains on {'unpaired examples' if loss.unpaired else 'pairs'}; this "
+                             f"trainer holds {'examples' if self.examples else 'pairs'}")  # fmt: skip
         loss.reset()
         self.loss, self.sequence_inputs = loss, sequence_inputs(loss)  # what is computed with the policy's sums
 
@@ -168,29 +199,14 @@ class CellTrainer:
     def _step(self, index: torch.Tensor | None) -> dict[str, float]:
         """One step, queued on the device without a sync: batch indices come from the host, the finiteness check
         goes to the optimizer as ``found_inf``, and the step's metrics come back in one readback at its end."""
-        config, device, policy = self.config, self.plan.device, self.policy
+        config, device = self.config, self.plan.device
         start = time.perf_counter()
         index = self.order[self.done % len(self.order)] if index is None else index
-        pairs = [self.pairs[i] for i in index.tolist()]
-        batch = self.plan.collate(pairs, self.pad_id).to(device)
         on_device = index.to(device, non_blocking=True)
-        b = len(pairs)
-        width = max(max(len(p.chosen), len(p.rejected)) for p in pairs)  # of per-token inputs, if the loss reads them
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.plan.autocast), self.layers.active():
-            sums, statistics = sequence_logprobs(policy, batch, statistics=self.sequence_inputs,
-                                                 chunk_tokens=self.layers.head_chunk_tokens,
-                                                 compiled_head=self.layers.head, token_width=width)  # fmt: skip
-        tokens = batch.tokens
-        policy_lp = LogProbs.from_rows(sums, tokens, statistics)
-        reference = self.reference.select(on_device, tokens[:b], tokens[b:], width)
         step = self.done + 1
-        try:  # a plugin's fault fails this cell, not the sweep
-            out = call_loss(self.loss, policy_lp, reference,
-                            **{k: v.index_select(0, on_device) for k, v in self.pair_inputs.items()})  # fmt: skip
-            check_output(out, b)
-        except Exception as error:
-            raise CellStopped("failed", f"step {step}: {_one_line(error)}") from error
-        mean_loss = out.losses.mean()
+        forward = self._unpaired_forward if self.examples else self._paired_forward
+        losses, readback, pairs_seen, trained = forward(index, on_device, step)
+        mean_loss = losses.mean()
         # a loss that is not finite is recorded as diverged, at this step; the sweep goes on. Asking the device now
         # would stall it mid-step, so the fused optimizer is told on the device to skip its update (as under AMP's
         # GradScaler), and the step is stopped once its metrics are read back
@@ -210,21 +226,78 @@ class CellTrainer:
         self.optimizer.step()
         self.schedule.step()
         self.optimizer.zero_grad(set_to_none=True)
-        margin = (out.chosen_rewards - out.rejected_rewards).detach()
         # the step's one readback: it waits for the optimizer's update, queued before it
-        metrics = torch.stack([
-            mean_loss.detach(), (margin > 0).float().mean(), margin.mean(), out.chosen_rewards.detach().mean(),
-            out.rejected_rewards.detach().mean(), sums[:b].detach().mean(), sums[b:].detach().mean(), grad_norm,
-        ]).float().tolist()  # fmt: skip
+        metrics = torch.stack([mean_loss.detach(), *readback, grad_norm]).float().tolist()
         elapsed = time.perf_counter() - start
         if deferred:  # the weights were left as they were
             _stop_unless_finite(metrics[0], step)
         self.done = step
-        trained = sum(2 * len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs)  # tokens, unpadded
         return {
             "step": step, **dict(zip(STEP_READBACK, metrics, strict=True)), "step_time_ms": elapsed * 1e3,
-            "pairs_per_s": b / elapsed, "tokens_per_s": trained / elapsed, "peak_memory_mb": peak_memory_mb(device),
+            "pairs_per_s": pairs_seen / elapsed, "tokens_per_s": trained / elapsed,
+            "peak_memory_mb": peak_memory_mb(device),
         }  # fmt: skip
+
+    def _policy_logprobs(self, batch: Batch, statistics: tuple[str, ...] = (), token_width: int | None = None):
+        """The policy's summed log-probs of ``batch`` (and the statistics asked), in the plan's precision and layers."""
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.plan.autocast), self.layers.active():
+            return sequence_logprobs(self.policy, batch, statistics=statistics, token_width=token_width,
+                                     chunk_tokens=self.layers.head_chunk_tokens, compiled_head=self.layers.head)  # fmt: skip
+
+    def _paired_forward(self, index: torch.Tensor, on_device: torch.Tensor, step: int):
+        """A batch of pairs through the policy and the loss: per-pair losses, the readback's reward and log-prob
+        metrics (``STEP_READBACK`` between the loss and the gradient norm), pairs and unpadded tokens trained."""
+        pairs = [self.pairs[i] for i in index.tolist()]
+        batch = self.plan.collate(pairs, self.pad_id).to(self.plan.device)
+        b = len(pairs)
+        width = max(max(len(p.chosen), len(p.rejected)) for p in pairs)  # of per-token inputs, if the loss reads them
+        sums, statistics = self._policy_logprobs(batch, self.sequence_inputs, width)
+        tokens = batch.tokens
+        policy_lp = LogProbs.from_rows(sums, tokens, statistics)
+        reference = self.reference.select(on_device, tokens[:b], tokens[b:], width)
+        try:  # a plugin's fault fails this cell, not the sweep
+            out = call_loss(self.loss, policy_lp, reference,
+                            **{k: v.index_select(0, on_device) for k, v in self.pair_inputs.items()})  # fmt: skip
+            check_output(out, b)
+        except Exception as error:
+            raise CellStopped("failed", f"step {step}: {_one_line(error)}") from error
+        margin = (out.chosen_rewards - out.rejected_rewards).detach()
+        readback = [(margin > 0).float().mean(), margin.mean(), out.chosen_rewards.detach().mean(),
+                    out.rejected_rewards.detach().mean(), sums[:b].detach().mean(), sums[b:].detach().mean()]  # fmt: skip
+        trained = sum(2 * len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs)  # tokens, unpadded
+        return out.losses, readback, b, trained
+
+    def _unpaired_forward(self, index: torch.Tensor, on_device: torch.Tensor, step: int):
+        """A batch of unpaired examples through the policy (and their mismatched rows, without gradient, where the
+        loss reads them) and the loss: as ``_paired_forward``, the chosen side's metrics the desirable examples', the
+        rejected side's the undesirable ones', no reward accuracy (no pairs), and half the examples as pairs seen."""
+        examples = [self.examples[i] for i in index.tolist()]
+        device = self.plan.device
+        batch = collate([(e.prompt, e.completion) for e in examples], self.pad_id, self.plan.pad_multiple).to(device)
+        sums, _ = self._policy_logprobs(batch)
+        desirable = self.desirable.index_select(0, on_device)
+        kl = reference_kl = None
+        if KL_LOGPS in self.loss.inputs:
+            mismatched = collate([(e.prompt, e.kl_completion) for e in examples], self.pad_id, self.plan.pad_multiple)
+            with torch.no_grad():
+                kl, _ = self._policy_logprobs(mismatched.to(device))
+            reference_kl = self.reference.kl_logps.index_select(0, on_device)
+        policy = Completions(sums, batch.tokens, desirable, kl)
+        reference = Completions(self.reference.logps.index_select(0, on_device), batch.tokens, desirable, reference_kl)
+        try:  # a plugin's fault fails this cell, not the sweep
+            out = call_unpaired_loss(self.loss, policy, reference)
+            check_unpaired_output(out, len(examples))
+        except Exception as error:
+            raise CellStopped("failed", f"step {step}: {_one_line(error)}") from error
+        good, bad = desirable.float(), (~desirable).float()
+        mean_of = lambda values, mask: torch.where(  # noqa: E731  a side's mean; NaN where the batch has none
+            mask.sum() > 0, (values.detach() * mask).sum() / mask.sum().clamp(min=1), torch.nan
+        )
+        chosen, rejected = mean_of(out.rewards, good), mean_of(out.rewards, bad)
+        readback = [torch.tensor(math.nan, device=device), chosen - rejected, chosen, rejected, mean_of(sums, good),
+                    mean_of(sums, bad)]  # fmt: skip
+        trained = sum(len(e.prompt) + len(e.completion) for e in examples)
+        return out.losses, readback, len(examples) / 2, trained
 
 
 def pair_inputs(pairs: Sequence[Pair], device: str) -> dict[str, torch.Tensor]:
@@ -245,8 +318,8 @@ def train_cell(
     policy: Any,
     reference_state: dict[str, torch.Tensor],
     loss: PreferenceLoss,
-    train: PairSet,
-    reference_logps: ReferenceLogps,
+    train: PairSet | ExampleSet,
+    reference_logps: ReferenceLogps | ExampleReference,
     pad_id: int,
     config: TrainConfig,
     seed: int,

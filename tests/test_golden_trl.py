@@ -113,3 +113,29 @@ def test_ld_dpo_at_alpha_one_is_dpo_and_the_golden_pairs_differ_otherwise() -> N
     torch.testing.assert_close(dpobench.get_loss("ld_dpo", alpha=1.0)(policy, reference).losses, dpo)
     half = dpobench.get_loss("ld_dpo", alpha=0.5)(policy, reference).losses
     assert half[0] == pytest.approx(float(dpo[0]), rel=1e-6) and (half[1:] - dpo[1:]).abs().min() > 1e-3
+
+
+# KTO and APO-zero (unpaired): TRL's KTOTrainer computes them in its step (tests/data/make_golden_trl_kto.py).
+GOLDEN_KTO = json.loads((Path(__file__).parent / "data" / "golden_trl_kto.json").read_text())
+
+
+def completions(side: str, rows: list[int]) -> dpobench.Completions:
+    x = GOLDEN_KTO["inputs"]
+    pick = lambda key: torch.tensor([sum(x[key][r]) for r in rows])  # noqa: E731
+    return dpobench.Completions(pick(side), torch.tensor([float(x["lengths"][r]) for r in rows]),
+                                torch.tensor([x["labels"][r] for r in rows]), pick(f"{side}_kl"))  # fmt: skip
+
+
+@pytest.mark.parametrize("case", GOLDEN_KTO["cases"], ids=[c["case"] for c in GOLDEN_KTO["cases"]])
+def test_unpaired_losses_match_trl(case: dict) -> None:
+    """The batch's mean loss and each side's mean reward, and each example's loss as a batch of its own."""
+    name = {"kto": "kto", "apo_zero_unpaired": "apo_zero_unpaired"}[case["trl"]]
+    loss = dpobench.get_loss(name, **case["params"])
+    everything = list(range(len(GOLDEN_KTO["inputs"]["labels"])))
+    out = loss(completions("policy", everything), completions("reference", everything))
+    assert out.losses.mean().item() == pytest.approx(case["mean_loss"], rel=1e-5, abs=1e-6)
+    labels = torch.tensor(GOLDEN_KTO["inputs"]["labels"])
+    assert out.rewards[labels].mean().item() == pytest.approx(case["mean_chosen_reward"], rel=1e-5, abs=1e-6)
+    assert out.rewards[~labels].mean().item() == pytest.approx(case["mean_rejected_reward"], rel=1e-5, abs=1e-6)
+    alone = [loss(completions("policy", [i]), completions("reference", [i])).losses.item() for i in everything]
+    assert alone == pytest.approx(case["losses_alone"], rel=1e-5, abs=1e-6)

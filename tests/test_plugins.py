@@ -15,7 +15,8 @@ from dpobench.losses import PreferenceLoss
 
 from .conftest import BROKEN_PLUGINS, ROOT
 
-BUILTIN_MODULES = {"dpo", "pairwise", "reference_free", "regularised", "seed", "combinations", "token_level", "adaptive"}
+BUILTIN_MODULES = {"dpo", "pairwise", "reference_free", "regularised", "seed", "combinations", "token_level", "adaptive",
+                   "unpaired"}  # fmt: skip
 
 EXPECTED_VARIANTS = {
     # the seed's own
@@ -33,6 +34,8 @@ EXPECTED_VARIANTS = {
     "alphapo", "simper", "kto_pair", "dpo_shift",
     # per-token log-probs, score margins, state across steps
     "ld_dpo", "sampo", "odpo", "beta_dpo",
+    # unpaired examples
+    "kto", "apo_zero_unpaired",
 }  # fmt: skip
 
 
@@ -249,7 +252,7 @@ def _subclass(**attributes) -> type:
         ),
         (  # "weight" for "weights": it trained unweighted, silently
             lambda register: register(_subclass(inputs=frozenset({"weight"}))),
-            "plugin 'bad', variant 'custom': unknown input 'weight' in inputs; known: logsumsq, margin, token_logps, weights",
+            "plugin 'bad', variant 'custom': unknown input 'weight' in inputs; known: kl_logps, logsumsq, margin, token_logps, weights",
         ),
         (
             lambda register: register(dpobench.get_losses()["dpo"].cls, name="dpo_two", paper=2024),
