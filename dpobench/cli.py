@@ -261,8 +261,10 @@ _BetasOption = Annotated[str | None, typer.Option(help=f"Comma-separated β valu
 _SeedsOption = Annotated[str | None, typer.Option(help=f"Comma-separated seeds (default {_default('seeds')}).")]
 _ScenariosOption = Annotated[
     str | None,
-    typer.Option(help=f"{', '.join(SCENARIOS)}, or unpaired-D:U for unpaired variants (KTO; unpaired-1:10) "
-                     f"(comma-separated; default {_default('scenarios')})."),
+    typer.Option(
+        help=f"{', '.join(SCENARIOS)}, or unpaired-D:U for unpaired variants (KTO; unpaired-1:10) "
+        f"(comma-separated; default {_default('scenarios')})."
+    ),
 ]
 _StepsOption = Annotated[
     int | None, typer.Option(help=f"Training steps per cell (default {_default('steps')}).", min=1)

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "KL_LOGPS",
+    "MOVING_REFERENCE",
     "PAIR_INPUTS",
     "TOKEN_LOGPS",
     "Completions",
@@ -154,8 +155,12 @@ STATISTICS: tuple[str, ...] = tuple(
 PAIR_INPUTS: tuple[str, ...] = ("weights", "margin")
 #: the log-probs of mismatched completions an unpaired variant declares for KTO's KL estimate (``Completions.kl_logps``)
 KL_LOGPS = "kl_logps"
+#: a reference that moves toward the policy during training (TR-DPO): the harness keeps a copy of the reference
+#: model per cell, scores each batch with it (a reference pass per step, instead of the cached log-probs) and moves it
+#: by ``PreferenceLoss.reference_mix(step)`` after each step
+MOVING_REFERENCE = "moving_reference"
 #: every input a variant can declare
-KNOWN_INPUTS = frozenset({*PAIR_INPUTS, TOKEN_LOGPS, KL_LOGPS, *STATISTICS})
+KNOWN_INPUTS = frozenset({*PAIR_INPUTS, TOKEN_LOGPS, KL_LOGPS, MOVING_REFERENCE, *STATISTICS})
 
 
 def sequence_inputs(loss: PreferenceLoss) -> tuple[str, ...]:
@@ -363,6 +368,12 @@ class PreferenceLoss(nn.Module):
                                      "them from sums)")  # fmt: skip
         out = super().__call__(policy, reference, **extras)
         return out if isinstance(out, LossOutput) else LossOutput(*out)
+
+    def reference_mix(self, step: int) -> float:
+        """For a variant that declares ``"moving_reference"``: how far the reference moves toward the policy after
+        optimizer step ``step`` (1, 2, …), m in [0, 1]: π_ref ← (1 − m)·π_ref + m·π_θ, parameter by parameter (0: it
+        stays). Other variants are never asked."""
+        return 0.0
 
     def reset(self) -> None:
         """Forget what the loss carried from step to step (a stateful variant's running statistics, kept in buffers):

@@ -35,6 +35,7 @@ from dpobench.tables import (
     step_cost_table,
     summary_table,
     throughput_table,
+    unpaired_table,
 )
 from dpobench.verdict import HEALTHY_GRAMMATICAL, NEAR_BEST, NO_PICK, decision_table, verdict
 
@@ -317,12 +318,23 @@ def build_report(store: str | Path, metric: str | None = None, bench: str | Path
                                 "variants are named; in the HTML, every point names itself when the pointer rests on it.",
                                 figures=[figures.frontier(summary, colors, reference_gold, main_scenario, decided,
                                                           own_variants(finals, runs))]))  # fmt: skip
-    if len(scenarios) > 1:
+    if {"noisy", "length-biased"} & set(scenarios) and "clean" in scenarios:
         table = scenario_table(finals)
         noise, bonus = (_run_setting(runs, key) for key in ("noise", "length_bonus"))
         sections.append(Section("scenarios", "Robustness", f"Noisy: a fraction {noise} of training labels flipped. "
                                 f"Length-biased: the labeller adds {bonus} gold reward per token.",
                                 figures=[figures.scenario_robustness(table, colors)], tables=[("scenario deltas", table)]))  # fmt: skip
+    unpaired = unpaired_table(finals)
+    if not unpaired.empty:
+        sections.append(Section(
+            "unpaired", "Unpaired data",
+            "Unpaired variants (KTO, …) train on examples, each a prompt, one completion and a label: in clean, every "
+            "pair unrolled into a desirable and an undesirable example (1:1); in unpaired-D:U, the more plentiful "
+            "side thinned to D:U (unpaired-1:10 keeps one desirable example for every ten undesirable ones). Paired "
+            "variants train on the clean pairs. Every step sees as many completions (twice the batch size of "
+            "pairs), on the same prompts; gold reward and KL are means over seeds with 95% intervals.",
+            tables=[("unpaired data", unpaired)],
+        ))  # fmt: skip
     sections += _study_sections(finals)
     sections.append(_throughput_section(store, finals, colors, devices, bench))
     geometry = _geometry_section(finals, colors)

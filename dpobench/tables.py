@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from dpobench.data import desirable_ratio
 from dpobench.metrics import METRICS, RANK_BY, SUMMARY, TERMINAL, by_source
 from dpobench.store import Store
 
@@ -40,6 +41,7 @@ __all__ = [
     "summary_csv",
     "summary_table",
     "throughput_table",
+    "unpaired_table",
     "variant_table",
 ]
 
@@ -371,6 +373,25 @@ def scenario_table(finals: pd.DataFrame) -> pd.DataFrame:
         out["length_clean"] = wide["response_length"]["clean"]
         out["length_biased_delta"] = wide["response_length"]["length-biased"] - wide["response_length"]["clean"]
     return out.reset_index()
+
+
+def unpaired_table(finals: pd.DataFrame) -> pd.DataFrame:
+    """Per variant, configuration and β: gold reward and KL (means over seeds, 95% half-widths) in each scenario of
+    the data's pairing, clean first: a paired variant on the clean pairs, an unpaired one on them unrolled (1:1),
+    then on each ``unpaired-D:U`` scenario's examples. Empty without an unpaired scenario."""
+    cells = finals[~is_reference(finals)]
+    scenarios = [s for s in sorted(set(cells.scenario)) if desirable_ratio(s)]
+    if not scenarios:
+        return pd.DataFrame()
+    table = aggregate(cells[cells.scenario.isin(["clean", *scenarios])], ["gold_reward", "kl_to_reference"])
+    table["data"] = table.scenario.map(lambda s: s if s != "clean" else "clean pairs (1:1)")
+    order = {s: i for i, s in enumerate(["clean", *scenarios])}
+    table = table.sort_values(
+        ["variant", "configuration", "beta", "scenario"], key=lambda c: c.map(order) if c.name == "scenario" else c
+    )
+    columns = ["variant", "configuration", "beta", "data", "seeds", "gold_reward", "gold_reward_ci", "kl_to_reference",
+               "kl_to_reference_ci"]  # fmt: skip
+    return table[columns].reset_index(drop=True)
 
 
 def throughput_table(finals: pd.DataFrame) -> pd.DataFrame:

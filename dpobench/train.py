@@ -6,6 +6,7 @@ seed); AdamW with the same learning rate, warm-up, clipping, precision and numbe
 
 from __future__ import annotations
 
+import copy
 import math
 import resource
 import statistics
@@ -39,6 +40,8 @@ from dpobench.logprobs import (
 )
 from dpobench.losses import (
     KL_LOGPS,
+    MOVING_REFERENCE,
+    TOKEN_LOGPS,
     Completions,
     LogProbs,
     PreferenceLoss,
@@ -147,6 +150,7 @@ class CellTrainer:
         # per-item inputs of the loss live on the device, so a step gathers them there (a blocking copy from the host
         # would wait for the queued forward pass)
         self.reference = reference_logps.to(device)
+        self.reference_state, self.moving = reference_state, None  # a moving reference's model, made when a loss asks
         if isinstance(train, ExampleSet):  # an unpaired loss: as many completions a step as a paired one's 2·batch
             self.pairs, self.examples, per_step = [], train.examples, 2 * config.batch_size
             self.desirable = torch.tensor([e.desirable for e in train.examples], dtype=torch.bool, device=device)
@@ -179,6 +183,9 @@ class CellTrainer:
                              f"trainer holds {'examples' if self.examples else 'pairs'}")  # fmt: skip
         loss.reset()
         self.loss, self.sequence_inputs = loss, sequence_inputs(loss)  # what is computed with the policy's sums
+        if MOVING_REFERENCE in loss.inputs:  # its own copy of the reference weights, which the cell moves
+            self.moving = copy.deepcopy(self.policy).requires_grad_(False).eval()
+            self.moving.load_state_dict(self.reference_state)
 
     def step(self, index: torch.Tensor | None = None) -> dict[str, float]:
         """One optimizer step on the pairs ``index`` (default: the next batch of the order); its metrics.
@@ -226,6 +233,8 @@ class CellTrainer:
         self.optimizer.step()
         self.schedule.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if MOVING_REFERENCE in self.loss.inputs:
+            self._move_reference(self.loss.reference_mix(step))
         # the step's one readback: it waits for the optimizer's update, queued before it
         metrics = torch.stack([mean_loss.detach(), *readback, grad_norm]).float().tolist()
         elapsed = time.perf_counter() - start
@@ -244,6 +253,13 @@ class CellTrainer:
             return sequence_logprobs(self.policy, batch, statistics=statistics, token_width=token_width,
                                      chunk_tokens=self.layers.head_chunk_tokens, compiled_head=self.layers.head)  # fmt: skip
 
+    @torch.no_grad()
+    def _move_reference(self, mix: float) -> None:
+        """π_ref ← (1 − mix)·π_ref + mix·π_θ, parameter by parameter (TRL's ``SyncRefModelCallback``)."""
+        if mix > 0:
+            for moving, trained in zip(self.moving.parameters(), self.policy.parameters(), strict=True):
+                moving.mul_(1 - mix).add_(trained, alpha=mix)
+
     def _paired_forward(self, index: torch.Tensor, on_device: torch.Tensor, step: int):
         """A batch of pairs through the policy and the loss: per-pair losses, the readback's reward and log-prob
         metrics (``STEP_READBACK`` between the loss and the gradient norm), pairs and unpadded tokens trained."""
@@ -254,7 +270,13 @@ class CellTrainer:
         sums, statistics = self._policy_logprobs(batch, self.sequence_inputs, width)
         tokens = batch.tokens
         policy_lp = LogProbs.from_rows(sums, tokens, statistics)
-        reference = self.reference.select(on_device, tokens[:b], tokens[b:], width)
+        if MOVING_REFERENCE in self.loss.inputs:  # scored now by the moving reference, not read from the cache
+            with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.plan.autocast):
+                ref_sums, ref_statistics = sequence_logprobs(self.moving, batch, token_width=width,
+                                                             statistics=[s for s in self.sequence_inputs if s == TOKEN_LOGPS])  # fmt: skip
+            reference = LogProbs.from_rows(ref_sums, tokens, ref_statistics)
+        else:
+            reference = self.reference.select(on_device, tokens[:b], tokens[b:], width)
         try:  # a plugin's fault fails this cell, not the sweep
             out = call_loss(self.loss, policy_lp, reference,
                             **{k: v.index_select(0, on_device) for k, v in self.pair_inputs.items()})  # fmt: skip

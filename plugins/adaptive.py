@@ -1,6 +1,7 @@
-"""DPO whose target adapts: to each pair's score margin from the data (ODPO, ``inputs = {"margin"}``), and to the
+"""DPO whose target adapts: to each pair's score margin from the data (ODPO, ``inputs = {"margin"}``), to the
 reward gaps of the batches seen so far (β-DPO, a stateful loss: its running statistics live in buffers that the
-harness resets as every cell starts).
+harness resets as every cell starts), and to the policy itself (TR-DPO, ``inputs = {"moving_reference"}``: the
+reference moves toward the policy during training, so it is scored anew each step).
 
 Rewards follow DPO: β·Δc and β·Δr, with the variant's base β.
 """
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dpobench import LogProbs, LossOutput, Param, PreferenceLoss, hookimpl
-from dpobench.losses import implicit_rewards, log_ratios
+from dpobench.losses import MOVING_REFERENCE, implicit_rewards, log_ratios
 
 BETA = Param(0.1, "(0, inf)", "strength of the KL regularisation toward the reference (higher: stay closer)")
 
@@ -120,7 +121,48 @@ class BetaDPOLoss(PreferenceLoss):
         return LossOutput(losses, *implicit_rewards(self.beta, dc, dr))
 
 
+class TRDPOLoss(PreferenceLoss):
+    """TR-DPO: Learn Your Reference Model for Real Good Alignment (https://arxiv.org/abs/2404.09656).
+
+    DPO against a reference that follows the policy: every τ steps the reference moves a fraction α of the way to
+    the current policy, so the KL anchor loosens as training goes and the policy can drift further than under DPO.
+
+    Formula:
+        ℓ = −logσ(β·(Δc − Δr)),  Δ against the current π_ref
+        after every τ-th step: π_ref ← (1 − α)·π_ref + α·π_θ   (α = 1: a hard update)
+
+    Symbols: τ the update period in steps; α the soft update's mix.
+    Convention: TRL 1.16 `DPOConfig(sync_ref_model=True)`, its `SyncRefModelCallback` mixing every parameter,
+    α = 0.6 (`ref_model_mixup_alpha`'s default). τ = 32, the paper's smallest period, where TRL's default 512 would
+    never update in a 150-step cell. The reference is scored anew each step (a reference forward pass the cached
+    variants do not pay); held-out rewards and the KL column stay measured against the original reference.
+
+    Args:
+        beta: β (TRL default 0.1).
+        sync_every: τ, steps between reference updates.
+        mix: α, how far each update moves the reference toward the policy.
+    """
+
+    name = "tr_dpo"
+    paper = "https://arxiv.org/abs/2404.09656"
+    inputs = frozenset({MOVING_REFERENCE})
+    params = {
+        "beta": BETA,
+        "sync_every": Param(32, "[1, inf)", "τ, optimizer steps between reference updates"),
+        "mix": Param(0.6, "(0, 1]", "α, fraction of the way the reference moves to the policy (1: a copy)"),
+    }
+
+    def forward(self, policy: LogProbs, reference: LogProbs | None, **extras: Tensor) -> LossOutput:
+        assert reference is not None
+        dc, dr = log_ratios(policy, reference)
+        return LossOutput(-F.logsigmoid(self.beta * (dc - dr)), *implicit_rewards(self.beta, dc, dr))
+
+    def reference_mix(self, step: int) -> float:
+        return self.mix if step % self.sync_every == 0 else 0.0
+
+
 @hookimpl
 def register_losses(register) -> None:  # type: ignore[no-untyped-def]
     register(ODPOLoss)
     register(BetaDPOLoss)
+    register(TRDPOLoss)

@@ -33,7 +33,7 @@ EXPECTED_VARIANTS = {
     # the field beyond TRL 1.16's DPOTrainer (issue 22): no new inputs
     "alphapo", "simper", "kto_pair", "dpo_shift",
     # per-token log-probs, score margins, state across steps
-    "ld_dpo", "sampo", "odpo", "beta_dpo",
+    "ld_dpo", "sampo", "odpo", "beta_dpo", "tr_dpo",
     # unpaired examples
     "kto", "apo_zero_unpaired",
 }  # fmt: skip
@@ -252,7 +252,7 @@ def _subclass(**attributes) -> type:
         ),
         (  # "weight" for "weights": it trained unweighted, silently
             lambda register: register(_subclass(inputs=frozenset({"weight"}))),
-            "plugin 'bad', variant 'custom': unknown input 'weight' in inputs; known: kl_logps, logsumsq, margin, token_logps, weights",
+            "plugin 'bad', variant 'custom': unknown input 'weight' in inputs; known: kl_logps, logsumsq, margin, moving_reference, token_logps, weights",
         ),
         (
             lambda register: register(dpobench.get_losses()["dpo"].cls, name="dpo_two", paper=2024),

@@ -1,0 +1,181 @@
+"""The inputs beyond summed log-probs, through a real sweep: per-token log-probs, score margins, state across steps
+and unpaired examples (issue 22's harness), and the unpaired scenarios' data."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import dpobench
+from dpobench.data import DataError, Pair, PairSet, apply_scenario, decode_completion, desirable_ratio, unroll
+from dpobench.losses import Completions
+from dpobench.store import Store
+from dpobench.sweep import SweepConfig, SweepError, plan_cells, run_sweep
+from dpobench.train import TrainConfig
+
+from .test_training import DATA, SFT
+
+
+def pairs(n: int) -> PairSet:
+    return PairSet([Pair((1, i), (10 + i, 2), (50 + i, 2)) for i in range(n)])
+
+
+def test_unrolling_keeps_every_completion_once_and_thins_the_plentiful_side() -> None:
+    """1:1 is every chosen completion desirable and every rejected one not; 1:4 keeps the 20 undesirable examples
+    and round(20/4) = 5 desirable ones; 3:1 the other way. Each KL completion is another example's, all of them once
+    (one cycle)."""
+    base = pairs(20)
+    even = unroll(base)
+    assert sorted(e.completion for e in even.examples if e.desirable) == sorted(p.chosen for p in base.pairs)
+    assert sorted(e.completion for e in even.examples if not e.desirable) == sorted(p.rejected for p in base.pairs)
+    for ratio, (good, bad) in (((1, 4), (5, 20)), ((3, 1), (20, 7))):
+        thin = unroll(base, ratio)
+        assert (sum(e.desirable for e in thin.examples), sum(not e.desirable for e in thin.examples)) == (good, bad)
+    kl = [e.kl_completion for e in even.examples]
+    assert sorted(kl) == sorted(e.completion for e in even.examples)
+    assert all(e.kl_completion != e.completion for e in even.examples)
+    assert unroll(base, (1, 4)).fingerprint() == unroll(base, (1, 4)).fingerprint()  # the same for every cell
+    assert desirable_ratio("unpaired-1:10") == (1, 10) and desirable_ratio("clean") is None
+    assert desirable_ratio("unpaired-0:1") is None and apply_scenario(base, "unpaired-1:10") is base
+    with pytest.raises(DataError, match=r"unknown scenario 'unpaired'; .* or unpaired-D:U"):
+        apply_scenario(base, "unpaired")
+
+
+def test_unpaired_scenarios_train_only_the_unpaired_variants() -> None:
+    registry = dpobench.get_losses()
+    config = SweepConfig(scenarios=("clean", "unpaired-1:10"))
+    cells = plan_cells(config, [registry[n] for n in ("dpo", "kto")])
+    assert sorted((c.spec.name, c.scenario) for c in cells) == [
+        ("dpo", "clean"), ("kto", "clean"), ("kto", "unpaired-1:10")]  # fmt: skip
+
+
+def test_kto_on_pairs_is_the_mean_of_its_two_examples_losses() -> None:
+    """Where only pairs exist (contract check, landscape, held-out rewards), an unpaired loss sees them unrolled: a
+    pair's loss is the mean of its examples' and its rewards are theirs. KTO at β = 1 on one pair with Δc = 1,
+    Δr = −1 and mismatched log-ratios (the rotated own ones) with mean 0: z₀ = 0, so
+    ℓ = ½·[(1 − σ(1)) + (1 − σ(1))]."""
+    t = lambda *v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+    policy = dpobench.LogProbs(t(-10.0), t(-12.0), t(5.0), t(4.0))
+    reference = dpobench.LogProbs(t(-11.0), t(-11.0), t(5.0), t(4.0))
+    out = dpobench.losses.call_loss(dpobench.get_loss("kto", beta=1.0), policy, reference)
+    sigma = 1 / (1 + math.exp(-1))
+    assert out.losses.tolist() == pytest.approx([1 - sigma])
+    assert (out.chosen_rewards.tolist(), out.rejected_rewards.tolist()) == ([1.0], [-1.0])
+    with pytest.raises(ValueError, match="Completions.desirable must be bool"):
+        Completions(t(1.0), t(1.0), t(1.0))
+
+
+def test_a_sweep_trains_every_kind_of_input(tmp_path: Path) -> None:
+    """One sweep: per-token (LD-DPO, SamPO), margins (ODPO), state (β-DPO) and unpaired (KTO, on the pairs unrolled
+    and on 1:4 examples) cells all train, and each is reproducible: a second sweep into another store gives the same
+    losses. KTO's steps report each side's rewards and no reward accuracy (it has no pairs); its step cost is
+    measured beside the paired ones."""
+    variants = ("dpo", "ld_dpo", "sampo", "odpo", "beta_dpo", "kto")
+    config = dict(variants=variants, scenarios=("clean", "unpaired-1:4"), step_cost_rounds=2)
+
+    def run(out: Path):
+        train = TrainConfig(steps=4, batch_size=16)
+        run_sweep(SweepConfig(sft=SFT, data_recipe=DATA, train=train, **config), out, progress=lambda m: None)
+        return Store(out / "results.sqlite")
+
+    first, second = run(tmp_path / "a"), run(tmp_path / "b")
+    cells = first.frame("cells").query("role != 'reference'")
+    assert sorted(zip(cells.variant, cells.scenario, strict=True)) == sorted(
+        [(v, "clean") for v in variants] + [("kto", "unpaired-1:4")]
+    )
+    assert (cells.status == "done").all(), cells[["variant", "error"]]
+    steps = [
+        s.sort_values(["cell_id", "step"]).reset_index(drop=True) for s in (first.frame("steps"), second.frame("steps"))
+    ]
+    assert steps[0].loss.tolist() == steps[1].loss.tolist()  # SamPO's draws and β-DPO's state included
+    kto = steps[0][steps[0].cell_id.isin(cells[cells.variant == "kto"].cell_id)]
+    assert kto.reward_accuracy.isna().all() and kto.chosen_reward.notna().all() and kto.rejected_reward.notna().all()
+    assert set(first.step_costs().variant) == set(variants)
+
+
+def test_margins_come_from_the_data_file_or_the_variant_is_left_out(tmp_path: Path) -> None:
+    """A data file's `margin` (or score_chosen − score_rejected) feeds ODPO; without margins, a named ODPO is
+    refused before training and an unnamed one (all variants) left out; a negative margin is refused by line."""
+    from dpobench.data import load_pairs_file, make_task_data
+    from dpobench.models import load_model, reference_model
+
+    model, tokenizer = load_model(reference_model(SFT))
+    from dataclasses import replace
+
+    data = make_task_data(model, tokenizer, replace(DATA, train_prompts=48, heldout_prompts=4, eval_prompts=4))
+    rows = [{"prompt": tokenizer.decode(p.prompt, skip_special_tokens=True),
+             "chosen": decode_completion(tokenizer, p.chosen), "rejected": decode_completion(tokenizer, p.rejected)}
+            for p in data.train.pairs if len(p.chosen) > 1 and len(p.rejected) > 1]  # fmt: skip
+    plain, scored, negative = (tmp_path / name for name in ("plain.jsonl", "scored.jsonl", "negative.jsonl"))
+    plain.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    scored.write_text("".join(json.dumps({**r, "score_chosen": 7.5, "score_rejected": 7.0 - i % 3}) + "\n"
+                              for i, r in enumerate(rows)))  # fmt: skip
+    negative.write_text(json.dumps({**rows[0], "margin": -1}) + "\n" + json.dumps(rows[1]) + "\n")
+    loaded = load_pairs_file(scored, tokenizer, max_length=256)
+    assert sorted({p.margin for p in (*loaded.train.pairs, *loaded.heldout.pairs)}) == [0.5, 1.5, 2.5]
+    with pytest.raises(DataError, match=r"negative.jsonl:line 1: margin is -1.0; a margin is a finite number ≥ 0"):
+        load_pairs_file(negative, tokenizer, max_length=256)
+    from dpobench.sweep import _cells_with_their_inputs, plan_sweep
+
+    said: list[str] = []
+    every = plan_sweep(SweepConfig(data=str(plain)))  # no --variants: every variant
+    kept = _cells_with_their_inputs(every, load_pairs_file(plain, tokenizer, max_length=256), said.append)
+    assert {c.spec.name for c in every.cells} - {c.spec.name for c in kept.cells} == {"odpo"}
+    assert said == ["odpo left out: it reads each pair's score margin, which these pairs do not have (give every row a "
+                    "`margin` (or `score_chosen` and `score_rejected`) to train it)"]  # fmt: skip
+    train = TrainConfig(steps=2, batch_size=8)
+    with pytest.raises(
+        SweepError, match=r"odpo reads each pair's score margin, and .*plain.jsonl has rows without one"
+    ):
+        run_sweep(SweepConfig(sft=SFT, variants=("odpo",), data=str(plain), train=train), tmp_path / "x",
+                  progress=lambda m: None)  # fmt: skip
+    summary = run_sweep(SweepConfig(sft=SFT, variants=("odpo",), data=str(scored), train=train), tmp_path / "y",
+                        progress=lambda m: None)  # fmt: skip
+    assert summary[summary.variant == "odpo"].status.tolist() == ["done"]
+
+
+def test_tr_dpo_moves_its_own_reference_toward_the_policy(untrained_model: Path) -> None:
+    """TR-DPO with τ = 2, α = 0.5: its first two steps are DPO's against the cached reference (the same model), then
+    its reference is ½·(reference + policy after step 2), parameter by parameter; the shared reference weights are
+    untouched. Step 3's loss is DPO's loss against that mixed model's log-probs, computed here independently."""
+    import copy
+
+    from dpobench.data import Pair
+    from dpobench.logprobs import collate_shared, reference_logprobs, sequence_logprobs
+    from dpobench.models import load_model
+    from dpobench.train import CellTrainer
+
+    from .test_fast_path import random_pairs
+
+    policy, tokenizer = load_model(untrained_model)
+    reference = copy.deepcopy(policy).eval()
+    pad = tokenizer.pad_token_id
+    data = random_pairs(32, len(tokenizer))
+    state = {k: v.clone() for k, v in reference.state_dict().items()}
+    cached = reference_logprobs(reference, data, pad, device="cpu")
+    config = TrainConfig(steps=3, batch_size=8, lr=1e-2)
+    runs = {}
+    for name, params in (("dpo", {}), ("tr_dpo", {"sync_every": 2, "mix": 0.5})):
+        trainer = CellTrainer(policy, state, dpobench.get_loss(name, **params), PairSet(data), cached, pad, config,
+                              seed=0)  # fmt: skip
+        runs[name] = [trainer.step()["loss"] for _ in range(2)]
+        if name == "tr_dpo":
+            after_two = {k: v.clone() for k, v in policy.state_dict().items()}
+            for key, moved in trainer.moving.state_dict().items():
+                torch.testing.assert_close(moved, 0.5 * state[key] + 0.5 * after_two[key])
+            batch = trainer.order[2]
+            pairs = [data[i] for i in batch.tolist()]
+            with torch.no_grad():
+                sums, _ = sequence_logprobs(trainer.moving, collate_shared(pairs, pad))
+                mine, _ = sequence_logprobs(policy, collate_shared(pairs, pad))
+            h = (mine[:8] - sums[:8]) - (mine[8:] - sums[8:])
+            expected = torch.nn.functional.softplus(-0.1 * h).mean().item()
+            assert trainer.step(batch)["loss"] == pytest.approx(expected, rel=1e-4)
+    assert runs["tr_dpo"] == pytest.approx(runs["dpo"], rel=1e-5)  # the first two steps: the same reference
+    for key, value in reference.state_dict().items():
+        assert torch.equal(value, state[key])
+    assert isinstance(data[0], Pair)
