@@ -65,7 +65,7 @@ def test_kto_on_pairs_is_the_mean_of_its_two_examples_losses() -> None:
     sigma = 1 / (1 + math.exp(-1))
     assert out.losses.tolist() == pytest.approx([1 - sigma])
     assert (out.chosen_rewards.tolist(), out.rejected_rewards.tolist()) == ([1.0], [-1.0])
-    with pytest.raises(ValueError, match="Completions.desirable must be bool"):
+    with pytest.raises(ValueError, match=r"Completions\.desirable must be bool"):
         Completions(t(1.0), t(1.0), t(1.0))
 
 
