@@ -439,7 +439,11 @@ def _geometry_section(finals: pd.DataFrame, colors: dict) -> Section | None:
     # each variant's curve at the β its cells trained with (the most common, where several), as trained
     trained = {name: float(b.mode().iloc[0]) for name, b in cells.groupby("loss_name").beta if b.notna().any()}
     grid = sorted({0.01, 0.03, 0.1, 0.3, 1.0, *trained.values()})
-    frame = landscape(specs, betas=grid, margins=tuple(x / 4 for x in range(-40, 41)))
+    # the curves over every margin at the trained β only; the β panel reads one margin at every β of the grid
+    curves = landscape(specs, betas=sorted(set(trained.values())), margins=tuple(x / 4 for x in range(-40, 41)))
+    at_two = landscape(specs, betas=grid, margins=(2.0,))
+    frame = pd.concat([curves, at_two]).drop_duplicates(["variant", "beta", "margin"], ignore_index=True)
+    frame.attrs["errors"] = {**at_two.attrs.get("errors", {}), **curves.attrs.get("errors", {})}
     failed = "; ".join(f"{name}: {error}" for name, error in frame.attrs.get("errors", {}).items())
     if frame.empty:
         return None
