@@ -65,8 +65,9 @@ class Pair:
     weight: float = 1.0
     chosen_gold: float = math.nan  # gold rewards, when the task knows them
     rejected_gold: float = math.nan
-    #: by how much the labeller scored chosen over rejected (≥ 0): the task's |Δ gold|, a data file's ``margin`` or
-    #: ``score_chosen`` − ``score_rejected``; NaN where the data has no scores. The variants declaring "margin" read it
+    #: by how much the data's scores favour chosen over rejected (≥ 0): the synthetic task's |Δ gold| (whatever a
+    #: scenario does to the labels), a data file's ``margin`` or ``score_chosen`` − ``score_rejected``; NaN where the
+    #: data has none (or a bad one, which ``TaskData.info["margin_problem"]`` names). Variants declaring "margin" read it
     margin: float = math.nan
 
     @property
@@ -82,11 +83,13 @@ class PairSet:
 
     def fingerprint(self) -> str:
         digest = hashlib.sha256()
-        for p in self.pairs:
-            # a margin the gold rewards do not already give (a data file's) is data of its own
-            own_margin = [p.margin] if math.isfinite(p.margin) and math.isnan(p.chosen_gold) else []
-            digest.update(json.dumps([p.prompt, p.chosen, p.rejected, p.weight, *own_margin]).encode())
+        for p in self.pairs:  # margins are not in it: only the cells of variants that read them depend on them
+            digest.update(json.dumps([p.prompt, p.chosen, p.rejected, p.weight]).encode())
         return digest.hexdigest()[:16]
+
+    def margin_fingerprint(self) -> str:
+        """The pairs' score margins, hashed: part of the identity of a cell whose variant reads them."""
+        return hashlib.sha256(json.dumps([p.margin for p in self.pairs]).encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -134,6 +137,9 @@ def unroll(pairs: PairSet, ratio: tuple[int, int] = (1, 1), seed: int = 0) -> Ex
     n = len(pairs.pairs)
     keep_desirable = n if d >= u else round(n * d / u)
     keep_undesirable = n if u >= d else round(n * u / d)
+    if not (keep_desirable and keep_undesirable):
+        raise DataError(f"unpaired-{d}:{u}: {n} pairs keep no {'desirable' if not keep_desirable else 'undesirable'} "
+                        "example at that ratio; use a ratio nearer 1:1, or more pairs")  # fmt: skip
     desirable = sorted(rng.sample(range(n), keep_desirable))
     undesirable = sorted(rng.sample(range(n), keep_undesirable))
     rows = [(pairs.pairs[i].prompt, pairs.pairs[i].chosen, True) for i in desirable]
@@ -399,7 +405,7 @@ def load_pairs_file(
     """
     path = Path(path)
     rows = [(where, _text_pair(path, where, row, tokenizer)) for where, row in _read_rows(path, split)]
-    pairs, truncated = [], 0
+    pairs, truncated, margin_problem = [], 0, ""
     for where, row in rows:
         for key in ("prompt", "chosen", "rejected"):
             if key not in row:
@@ -415,7 +421,8 @@ def load_pairs_file(
             raise DataError(f"{path}:{where}: weight {weight!r} is not a number") from None
         if not math.isfinite(weight) or weight < 0:  # a negative weight turns the pair's loss upside down
             raise DataError(f"{path}:{where}: weight {weight!r} must be a finite number ≥ 0")
-        margin = _row_margin(path, where, row)
+        margin, problem = _row_margin(path, where, row)
+        margin_problem = margin_problem or problem
         if row.get(_TEMPLATED):  # the chat template wrote every special token: the text is tokenized as it is
             prompt = tokenizer(row["prompt"], add_special_tokens=False).input_ids
             chosen, rejected = (_templated_completion(tokenizer, row[key]) for key in ("chosen", "rejected"))
@@ -444,13 +451,20 @@ def load_pairs_file(
         heldout=PairSet([pairs[i] for i in held]),
         eval_prompts=[pairs[i].prompt for i in held],
         has_gold=False,
-        info={"file": str(path), "pairs": len(pairs), "truncated": truncated},
+        info={
+            "file": str(path),
+            "pairs": len(pairs),
+            "truncated": truncated,
+            **({"margin_problem": margin_problem} if margin_problem else {}),
+        },
     )
 
 
-def _row_margin(path: Path, where: str, row: dict[str, Any]) -> float:
+def _row_margin(path: Path, where: str, row: dict[str, Any]) -> tuple[float, str]:
     """A row's score margin: its ``margin``, or ``score_chosen`` − ``score_rejected`` (UltraFeedback's columns), or
-    NaN without either; a margin is a finite number ≥ 0 (the chosen completion scored at least as high)."""
+    NaN without either; and what is wrong with it, if anything (it is then NaN too). A margin is a finite number ≥ 0
+    (the chosen completion scored at least as high). Only the variants that read margins refuse a bad one: the file
+    stays good for the others."""
     if row.get("margin") not in (None, ""):
         value, what = row["margin"], "margin"
     elif row.get("score_chosen") not in (None, "") and row.get("score_rejected") not in (None, ""):
@@ -458,18 +472,18 @@ def _row_margin(path: Path, where: str, row: dict[str, Any]) -> float:
         try:
             value = float(row["score_chosen"]) - float(row["score_rejected"])
         except (TypeError, ValueError):
-            raise DataError(f"{path}:{where}: score_chosen {row['score_chosen']!r} or score_rejected "
-                            f"{row['score_rejected']!r} is not a number") from None  # fmt: skip
+            return math.nan, (f"{path}:{where}: score_chosen {row['score_chosen']!r} or score_rejected "
+                              f"{row['score_rejected']!r} is not a number")  # fmt: skip
     else:
-        return math.nan
+        return math.nan, ""
     try:
         margin = float(value)
     except (TypeError, ValueError):
-        raise DataError(f"{path}:{where}: margin {value!r} is not a number") from None
+        return math.nan, f"{path}:{where}: margin {value!r} is not a number"
     if not math.isfinite(margin) or margin < 0:
-        raise DataError(f"{path}:{where}: {what} is {margin!r}; a margin is a finite number ≥ 0 (the chosen "
-                        "completion scored at least as high as the rejected one)")  # fmt: skip
-    return margin
+        return math.nan, (f"{path}:{where}: {what} is {margin!r}; a margin is a finite number ≥ 0 (the chosen "
+                          "completion scored at least as high as the rejected one)")  # fmt: skip
+    return margin, ""
 
 
 #: the most of a data file's tokens that may be the tokenizer's unknown token: beyond it the model would train on

@@ -460,6 +460,7 @@ def call_loss(
         assert reference is not None
         out = loss(Completions.unrolled(policy), Completions.unrolled(reference), **extras)
         b = policy.batch_size
+        check_unpaired_output(out, 2 * b)
         return LossOutput((out.losses[:b] + out.losses[b:]) / 2, out.rewards[:b], out.rewards[b:])
     policy = policy.without(s for s in (*STATISTICS, TOKEN_LOGPS) if s not in loss.inputs)
     if reference is not None:

@@ -10,7 +10,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from dpobench.losses import KNOWN_INPUTS, Param, ParamError, PreferenceLoss
+from dpobench.losses import KL_LOGPS, KNOWN_INPUTS, Param, ParamError, PreferenceLoss
 
 __all__ = [
     "LossSpec", "RegisterLoss", "RegistrationError", "Registry", "Study", "UnknownLossError", "docstring_section",
@@ -181,6 +181,14 @@ class Registry(Mapping[str, LossSpec]):
             if undeclared:
                 raise RegistrationError(f"{who}, variant {spec_name!r}: its study names {undeclared[0]!r}, which is not "
                                         f"one of its parameters ({', '.join(cls.params)})")  # fmt: skip
+        kind = {KL_LOGPS} if cls.unpaired else KNOWN_INPUTS - {KL_LOGPS}  # what each kind of loss can be given
+        wrong_kind = sorted((set(cls.inputs) & KNOWN_INPUTS) - kind)
+        if wrong_kind:
+            raise RegistrationError(
+                f"{who}, variant {spec_name!r}: input {wrong_kind[0]!r} is for "
+                f"{'paired' if cls.unpaired else 'unpaired'} losses; {'an unpaired' if cls.unpaired else 'a paired'} "
+                f"loss can read {', '.join(sorted(kind))}"
+            )
         unknown = sorted(set(cls.inputs) - KNOWN_INPUTS)
         if unknown:  # a typo ("weight") would train the variant without the input, silently
             raise RegistrationError(

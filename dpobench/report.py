@@ -332,7 +332,7 @@ def build_report(store: str | Path, metric: str | None = None, bench: str | Path
             "pair unrolled into a desirable and an undesirable example (1:1); in unpaired-D:U, the more plentiful "
             "side thinned to D:U (unpaired-1:10 keeps one desirable example for every ten undesirable ones). Paired "
             "variants train on the clean pairs. Every step sees as many completions (twice the batch size of "
-            "pairs), on the same prompts; gold reward and KL are means over seeds with 95% intervals.",
+            "pairs), drawn from the same pairs; gold reward and KL are means over seeds with 95% intervals.",
             tables=[("unpaired data", unpaired)],
         ))  # fmt: skip
     sections += _study_sections(finals)

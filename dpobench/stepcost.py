@@ -1,9 +1,9 @@
 """What each loss costs per training step, measured side by side.
 
 A sweep's own step times are taken one cell after another: on a shared machine the load changes between cells, and
-two cells of the same cost can differ several-fold. Here every configuration trains on the same trainer, the same
-fixed batch, from the same weights, in interleaved rounds (each round runs every configuration once, in a rotated
-order); a configuration's cost in a round is its step time over the median of that round, so that what the machine
+two cells of the same cost can differ several-fold. Here every configuration trains on the same trainer (one for the
+paired variants, one for the unpaired ones, whose batch is as many completions), the same fixed batch, from the same
+weights, in interleaved rounds (each round runs every configuration once, in a rotated order); a configuration's cost in a round is its step time over the median of that round, so that what the machine
 does between rounds cancels. ``tables.step_cost_table`` turns the rounds into ratios with their spread.
 """
 
@@ -48,8 +48,8 @@ def measure_step_costs(
     prepared: Prepared, cells: list[Cell], rounds: int, should_stop: Callable[[], bool] = lambda: False,
     progress: Callable[[str], None] = print,
 ) -> list[StepTime]:  # fmt: skip
-    """Each configuration of ``cells`` timed on one trainer and one batch, ``rounds`` interleaved rounds after
-    ``WARMUP_ROUNDS``; each round starts from the reference weights. A configuration whose loss fails on the batch is
+    """Each configuration of ``cells`` timed on one trainer and one batch (per kind of data), ``rounds`` interleaved
+    rounds after ``WARMUP_ROUNDS``; each round starts from the reference weights. A configuration whose loss fails on the batch is
     left out (its cells say why). Returns nothing if stopped, or if there is nothing to compare."""
     losses = {}
     for cell in cells:

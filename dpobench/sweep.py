@@ -55,7 +55,7 @@ from dpobench.data import (
 )
 from dpobench.judges import Judge, JudgeError, load_judge
 from dpobench.logprobs import ExampleReference, ReferenceLogps, cached_example_reference, cached_reference_logprobs
-from dpobench.losses import TOKEN_LOGPS, PreferenceLoss
+from dpobench.losses import MOVING_REFERENCE, TOKEN_LOGPS, PreferenceLoss
 from dpobench.models import (
     SIZES,
     SFTRecipe,
@@ -128,7 +128,13 @@ def plan_sweep(config: SweepConfig) -> SweepPlan:
     names = select_variants(config, registry)
     device = resolve_device(config.device)
     check_config(config, names, device)
-    return SweepPlan(config, device, plan_cells(config, [registry[n] for n in names]))
+    cells = plan_cells(config, [registry[n] for n in names])
+    for scenario in config.scenarios:
+        if desirable_ratio(scenario) and not any(c.scenario == scenario for c in cells):
+            unpaired = ", ".join(n for n in registry if registry[n].cls.unpaired)
+            raise SweepError(f"--scenarios {scenario}: only unpaired variants ({unpaired}) train there, and none of "
+                             "this sweep's variants is one; add one with --variants, or drop the scenario")  # fmt: skip
+    return SweepPlan(config, device, cells)
 
 
 def plan_cells(config: SweepConfig, specs: list[LossSpec]) -> list[Cell]:
@@ -276,21 +282,30 @@ def prepare(plan: SweepPlan, progress: Callable[[str], None] = print) -> Prepare
 
 
 def _cells_with_their_inputs(plan: SweepPlan, data: TaskData, progress: Callable[[str], None]) -> SweepPlan:
-    """The plan less the cells of variants that read the pairs' score margins, where the data has none: a variant
-    named with ``--variants`` is refused instead, before any cell trains."""
-    if not any(math.isnan(p.margin) for p in (*data.train.pairs, *data.heldout.pairs)):
+    """The plan less the cells whose inputs this sweep cannot give: variants that read the pairs' score margins where
+    the data has none, and a moving reference under LoRA (mixing adapters' factors is not mixing their weights; TRL
+    refuses it too). A variant named with ``--variants`` is refused instead, before any cell trains."""
+    config = plan.config
+    margins = data.info.get("margin_problem") or "these pairs have none"
+    reasons = {
+        "margin": (any(math.isnan(p.margin) for p in (*data.train.pairs, *data.heldout.pairs)),
+                   f"reads each pair's score margin, and {margins} (give every row of {config.data} a `margin`, or "
+                   "`score_chosen` and `score_rejected`)"),
+        MOVING_REFERENCE: (config.lora.enabled, "moves its reference toward the policy, which LoRA adapters cannot "
+                           "do by mixing their factors; run it without --lora"),
+    }  # fmt: skip
+    left_out: dict[str, str] = {}
+    for cell in plan.cells:
+        for name, (missing, why) in reasons.items():
+            if missing and name in cell.loss.inputs:
+                left_out.setdefault(cell.spec.name, why)
+    if not left_out:
         return plan
-    needs = sorted({cell.spec.name for cell in plan.cells if "margin" in cell.loss.inputs})
-    if not needs:
-        return plan
-    fix = "give every row a `margin` (or `score_chosen` and `score_rejected`)"
-    if plan.config.variants:
-        raise SweepError(f"{', '.join(needs)} read{'s' * (len(needs) == 1)} each pair's score margin, and "
-                         f"{plan.config.data} has rows without one; {fix}, or drop {'it' if len(needs) == 1 else 'them'} "
-                         "from --variants")  # fmt: skip
-    progress(f"{', '.join(needs)} left out: {'it reads' if len(needs) == 1 else 'they read'} each pair's score margin, "
-             f"which these pairs do not have ({fix} to train {'it' if len(needs) == 1 else 'them'})")  # fmt: skip
-    return replace(plan, cells=[cell for cell in plan.cells if cell.spec.name not in needs])
+    for variant, why in left_out.items():
+        if config.variants:
+            raise SweepError(f"{variant} {why}; or drop it from --variants")
+        progress(f"{variant} left out: it {why}")
+    return replace(plan, cells=[cell for cell in plan.cells if cell.spec.name not in left_out])
 
 
 def _task_data(
@@ -318,9 +333,10 @@ def cell_id(prepared: Prepared, cell: Cell, builtin: bool) -> str:
     dpobench's, which the run records."""
     config = prepared.config
     code = () if builtin else (cell.spec.version,)
+    margins = (prepared.data.train.margin_fingerprint(),) if "margin" in cell.loss.inputs else ()
     return _hash(cell.spec.name, cell.loss.hparams, cell.seed, cell.scenario, prepared.model_hash,
                  prepared.data_hash, prepared.train_json, prepared.plan.device, config.noise, config.length_bonus,
-                 *code, *_judged(prepared))  # fmt: skip
+                 *code, *_judged(prepared), *margins)  # fmt: skip
 
 
 def reference_cell_id(prepared: Prepared, seed: int) -> str:

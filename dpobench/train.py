@@ -7,6 +7,7 @@ seed); AdamW with the same learning rate, warm-up, clipping, precision and numbe
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 import resource
 import statistics
@@ -184,7 +185,8 @@ class CellTrainer:
         loss.reset()
         self.loss, self.sequence_inputs = loss, sequence_inputs(loss)  # what is computed with the policy's sums
         if MOVING_REFERENCE in loss.inputs:  # its own copy of the reference weights, which the cell moves
-            self.moving = copy.deepcopy(self.policy).requires_grad_(False).eval()
+            if self.moving is None:
+                self.moving = copy.deepcopy(self.policy).requires_grad_(False).eval()
             self.moving.load_state_dict(self.reference_state)
 
     def step(self, index: torch.Tensor | None = None) -> dict[str, float]:
@@ -254,6 +256,13 @@ class CellTrainer:
                                      chunk_tokens=self.layers.head_chunk_tokens, compiled_head=self.layers.head)  # fmt: skip
 
     @torch.no_grad()
+    def _scored_without_gradient(self, model: Any, batch: Batch, statistics: Sequence[str] = (),
+                                 token_width: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # fmt: skip
+        """``model``'s summed log-probs of ``batch`` in the plan's precision, eagerly and without gradient."""
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.plan.autocast):
+            return sequence_logprobs(model, batch, statistics=statistics, token_width=token_width)
+
+    @torch.no_grad()
     def _move_reference(self, mix: float) -> None:
         """π_ref ← (1 − mix)·π_ref + mix·π_θ, parameter by parameter (TRL's ``SyncRefModelCallback``)."""
         if mix > 0:
@@ -271,9 +280,8 @@ class CellTrainer:
         tokens = batch.tokens
         policy_lp = LogProbs.from_rows(sums, tokens, statistics)
         if MOVING_REFERENCE in self.loss.inputs:  # scored now by the moving reference, not read from the cache
-            with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.plan.autocast):
-                ref_sums, ref_statistics = sequence_logprobs(self.moving, batch, token_width=width,
-                                                             statistics=[s for s in self.sequence_inputs if s == TOKEN_LOGPS])  # fmt: skip
+            per_token = [s for s in self.sequence_inputs if s == TOKEN_LOGPS]  # the reference has no statistics
+            ref_sums, ref_statistics = self._scored_without_gradient(self.moving, batch, per_token, width)
             reference = LogProbs.from_rows(ref_sums, tokens, ref_statistics)
         else:
             reference = self.reference.select(on_device, tokens[:b], tokens[b:], width)
@@ -299,10 +307,10 @@ class CellTrainer:
         sums, _ = self._policy_logprobs(batch)
         desirable = self.desirable.index_select(0, on_device)
         kl = reference_kl = None
-        if KL_LOGPS in self.loss.inputs:
+        if KL_LOGPS in self.loss.inputs:  # no gradient (as in TRL), and eager: a compiled or graphed pass between
+            # the forward and its backward would start a new CUDA-graph step and free the forward's activations
             mismatched = collate([(e.prompt, e.kl_completion) for e in examples], self.pad_id, self.plan.pad_multiple)
-            with torch.no_grad():
-                kl, _ = self._policy_logprobs(mismatched.to(device))
+            kl, _ = self._scored_without_gradient(self.policy, mismatched.to(device))
             reference_kl = self.reference.kl_logps.index_select(0, on_device)
         policy = Completions(sums, batch.tokens, desirable, kl)
         reference = Completions(self.reference.logps.index_select(0, on_device), batch.tokens, desirable, reference_kl)
@@ -456,12 +464,15 @@ class Evaluator:
         width = max(max(len(p.chosen), len(p.rejected)) for p in pairs)
         reference = self.heldout_reference.select(torch.arange(n), tokens[:n], tokens[n:], width)
         was_training = loss.training
+        held = next((t.device for t in itertools.chain(loss.buffers(), loss.parameters())), None)
         loss.eval().cpu()  # a stateful loss does not learn from held-out pairs; its state meets them on the CPU
         try:
             out = call_loss(loss, LogProbs.from_rows(policy_lp, tokens, statistics), reference,
                             **pair_inputs(pairs, "cpu"))  # fmt: skip
         finally:
-            loss.train(was_training).to(self.device)
+            loss.train(was_training)
+            if held is not None:
+                loss.to(held)
         margin = out.chosen_rewards - out.rejected_rewards
         return {
             "heldout_reward_accuracy": float((margin > 0).float().mean()),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -43,6 +44,34 @@ def test_unrolling_keeps_every_completion_once_and_thins_the_plentiful_side() ->
     assert desirable_ratio("unpaired-0:1") is None and apply_scenario(base, "unpaired-1:10") is base
     with pytest.raises(DataError, match=r"unknown scenario 'unpaired'; .* or unpaired-D:U"):
         apply_scenario(base, "unpaired")
+    with pytest.raises(DataError, match=r"unpaired-1:50: 20 pairs keep no desirable example at that ratio"):
+        unroll(base, (1, 50))
+
+
+def test_a_moving_reference_is_refused_with_lora() -> None:
+    """Mixing LoRA's factors A and B one by one does not mix the weights they make (TRL refuses a synced reference
+    with PEFT too): named, TR-DPO is refused before training; among all variants, it is left out, saying why."""
+    from dpobench.config import LoraOptions
+    from dpobench.data import TaskData
+    from dpobench.sweep import _cells_with_their_inputs, plan_sweep
+
+    data = TaskData(pairs(4), pairs(2), [], has_gold=True)
+    data.train.pairs[:] = [replace_margin(p) for p in data.train.pairs]
+    data.heldout.pairs[:] = [replace_margin(p) for p in data.heldout.pairs]
+    said: list[str] = []
+    kept = _cells_with_their_inputs(plan_sweep(SweepConfig(lora=LoraOptions(enabled=True))), data, said.append)
+    assert "tr_dpo" not in {c.spec.name for c in kept.cells} and "odpo" in {c.spec.name for c in kept.cells}
+    assert said == ["tr_dpo left out: it moves its reference toward the policy, which LoRA adapters cannot do by "
+                    "mixing their factors; run it without --lora"]  # fmt: skip
+    named = plan_sweep(SweepConfig(lora=LoraOptions(enabled=True), variants=("dpo", "tr_dpo")))
+    with pytest.raises(SweepError, match=r"tr_dpo moves its reference toward the policy.*or drop it from --variants"):
+        _cells_with_their_inputs(named, data, said.append)
+
+
+def replace_margin(pair: Pair, margin: float = 1.0) -> Pair:
+    from dataclasses import replace
+
+    return replace(pair, margin=margin)
 
 
 def test_unpaired_scenarios_train_only_the_unpaired_variants() -> None:
@@ -99,7 +128,8 @@ def test_a_sweep_trains_every_kind_of_input(tmp_path: Path) -> None:
 
 def test_margins_come_from_the_data_file_or_the_variant_is_left_out(tmp_path: Path) -> None:
     """A data file's `margin` (or score_chosen − score_rejected) feeds ODPO; without margins, a named ODPO is
-    refused before training and an unnamed one (all variants) left out; a negative margin is refused by line."""
+    refused before training (naming a bad row, if one is why) and an unnamed one (all variants) left out; the file
+    stays good for the variants that do not read margins."""
     from dpobench.data import load_pairs_file, make_task_data
     from dpobench.models import load_model, reference_model
 
@@ -117,22 +147,23 @@ def test_margins_come_from_the_data_file_or_the_variant_is_left_out(tmp_path: Pa
     negative.write_text(json.dumps({**rows[0], "margin": -1}) + "\n" + json.dumps(rows[1]) + "\n")
     loaded = load_pairs_file(scored, tokenizer, max_length=256)
     assert sorted({p.margin for p in (*loaded.train.pairs, *loaded.heldout.pairs)}) == [0.5, 1.5, 2.5]
-    with pytest.raises(DataError, match=r"negative.jsonl:line 1: margin is -1.0; a margin is a finite number ≥ 0"):
-        load_pairs_file(negative, tokenizer, max_length=256)
+    bad = load_pairs_file(negative, tokenizer, max_length=256)  # good for every variant that does not read margins
+    assert sum(math.isnan(p.margin) for p in (*bad.train.pairs, *bad.heldout.pairs)) == 2
+    problem = "negative.jsonl:line 1: margin is -1.0; a margin is a finite number ≥ 0 (the chosen completion scored at "
+    assert bad.info["margin_problem"].endswith(problem + "least as high as the rejected one)")
     from dpobench.sweep import _cells_with_their_inputs, plan_sweep
 
     said: list[str] = []
     every = plan_sweep(SweepConfig(data=str(plain)))  # no --variants: every variant
     kept = _cells_with_their_inputs(every, load_pairs_file(plain, tokenizer, max_length=256), said.append)
     assert {c.spec.name for c in every.cells} - {c.spec.name for c in kept.cells} == {"odpo"}
-    assert said == ["odpo left out: it reads each pair's score margin, which these pairs do not have (give every row a "
-                    "`margin` (or `score_chosen` and `score_rejected`) to train it)"]  # fmt: skip
+    assert said == [f"odpo left out: it reads each pair's score margin, and these pairs have none (give every row of "
+                    f"{plain} a `margin`, or `score_chosen` and `score_rejected`)"]  # fmt: skip
     train = TrainConfig(steps=2, batch_size=8)
-    with pytest.raises(
-        SweepError, match=r"odpo reads each pair's score margin, and .*plain.jsonl has rows without one"
-    ):
-        run_sweep(SweepConfig(sft=SFT, variants=("odpo",), data=str(plain), train=train), tmp_path / "x",
-                  progress=lambda m: None)  # fmt: skip
+    for source, why in ((plain, "these pairs have none"), (negative, re.escape(problem))):
+        with pytest.raises(SweepError, match=rf"odpo reads each pair's score margin, and .*{why}.*or drop it from"):
+            run_sweep(SweepConfig(sft=SFT, variants=("odpo",), data=str(source), train=train), tmp_path / "x",
+                      progress=lambda m: None)  # fmt: skip
     summary = run_sweep(SweepConfig(sft=SFT, variants=("odpo",), data=str(scored), train=train), tmp_path / "y",
                         progress=lambda m: None)  # fmt: skip
     assert summary[summary.variant == "odpo"].status.tolist() == ["done"]

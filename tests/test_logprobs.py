@@ -238,7 +238,7 @@ def test_every_declarable_statistic_has_its_computation_and_arrives_by_name() ->
     from dpobench.losses import KNOWN_INPUTS, STATISTICS, LogProbs, sequence_inputs
 
     assert STATISTICS == tuple(TOKEN_STATISTICS) == ("logsumsq",)
-    assert KNOWN_INPUTS == {"weights", "margin", "token_logps", "logsumsq"}
+    assert KNOWN_INPUTS == {"weights", "margin", "token_logps", "kl_logps", "moving_reference", "logsumsq"}
     logits = torch.tensor([[0.0, math.log(3.0)]])
     value = TOKEN_STATISTICS["logsumsq"](logits, torch.logsumexp(logits, -1))
     assert float(value) == pytest.approx(math.log(10 / 16))
@@ -278,6 +278,7 @@ def test_per_token_log_probs_are_each_tokens_own_and_carry_the_gradient(model, l
     sums, stats = sequence_logprobs(model, batch, statistics=("token_logps",), token_width=width)
     expected = per_token_computation(model, rows, width)
     torch.testing.assert_close(stats["token_logps"].double(), expected, rtol=1e-5, atol=1e-5)
+    assert stats["token_logps"].dtype == torch.float32
     torch.testing.assert_close(stats["token_logps"].sum(1), sums)
     weights = torch.linspace(0.5, 2.0, width)
     model.zero_grad()
@@ -286,5 +287,5 @@ def test_per_token_log_probs_are_each_tokens_own_and_carry_the_gradient(model, l
     model.zero_grad()
     (per_token_computation(model, rows, width) * weights.double()).sum().backward()
     for a, b in zip(ours, (p.grad for p in model.parameters()), strict=True):
-        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(a.double(), b.double(), rtol=1e-4, atol=1e-5)
     model.zero_grad()

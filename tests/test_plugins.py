@@ -254,6 +254,22 @@ def _subclass(**attributes) -> type:
             lambda register: register(_subclass(inputs=frozenset({"weight"}))),
             "plugin 'bad', variant 'custom': unknown input 'weight' in inputs; known: kl_logps, logsumsq, margin, moving_reference, token_logps, weights",
         ),
+        (  # a paired loss is never given mismatched rows, nor an unpaired one per-token log-probs: both would train
+            # without the input they declared
+            lambda register: register(_subclass(inputs=frozenset({"kl_logps"}))),
+            "plugin 'bad', variant 'custom': input 'kl_logps' is for unpaired losses; a paired loss can read "
+            "logsumsq, margin, moving_reference, token_logps, weights",
+        ),
+        (
+            lambda register: register(
+                type(
+                    "Custom",
+                    (dpobench.get_losses()["kto"].cls,),
+                    {"name": "custom", "inputs": frozenset({"token_logps"})},
+                )
+            ),
+            "plugin 'bad', variant 'custom': input 'token_logps' is for paired losses; an unpaired loss can read kl_logps",
+        ),
         (
             lambda register: register(dpobench.get_losses()["dpo"].cls, name="dpo_two", paper=2024),
             "plugin 'bad', variant 'dpo_two': paper=2024; give the preset's paper as text, e.g. 'arXiv:2411.10442'",

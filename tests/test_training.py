@@ -187,6 +187,11 @@ def test_model_from_a_save_pretrained_folder(tmp_path: Path) -> None:
         ({"seeds": (0, -1)}, "seed -1: seeds must be ≥ 0 (each is one fixed seed; none means random)"),
         ({"train": TrainConfig(lr=0.0)}, "lr = 0: must be > 0 (at 0 every cell would stay the reference model)"),
         ({"scenarios": ("dirty",)}, "unknown scenario 'dirty'"),
+        (
+            {"variants": ("dpo",), "scenarios": ("clean", "unpaired-1:10")},
+            "--scenarios unpaired-1:10: only unpaired variants (apo_zero_unpaired, kto) train there, and none of this "
+            "sweep's variants is one",
+        ),
         ({"device": "cuda"}, "--device cuda: no CUDA GPU is visible"),
     ],
 )
