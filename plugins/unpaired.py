@@ -1,5 +1,5 @@
 """Losses on unpaired examples (``dpobench.UnpairedLoss``): KTO and APO-zero's unpaired form, as TRL 1.16's
-``KTOTrainer`` computes them. Each example is a prompt, one completion and a label (desirable or not); a paired
+``KTOTrainer`` computes them, and BCO as TRL 0.29's ``BCOTrainer`` did (TRL 1.x dropped it). Each example is a prompt, one completion and a label (desirable or not); a paired
 sweep trains them on its pairs unrolled, and an ``unpaired-D:U`` scenario on thinned examples.
 
 Rewards follow TRL: β·Δ, Δ = log π(y|x) − log π_ref(y|x), per example.
@@ -88,7 +88,54 @@ class APOZeroUnpairedLoss(UnpairedLoss):
         return UnpairedOutput(torch.where(policy.desirable, 1 - up, up), (self.beta * delta).detach())
 
 
+class BCOLoss(UnpairedLoss):
+    """BCO: Binary Classifier Optimization for Large Language Model Alignment (https://arxiv.org/abs/2404.04656).
+
+    Alignment as binary classification of unpaired examples: the implicit reward β·Δ is a logit, desirable
+    completions the positive class and undesirable ones the negative, both shifted by δ, the running mean of every
+    reward seen so far, which keeps the classifier's boundary where the rewards are.
+
+    Formula:
+        δ ← running mean of β·Δ over every example trained on, this batch included (from 0)
+        ℓ_i = −logσ(β·Δ_i − δ)  for a desirable y_i;   ℓ_i = −logσ(−(β·Δ_i − δ))  for an undesirable y_i
+
+    Symbols: Δ_i = log π(y_i|x_i) − log π_ref(y_i|x_i); δ the reward shift, detached.
+    Convention: TRL 0.29 `trl.experimental.bco.BCOTrainer` (`bco_loss`, its `RunningMoments` mean, updated with the
+    batch's rewards before its loss, in training only), the mean over the batch's examples; without the optional
+    density-ratio classifier (`match_underlying_distribution`, off by default there too). δ is state: it resets as
+    each cell starts. Rewards β·Δ.
+
+    Args:
+        beta: β (TRL default 0.1).
+    """
+
+    name = "bco"
+    paper = "https://arxiv.org/abs/2404.04656"
+    batch_coupled = True  # δ includes the batch's own rewards
+    params = {"beta": BETA}
+
+    def __init__(self, **hparams: object) -> None:
+        super().__init__(**hparams)
+        self.register_buffer("shift", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("seen", torch.zeros((), dtype=torch.float64))
+
+    def reset(self) -> None:
+        self.shift.zero_()
+        self.seen.zero_()
+
+    def forward(self, policy: Completions, reference: Completions, **extras: Tensor) -> UnpairedOutput:
+        rewards = self.beta * (policy.logps - reference.logps)
+        if self.training:  # the running mean, as TRL's RunningMoments keeps it
+            batch = rewards.detach().double()
+            self.seen.add_(batch.numel())
+            self.shift.add_((batch.mean() - self.shift) * batch.numel() / self.seen)
+        logits = rewards - self.shift.to(rewards.dtype)
+        losses = -torch.nn.functional.logsigmoid(torch.where(policy.desirable, logits, -logits))
+        return UnpairedOutput(losses, rewards.detach())
+
+
 @hookimpl
 def register_losses(register) -> None:  # type: ignore[no-untyped-def]
     register(KTOLoss)
     register(APOZeroUnpairedLoss)
+    register(BCOLoss)

@@ -134,10 +134,11 @@ def test_a_loss_that_reads_the_rest_of_the_batch_must_say_so() -> None:
 def test_the_batch_coupled_built_ins_are_those_with_a_batch_wide_term() -> None:
     """AOT sorts the batch; TRL's NLL term on chosen is the batch's token mean, the same for every pair, so every
     variant that adds it is coupled (the contract check found cpo, orpo, sft, simpo_trl, rpo, mpo undeclared); paired
-    KTO's reference points are batch means, and KTO's KL estimate; β-DPO's β and filter are the batch's."""
+    KTO's reference points are batch means, and KTO's KL estimate; β-DPO's β and filter are the batch's, as BCO's
+    running reward shift is partly."""
     coupled = {name for name in ALL_VARIANTS if dpobench.get_loss(name).batch_coupled}
-    assert coupled == {"aot", "aot_unpaired", "beta_dpo", "combined", "cpo", "kto", "kto_pair", "mpo", "orpo", "rpo",
-                       "sft", "simpo_trl"}  # fmt: skip
+    assert coupled == {"aot", "aot_unpaired", "bco", "beta_dpo", "combined", "cpo", "kto", "kto_pair", "mpo", "orpo",
+                       "rpo", "sft", "simpo_trl"}  # fmt: skip
     assert not dpobench.get_loss("cpo", cpo_alpha=0.0).batch_coupled  # no NLL term, nothing shared
     assert dpobench.get_loss("simpo", sft_weight=0.5).batch_coupled
 

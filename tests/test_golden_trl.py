@@ -139,3 +139,33 @@ def test_unpaired_losses_match_trl(case: dict) -> None:
     assert out.rewards[~labels].mean().item() == pytest.approx(case["mean_rejected_reward"], rel=1e-5, abs=1e-6)
     alone = [loss(completions("policy", [i]), completions("reference", [i])).losses.item() for i in everything]
     assert alone == pytest.approx(case["losses_alone"], rel=1e-5, abs=1e-6)
+
+
+# BCO (unpaired, with its running reward shift): TRL 0.29's BCOTrainer.bco_loss (tests/data/make_golden_trl_bco.py).
+GOLDEN_BCO = json.loads((Path(__file__).parent / "data" / "golden_trl_bco.json").read_text())
+
+
+@pytest.mark.parametrize("case", GOLDEN_BCO["cases"], ids=[c["case"] for c in GOLDEN_BCO["cases"]])
+def test_bco_matches_trl_over_consecutive_batches(case: dict) -> None:
+    """Two training batches move the running shift δ (the second's losses use the mean of both batches' rewards),
+    an evaluation batch leaves it; a reset starts it again from 0."""
+    loss = dpobench.get_loss("bco", **case["params"])
+
+    def run(b: dict, train: bool):
+        logps = {k: torch.tensor(v, dtype=torch.float64) for k, v in b.items()}
+        n_c, n_r = len(b["policy_chosen"]), len(b["policy_rejected"])
+        desirable = torch.tensor([True] * n_c + [False] * n_r)
+        side = lambda who: dpobench.Completions(  # noqa: E731
+            torch.cat([logps[f"{who}_chosen"], logps[f"{who}_rejected"]]), torch.ones(n_c + n_r), desirable
+        )
+        loss.train(train)
+        return loss(side("policy"), side("reference")), n_c
+
+    for b, step in zip(GOLDEN_BCO["batches"], case["steps"], strict=True):
+        out, n_c = run(b, step["train"])
+        assert out.losses.tolist() == pytest.approx(step["losses"], rel=1e-5, abs=1e-6)
+        assert out.rewards[:n_c].tolist() == pytest.approx(step["chosen_rewards"], rel=1e-5, abs=1e-6)
+        assert float(loss.shift) == pytest.approx(step["delta"], rel=1e-5, abs=1e-7)
+    loss.reset()
+    first, _ = run(GOLDEN_BCO["batches"][0], True)
+    assert first.losses.tolist() == pytest.approx(case["steps"][0]["losses"], rel=1e-5, abs=1e-6)

@@ -35,7 +35,7 @@ EXPECTED_VARIANTS = {
     # per-token log-probs, score margins, state across steps
     "ld_dpo", "sampo", "odpo", "beta_dpo", "tr_dpo",
     # unpaired examples
-    "kto", "apo_zero_unpaired",
+    "kto", "apo_zero_unpaired", "bco",
 }  # fmt: skip
 
 

@@ -189,7 +189,7 @@ def test_model_from_a_save_pretrained_folder(tmp_path: Path) -> None:
         ({"scenarios": ("dirty",)}, "unknown scenario 'dirty'"),
         (
             {"variants": ("dpo",), "scenarios": ("clean", "unpaired-1:10")},
-            "--scenarios unpaired-1:10: only unpaired variants (apo_zero_unpaired, kto) train there, and none of this "
+            "--scenarios unpaired-1:10: only unpaired variants (apo_zero_unpaired, bco, kto) train there, and none of this "
             "sweep's variants is one",
         ),
         ({"device": "cuda"}, "--device cuda: no CUDA GPU is visible"),
