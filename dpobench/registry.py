@@ -94,11 +94,14 @@ class LossSpec:
     @property
     def inputs(self) -> tuple[str, ...]:
         """What the variant reads: the summed log-probs of chosen and rejected (the policy's, and the reference's
-        unless it is reference-free), their token counts, and what it declares beyond them (``PreferenceLoss.inputs``,
-        per instance: WPO's depend on its base); "batch" where a pair's loss depends on the rest of the batch."""
+        unless it is reference-free), or of unpaired examples with their labels, their token counts, and what it
+        declares beyond them (``PreferenceLoss.inputs``, per instance: WPO's depend on its base, each with what it
+        costs or where it comes from); "batch" where a pair's loss depends on the rest of the batch."""
         loss = self.build()
-        read = ["policy log-probs"] + ([] if loss.reference_free else ["reference log-probs"]) + ["token counts"]
-        return (*read, *sorted(loss.inputs), *(["batch"] if loss.batch_coupled else []))
+        read = ["unpaired examples (labels)"] if loss.unpaired else []
+        read += ["policy log-probs"] + ([] if loss.reference_free else ["reference log-probs"]) + ["token counts"]
+        declared = [f"{name} ({INPUT_NOTES[name]})" if name in INPUT_NOTES else name for name in sorted(loss.inputs)]
+        return (*read, *declared, *(["batch"] if loss.batch_coupled else []))
 
     @property
     def paper(self) -> str:
@@ -112,6 +115,17 @@ class LossSpec:
     @property
     def formula(self) -> str:
         return docstring_section(self.cls.__doc__ or "", "Formula")
+
+
+#: what ``dpobench list -v`` adds to a declared input's name: where it comes from, or what it costs
+INPUT_NOTES = {
+    "weights": "per pair, from the data",
+    "margin": "per pair, from the data's scores",
+    "token_logps": "per token, policy and reference",
+    "logsumsq": "per token, policy",
+    "kl_logps": "mismatched prompt/completion rows, a no-gradient policy pass",
+    "moving_reference": "a reference pass per step",
+}
 
 
 def docstring_section(doc: str, title: str) -> str:

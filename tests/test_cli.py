@@ -66,8 +66,9 @@ def test_plugins_lists_sources() -> None:
 
 
 def test_verbose_list_says_what_each_variant_reads() -> None:
-    """`list -v` names each variant's inputs: the reference's log-probs unless it is reference-free, the extras it
-    declares (weights, a statistic), and "batch" where a pair's loss depends on the others."""
+    """`list -v` names each variant's inputs: the reference's log-probs unless it is reference-free, unpaired examples
+    for an unpaired loss, the extras it declares with where each comes from or what it costs, and "batch" where a
+    pair's loss depends on the others."""
     text = invoke("list", "-v").stdout
     inputs = {}
     for block in text.split("\n\n"):
@@ -78,8 +79,15 @@ def test_verbose_list_says_what_each_variant_reads() -> None:
     assert inputs["dpo"] == "policy log-probs, reference log-probs, token counts"
     assert inputs["simper"] == "policy log-probs, token counts"
     assert inputs["kto_pair"] == "policy log-probs, reference log-probs, token counts, batch"
-    assert inputs["seed_custom_dpo"] == "policy log-probs, reference log-probs, token counts, weights"
-    assert inputs["wpo"] == "policy log-probs, reference log-probs, token counts, logsumsq"
+    read = "policy log-probs, reference log-probs, token counts"
+    assert inputs["seed_custom_dpo"] == f"{read}, weights (per pair, from the data)"
+    assert inputs["wpo"] == f"{read}, logsumsq (per token, policy)"
+    assert inputs["ld_dpo"] == f"{read}, token_logps (per token, policy and reference)"
+    assert inputs["odpo"] == f"{read}, margin (per pair, from the data's scores)"
+    assert inputs["tr_dpo"] == f"{read}, moving_reference (a reference pass per step)"
+    assert inputs["beta_dpo"] == f"{read}, batch"
+    assert inputs["kto"] == (f"unpaired examples (labels), {read}, kl_logps (mismatched prompt/completion rows, a "
+                             "no-gradient policy pass), batch")  # fmt: skip
     assert len(inputs) == len(dpobench.get_losses())
 
 
