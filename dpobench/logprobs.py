@@ -205,6 +205,45 @@ class _HeadLogprobs(torch.autograd.Function):
         )  # fmt: skip
 
 
+class _HeadKL(torch.autograd.Function):
+    """Σ_v π_ref(v)·(log π_ref(v) − log π(v)) per token, the policy's KL from the reference at each completion
+    position, from both models' final hidden states and LM head weights, chunk by chunk as ``_HeadLogprobs``: no
+    (tokens, V) tensor outlives its chunk. The gradient reaches the policy's side only: ∂KL/∂z = softmax(z) − π_ref,
+    recomputed in the backward pass. Matrix products in ``dtype``, softmaxes in float32."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, ref_hidden, ref_weight, chunk: int, dtype):  # type: ignore[override]
+        kl = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        w, wr = weight.to(dtype), ref_weight.to(dtype)
+        for start in range(0, hidden.shape[0], chunk):
+            end = min(hidden.shape[0], start + chunk)
+            logp = torch.log_softmax((hidden[start:end].to(dtype) @ w.T).float(), -1)
+            ref_logp = torch.log_softmax((ref_hidden[start:end].to(dtype) @ wr.T).float(), -1)
+            kl[start:end] = (ref_logp.exp() * (ref_logp - logp)).sum(-1)
+        ctx.save_for_backward(hidden, weight, ref_hidden, ref_weight)
+        ctx.chunk, ctx.dtype = chunk, dtype
+        return kl
+
+    @staticmethod
+    def backward(ctx, grad_kl):  # type: ignore[override]
+        hidden, weight, ref_hidden, ref_weight = ctx.saved_tensors
+        with torch.autocast(grad_kl.device.type, enabled=False):
+            w, wr = weight.to(ctx.dtype), ref_weight.to(ctx.dtype)
+            grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+            grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+            for start in range(0, hidden.shape[0], ctx.chunk):
+                end = min(hidden.shape[0], start + ctx.chunk)
+                h = hidden[start:end].to(ctx.dtype)
+                p = torch.softmax((h @ w.T).float(), -1)
+                p_ref = torch.softmax((ref_hidden[start:end].to(ctx.dtype) @ wr.T).float(), -1)
+                grad = ((p - p_ref) * grad_kl[start:end, None].float()).to(ctx.dtype)
+                if grad_hidden is not None:
+                    grad_hidden[start:end] = grad @ w
+                if grad_weight is not None:
+                    grad_weight += (grad.T @ h).float()
+        return grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), None, None, None, None
+
+
 def _head_lse(logits: Tensor) -> Tensor:
     """log Σ_v exp(z_v) per row, in float32, from logits in any dtype."""
     return torch.logsumexp(logits.float(), -1)
@@ -288,18 +327,20 @@ def _compute_dtype(hidden: Tensor) -> torch.dtype:
 
 def sequence_logprobs(
     model: Any, batch: Batch, *, statistics: Sequence[str] = (), chunk_tokens: int | None = None,
-    compiled_head: bool = False, token_width: int | None = None,
+    compiled_head: bool = False, token_width: int | None = None, reference: Any = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:  # fmt: skip
     """Σ_t log π(y_t | x, y_<t) over completion tokens per sequence, float32; and each of ``statistics``
     (``TOKEN_STATISTICS``) summed the same way, by name, and with ``"token_logps"`` among them the per-token log-probs
-    themselves, (sequences, ``token_width``) right-padded with 0 (``per_token_rows``), with their gradient.
+    themselves, (sequences, ``token_width``) right-padded with 0 (``per_token_rows``), with their gradient; with
+    ``"token_kl"``, the policy's KL from ``reference`` (a model) summed over each sequence's completion positions,
+    with its gradient, the reference scored here without one.
 
     The LM head is applied only at completion positions, ``chunk_tokens`` at a time (by default as many as fit
     ``LOGITS_BUDGET``), through a fused head whose backward recomputes logits chunk by chunk. ``compiled_head``:
     its softmax statistics and gradient come from torch.compile'd kernels that read each chunk's logits in their
     own dtype (bf16 under autocast), rather than eager passes over a float32 copy."""
     head = model.get_output_embeddings()
-    summed = tuple(name for name in statistics if name != "token_logps")  # the per-token values are not summed
+    summed = tuple(name for name in statistics if name not in ("token_logps", "token_kl"))  # computed apart
     if _head_only_path(model) and getattr(head, "bias", None) is None:
         # one row per sequence gets no attention mask: rows are right-padded, so causal attention keeps every real
         # token from seeing a pad, and without one SDPA runs its causal kernel (flash attention where it has one),
@@ -311,6 +352,12 @@ def sequence_logprobs(
         token_logp, *token_stats = _HeadLogprobs.apply(
             selected, head.weight, batch.targets, chunk, _compute_dtype(selected), summed, compiled_head
         )  # fmt: skip
+        if "token_kl" in statistics:
+            with torch.no_grad():
+                ref_hidden = reference.get_decoder()(input_ids=batch.input_ids, use_cache=False, **_layout(batch))
+                ref_selected = ref_hidden.last_hidden_state.flatten(0, 1).index_select(0, batch.positions)
+            token_kl = _HeadKL.apply(selected, head.weight, ref_selected, reference.get_output_embeddings().weight,
+                                     chunk, _compute_dtype(selected))  # fmt: skip
     else:  # models that transform their logits (or have a head bias): take them whole
         logits = (
             model(input_ids=batch.input_ids, use_cache=False, **_layout(batch))  # as above
@@ -322,10 +369,17 @@ def sequence_logprobs(
         with torch.no_grad():
             lse = torch.logsumexp(logits, -1)
             token_stats = [TOKEN_STATISTICS[name](logits, lse) for name in summed]
+        if "token_kl" in statistics:
+            with torch.no_grad():
+                ref_logits = reference(input_ids=batch.input_ids, use_cache=False, **_layout(batch)).logits
+                ref_logp = torch.log_softmax(ref_logits.flatten(0, 1).index_select(0, batch.positions).float(), -1)
+            token_kl = (ref_logp.exp() * (ref_logp - torch.log_softmax(logits, -1))).sum(-1)
     zeros = torch.zeros(batch.size, dtype=torch.float32, device=token_logp.device)
     per_sequence = {name: zeros.index_add(0, batch.rows, t) for name, t in zip(summed, token_stats, strict=True)}
     if "token_logps" in statistics:
         per_sequence["token_logps"] = per_token_rows(token_logp, batch, token_width or batch.input_ids.shape[1])
+    if "token_kl" in statistics:
+        per_sequence["token_kl"] = zeros.index_add(0, batch.rows, token_kl)
     return zeros.index_add(0, batch.rows, token_logp), per_sequence
 
 
@@ -344,7 +398,7 @@ def per_token_rows(values: Tensor, batch: Batch, width: int) -> Tensor:
 @torch.no_grad()
 def rows_logprobs(
     model: Any, rows: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int, *, device: str,
-    batch_size: int = 128, autocast: bool = False, statistics: Sequence[str] = (),
+    batch_size: int = 128, autocast: bool = False, statistics: Sequence[str] = (), reference: Any = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:  # fmt: skip
     """Completion log-probs of (prompt, completion) rows, and each of ``statistics``, without gradients, on the
     CPU, float32; per-token log-probs (``"token_logps"``) as wide as the longest completion of all rows."""
@@ -353,7 +407,8 @@ def rows_logprobs(
     for start in range(0, len(rows), batch_size):
         batch = collate(rows[start : start + batch_size], pad_id).to(device)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-            part, part_stats = sequence_logprobs(model, batch, statistics=statistics, token_width=width)
+            part, part_stats = sequence_logprobs(model, batch, statistics=statistics, token_width=width,
+                                                 reference=reference)  # fmt: skip
         sums.append(part.cpu())
         stats.append({k: v.cpu() for k, v in part_stats.items()})
     return torch.cat(sums), {name: torch.cat([s[name] for s in stats]) for name in statistics}

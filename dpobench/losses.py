@@ -23,6 +23,7 @@ __all__ = [
     "KL_LOGPS",
     "MOVING_REFERENCE",
     "PAIR_INPUTS",
+    "TOKEN_KL",
     "TOKEN_LOGPS",
     "Completions",
     "LabelSmoothingMixin",
@@ -64,6 +65,11 @@ class LogProbs:
             chosen and rejected, policy and reference. Filled, for the policy and the reference, only for variants
             that declare ``"token_logps"`` in ``inputs`` (LD-DPO, SamPO).
         rejected_token_logps: same for the rejected completions, shape (B, L).
+        chosen_token_kl: optional Σ_t KL(π_ref(·|x, y_<t) ‖ π(·|x, y_<t)) over chosen completion tokens, each term
+            over the whole vocabulary, shape (B,), with its gradient: the policy's sequential KL from the reference
+            (TDPO). Filled, on the policy's side only, for variants that declare ``"token_kl"`` in ``inputs``; it
+            costs a reference forward pass per step.
+        rejected_token_kl: same for the rejected responses.
 
     Each pair of optional fields ``chosen_<name>`` / ``rejected_<name>`` is one input a variant declares in
     ``inputs`` by its name: the policy's statistics (``STATISTICS``), and ``TOKEN_LOGPS``.
@@ -77,6 +83,8 @@ class LogProbs:
     rejected_logsumsq: Tensor | None = None
     chosen_token_logps: Tensor | None = None
     rejected_token_logps: Tensor | None = None
+    chosen_token_kl: Tensor | None = None
+    rejected_token_kl: Tensor | None = None
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -127,6 +135,15 @@ class LogProbs:
         b = self.batch_size
         return replace(self, chosen_token_logps=each[:b], rejected_token_logps=each[b:])
 
+    def with_token_kl(self, reference: LogProbs) -> LogProbs:
+        """These (policy) log-probs with a sequential KL from ``reference`` made up from the sums: ½·Δ²/|y| per
+        completion (Δ the log-ratio), the second-order KL of two distributions whose log-ratio is spread evenly over
+        the tokens. For what has only sums (the contract check's batches, the loss landscape): non-negative, 0 where
+        the models agree, and differentiable in the policy's sums, as the real one is in the policy."""
+        kl = {f"{side}_token_kl": 0.5 * (getattr(self, side) - getattr(reference, side).detach()) ** 2
+              / getattr(self, f"{side}_tokens").clamp(min=1) for side in ("chosen", "rejected")}  # fmt: skip
+        return replace(self, **kl)
+
     def detach(self) -> LogProbs:
         return LogProbs(*(None if v is None else v.detach() for v in self._values()))
 
@@ -144,10 +161,13 @@ TOKEN_LOGPS = "token_logps"
 #: the per-sequence statistics of the policy a variant can declare in ``inputs``: the names of LogProbs's other
 #: optional field pairs, constants of the loss (no gradient). The harness computes only those declared
 #: (``dpobench.logprobs.TOKEN_STATISTICS`` holds each one's computation from the logits)
+#: the policy's sequential KL from the reference over the vocabulary (``LogProbs.chosen_token_kl``), as an input a
+#: variant declares: computed with its gradient from a reference forward pass in the step
+TOKEN_KL = "token_kl"
 STATISTICS: tuple[str, ...] = tuple(
     f.name.removeprefix("chosen_")
     for f in fields(LogProbs)
-    if f.name.startswith("chosen_") and f.name not in ("chosen_tokens", f"chosen_{TOKEN_LOGPS}")
+    if f.name.startswith("chosen_") and f.name not in ("chosen_tokens", f"chosen_{TOKEN_LOGPS}", f"chosen_{TOKEN_KL}")
 )
 #: the per-pair inputs from the data, each a ``forward`` keyword argument of shape (B,): ``weights``, the labeller's
 #: confidence in (0.5, 1]; ``margin``, by how much the labeller scored the chosen completion over the rejected one
@@ -160,13 +180,13 @@ KL_LOGPS = "kl_logps"
 #: by ``PreferenceLoss.reference_mix(step)`` after each step
 MOVING_REFERENCE = "moving_reference"
 #: every input a variant can declare
-KNOWN_INPUTS = frozenset({*PAIR_INPUTS, TOKEN_LOGPS, KL_LOGPS, MOVING_REFERENCE, *STATISTICS})
+KNOWN_INPUTS = frozenset({*PAIR_INPUTS, TOKEN_LOGPS, TOKEN_KL, KL_LOGPS, MOVING_REFERENCE, *STATISTICS})
 
 
 def sequence_inputs(loss: PreferenceLoss) -> tuple[str, ...]:
     """What the harness computes with the policy's summed log-probs for ``loss``: the statistics it declares, in
-    ``STATISTICS`` order, then ``TOKEN_LOGPS`` if it declares that."""
-    return tuple(name for name in (*STATISTICS, TOKEN_LOGPS) if name in loss.inputs)
+    ``STATISTICS`` order, then ``TOKEN_LOGPS`` and ``TOKEN_KL`` if it declares them."""
+    return tuple(name for name in (*STATISTICS, TOKEN_LOGPS, TOKEN_KL) if name in loss.inputs)
 
 
 class LossOutput(NamedTuple):
@@ -360,6 +380,9 @@ class PreferenceLoss(nn.Module):
         else:
             # The reference model is frozen: no gradient may reach it, whatever the variant does with it.
             reference = reference.detach()
+        if TOKEN_KL in self.inputs and policy.chosen_token_kl is None:
+            raise ValueError(f"loss {self.name!r} reads the policy's sequential KL from the reference: give its "
+                             "chosen_token_kl and rejected_token_kl")  # fmt: skip
         if TOKEN_LOGPS in self.inputs:
             for side, given in (("policy", policy), ("reference", reference)):
                 if given is not None and given.chosen_token_logps is None:
@@ -462,9 +485,9 @@ def call_loss(
         b = policy.batch_size
         check_unpaired_output(out, 2 * b)
         return LossOutput((out.losses[:b] + out.losses[b:]) / 2, out.rewards[:b], out.rewards[b:])
-    policy = policy.without(s for s in (*STATISTICS, TOKEN_LOGPS) if s not in loss.inputs)
+    policy = policy.without(s for s in (*STATISTICS, TOKEN_LOGPS, TOKEN_KL) if s not in loss.inputs)
     if reference is not None:
-        reference = reference.without([*STATISTICS, *([] if TOKEN_LOGPS in loss.inputs else [TOKEN_LOGPS])])
+        reference = reference.without([*STATISTICS, TOKEN_KL, *([] if TOKEN_LOGPS in loss.inputs else [TOKEN_LOGPS])])
     return loss(policy, None if loss.reference_free else reference, **extras)
 
 

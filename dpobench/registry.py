@@ -122,6 +122,7 @@ INPUT_NOTES = {
     "weights": "per pair, from the data",
     "margin": "per pair, from the data's scores",
     "token_logps": "per token, policy and reference",
+    "token_kl": "over the vocabulary, a reference pass per step",
     "logsumsq": "per token, policy",
     "kl_logps": "mismatched prompt/completion rows, a no-gradient policy pass",
     "moving_reference": "a reference pass per step",

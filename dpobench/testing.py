@@ -92,7 +92,7 @@ def make_batch(
     width = 4096 if extreme else 64  # one width for every batch, so that two can be mixed pair by pair
     policy = LogProbs(cast(pc), cast(pr), cast(lc), cast(lr), cast(lsc), cast(lsr)).with_even_tokens(width)
     reference = LogProbs(cast(rc), cast(rr), cast(lc), cast(lr), cast(lsc), cast(lsr)).with_even_tokens(width)
-    return policy, reference, {k: cast(v) for k, v in inputs.items()}
+    return policy.with_token_kl(reference), reference, {k: cast(v) for k, v in inputs.items()}
 
 
 def check_loss(target: str | LossSpec | type[PreferenceLoss] | PreferenceLoss, **params: Any) -> ContractReport:
@@ -183,7 +183,8 @@ def _leaves(policy: LogProbs, reference: LogProbs) -> tuple[LogProbs, LogProbs]:
         out = replace(lp, chosen=grad_leaf(lp.chosen), rejected=grad_leaf(lp.rejected))
         return out if lp.chosen_token_logps is None else out.with_even_tokens(lp.chosen_token_logps.shape[1])
 
-    return leaf(policy), leaf(reference)
+    policy, reference = leaf(policy), leaf(reference)
+    return policy.with_token_kl(reference), reference
 
 
 def _check_shapes(build: Callable[[], PreferenceLoss], cls: type) -> CheckResult:
@@ -327,7 +328,7 @@ def _check_monotone(build: Callable[[], PreferenceLoss], cls: type) -> CheckResu
         one = lambda v: torch.tensor([v])  # noqa: E731
         policy = LogProbs(one(base + t / 2), one(base - t / 2), one(tokens), one(tokens), one(base), one(base))
         reference = LogProbs(one(base), one(base), one(tokens), one(tokens), one(base), one(base))
-        values.append(float(_run(build(), policy.with_even_tokens(), reference.with_even_tokens(),
+        values.append(float(_run(build(), policy.with_even_tokens().with_token_kl(reference), reference.with_even_tokens(),
                                  {"weights": torch.ones(1), "margin": torch.ones(1)}).losses[0]))  # fmt: skip
     for (t0, v0), (t1, v1) in zip(
         zip(margins.tolist(), values, strict=False), zip(margins.tolist()[1:], values[1:], strict=False), strict=False

@@ -42,6 +42,7 @@ from dpobench.logprobs import (
 from dpobench.losses import (
     KL_LOGPS,
     MOVING_REFERENCE,
+    TOKEN_KL,
     TOKEN_LOGPS,
     Completions,
     LogProbs,
@@ -151,7 +152,9 @@ class CellTrainer:
         # per-item inputs of the loss live on the device, so a step gathers them there (a blocking copy from the host
         # would wait for the queued forward pass)
         self.reference = reference_logps.to(device)
-        self.reference_state, self.moving = reference_state, None  # a moving reference's model, made when a loss asks
+        # the reference model itself, for a loss that needs it in the step (a moving reference, the sequential KL):
+        # a copy of the reference weights per trainer, made when such a loss is first used
+        self.reference_state, self.reference_copy = reference_state, None
         if isinstance(train, ExampleSet):  # an unpaired loss: as many completions a step as a paired one's 2·batch
             self.pairs, self.examples, per_step = [], train.examples, 2 * config.batch_size
             self.desirable = torch.tensor([e.desirable for e in train.examples], dtype=torch.bool, device=device)
@@ -184,10 +187,10 @@ class CellTrainer:
                              f"trainer holds {'examples' if self.examples else 'pairs'}")  # fmt: skip
         loss.reset()
         self.loss, self.sequence_inputs = loss, sequence_inputs(loss)  # what is computed with the policy's sums
-        if MOVING_REFERENCE in loss.inputs:  # its own copy of the reference weights, which the cell moves
-            if self.moving is None:
-                self.moving = copy.deepcopy(self.policy).requires_grad_(False).eval()
-            self.moving.load_state_dict(self.reference_state)
+        if {MOVING_REFERENCE, TOKEN_KL} & loss.inputs:  # the reference weights as a model, which a cell may move
+            if self.reference_copy is None:
+                self.reference_copy = copy.deepcopy(self.policy).requires_grad_(False).eval()
+            self.reference_copy.load_state_dict(self.reference_state)
 
     def step(self, index: torch.Tensor | None = None) -> dict[str, float]:
         """One optimizer step on the pairs ``index`` (default: the next batch of the order); its metrics.
@@ -253,7 +256,8 @@ class CellTrainer:
         """The policy's summed log-probs of ``batch`` (and the statistics asked), in the plan's precision and layers."""
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.plan.autocast), self.layers.active():
             return sequence_logprobs(self.policy, batch, statistics=statistics, token_width=token_width,
-                                     chunk_tokens=self.layers.head_chunk_tokens, compiled_head=self.layers.head)  # fmt: skip
+                                     chunk_tokens=self.layers.head_chunk_tokens, compiled_head=self.layers.head,
+                                     reference=self.reference_copy)  # fmt: skip
 
     @torch.no_grad()
     def _scored_without_gradient(self, model: Any, batch: Batch, statistics: Sequence[str] = (),
@@ -266,7 +270,7 @@ class CellTrainer:
     def _move_reference(self, mix: float) -> None:
         """π_ref ← (1 − mix)·π_ref + mix·π_θ, parameter by parameter (TRL's ``SyncRefModelCallback``)."""
         if mix > 0:
-            for moving, trained in zip(self.moving.parameters(), self.policy.parameters(), strict=True):
+            for moving, trained in zip(self.reference_copy.parameters(), self.policy.parameters(), strict=True):
                 moving.mul_(1 - mix).add_(trained, alpha=mix)
 
     def _paired_forward(self, index: torch.Tensor, on_device: torch.Tensor, step: int):
@@ -281,7 +285,7 @@ class CellTrainer:
         policy_lp = LogProbs.from_rows(sums, tokens, statistics)
         if MOVING_REFERENCE in self.loss.inputs:  # scored now by the moving reference, not read from the cache
             per_token = [s for s in self.sequence_inputs if s == TOKEN_LOGPS]  # the reference has no statistics
-            ref_sums, ref_statistics = self._scored_without_gradient(self.moving, batch, per_token, width)
+            ref_sums, ref_statistics = self._scored_without_gradient(self.reference_copy, batch, per_token, width)
             reference = LogProbs.from_rows(ref_sums, tokens, ref_statistics)
         else:
             reference = self.reference.select(on_device, tokens[:b], tokens[b:], width)
@@ -450,7 +454,7 @@ class Evaluator:
         was_on = next(model.parameters()).device
         model.to(self.device)
         out = rows_logprobs(model, rows, self.tokenizer.pad_token_id, device=self.device, autocast=self.autocast,
-                            statistics=statistics)  # fmt: skip
+                            statistics=statistics, reference=self.reference)  # fmt: skip
         model.to(was_on)
         return out
 

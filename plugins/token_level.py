@@ -1,8 +1,8 @@
-"""Losses that read per-token log-probs (``inputs = {"token_logps"}``): LD-DPO and SamPO, two answers to DPO's
-length exploitation that reweigh or resample the tokens a log-ratio sums.
-
-Both read the policy's and the reference's per-token log-probs, ``LogProbs.chosen_token_logps`` (B, L) and
-``rejected_token_logps``, right-padded with 0; the harness computes them only for a sweep with such a variant.
+"""Token-level losses. LD-DPO and SamPO, two answers to DPO's length exploitation that reweigh or resample the
+tokens a log-ratio sums, read per-token log-probs (``inputs = {"token_logps"}``: ``LogProbs.chosen_token_logps``
+(B, L) and ``rejected_token_logps`` of policy and reference, right-padded with 0). TDPO reads the policy's
+sequential KL from the reference over the whole vocabulary (``inputs = {"token_kl"}``: ``LogProbs.chosen_token_kl``,
+a reference pass per step). The harness computes each only for a sweep with such a variant.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dpobench import LogProbs, LossOutput, Param, PreferenceLoss, hookimpl
-from dpobench.losses import TOKEN_LOGPS, implicit_rewards
+from dpobench.losses import TOKEN_KL, TOKEN_LOGPS, implicit_rewards, log_ratios
 
 BETA = Param(0.1, "(0, inf)", "strength of the KL regularisation toward the reference (higher: stay closer)")
 
@@ -118,7 +118,53 @@ def down_sample(tokens: Tensor, keep: Tensor, per_token: Tensor) -> Tensor:
     return (rank < keep[:, None]).to(per_token.dtype)
 
 
+class TDPOLoss(PreferenceLoss):
+    """TDPO: Token-level Direct Preference Optimization (https://arxiv.org/abs/2404.11999).
+
+    DPO with the KL constraint taken token by token: each answer's log-ratio is corrected by the policy's sequential
+    KL from the reference (the KL over the whole vocabulary at each of its positions, summed), which keeps the
+    per-token distributions close while the preference margin grows.
+
+    Formula:
+        D_c = Σ_t KL(π_ref(·|x, y_c,<t) ‖ π(·|x, y_c,<t)),  D_r likewise
+        TDPO1: u = (Δc − Δr) − (D_r − D_c);   TDPO2: u = (Δc − Δr) − α·(D_r − sg(D_c))
+        ℓ = −logσ(β·u)
+
+    Symbols: Δc, Δr log-ratios; D the sequential KL (input ``token_kl``, with its gradient); sg stop-gradient;
+    α the weight of the KL term in TDPO2.
+    Convention: the official code (Vance0124/Token-level-Direct-Preference-Optimization, `trainers.py`,
+    `tdpo_loss`): rewards β·(Δ + D), α = 0.5 and β = 0.1 (`config/loss/tdpo.yaml`); TDPO2 (the paper's best) by
+    default, `tdpo1=true` for TDPO1 (the configuration's own default). The reference is scored in the step: a
+    reference forward pass the cached variants do not pay.
+
+    Args:
+        beta: β (paper 0.1).
+        alpha: α, the weight of TDPO2's KL term.
+        tdpo1: TDPO1's loss instead of TDPO2's (α unused).
+    """
+
+    name = "tdpo"
+    paper = "https://arxiv.org/abs/2404.11999"
+    inputs = frozenset({TOKEN_KL})
+    params = {
+        "beta": BETA,
+        "alpha": Param(0.5, "[0, inf)", "α, weight of TDPO2's sequential-KL term"),
+        "tdpo1": Param(False, doc="TDPO1's loss (the KL difference with both gradients, weight 1)"),
+    }
+
+    def forward(self, policy: LogProbs, reference: LogProbs | None, **extras: Tensor) -> LossOutput:
+        assert reference is not None and policy.chosen_token_kl is not None and policy.rejected_token_kl is not None
+        dc, dr = log_ratios(policy, reference)
+        kl_c, kl_r = policy.chosen_token_kl, policy.rejected_token_kl
+        if self.tdpo1:
+            u = (dc - dr) - (kl_r - kl_c)
+        else:
+            u = (dc - dr) - self.alpha * (kl_r - kl_c.detach())
+        return LossOutput(-F.logsigmoid(self.beta * u), *implicit_rewards(self.beta, dc + kl_c, dr + kl_r))
+
+
 @hookimpl
 def register_losses(register) -> None:  # type: ignore[no-untyped-def]
     register(LDDPOLoss)
     register(SamPOLoss)
+    register(TDPOLoss)

@@ -169,3 +169,34 @@ def test_bco_matches_trl_over_consecutive_batches(case: dict) -> None:
     loss.reset()
     first, _ = run(GOLDEN_BCO["batches"][0], True)
     assert first.losses.tolist() == pytest.approx(case["steps"][0]["losses"], rel=1e-5, abs=1e-6)
+
+
+# TDPO is not in TRL: its official code's tdpo_loss made these (tests/data/make_golden_tdpo.py).
+GOLDEN_TDPO = json.loads((Path(__file__).parent / "data" / "golden_tdpo.json").read_text())
+
+
+@pytest.mark.parametrize("case", GOLDEN_TDPO["cases"], ids=[c["case"] for c in GOLDEN_TDPO["cases"]])
+def test_tdpo_matches_its_official_code(case: dict) -> None:
+    x = {k: torch.tensor(v) for k, v in GOLDEN_TDPO["inputs"].items()}
+    n = len(x["chosen_logps_margin"])
+    tokens, base = torch.full((n,), 7.0), torch.full((n,), -20.0)
+    reference = LogProbs(base, base, tokens, tokens)
+    policy = LogProbs(base + x["chosen_logps_margin"], base + x["rejected_logps_margin"], tokens, tokens,
+                      chosen_token_kl=x["chosen_position_kl"], rejected_token_kl=x["rejected_position_kl"])  # fmt: skip
+    out = dpobench.get_loss("tdpo", **case["params"])(policy, reference)
+    torch.testing.assert_close(out.losses, torch.tensor(case["losses"]), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.chosen_rewards, torch.tensor(case["chosen_rewards"]), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.rejected_rewards, torch.tensor(case["rejected_rewards"]), rtol=1e-5, atol=1e-6)
+
+
+def test_tdpo2_takes_no_gradient_through_the_chosen_kl() -> None:
+    """TDPO2 stops the gradient of the chosen answer's KL (sg(D_c)); TDPO1 lets both through."""
+    t = lambda v: torch.tensor([v], requires_grad=True)  # noqa: E731
+    for tdpo1, expect_grad in ((False, False), (True, True)):
+        kl_c, kl_r = t(0.3), t(0.7)
+        one = torch.tensor([1.0])
+        policy = LogProbs(torch.tensor([-10.0]), torch.tensor([-12.0]), one, one, chosen_token_kl=kl_c,
+                          rejected_token_kl=kl_r)  # fmt: skip
+        reference = LogProbs(torch.tensor([-11.0]), torch.tensor([-11.0]), one, one)
+        dpobench.get_loss("tdpo", tdpo1=tdpo1)(policy, reference).losses.sum().backward()
+        assert (kl_c.grad is not None and float(kl_c.grad) != 0) == expect_grad and float(kl_r.grad) != 0

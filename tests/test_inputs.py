@@ -99,11 +99,11 @@ def test_kto_on_pairs_is_the_mean_of_its_two_examples_losses() -> None:
 
 
 def test_a_sweep_trains_every_kind_of_input(tmp_path: Path) -> None:
-    """One sweep: per-token (LD-DPO, SamPO), margins (ODPO), state (β-DPO, BCO), a moving reference (TR-DPO) and
+    """One sweep: per-token (LD-DPO, SamPO), the sequential KL (TDPO), margins (ODPO), state (β-DPO, BCO), a moving reference (TR-DPO) and
     unpaired (KTO, on the pairs unrolled and on 1:4 examples) cells all train; the ones that draw at random or keep
     state are reproducible: a second sweep of them into another store gives the same losses. KTO's steps report each
     side's rewards and no reward accuracy (it has no pairs); unpaired step costs are measured beside the paired ones."""
-    variants = ("dpo", "ld_dpo", "sampo", "odpo", "beta_dpo", "tr_dpo", "kto", "bco")
+    variants = ("dpo", "ld_dpo", "sampo", "tdpo", "odpo", "beta_dpo", "tr_dpo", "kto", "bco")
 
     def run(out: Path, names: tuple[str, ...]):
         train = TrainConfig(steps=4, batch_size=16)
@@ -198,12 +198,12 @@ def test_tr_dpo_moves_its_own_reference_toward_the_policy(untrained_model: Path)
         runs[name] = [trainer.step()["loss"] for _ in range(2)]
         if name == "tr_dpo":
             after_two = {k: v.clone() for k, v in policy.state_dict().items()}
-            for key, moved in trainer.moving.state_dict().items():
+            for key, moved in trainer.reference_copy.state_dict().items():
                 torch.testing.assert_close(moved, 0.5 * state[key] + 0.5 * after_two[key])
             batch = trainer.order[2]
             pairs = [data[i] for i in batch.tolist()]
             with torch.no_grad():
-                sums, _ = sequence_logprobs(trainer.moving, collate_shared(pairs, pad))
+                sums, _ = sequence_logprobs(trainer.reference_copy, collate_shared(pairs, pad))
                 mine, _ = sequence_logprobs(policy, collate_shared(pairs, pad))
             h = (mine[:8] - sums[:8]) - (mine[8:] - sums[8:])
             expected = torch.nn.functional.softplus(-0.1 * h).mean().item()

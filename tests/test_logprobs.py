@@ -238,7 +238,7 @@ def test_every_declarable_statistic_has_its_computation_and_arrives_by_name() ->
     from dpobench.losses import KNOWN_INPUTS, STATISTICS, LogProbs, sequence_inputs
 
     assert STATISTICS == tuple(TOKEN_STATISTICS) == ("logsumsq",)
-    assert KNOWN_INPUTS == {"weights", "margin", "token_logps", "kl_logps", "moving_reference", "logsumsq"}
+    assert KNOWN_INPUTS == {"weights", "margin", "token_logps", "token_kl", "kl_logps", "moving_reference", "logsumsq"}
     logits = torch.tensor([[0.0, math.log(3.0)]])
     value = TOKEN_STATISTICS["logsumsq"](logits, torch.logsumexp(logits, -1))
     assert float(value) == pytest.approx(math.log(10 / 16))
@@ -289,3 +289,51 @@ def test_per_token_log_probs_are_each_tokens_own_and_carry_the_gradient(model, l
     for a, b in zip(ours, (p.grad for p in model.parameters()), strict=True):
         torch.testing.assert_close(a.double(), b.double(), rtol=1e-4, atol=1e-5)
     model.zero_grad()
+
+
+def sequential_kl_computation(model, reference, rows):
+    """One sequence at a time, full log-softmax: Σ over completion positions of KL(π_ref ‖ π), float64."""
+    out = []
+    for prompt, completion in rows:
+        ids = torch.tensor([[*prompt, *completion]])
+        logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].double(), -1)
+        with torch.no_grad():
+            ref = torch.log_softmax(reference(input_ids=ids).logits[0, :-1].double(), -1)
+        positions = list(range(len(prompt) - 1, len(prompt) + len(completion) - 1))
+        out.append((ref[positions].exp() * (ref[positions] - logp[positions])).sum())
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize(("layout", "chunk_tokens"), [("rows", 3), ("rows", 8192), ("shared", 8192)])
+def test_sequential_kl_is_each_sequences_own_and_its_gradient_the_policys(
+    model, layout: str, chunk_tokens: int
+) -> None:
+    """``token_kl`` (TDPO's input) against a one-sequence-at-a-time full log-softmax, in both layouts and with the
+    head in chunks, and its gradient reaches the policy only: equal to the independent computation's; 0 against
+    itself."""
+    import copy
+
+    torch.manual_seed(1)
+    reference, model = model, copy.deepcopy(model)  # the module's model stays as it is for the other tests
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    pairs = [Pair((1, 5, 6), (7, 8, 2), (9, 2)), Pair((1, 9), (10, 2), (11, 12, 13, 2))]
+    rows = pair_rows(pairs)
+    batch = collate(rows, 0) if layout == "rows" else collate_shared(pairs, 0)
+    _, stats = sequence_logprobs(model, batch, statistics=("token_kl",), reference=reference, chunk_tokens=chunk_tokens)
+    expected = sequential_kl_computation(model, reference, rows)
+    torch.testing.assert_close(stats["token_kl"].double(), expected.detach(), rtol=1e-4, atol=1e-6)
+    assert (stats["token_kl"] > 0).all()
+    model.zero_grad()
+    stats["token_kl"].sum().backward()
+    ours = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    sequential_kl_computation(model, reference, rows).sum().backward()
+    for a, b in zip(ours, (p.grad for p in model.parameters()), strict=True):
+        torch.testing.assert_close(a.double(), b.double(), rtol=1e-4, atol=1e-6)
+    assert all(p.grad is None for p in reference.parameters())
+    model.zero_grad()
+    with torch.no_grad():
+        _, same = sequence_logprobs(reference, batch, statistics=("token_kl",), reference=reference)
+    torch.testing.assert_close(same["token_kl"], torch.zeros(4), atol=1e-6, rtol=0)

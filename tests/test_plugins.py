@@ -33,7 +33,7 @@ EXPECTED_VARIANTS = {
     # the field beyond TRL 1.16's DPOTrainer (issue 22): no new inputs
     "alphapo", "simper", "kto_pair", "dpo_shift",
     # per-token log-probs, score margins, state across steps
-    "ld_dpo", "sampo", "odpo", "beta_dpo", "tr_dpo",
+    "ld_dpo", "sampo", "tdpo", "odpo", "beta_dpo", "tr_dpo",
     # unpaired examples
     "kto", "apo_zero_unpaired", "bco",
 }  # fmt: skip
@@ -252,13 +252,13 @@ def _subclass(**attributes) -> type:
         ),
         (  # "weight" for "weights": it trained unweighted, silently
             lambda register: register(_subclass(inputs=frozenset({"weight"}))),
-            "plugin 'bad', variant 'custom': unknown input 'weight' in inputs; known: kl_logps, logsumsq, margin, moving_reference, token_logps, weights",
+            "plugin 'bad', variant 'custom': unknown input 'weight' in inputs; known: kl_logps, logsumsq, margin, moving_reference, token_kl, token_logps, weights",
         ),
         (  # a paired loss is never given mismatched rows, nor an unpaired one per-token log-probs: both would train
             # without the input they declared
             lambda register: register(_subclass(inputs=frozenset({"kl_logps"}))),
             "plugin 'bad', variant 'custom': input 'kl_logps' is for unpaired losses; a paired loss can read "
-            "logsumsq, margin, moving_reference, token_logps, weights",
+            "logsumsq, margin, moving_reference, token_kl, token_logps, weights",
         ),
         (
             lambda register: register(
