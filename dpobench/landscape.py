@@ -91,8 +91,8 @@ def _evaluate_batch(loss: PreferenceLoss, margins: torch.Tensor, tokens: int) ->
     h = margins.detach().clone().requires_grad_(True)
     # log Σ p² = log p here, so WPO's pair weight is exactly 1 and the landscape is its base's; chosen and rejected
     # are equally long, so the per-token losses (LD-DPO, SamPO) see every token and are their base's too. A score
-    # margin of 1 makes ODPO's offset α·log 1 = 0; the stand-in sequential KL is the same on both sides (h²/8 per
-    # token), so TDPO1's is DPO's too.
+    # margin of 1 makes ODPO's offset α·log 1 = 0; the stand-in sequential KL is the same on both sides
+    # (h²/(8·tokens) per completion), so TDPO1's is DPO's too.
     policy = LogProbs(base + h / 2, base - h / 2, length, length, base + h.detach() / 2,
                       base - h.detach() / 2).with_even_tokens().with_token_kl(reference)  # fmt: skip
     ones = torch.ones(n, dtype=torch.float64)

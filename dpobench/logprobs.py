@@ -356,8 +356,10 @@ def sequence_logprobs(
             with torch.no_grad():
                 ref_hidden = reference.get_decoder()(input_ids=batch.input_ids, use_cache=False, **_layout(batch))
                 ref_selected = ref_hidden.last_hidden_state.flatten(0, 1).index_select(0, batch.positions)
+            # its own chunks, always eager: about four float32 (chunk, V) tensors live at once, within the budget
+            kl_chunk = max(1, LOGITS_BUDGET // (4 * head.weight.shape[0]))
             token_kl = _HeadKL.apply(selected, head.weight, ref_selected, reference.get_output_embeddings().weight,
-                                     chunk, _compute_dtype(selected))  # fmt: skip
+                                     kl_chunk, _compute_dtype(selected))  # fmt: skip
     else:  # models that transform their logits (or have a head bias): take them whole
         logits = (
             model(input_ids=batch.input_ids, use_cache=False, **_layout(batch))  # as above

@@ -72,7 +72,7 @@ class LogProbs:
         rejected_token_kl: same for the rejected responses.
 
     Each pair of optional fields ``chosen_<name>`` / ``rejected_<name>`` is one input a variant declares in
-    ``inputs`` by its name: the policy's statistics (``STATISTICS``), and ``TOKEN_LOGPS``.
+    ``inputs`` by its name: the policy's statistics (``STATISTICS``), ``TOKEN_LOGPS`` and ``TOKEN_KL``.
     """
 
     chosen: Tensor
@@ -158,12 +158,12 @@ class LogProbs:
 #: the per-token log-probs of policy and reference (``LogProbs.chosen_token_logps`` / ``rejected_token_logps``), as an
 #: input a variant declares: its policy side carries the gradient, and the reference side is cached per token
 TOKEN_LOGPS = "token_logps"
-#: the per-sequence statistics of the policy a variant can declare in ``inputs``: the names of LogProbs's other
-#: optional field pairs, constants of the loss (no gradient). The harness computes only those declared
-#: (``dpobench.logprobs.TOKEN_STATISTICS`` holds each one's computation from the logits)
 #: the policy's sequential KL from the reference over the vocabulary (``LogProbs.chosen_token_kl``), as an input a
 #: variant declares: computed with its gradient from a reference forward pass in the step
 TOKEN_KL = "token_kl"
+#: the per-sequence statistics of the policy a variant can declare in ``inputs``: the names of LogProbs's other
+#: optional field pairs, constants of the loss (no gradient). The harness computes only those declared
+#: (``dpobench.logprobs.TOKEN_STATISTICS`` holds each one's computation from the logits)
 STATISTICS: tuple[str, ...] = tuple(
     f.name.removeprefix("chosen_")
     for f in fields(LogProbs)

@@ -65,6 +65,7 @@ def measure_step_costs(
             trainers[cell.loss.unpaired] = CellTrainer(
                 prepared.policy, prepared.reference_state, cell.loss, *prepared.training(cell),
                 prepared.tokenizer.pad_token_id, prepared.config.train, cell.seed, prepared.acceleration,
+                prepared.reference,
             )  # fmt: skip
     keys, failed, times = list(losses), set(), []
     started = time.perf_counter()

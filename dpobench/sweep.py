@@ -365,7 +365,7 @@ def run_cell(
         return train_cell(
             prepared.policy, prepared.reference_state, loss, *prepared.training(cell), prepared.tokenizer.pad_token_id, prepared.config.train, seed,
             evaluate=lambda model, step: evaluator(model, step, loss, seed), on_step=on_step, should_stop=should_stop,
-            acceleration=prepared.acceleration,
+            acceleration=prepared.acceleration, reference_model=prepared.reference,
         )  # fmt: skip
     except torch.cuda.OutOfMemoryError as error:
         return CellResult(status="failed", error=f"CUDA out of memory: {str(error).splitlines()[0]}")

@@ -132,7 +132,7 @@ class CellTrainer:
     def __init__(
         self, policy: Any, reference_state: dict[str, torch.Tensor], loss: PreferenceLoss, train: PairSet | ExampleSet,
         reference_logps: ReferenceLogps | ExampleReference, pad_id: int, config: TrainConfig, seed: int,
-        acceleration: Acceleration | None = None,
+        acceleration: Acceleration | None = None, reference_model: Any = None,
     ) -> None:  # fmt: skip
         self.policy, self.loss, self.pad_id, self.config = policy, loss, pad_id, config
         plan = acceleration or plan_acceleration(SpeedOptions(), str(next(policy.parameters()).device), policy)
@@ -152,9 +152,9 @@ class CellTrainer:
         # per-item inputs of the loss live on the device, so a step gathers them there (a blocking copy from the host
         # would wait for the queued forward pass)
         self.reference = reference_logps.to(device)
-        # the reference model itself, for a loss that needs it in the step (a moving reference, the sequential KL):
-        # a copy of the reference weights per trainer, made when such a loss is first used
-        self.reference_state, self.reference_copy = reference_state, None
+        # the reference model itself, for a loss that needs it in the step: the sweep's frozen one (``reference_model``,
+        # on the device) for the sequential KL; a copy of the reference weights of its own for a reference that moves
+        self.reference_state, self.reference_model, self.reference_copy = reference_state, reference_model, None
         if isinstance(train, ExampleSet):  # an unpaired loss: as many completions a step as a paired one's 2·batch
             self.pairs, self.examples, per_step = [], train.examples, 2 * config.batch_size
             self.desirable = torch.tensor([e.desirable for e in train.examples], dtype=torch.bool, device=device)
@@ -187,16 +187,21 @@ class CellTrainer:
                              f"trainer holds {'examples' if self.examples else 'pairs'}")  # fmt: skip
         loss.reset()
         self.loss, self.sequence_inputs = loss, sequence_inputs(loss)  # what is computed with the policy's sums
-        if {MOVING_REFERENCE, TOKEN_KL} & loss.inputs:  # the reference weights as a model, which a cell may move
-            if self.reference_copy is None:
+        if MOVING_REFERENCE in loss.inputs or (TOKEN_KL in loss.inputs and self.reference_model is None):
+            if self.reference_copy is None or self.reference_copy is self.reference_model:
                 self.reference_copy = copy.deepcopy(self.policy).requires_grad_(False).eval()
-            self.reference_copy.load_state_dict(self.reference_state)
+            self.reference_copy.load_state_dict(self.reference_state)  # the reference weights, which a cell may move
+        elif TOKEN_KL in loss.inputs:
+            self.reference_copy = self.reference_model  # frozen: the sweep's own, no copy
+        else:
+            self.reference_copy = None  # a copy made for an earlier loss is freed
 
     def step(self, index: torch.Tensor | None = None) -> dict[str, float]:
         """One optimizer step on the pairs ``index`` (default: the next batch of the order); its metrics.
 
         Raises ``CellStopped`` when the loss fails or is not finite; the weights and the optimizer's moments are then
         left as they were (with a fused optimizer the learning-rate schedule has advanced: the cell ends there)."""
+        state = {k: v.clone() for k, v in self.loss.state_dict().items()}  # a stateful loss's, before this step
         try:
             return self._step(index)
         except CellStopped:
@@ -206,6 +211,7 @@ class CellTrainer:
                 raise
         # out of the except block, so that the failed attempt's tensors (held by the traceback) are freed first
         self.optimizer.zero_grad(set_to_none=True)  # the failed step never reached the optimizer
+        self.loss.load_state_dict(state)  # nor may it count twice in a running statistic
         return self._step(index)
 
     def _step(self, index: torch.Tensor | None) -> dict[str, float]:
@@ -361,8 +367,10 @@ def train_cell(
     on_step: Callable[[int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     acceleration: Acceleration | None = None,
+    reference_model: Any = None,
 ) -> CellResult:
-    trainer = CellTrainer(policy, reference_state, loss, train, reference_logps, pad_id, config, seed, acceleration)
+    trainer = CellTrainer(policy, reference_state, loss, train, reference_logps, pad_id, config, seed, acceleration,
+                          reference_model)  # fmt: skip
     result = CellResult()
     for index in trainer.order:
         result.batches.append(hash(tuple(index.tolist())))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,9 @@ from dpobench.sweep import SweepConfig, SweepError, plan_cells, run_sweep
 from dpobench.train import TrainConfig
 
 from .test_training import DATA, SFT
+
+#: enough pairs for 4 steps of 16 and a 1:4 thinning, few evaluation prompts: the sweep below is about inputs
+SMALL = replace(DATA, train_prompts=160, heldout_prompts=16, eval_prompts=16)
 
 
 def pairs(n: int) -> PairSet:
@@ -107,7 +111,7 @@ def test_a_sweep_trains_every_kind_of_input(tmp_path: Path) -> None:
 
     def run(out: Path, names: tuple[str, ...]):
         train = TrainConfig(steps=4, batch_size=16)
-        config = SweepConfig(sft=SFT, data_recipe=DATA, train=train, variants=names, step_cost_rounds=2,
+        config = SweepConfig(sft=SFT, data_recipe=SMALL, train=train, variants=names, step_cost_rounds=2,
                              scenarios=("clean", "unpaired-1:4"))  # fmt: skip
         run_sweep(config, out, progress=lambda m: None)
         return Store(out / "results.sqlite")
