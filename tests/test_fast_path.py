@@ -32,7 +32,7 @@ from dpobench.acceleration import (
     plan_acceleration,
 )
 from dpobench.data import Pair, PairSet
-from dpobench.logprobs import collate, pair_rows, reference_logprobs, sequence_logprobs
+from dpobench.logprobs import ReferenceLogps, collate, pair_rows, reference_logprobs, sequence_logprobs
 from dpobench.models import SIZES, load_model
 from dpobench.train import CellStopped, CellTrainer, TrainConfig, batch_order, train_cell
 
@@ -684,3 +684,50 @@ def test_length_buckets_cut_padding_and_keep_every_batch_whole() -> None:
     window = [set(b.tolist()) for b in bucketed[:8]]  # a window's batches hold the same pairs as unsorted ones
     unsorted = torch.randperm(203, generator=torch.Generator().manual_seed(4))[: 8 * size].tolist()
     assert set().union(*window) == set(unsorted)
+
+
+def test_a_step_retried_after_a_compiler_failure_counts_a_stateful_loss_once(setup, start, monkeypatch) -> None:
+    """A compiler that fails in the backward pass (inductor compiles it lazily) fails a step after the loss has run:
+    β-DPO's running mean of the reward gaps has taken the batch in. The retried, eager step restores the loss's
+    buffers first, so the batch counts once: the state after one step equals an eager step's."""
+    policy, _, pad, pairs = setup
+    state, cached = start
+    beta_dpo = dpobench.get_losses()["beta_dpo"].cls
+
+    class FailsOnce(torch.autograd.Function):
+        failed: list[int] = []
+
+        @staticmethod
+        def forward(ctx, losses):  # type: ignore[override]
+            return losses.clone()
+
+        @staticmethod
+        def backward(ctx, grad):  # type: ignore[override]
+            if not FailsOnce.failed:
+                FailsOnce.failed.append(1)
+                raise torch._dynamo.exc.TorchDynamoException("the backward's compiler failed")
+            return grad
+
+    class Flaky(beta_dpo):
+        def forward(self, policy, reference, **extras):
+            out = super().forward(policy, reference, **extras)
+            return out._replace(losses=FailsOnce.apply(out.losses))
+
+    config = TrainConfig(steps=1, batch_size=8, lr=3e-3)
+    # a reference 0.5 nats apart per pair, so that the first step's reward gaps are not 0
+    cached = ReferenceLogps(cached.chosen + 0.3, cached.rejected - 0.2)
+    eager = CellTrainer(policy, state, beta_dpo(filter_ratio=0.0), PairSet(pairs), cached, pad, config, seed=0,
+                        acceleration=Acceleration(compile=False))  # fmt: skip
+    eager.step()
+    expected = float(eager.loss.gap_mean)
+    compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile(fn, backend="eager"))
+    monkeypatch.setattr("dpobench.acceleration._COMPILE_FAILED", [])
+    torch._dynamo.reset()
+    flaky = CellTrainer(policy, state, Flaky(filter_ratio=0.0), PairSet(pairs), cached, pad, config, seed=0,
+                        acceleration=Acceleration(compile=True, compile_by_default=True))  # fmt: skip
+    with pytest.warns(UserWarning, match="torch.compile failed, training eagerly instead"):
+        flaky.step()
+    assert FailsOnce.failed == [1] and expected == pytest.approx(0.1 * -0.5, abs=1e-4)
+    assert float(flaky.loss.gap_mean) == pytest.approx(expected, rel=1e-5)  # not twice the batch
+    torch._dynamo.reset()
