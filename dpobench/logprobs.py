@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from itertools import chain
 from pathlib import Path
@@ -461,27 +461,41 @@ def cached_example_reference(
 ) -> ExampleReference:
     """The reference's log-probs of ``examples`` and their mismatched rows, computed once per (model, examples,
     precision) and kept as safetensors."""
+    n = len(examples.examples)
+
+    def compute() -> dict[str, Tensor]:
+        rows = [(e.prompt, e.completion) for e in examples.examples]
+        rows += [(e.prompt, e.kl_completion) for e in examples.examples]
+        sums, _ = rows_logprobs(model, rows, pad_id, device=device, autocast=autocast)
+        return {"logps": sums[:n], "kl_logps": sums[n:]}
+
+    stored = _cached_tensors(cache_dir, f"{key}|{examples.fingerprint()}|{autocast}|examples",
+                             lambda t: t["logps"].shape == (n,), compute)  # fmt: skip
+    return ExampleReference(stored["logps"], stored["kl_logps"])
+
+
+def _cached_tensors(
+    cache_dir: Path, identity: str, usable: Callable[[dict[str, Tensor]], bool],
+    compute: Callable[[], dict[str, Tensor]],
+) -> dict[str, Tensor]:  # fmt: skip
+    """Named tensors kept as one safetensors file in ``cache_dir/reference`` under a hash of ``identity``: read if
+    the file is there and ``usable(tensors)``, else ``compute()``d and written (atomically). An entry that cannot be
+    read is rebuilt, not trusted."""
     from safetensors.torch import load_file, save_file
 
-    n = len(examples.examples)
-    name = hashlib.sha256(f"{key}|{examples.fingerprint()}|{autocast}|examples".encode()).hexdigest()[:20]
-    path = cache_dir / "reference" / f"{name}.safetensors"
+    path = cache_dir / "reference" / f"{hashlib.sha256(identity.encode()).hexdigest()[:20]}.safetensors"
     if path.is_file():
         try:
             stored = load_file(str(path))
-            if stored["logps"].shape == (n,):
-                return ExampleReference(stored["logps"], stored["kl_logps"])
-        except Exception:  # a corrupted entry is rebuilt, not trusted
+            if usable(stored):
+                return stored
+        except Exception:  # a corrupted entry
             pass
-    rows = [(e.prompt, e.completion) for e in examples.examples] + [
-        (e.prompt, e.kl_completion) for e in examples.examples
-    ]
-    sums, _ = rows_logprobs(model, rows, pad_id, device=device, autocast=autocast)
-    reference = ExampleReference(sums[:n].contiguous(), sums[n:].contiguous())
+    tensors = {name: value.contiguous() for name, value in compute().items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
-        save_file({"logps": reference.logps, "kl_logps": reference.kl_logps}, str(tmp))
-    return reference
+        save_file(tensors, str(tmp))
+    return tensors
 
 
 def _fit(rows: Tensor, width: int) -> Tensor:
@@ -521,20 +535,13 @@ def cached_reference_logprobs(
 ) -> ReferenceLogps:  # fmt: skip
     """``reference_logprobs``, computed once per (model, data, precision, per-token or not) and kept as
     safetensors."""
-    from safetensors.torch import load_file, save_file
 
-    name = hashlib.sha256(f"{key}|{autocast}|{len(pairs)}{'|tokens' * token_logps}".encode()).hexdigest()[:20]
-    path = cache_dir / "reference" / f"{name}.safetensors"
-    if path.is_file():
-        try:
-            stored = load_file(str(path))
-            if stored["chosen"].shape == (len(pairs),) and (not token_logps or "chosen_token_logps" in stored):
-                return ReferenceLogps(**stored)
-        except Exception:  # a corrupted entry is rebuilt, not trusted
-            pass
-    reference = reference_logprobs(model, pairs, pad_id, device=device, autocast=autocast, token_logps=token_logps)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        save_file({f.name: getattr(reference, f.name).contiguous() for f in fields(reference)
-                   if getattr(reference, f.name) is not None}, str(tmp))  # fmt: skip
-    return reference
+    def compute() -> dict[str, Tensor]:
+        reference = reference_logprobs(model, pairs, pad_id, device=device, autocast=autocast, token_logps=token_logps)
+        return {f.name: getattr(reference, f.name) for f in fields(reference) if getattr(reference, f.name) is not None}
+
+    stored = _cached_tensors(
+        cache_dir, f"{key}|{autocast}|{len(pairs)}{'|tokens' * token_logps}",
+        lambda t: t["chosen"].shape == (len(pairs),) and (not token_logps or "chosen_token_logps" in t), compute,
+    )  # fmt: skip
+    return ReferenceLogps(**stored)
