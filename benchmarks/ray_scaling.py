@@ -1,8 +1,9 @@
 """Ray executor against the in-process sweep: wall time of the same sweep, the two in turn, as ratios.
 
-Each round runs `dpobench run` three times into fresh output folders, sharing one cache (the SFT model and the
-reference log-probs, built by a warm-up run first): in-process with every core's threads (torch's default),
-in-process with ``--threads`` threads (what one Ray worker has), and with
+Each round runs `dpobench run` four times into fresh output folders, sharing one cache (the SFT model and the
+reference log-probs, built by a warm-up run first): in-process one cell at a time with every core's threads
+(torch's default), the same with ``--threads`` threads (what one Ray worker has), in-process as by default (small
+cells side by side, one thread each: ``--parallel-cells`` auto), and with
 `--executor ray` on a Ray of ``--workers`` × ``--threads`` CPUs (``ray start --head --num-cpus``, joined with
 ``--ray-address``), each cell asking for ``--threads``. The Ray run's wall time includes starting and stopping Ray
 and its workers. Ray runs inside a new network namespace (``unshare --net``, only ``lo`` up) so that it listens on
@@ -74,25 +75,33 @@ def main() -> None:
     if args.device.startswith("cuda"):
         ray_options += ["--cells-per-gpu", str(args.cells_per_gpu)]
     timed(sweep(variants[:1], scratch / "warm-up", args.steps, args.device), env)  # SFT model, pairs, reference
-    here, narrow, ray = [], [], []
+    here, narrow, side, ray = [], [], [], []
+    one_at_a_time = ["--parallel-cells", "1"]
     for round_ in range(args.rounds):
-        here.append(timed(sweep(variants, scratch / f"here-{round_}", args.steps, args.device), env))
+        here.append(timed(sweep(variants, scratch / f"here-{round_}", args.steps, args.device) + one_at_a_time, env))
         one_worker = {**env, "OMP_NUM_THREADS": str(args.threads)}
-        narrow.append(timed(sweep(variants, scratch / f"narrow-{round_}", args.steps, args.device), one_worker))
+        command = sweep(variants, scratch / f"narrow-{round_}", args.steps, args.device) + one_at_a_time
+        narrow.append(timed(command, one_worker))
+        side.append(timed(sweep(variants, scratch / f"side-{round_}", args.steps, args.device), env))
         command = sweep(variants, scratch / f"ray-{round_}", args.steps, args.device) + ray_options
         ray.append(timed(on_ray(command, args.workers * args.threads), env))
-    ratios = [r / h for r, h in zip(ray, here, strict=True)]
-    narrow_ratios = [r / n for r, n in zip(ray, narrow, strict=True)]
+    columns = [
+        here,
+        narrow,
+        side,
+        ray,
+        *([r / o for r, o in zip(ray, other, strict=True)] for other in (here, narrow, side)),
+    ]
     print(f"{args.cells} cells of {args.steps} steps on {args.device}; Ray: {args.workers} workers × {args.threads} "
           f"thread(s); in-process: torch's default threads ({os.cpu_count()} cores)")  # fmt: skip
-    print(f"| round | in-process wall s | in-process, {args.threads} thread(s), wall s | Ray wall s | Ray / in-process "
-          f"| Ray / in-process on {args.threads} thread(s) |")  # fmt: skip
-    print("|---|---|---|---|---|---|")
-    rows = zip(here, narrow, ray, ratios, narrow_ratios, strict=True)
-    for round_, (h, n, r, q, qn) in enumerate(rows, start=1):
-        print(f"| {round_} | {h:.1f} | {n:.1f} | {r:.1f} | {q:.2f} | {qn:.2f} |")
-    medians = [statistics.median(column) for column in (here, narrow, ray, ratios, narrow_ratios)]
-    print("| median | {:.1f} | {:.1f} | {:.1f} | {:.2f} | {:.2f} |".format(*medians))
+    print(f"| round | in-process wall s | in-process, {args.threads} thread(s), wall s | in-process side by side "
+          f"wall s | Ray wall s | Ray / in-process | Ray / in-process on {args.threads} thread(s) | Ray / side by "
+          "side |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
+    for round_, row in enumerate(zip(*columns, strict=True), start=1):
+        print(f"| {round_} | " + " | ".join(f"{v:.{2 if i > 3 else 1}f}" for i, v in enumerate(row)) + " |")
+    medians = [statistics.median(column) for column in columns]
+    print("| median | " + " | ".join(f"{v:.{2 if i > 3 else 1}f}" for i, v in enumerate(medians)) + " |")
     shutil.rmtree(scratch, ignore_errors=True)
 
 

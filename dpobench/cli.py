@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import signal
 import sys
@@ -350,8 +351,9 @@ _ParamOption = Annotated[
 _ReportOption = Annotated[bool, typer.Option(help="Write report.html and report.pdf beside the store.")]
 _ExecutorOption = Annotated[
     str | None,
-    typer.Option(help=f"Where cells run: process (one after another, here) or ray (each a Ray task; "
-                 f"pip install 'dpobench[ray]'). Default {_default('executor')}."),
+    typer.Option(help=f"Where cells run: process (here: one after another, or side by side on the CPU, see "
+                 f"--parallel-cells) or ray (each a Ray task; pip install 'dpobench[ray]'). Default "
+                 f"{_default('executor')}."),
 ]  # fmt: skip
 _RayAddressOption = Annotated[
     str | None,
@@ -367,6 +369,12 @@ _CellsPerGpuOption = Annotated[
     int | None,
     typer.Option(help=f"With --executor ray on CUDA: cells sharing one GPU (default {_default('cells_per_gpu')}).",
                  min=1),
+]  # fmt: skip
+_ParallelCellsOption = Annotated[
+    str | None,
+    typer.Option(metavar="N|auto", help="With --executor process on the CPU: cells trained side by side, each on one "
+                 "thread (auto: one per core where the model has under 1 M trainable parameters, whose step cannot "
+                 "use several cores; else 1). Default auto."),
 ]  # fmt: skip
 _StepCostRoundsOption = Annotated[
     int | None,
@@ -421,6 +429,7 @@ def run(
     ray_address: _RayAddressOption = None,
     threads_per_cell: _ThreadsPerCellOption = None,
     cells_per_gpu: _CellsPerGpuOption = None,
+    parallel_cells: _ParallelCellsOption = None,
     step_cost_rounds: _StepCostRoundsOption = None,
     lora: _LoraOption = None,
     lora_rank: _LoraRankOption = None,
@@ -638,7 +647,7 @@ def _stop_after_step(cells: Any):
         if requested["stop"] or not cells.training:
             raise KeyboardInterrupt
         requested["stop"] = True
-        if getattr(cells, "in_flight", 0):  # cells trained elsewhere (Ray) cannot finish their step: they are dropped
+        if cells.in_flight and cells.elsewhere:  # cells trained elsewhere (Ray) cannot finish their step: dropped
             err.print(f"stopping: cancelling the {cells.in_flight} cells in flight; finished cells are kept",
                       highlight=False)  # fmt: skip
         else:
@@ -664,6 +673,7 @@ def _sweep_progress() -> Any:
             self.progress: Any = None  # started with the first cell: errors before it print on a clean line
             self.sweep = self.cell = None
             self.total = self.finished = self.failed = self.in_flight = 0
+            self.elsewhere = False  # the cells in flight train in other processes (Ray), not side by side here
             return self
 
         def begin(self, cells: int) -> None:
@@ -680,7 +690,6 @@ def _sweep_progress() -> Any:
 
         def start(self, label: str, steps: int) -> None:
             self.training = True
-            self.started = time.perf_counter()
             if self.cell is not None:
                 self.progress.remove_task(self.cell)
             self.cell = self.progress.add_task(label, total=steps)
@@ -688,11 +697,11 @@ def _sweep_progress() -> Any:
         def advance(self, step: int) -> None:
             self.progress.update(self.cell, completed=step)
 
-        def running(self, cells: int) -> None:
-            self.training, self.in_flight = cells > 0, cells
+        def running(self, cells: int, here: bool = False) -> None:
+            self.training, self.in_flight, self.elsewhere = cells > 0, cells, not here
             self.progress.update(self.sweep, description=self._sweep_line())
 
-        def done(self, label: str, status: str, error: str = "") -> None:
+        def done(self, label: str, status: str, error: str = "", seconds: float = math.nan) -> None:
             self.training = self.in_flight > 0
             self.finished += 1
             self.failed += status != "done"
@@ -701,8 +710,7 @@ def _sweep_progress() -> Any:
                 err.print(f"[bold red]{status}:[/] {escape(label)}{': ' + escape(error) if error else ''}",
                           highlight=False)  # fmt: skip
             elif not err.is_terminal:  # a log file gets no progress bar: one line per finished cell instead
-                took = f" in {time.perf_counter() - self.started:.1f} s" if self.cell is not None else ""
-                err.print(f"{escape(label)}: done{took}", highlight=False)
+                err.print(f"{escape(label)}: done in {seconds:.1f} s", highlight=False)
 
         def _sweep_line(self) -> str:
             parts = [f"{self.in_flight} in flight"] if self.in_flight else []  # running, or queued for a worker

@@ -72,6 +72,8 @@ class ExecutorOptions:
     ray_address: str | None = None  # None: start a local Ray; "auto" or HOST:PORT: join a running cluster
     threads_per_cell: int = 1  # CPU threads (Ray CPUs) each Ray task asks for and torch uses
     cells_per_gpu: int = 1  # on CUDA, Ray tasks sharing one GPU (each asks for 1/N of it)
+    #: "process" on the CPU: cells trained side by side, each on one thread (``sweep.cells_at_once``); 0: auto
+    parallel_cells: int = 0
 
 
 #: the executors ``--executor`` names
@@ -172,6 +174,11 @@ def _executor(value: object, key: str) -> str:
     return str(value)
 
 
+def _parallel_cells(value: object, key: str) -> int:
+    """``auto`` (0) or a count ≥ 1."""
+    return 0 if value in ("auto", 0) else int(_number(value, key, int, 1))
+
+
 def _labels(value: object, key: str) -> str:
     if value not in ("hard", "bt"):
         raise SweepError(f"{key} = {value!r}: use one of hard, bt")
@@ -216,6 +223,7 @@ OPTIONS: dict[str, Option] = {
     "ray_address": Option(lambda value, key: str(value) if value else None, "executor.ray_address"),
     "threads_per_cell": Option(_integer(1), "executor.threads_per_cell"),
     "cells_per_gpu": Option(_integer(1), "executor.cells_per_gpu"),
+    "parallel_cells": Option(_parallel_cells, "executor.parallel_cells"),
     "step_cost_rounds": Option(_integer(0), "step_cost_rounds"),
     "lora": Option(_flag, "lora.enabled"),
     "lora_rank": Option(_integer(1), "lora.rank"),
@@ -402,6 +410,11 @@ def check_config(config: SweepConfig, names: list[str], device: str) -> None:
     except ValueError as error:
         raise SweepError(str(error)) from None
     check_executor(config.executor)
+    if config.executor.parallel_cells > 1 and (device != "cpu" or config.speed.compile):
+        why = "compiled layers are not shared between threads" if device == "cpu" else f"this sweep runs on {device}"
+        raise SweepError(f"--parallel-cells {config.executor.parallel_cells}: cells train side by side on the CPU "
+                         f"only, eagerly ({why}); use --parallel-cells 1, or --executor ray --cells-per-gpu N on a "
+                         "GPU")  # fmt: skip
     check_lora(config.lora)
 
 
@@ -438,6 +451,11 @@ def check_executor(options: ExecutorOptions) -> None:
                     "cells_per_gpu": options.cells_per_gpu != 1}  # fmt: skip
         _only_with(ray_only, 'needs --executor ray (executor = "ray")', "that")
         return
+    if options.parallel_cells:
+        raise SweepError(
+            f"--parallel-cells {options.parallel_cells}: trains cells side by side in this process; "
+            "with --executor ray each cell is a task (--threads-per-cell sets its threads): drop one"
+        )
     if importlib.util.find_spec("ray") is None:
         raise SweepError("--executor ray: Ray is not installed; pip install 'dpobench[ray]'")
     if options.ray_address not in (None, "auto"):

@@ -12,6 +12,7 @@ Three steps, each a function a reader can follow on its own:
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import copy
 import hashlib
@@ -19,7 +20,9 @@ import itertools
 import json
 import math
 import os
+import queue
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
@@ -393,9 +396,10 @@ class Finished:
 class Progress:
     """What a sweep reports as it goes; each method does nothing here, and a display overrides what it shows.
 
-    The driver calls ``begin`` with the number of cells to run and ``done`` as each is committed; an executor calls
-    ``start`` / ``advance`` for a cell it trains in this process (its steps), or ``running`` with how many cells
-    it has in flight elsewhere."""
+    The driver calls ``begin`` with the number of cells to run and ``done`` as each is committed (with the seconds
+    it took); an executor calls ``start`` / ``advance`` for the one cell it trains in this process (its steps), or
+    ``running`` with how many cells it has in flight, and whether ``here``, in this process (side by side: a stop
+    request lets them finish their step), or elsewhere (a worker drops them)."""
 
     def begin(self, cells: int) -> None: ...
 
@@ -403,9 +407,9 @@ class Progress:
 
     def advance(self, step: int) -> None: ...
 
-    def running(self, cells: int) -> None: ...
+    def running(self, cells: int, here: bool = False) -> None: ...
 
-    def done(self, label: str, status: str, error: str = "") -> None: ...
+    def done(self, label: str, status: str, error: str = "", seconds: float = math.nan) -> None: ...
 
 
 #: where cells run: given the prepared sweep, the cells to run, a ``Progress`` and a stop request, it yields each
@@ -414,10 +418,32 @@ class Progress:
 Executor = Callable[[Prepared, list[Pending], Progress, Callable[[], bool]], Iterator[Finished]]
 
 
+#: a model below this many trainable parameters is too small for torch to spread one step over several cores: on
+#: 2 cores the `tiny` step ran 1.1-1.3x faster on 2 threads than on 1, two `tiny` cells side by side on 1 thread each
+#: 1.4-1.5x the cells/s of one on 2; `small` (3 M) gained 1.0-1.1x side by side (benchmarks/RESULTS.md)
+SIDE_BY_SIDE_BELOW = 1_000_000
+
+
+def cells_at_once(prepared: Prepared) -> int:
+    """How many cells ``run_in_process`` trains at the same time: ``--parallel-cells``, or by default (0) one per
+    core this process may use where a cell's step cannot use them all (an eager CPU step of a model below
+    ``SIDE_BY_SIDE_BELOW`` trainable parameters), else 1."""
+    asked = prepared.config.executor.parallel_cells
+    if asked:
+        return asked
+    trainable = sum(p.numel() for p in prepared.policy.parameters() if p.requires_grad)
+    small = trainable < SIDE_BY_SIDE_BELOW and prepared.plan.device == "cpu" and not prepared.acceleration.compile
+    return len(os.sched_getaffinity(0)) if small and hasattr(os, "sched_getaffinity") else 1
+
+
 def run_in_process(
     prepared: Prepared, pending: list[Pending], progress: Progress, should_stop: Callable[[], bool]
 ) -> Iterator[Finished]:
-    """The default executor: each cell in turn, in this process."""
+    """The default executor: each cell in turn in this process, or ``cells_at_once`` side by side."""
+    at_once = min(cells_at_once(prepared), len(pending))
+    if at_once > 1:
+        yield from _side_by_side(prepared, pending, progress, should_stop, at_once)
+        return
     for item in pending:
         if should_stop():
             return
@@ -425,6 +451,44 @@ def run_in_process(
         started = time.time()
         result = run_cell(prepared, item.cell, progress.advance, should_stop)
         yield Finished(item, result, started, time.time())
+
+
+def _side_by_side(
+    prepared: Prepared, pending: list[Pending], progress: Progress, should_stop: Callable[[], bool], at_once: int
+) -> Iterator[Finished]:
+    """``at_once`` cells at a time on threads of this process, each with a policy of its own and one torch thread
+    (so a cell's numbers do not depend on what trains beside it); each yielded as it finishes. Leaving early (a
+    stop request, an error in the driver) stops the cells in flight at their next step."""
+    policies: queue.SimpleQueue[Any] = queue.SimpleQueue()
+    for number in range(at_once):
+        policies.put(prepared.policy if number == 0 else copy.deepcopy(prepared.policy))
+    leaving = threading.Event()
+    stop = lambda: leaving.is_set() or should_stop()  # noqa: E731
+
+    def train(item: Pending) -> Finished:
+        policy = policies.get()
+        try:
+            started = time.time()
+            return Finished(item, run_cell(replace(prepared, policy=policy), item.cell, should_stop=stop), started,
+                            time.time())  # fmt: skip
+        finally:
+            policies.put(policy)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # for the whole process: every cell in flight trains on one thread
+    pool = concurrent.futures.ThreadPoolExecutor(at_once, thread_name_prefix="dpobench-cell")
+    try:
+        in_flight = {pool.submit(train, item) for item in pending}
+        progress.running(min(at_once, len(in_flight)), here=True)
+        while in_flight and not stop():
+            done, in_flight = concurrent.futures.wait(in_flight, return_when=concurrent.futures.FIRST_COMPLETED)
+            for future in done:
+                progress.running(min(at_once, len(in_flight)), here=True)
+                yield future.result()
+    finally:
+        leaving.set()
+        pool.shutdown(wait=True, cancel_futures=True)
+        torch.set_num_threads(threads)
 
 
 def executor_for(config: SweepConfig) -> Executor:
@@ -525,7 +589,7 @@ def _execute(
                 )
             store.write_cell(_cell_row(prepared, base, done), result.steps, result.evaluations)
             committed += 1
-            cell_progress.done(done.pending.label, result.status, result.error)
+            cell_progress.done(done.pending.label, result.status, result.error, done.finished - done.started)
             if should_stop():  # Ctrl-C after the cell's last step: it is kept, and so is the request to stop (the
                 break  # cells left, or the summary and report, wait for a rerun)
     if should_stop():

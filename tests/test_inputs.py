@@ -9,10 +9,12 @@ import re
 from dataclasses import replace
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
 import dpobench
+from dpobench.config import ExecutorOptions
 from dpobench.data import DataError, Pair, PairSet, apply_scenario, decode_completion, desirable_ratio, unroll
 from dpobench.losses import Completions
 from dpobench.store import Store
@@ -103,29 +105,43 @@ def test_kto_on_pairs_is_the_mean_of_its_two_examples_losses() -> None:
 
 
 def test_a_sweep_trains_every_kind_of_input(tmp_path: Path) -> None:
-    """One sweep: per-token (LD-DPO, SamPO), the sequential KL (TDPO), margins (ODPO), state (β-DPO, BCO), a moving reference (TR-DPO) and
-    unpaired (KTO, on the pairs unrolled and on 1:4 examples) cells all train; the ones that draw at random or keep
-    state are reproducible: a second sweep of them into another store gives the same losses. KTO's steps report each
+    """One sweep: per-token (LD-DPO, SamPO), the sequential KL (TDPO), margins (ODPO), state (β-DPO, BCO), a moving
+    reference (TR-DPO) and unpaired (KTO, on the pairs unrolled and on 1:4 examples) cells all train, two side by
+    side; the ones that draw at random or keep state are reproducible whatever trains beside them: a second sweep of
+    them, one at a time on one thread, gives the same steps and evaluations bit for bit. KTO's steps report each
     side's rewards and no reward accuracy (it has no pairs); unpaired step costs are measured beside the paired ones."""
     variants = ("dpo", "ld_dpo", "sampo", "tdpo", "odpo", "beta_dpo", "tr_dpo", "kto", "bco")
 
-    def run(out: Path, names: tuple[str, ...]):
+    def run(out: Path, names: tuple[str, ...], parallel_cells: int):
         train = TrainConfig(steps=4, batch_size=16)
         config = SweepConfig(sft=SFT, data_recipe=SMALL, train=train, variants=names, step_cost_rounds=2,
-                             scenarios=("clean", "unpaired-1:4"))  # fmt: skip
+                             scenarios=("clean", "unpaired-1:4"),
+                             executor=ExecutorOptions(parallel_cells=parallel_cells))  # fmt: skip
         run_sweep(config, out, progress=lambda m: None)
         return Store(out / "results.sqlite")
 
-    first, second = run(tmp_path / "a", variants), run(tmp_path / "b", ("sampo", "beta_dpo", "kto"))
+    first = run(tmp_path / "a", variants, parallel_cells=2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # what each of the side-by-side cells had
+    try:
+        second = run(tmp_path / "b", ("sampo", "beta_dpo", "kto"), parallel_cells=1)
+    finally:
+        torch.set_num_threads(threads)
     cells = first.frame("cells").query("role != 'reference'")
     assert sorted(zip(cells.variant, cells.scenario, strict=True)) == sorted(
         [(v, "clean") for v in variants] + [("kto", "unpaired-1:4"), ("bco", "unpaired-1:4")]
     )
     assert (cells.status == "done").all(), cells[["variant", "error"]]
-    again = second.frame("steps").sort_values(["cell_id", "step"]).reset_index(drop=True)
-    same = first.frame("steps")
-    same = same[same.cell_id.isin(again.cell_id)].sort_values(["cell_id", "step"]).reset_index(drop=True)
-    assert len(again) == 4 * 4 and same.loss.tolist() == again.loss.tolist()  # SamPO's draws, β-DPO's state
+    timing = ["step_time_ms", "pairs_per_s", "tokens_per_s", "peak_memory_mb"]
+    for table in ("steps", "evaluations"):
+        again = second.frame(table)
+        again = again[again.cell_id.isin(cells.cell_id)]  # not the reference's evaluation
+        same = first.frame(table)
+        same = same[same.cell_id.isin(again.cell_id)]
+        assert len(again) == {"steps": 4 * 4, "evaluations": 4}[table]  # SamPO, β-DPO, KTO on both scenarios
+        again, same = (t.drop(columns=[c for c in timing if c in t]).sort_values(["cell_id", "step"])
+                       .reset_index(drop=True) for t in (again, same))  # fmt: skip
+        pd.testing.assert_frame_equal(same, again, check_exact=True)
     steps = first.frame("steps")
     kto = steps[steps.cell_id.isin(cells[cells.variant == "kto"].cell_id)]
     assert kto.reward_accuracy.isna().all() and kto.chosen_reward.notna().all() and kto.rejected_reward.notna().all()

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 import signal
 import sqlite3
 import subprocess
@@ -361,7 +362,7 @@ def test_ctrl_c_after_a_cells_last_step_stops_the_sweep_after_that_cell(tmp_path
     class StopDuringFirstEvaluation(Progress):  # the CLI's progress display; the stop request arrives as the cell ends
         stop = False
 
-        def done(self, label: str, status: str, error: str = "") -> None:
+        def done(self, label: str, status: str, error: str = "", seconds: float = math.nan) -> None:
             self.stop = True
 
     progress = StopDuringFirstEvaluation()
@@ -371,7 +372,10 @@ def test_ctrl_c_after_a_cells_last_step_stops_the_sweep_after_that_cell(tmp_path
         run_sweep(config, tmp_path, progress=lambda m: None, cell_progress=progress, should_stop=lambda: progress.stop)
     with sqlite3.connect(tmp_path / "results.sqlite") as db:
         cells = dict(db.execute("SELECT variant, status FROM cells"))
-    assert cells == {"(reference)": "done", "dpo": "done"}
+    # the cell that finished first (side by side, either), and not the other, which stopped at its next step
+    assert len(cells) == 2 and cells.pop("(reference)") == "done" and list(cells.items()) in (
+        [("dpo", "done")], [("ipo", "done")]
+    )  # fmt: skip
 
 
 def test_csv_pairs_with_weights(tmp_path: Path) -> None:

@@ -293,3 +293,37 @@ def test_a_cell_run_alone_from_the_plan_equals_its_cell_in_the_sweep(tmp_path: P
     again = cell_finals(read_tidy(tmp_path / "backwards")).set_index("variant")
     timing = ["step_time_ms", "pairs_per_s", "tokens_per_s", "peak_memory_mb", "run_id"]
     pd.testing.assert_frame_equal(again.drop(columns=timing).sort_index(), stored.drop(columns=timing).sort_index())
+
+
+def test_cells_train_side_by_side_where_one_cannot_use_the_cores(untrained_model: Path) -> None:
+    """By default, cells of a model under 1 M trainable parameters train side by side on the CPU, one per core (its
+    step cannot use several); a larger model, a compiled step or another device trains one at a time; an asked
+    count is taken as given. Side by side needs the CPU, eager layers and the in-process executor."""
+    import os
+    from types import SimpleNamespace
+
+    from dpobench.config import ExecutorOptions, check_executor, load_config
+    from dpobench.sweep import cells_at_once, plan_sweep
+
+    tiny, _ = load_model(untrained_model)
+    large = torch.nn.Linear(1000, 1000)  # 1,001,000 parameters
+
+    def at_once(policy, device="cpu", compile=False, asked=0) -> int:
+        config = SweepConfig(executor=ExecutorOptions(parallel_cells=asked))
+        return cells_at_once(SimpleNamespace(config=config, policy=policy, plan=SimpleNamespace(device=device),
+                                             acceleration=SimpleNamespace(compile=compile)))  # fmt: skip
+
+    cores = len(os.sched_getaffinity(0))
+    assert at_once(tiny) == cores and at_once(large) == 1
+    assert at_once(tiny, compile=True) == 1 and at_once(tiny, device="cuda") == 1
+    assert at_once(large, asked=3) == 3 and at_once(tiny, asked=1) == 1
+    assert load_config({"parallel_cells": "auto"}).executor.parallel_cells == 0
+    assert load_config({"parallel_cells": "2"}).executor.parallel_cells == 2
+    with pytest.raises(SweepError, match=r"parallel_cells = '0': must be ≥ 1"):
+        load_config({"parallel_cells": "0"})
+    with pytest.raises(SweepError, match=r"--parallel-cells 2: cells train side by side on the CPU only, eagerly "
+                       r"\(compiled layers are not shared between threads\); use --parallel-cells 1"):  # fmt: skip
+        plan_sweep(load_config({"parallel_cells": 2, "compile": True, "device": "cpu"}))
+    with pytest.raises(SweepError, match=r"--parallel-cells 2: trains cells side by side in this process; with "
+                       r"--executor ray each cell is a task"):  # fmt: skip
+        check_executor(load_config({"executor": "ray", "parallel_cells": 2}).executor)

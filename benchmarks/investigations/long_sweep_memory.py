@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import tempfile
 import time
@@ -38,7 +39,7 @@ class Recorder(Progress):
     def advance(self, step: int) -> None:
         pass
 
-    def done(self, label: str, status: str, error: str = "") -> None:
+    def done(self, label: str, status: str, error: str = "", seconds: float = math.nan) -> None:
         self.readings.append((time.perf_counter(), rss_mb()))
 
 
