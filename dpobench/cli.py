@@ -372,9 +372,9 @@ _CellsPerGpuOption = Annotated[
 ]  # fmt: skip
 _ParallelCellsOption = Annotated[
     str | None,
-    typer.Option(metavar="N|auto", help="With --executor process on the CPU: cells trained side by side, each on one "
-                 "thread (auto: one per core where the model has under 1 M trainable parameters, whose step cannot "
-                 "use several cores; else 1). Default auto."),
+    typer.Option(metavar="N|auto", help="With --executor process on a Linux CPU: cells trained side by side, each in a "
+                 "worker process on one thread (auto: one per core where the model has under 1 M trainable "
+                 "parameters, whose step cannot use several cores; else 1). Default auto."),
 ]  # fmt: skip
 _StepCostRoundsOption = Annotated[
     int | None,

@@ -350,11 +350,6 @@ class PreferenceLoss(nn.Module):
     inputs: frozenset[str] = frozenset()
     #: hyper-parameters, with defaults and valid ranges
     params: ClassVar[dict[str, Param]] = {}
-    #: where a variant that draws at random takes its numbers (``torch.rand(..., generator=self.generator)``): the
-    #: harness seeds one per cell from the cell's seed, on the loss's device, so that a cell's draws are its own when
-    #: cells train side by side (the global generator is shared by every thread). None outside the harness: torch's
-    #: global generator
-    generator: torch.Generator | None = None
 
     def __init__(self, **hparams: Any) -> None:
         super().__init__()

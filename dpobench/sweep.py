@@ -19,10 +19,10 @@ import hashlib
 import itertools
 import json
 import math
+import multiprocessing
 import os
-import queue
+import signal
 import subprocess
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
@@ -418,9 +418,13 @@ class Progress:
 Executor = Callable[[Prepared, list[Pending], Progress, Callable[[], bool]], Iterator[Finished]]
 
 
-#: a model below this many trainable parameters is too small for torch to spread one step over several cores: on
-#: 2 cores the `tiny` step ran 1.1-1.3x faster on 2 threads than on 1, two `tiny` cells side by side on 1 thread each
-#: 1.4-1.5x the cells/s of one on 2; `small` (3 M) gained 1.0-1.1x side by side (benchmarks/RESULTS.md)
+#: side by side, cells train in forked worker processes: Linux (elsewhere one at a time)
+_CAN_FORK = hasattr(os, "sched_getaffinity") and "fork" in multiprocessing.get_all_start_methods()
+
+#: below this many trainable parameters, cells train side by side by default: the default run's 46 `tiny` cells
+#: took 0.71x the wall time of one at a time on 2 cores, where torch's two threads gave one `tiny` step only 1.0-1.6x
+#: over one thread (benchmarks/RESULTS.md). Larger models, whose step uses the cores better and whose copies cost more
+#: memory, were not measured side by side at the sweep's scale: they train one at a time unless asked
 SIDE_BY_SIDE_BELOW = 1_000_000
 
 
@@ -433,7 +437,7 @@ def cells_at_once(prepared: Prepared) -> int:
         return asked
     trainable = sum(p.numel() for p in prepared.policy.parameters() if p.requires_grad)
     small = trainable < SIDE_BY_SIDE_BELOW and prepared.plan.device == "cpu" and not prepared.acceleration.compile
-    return len(os.sched_getaffinity(0)) if small and hasattr(os, "sched_getaffinity") else 1
+    return len(os.sched_getaffinity(0)) if small and _CAN_FORK else 1
 
 
 def run_in_process(
@@ -453,42 +457,57 @@ def run_in_process(
         yield Finished(item, result, started, time.time())
 
 
+#: the sweep that side-by-side workers train from: set just before they fork, so that each inherits it (only a
+#: cell's number goes to a worker, and its result back)
+_FORKED: tuple[Prepared, list[Pending], Any] | None = None
+
+
 def _side_by_side(
     prepared: Prepared, pending: list[Pending], progress: Progress, should_stop: Callable[[], bool], at_once: int
 ) -> Iterator[Finished]:
-    """``at_once`` cells at a time on threads of this process, each with a policy of its own and one torch thread
-    (so a cell's numbers do not depend on what trains beside it); each yielded as it finishes. Leaving early (a
-    stop request, an error in the driver) stops the cells in flight at their next step."""
-    policies: queue.SimpleQueue[Any] = queue.SimpleQueue()
-    for number in range(at_once):
-        policies.put(prepared.policy if number == 0 else copy.deepcopy(prepared.policy))
-    leaving = threading.Event()
-    stop = lambda: leaving.is_set() or should_stop()  # noqa: E731
-
-    def train(item: Pending) -> Finished:
-        policy = policies.get()
-        try:
-            started = time.time()
-            return Finished(item, run_cell(replace(prepared, policy=policy), item.cell, should_stop=stop), started,
-                            time.time())  # fmt: skip
-        finally:
-            policies.put(policy)
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # for the whole process: every cell in flight trains on one thread
-    pool = concurrent.futures.ThreadPoolExecutor(at_once, thread_name_prefix="dpobench-cell")
+    """``at_once`` cells at a time, each in a worker process forked from this one (so it has the prepared sweep, its
+    own copy of the policy and its own interpreter: Python threads would wait on each other's interpreter lock) on
+    one torch thread, so that a cell's numbers do not depend on what trains beside it. Each is yielded as it
+    finishes. A stop request reaches the workers, whose cells stop after their step; leaving early stops them too."""
+    global _FORKED
+    context = multiprocessing.get_context("fork")
+    stop = context.Event()
+    _FORKED = (prepared, pending, stop)
+    pool = concurrent.futures.ProcessPoolExecutor(at_once, mp_context=context, initializer=_start_worker)
     try:
-        in_flight = {pool.submit(train, item) for item in pending}
+        in_flight = {pool.submit(_train_forked, number): item for number, item in enumerate(pending)}
         progress.running(min(at_once, len(in_flight)), here=True)
-        while in_flight and not stop():
-            done, in_flight = concurrent.futures.wait(in_flight, return_when=concurrent.futures.FIRST_COMPLETED)
+        while in_flight:
+            if should_stop():
+                stop.set()
+            done, _ = concurrent.futures.wait(in_flight, timeout=0.2, return_when=concurrent.futures.FIRST_COMPLETED)
             for future in done:
+                item = in_flight.pop(future)
                 progress.running(min(at_once, len(in_flight)), here=True)
-                yield future.result()
+                try:
+                    result, started, finished = future.result()
+                except concurrent.futures.process.BrokenProcessPool:
+                    raise SweepError(f"the worker process training {item.label} died (out of memory?); finished cells "
+                                     "are in the store: rerun the same command, with --parallel-cells 1 to train "
+                                     "one cell at a time") from None  # fmt: skip
+                yield Finished(item, result, started, finished)
     finally:
-        leaving.set()
+        stop.set()
         pool.shutdown(wait=True, cancel_futures=True)
-        torch.set_num_threads(threads)
+        _FORKED = None
+
+
+def _start_worker() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's: it asks the cells to stop after their step
+    torch.set_num_threads(1)
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the tokenizer's own threads, after a fork: its advice
+
+
+def _train_forked(number: int) -> tuple[CellResult, float, float]:
+    assert _FORKED is not None  # inherited from the driver
+    prepared, pending, stop = _FORKED
+    started = time.time()
+    return run_cell(prepared, pending[number].cell, should_stop=stop.is_set), started, time.time()
 
 
 def executor_for(config: SweepConfig) -> Executor:

@@ -140,8 +140,7 @@ class CellTrainer:
         policy.load_state_dict(reference_state)  # start from the reference weights
         policy.to(device).train()
         policy.zero_grad(set_to_none=True)  # a cell that ended mid-backward (out of memory) may have left some
-        torch.manual_seed(seed)  # for a plugin that draws from torch's global generator, not its own ``generator``
-        self.seed, self.device = seed, device
+        torch.manual_seed(seed)
         # fused on the CPU too: one kernel for all parameters (on 2 cores 3.3-4.1x the per-tensor loop's speed,
         # benchmarks/investigations/optimizer_speed.py), and its found_inf lets a non-finite step be skipped on the device
         # listed once, so the step's gradient clipping walks no modules; the trainable ones only (LoRA: the adapters)
@@ -187,7 +186,6 @@ class CellTrainer:
             raise ValueError(f"loss {loss.name!r} trains on {'unpaired examples' if loss.unpaired else 'pairs'}; this "
                              f"trainer holds {'examples' if self.examples else 'pairs'}")  # fmt: skip
         loss.reset()
-        loss.generator = torch.Generator(self.device).manual_seed(self.seed)  # its draws, the same in every cell
         self.loss, self.sequence_inputs = loss, sequence_inputs(loss)  # what is computed with the policy's sums
         if MOVING_REFERENCE in loss.inputs or (TOKEN_KL in loss.inputs and self.reference_model is None):
             if self.reference_copy is None or self.reference_copy is self.reference_model:
@@ -425,7 +423,7 @@ class Evaluator:
         """Metrics of ``policy`` after ``step`` steps; ``loss=None`` skips the implicit rewards (the reference)."""
         policy.eval()
         try:
-            return {"step": step, **self._samples(policy, seed), **(self._heldout(policy, loss, seed) if loss else {})}
+            return {"step": step, **self._samples(policy, seed), **(self._heldout(policy, loss) if loss else {})}
         finally:
             policy.train()
 
@@ -468,7 +466,7 @@ class Evaluator:
         model.to(was_on)
         return out
 
-    def _heldout(self, policy: Any, loss: PreferenceLoss, seed: int) -> dict[str, float]:
+    def _heldout(self, policy: Any, loss: PreferenceLoss) -> dict[str, float]:
         pairs = self.data.heldout.pairs
         if not pairs:
             return {}
@@ -477,16 +475,14 @@ class Evaluator:
         tokens = torch.tensor([len(p.chosen) for p in pairs] + [len(p.rejected) for p in pairs], dtype=torch.float32)
         width = max(max(len(p.chosen), len(p.rejected)) for p in pairs)
         reference = self.heldout_reference.select(torch.arange(n), tokens[:n], tokens[n:], width)
-        was_training, generator = loss.training, loss.generator
+        was_training = loss.training
         held = next((t.device for t in itertools.chain(loss.buffers(), loss.parameters())), None)
         loss.eval().cpu()  # a stateful loss does not learn from held-out pairs; its state meets them on the CPU
-        loss.generator = torch.Generator().manual_seed(seed)  # and its draws are the same at every evaluation
         try:
             out = call_loss(loss, LogProbs.from_rows(policy_lp, tokens, statistics), reference,
                             **pair_inputs(pairs, "cpu"))  # fmt: skip
         finally:
             loss.train(was_training)
-            loss.generator = generator
             if held is not None:
                 loss.to(held)
         margin = out.chosen_rewards - out.rejected_rewards

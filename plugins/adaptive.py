@@ -114,7 +114,7 @@ class BetaDPOLoss(PreferenceLoss):
         b = gaps.numel()
         weight = torch.exp(-0.5 * ((gaps - self.gap_mean) / self.gap_std.clamp(min=1e-6)) ** 2)
         kept = max(1, math.floor(b * (1 - self.filter_ratio)))
-        index = torch.multinomial(weight.clamp(min=1e-30), kept, replacement=False, generator=self.generator)
+        index = torch.multinomial(weight.clamp(min=1e-30), kept, replacement=False)
         mask = torch.zeros_like(gaps).index_fill(0, index, 1.0)
         beta = (self.beta * (1 + self.scale * (gaps.index_select(0, index).mean() - self.gap_mean))).clamp(min=1e-3)
         losses = -F.logsigmoid(beta.to(logits.dtype) * logits) * (mask * (b / kept)).to(logits.dtype)

@@ -85,7 +85,7 @@ class SamPOLoss(PreferenceLoss):
     Convention: the official code (LuJunru/SamPO, `dpo_trainer.py`, `len_norm=True`) draws the longer side's
     positions with `torch.multinomial` per pair, and rewards β·Δ̂. It draws the reference's positions apart from the
     policy's; here one draw serves both, so that Δ̂ is a sum of per-token log-ratios, as the paper's down-sampled KL
-    is. Draws come from the loss's `generator`, which the harness seeds per cell: a cell is reproducible.
+    is. Draws come from torch's generator, which the harness seeds per cell: a cell is reproducible.
 
     Args:
         beta: β (paper default 0.1).
@@ -101,18 +101,18 @@ class SamPOLoss(PreferenceLoss):
         assert policy.chosen_token_logps is not None and policy.rejected_token_logps is not None
         assert reference.chosen_token_logps is not None and reference.rejected_token_logps is not None
         shared = shared_length(policy)
-        keep_c = down_sample(policy.chosen_tokens, shared, policy.chosen_token_logps, self.generator)
-        keep_r = down_sample(policy.rejected_tokens, shared, policy.rejected_token_logps, self.generator)
+        keep_c = down_sample(policy.chosen_tokens, shared, policy.chosen_token_logps)
+        keep_r = down_sample(policy.rejected_tokens, shared, policy.rejected_token_logps)
         dc = ((policy.chosen_token_logps - reference.chosen_token_logps) * keep_c).sum(1)
         dr = ((policy.rejected_token_logps - reference.rejected_token_logps) * keep_r).sum(1)
         return LossOutput(-F.logsigmoid(self.beta * (dc - dr)), *implicit_rewards(self.beta, dc, dr))
 
 
-def down_sample(tokens: Tensor, keep: Tensor, per_token: Tensor, generator: torch.Generator | None = None) -> Tensor:
+def down_sample(tokens: Tensor, keep: Tensor, per_token: Tensor) -> Tensor:
     """A (B, L) 0/1 mask of ``keep`` positions per row drawn uniformly without replacement from the row's first
     ``tokens``: each real position gets a uniform key, the padding a key of 2, and the ``keep`` smallest keys win
     (all of a row's positions when ``keep`` equals its ``tokens``). No count leaves the device."""
-    key = torch.rand(per_token.shape, device=per_token.device, generator=generator)
+    key = torch.rand(per_token.shape, device=per_token.device)
     key = torch.where(_positions(per_token) < tokens[:, None], key, 2.0)
     rank = key.argsort(1).argsort(1)
     return (rank < keep[:, None]).to(per_token.dtype)

@@ -66,25 +66,6 @@ def test_attached_rewards_fail() -> None:
     assert "chosen_rewards and rejected_rewards carry a gradient" in failure(Attached, "rewards detached")
 
 
-def test_a_draw_from_the_global_generator_fails_and_one_from_its_own_passes() -> None:
-    """Cells trained side by side share torch's global generator: a loss must draw from ``self.generator``."""
-
-    class Dropout(_Base):  # drops a random quarter of the pairs, from the generator ``own`` picks
-        __doc__ = _Base.__doc__
-        own = False
-
-        def forward(self, policy, reference, **extras):
-            out = super().forward(policy, reference)
-            keep = torch.rand(out.losses.shape, generator=self.generator if self.own else None) > 0.25
-            return LossOutput(out.losses * keep, out.chosen_rewards, out.rejected_rewards)
-
-    message = failure(Dropout, "draws only from its own generator")
-    assert "its losses changed with the state of torch's global generator" in message
-    assert "generator=self.generator" in message
-    Dropout.own = True
-    assert check_loss(Dropout).ok
-
-
 def test_detached_policy_fails() -> None:
     class Detached(_Base):
         def forward(self, policy, reference, **extras):

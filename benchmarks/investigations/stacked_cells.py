@@ -55,7 +55,7 @@ def batched_decoder(weights: dict[str, torch.Tensor], ids: torch.Tensor, config,
     cos, sin = rotary(h[0], torch.arange(t)[None])
     cos, sin = cos[:, None], sin[:, None]
     for layer in range(config.num_hidden_layers):
-        w = lambda name: weights[f"layers.{layer}.{name}"]  # noqa: E731
+        w = lambda name, layer=layer: weights[f"layers.{layer}.{name}"]  # noqa: E731
         x = rms(h, w("input_layernorm.weight"), config.rms_norm_eps)
         q, key, v = (linear(x, w(f"self_attn.{p}_proj.weight")).view(k * n, t, heads, head_dim).transpose(1, 2)
                      for p in "qkv")  # fmt: skip
@@ -94,8 +94,9 @@ def main() -> None:
         return functional_call(skeleton, (weights, buffers), (), {"input_ids": ids, "use_cache": False})[0]
 
     ways = {
-        "one at a time": lambda: [d(input_ids=ids, use_cache=False).last_hidden_state.pow(2).mean().backward()
-                                  for d in decoders],  # fmt: skip
+        "one at a time": lambda: [
+            d(input_ids=ids, use_cache=False).last_hidden_state.pow(2).mean().backward() for d in decoders
+        ],
         "vmap": lambda: vmap(one, in_dims=(0, 0, None))(params, buffers, ids).pow(2).mean().backward(),
         "batched by hand": lambda: batched_decoder(stacked, ids, config, rotary).pow(2).mean().backward(),
     }
