@@ -72,7 +72,8 @@ class ExecutorOptions:
     ray_address: str | None = None  # None: start a local Ray; "auto" or HOST:PORT: join a running cluster
     threads_per_cell: int = 1  # CPU threads (Ray CPUs) each Ray task asks for and torch uses
     cells_per_gpu: int = 1  # on CUDA, Ray tasks sharing one GPU (each asks for 1/N of it)
-    #: "process" on the CPU: cells trained side by side, each on one thread (``sweep.cells_at_once``); 0: auto
+    #: "process" on the CPU: cells trained side by side, each in a worker process on one thread
+    #: (``sweep.cells_at_once``); 0: auto
     parallel_cells: int = 0
 
 
@@ -411,9 +412,9 @@ def check_config(config: SweepConfig, names: list[str], device: str) -> None:
         raise SweepError(str(error)) from None
     check_executor(config.executor)
     if config.executor.parallel_cells > 1 and (device != "cpu" or config.speed.compile):
-        why = "compiled layers are not shared between threads" if device == "cpu" else f"this sweep runs on {device}"
-        raise SweepError(f"--parallel-cells {config.executor.parallel_cells}: cells train side by side on the CPU "
-                         f"only, eagerly ({why}); use --parallel-cells 1, or --executor ray --cells-per-gpu N on a "
+        why = "--compile is on" if device == "cpu" else f"this sweep runs on {device}"
+        raise SweepError(f"--parallel-cells {config.executor.parallel_cells}: cells train side by side only on the "
+                         f"CPU and eagerly ({why}); use --parallel-cells 1, or --executor ray --cells-per-gpu N on a "
                          "GPU")  # fmt: skip
     check_lora(config.lora)
 

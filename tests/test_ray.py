@@ -117,9 +117,10 @@ def on_a_running_cluster(args: list[str]) -> subprocess.CompletedProcess[str]:
 
 def test_ray_cells_equal_in_process_cells_whatever_order_they_finish_in(tmp_path: Path, model: list[str]) -> None:
     """Two workers of one thread: the slow cell, submitted first, is committed last; the store holds the same cells
-    with the same numbers, bit for bit, as the in-process sweep on one thread; a rerun trains nothing."""
+    with the same numbers, bit for bit, as the in-process sweep one cell at a time on one thread; a rerun trains
+    nothing."""
     variants = "slow_dpo,dpo,ipo"
-    here = run(*sweep_args(model, tmp_path / "here", variants), ray=False, OMP_NUM_THREADS="1")
+    here = run(*sweep_args(model, tmp_path / "here", variants, "--parallel-cells", "1"), ray=False, OMP_NUM_THREADS="1")
     assert here.returncode == 0, here.stderr
     on_ray = run(*sweep_args(model, tmp_path / "ray", variants, "--threads-per-cell", "1"), ray=True)
     assert on_ray.returncode == 0, on_ray.stderr

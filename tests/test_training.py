@@ -321,8 +321,8 @@ def test_cells_train_side_by_side_where_one_cannot_use_the_cores(untrained_model
     assert load_config({"parallel_cells": "2"}).executor.parallel_cells == 2
     with pytest.raises(SweepError, match=r"parallel_cells = '0': must be ≥ 1"):
         load_config({"parallel_cells": "0"})
-    with pytest.raises(SweepError, match=r"--parallel-cells 2: cells train side by side on the CPU only, eagerly "
-                       r"\(compiled layers are not shared between threads\); use --parallel-cells 1"):  # fmt: skip
+    with pytest.raises(SweepError, match=r"--parallel-cells 2: cells train side by side only on the CPU and eagerly "
+                       r"\(--compile is on\); use --parallel-cells 1"):  # fmt: skip
         plan_sweep(load_config({"parallel_cells": 2, "compile": True, "device": "cpu"}))
     with pytest.raises(SweepError, match=r"--parallel-cells 2: trains cells side by side in this process; with "
                        r"--executor ray each cell is a task"):  # fmt: skip
