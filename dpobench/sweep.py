@@ -15,6 +15,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import copy
+import ctypes
 import hashlib
 import itertools
 import json
@@ -457,6 +458,9 @@ def run_in_process(
         yield Finished(item, result, started, time.time())
 
 
+#: prctl(2)'s option that has the kernel send a signal to a process when its parent dies
+PR_SET_PDEATHSIG = 1
+
 #: the sweep that side-by-side workers train from: set just before they fork, so that each inherits it (only a
 #: cell's number goes to a worker, and its result back)
 _FORKED: tuple[Prepared, list[Pending], Any] | None = None
@@ -499,6 +503,8 @@ def _side_by_side(
 
 def _start_worker() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's: it asks the cells to stop after their step
+    with contextlib.suppress(OSError, AttributeError):  # a driver killed outright takes its workers with it (Linux)
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     torch.set_num_threads(1)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the tokenizer's own threads, after a fork: its advice
 

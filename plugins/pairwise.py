@@ -1,17 +1,19 @@
-"""Losses on the two log-ratios separately (NCA, BCO, SPPO, APO, paired KTO, DPO-Shift) and the batch-level AOT
-losses.
+"""Losses on the two log-ratios separately (NCA, BCO, SPPO, APO, paired KTO, DPO-Shift, χPO) and the batch-level
+AOT losses.
 
 Rewards follow TRL 1.16: β·Δc and β·Δr.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from dpobench import LogProbs, LossOutput, Param, PreferenceLoss, hookimpl
-from dpobench.losses import LabelSmoothingMixin, implicit_rewards, log_ratios, smoothed_logsigmoid_loss
+from dpobench.losses import EXP_MAX, LabelSmoothingMixin, implicit_rewards, log_ratios, smoothed_logsigmoid_loss
 
 BETA = Param(0.1, "(0, inf)", "strength of the KL regularisation toward the reference (higher: stay closer)")
 
@@ -202,6 +204,49 @@ class DPOShiftLoss(_LogRatioLoss):
         return -F.logsigmoid(self.beta * dc - self.shift * self.beta * dr)
 
 
+class ChiPOLoss(_LogRatioLoss):
+    """χPO: Chi-Squared Preference Optimization (https://arxiv.org/abs/2407.13399).
+
+    DPO with its logarithmic link replaced by φ(z) = z + log z of the probability ratio z = π/π_ref: the objective it
+    solves is regularised by the χ² divergence plus the KL, which charges far more than the KL alone for raising an
+    answer's probability well above the reference's (pessimism against over-optimisation).
+
+    Formula:
+        φ(z) = z + log z;  h = β·φ(e^Δc) − β·φ(e^Δr) = β·(e^Δc − e^Δr) + β·(Δc − Δr)
+        ℓ = −logσ(clip(h, −2·R_max, 2·R_max))
+
+    Symbols: Δc, Δr as in `nca_pair`; e^Δ is the answer's probability ratio, from Δ clamped at 80 (finite in float32
+        and bfloat16), computed in float32 at least and returned in the inputs' dtype; a pair whose h lies outside the clip has
+        no gradient.
+    Convention: the paper's Algorithm 1 (the paper: a one-line change to DPO; no official code was found to check it
+        against). R_max bounds the reward; the default, ∞, clips nothing. Rewards β·φ(e^Δ), the χPO objective's
+        implicit reward (DPO's is β·Δ).
+
+    Args:
+        beta: β (default 0.1, as DPO's).
+        r_max: R_max, the reward bound: h is clipped at ±2·R_max (∞: no clip).
+    """
+
+    name = "chipo"
+    paper = "https://arxiv.org/abs/2407.13399"
+    params = {"beta": BETA, "r_max": Param(math.inf, "(0, inf]", "R_max, the reward bound; h is clipped at ±2·R_max")}
+
+    def forward(self, policy: LogProbs, reference: LogProbs | None, **extras: Tensor) -> LossOutput:
+        assert reference is not None
+        dtype = policy.chosen.dtype
+        # in float32 at least: e^Δ multiplies Δ's rounding (bfloat16's Δ = 70 ± 0.25 is e^Δ ± 28 %)
+        wide = torch.promote_types(dtype, torch.float32)
+        dc, dr = log_ratios(policy.to(wide), reference.to(wide))
+        reward_c, reward_r = self.beta * chi_link(dc), self.beta * chi_link(dr)
+        h = (reward_c - reward_r).clamp(-2 * self.r_max, 2 * self.r_max)
+        return LossOutput(*(t.to(dtype) for t in (-F.logsigmoid(h), reward_c.detach(), reward_r.detach())))
+
+
+def chi_link(log_ratio: Tensor) -> Tensor:
+    """φ(e^Δ) = e^Δ + Δ, the exponential from Δ clamped at ``EXP_MAX``."""
+    return log_ratio.clamp(max=EXP_MAX).exp() + log_ratio
+
+
 class AOTLoss(LabelSmoothingMixin, PreferenceLoss):
     """AOT (paired): Distributional Preference Alignment of LLMs via Optimal Transport (https://arxiv.org/abs/2406.05882).
 
@@ -266,7 +311,7 @@ class AOTUnpairedLoss(AOTLoss):
 
 @hookimpl
 def register_losses(register) -> None:  # type: ignore[no-untyped-def]
-    for cls in (NCAPairLoss, BCOPairLoss, APODownLoss, AOTLoss, AOTUnpairedLoss, KTOPairLoss, DPOShiftLoss):
+    for cls in (NCAPairLoss, BCOPairLoss, APODownLoss, AOTLoss, AOTUnpairedLoss, KTOPairLoss, DPOShiftLoss, ChiPOLoss):
         register(cls)
     for cls in (SPPOHardLoss, APOZeroLoss):  # in the `standard` preset
         register(cls, tags=("main",))

@@ -81,6 +81,9 @@ DPO_AT_H2_BETA_HALF = softplus(-1.0)  # −logσ(0.5·2) = log(1 + e^−1) = 0.3
         # DPO-Shift, λ = 0.95: −logσ(0.5·1 − 0.95·0.5·(−1))
         ("dpo_shift", {"beta": 0.5}, softplus(-0.975)),
         ("dpo_shift", {"beta": 0.5, "shift": 1.0}, DPO_AT_H2_BETA_HALF),  # λ = 1 is DPO
+        # χPO: h = 0.5·(e¹ − e⁻¹) + 0.5·(1 − (−1)) = 2.1752…; clipped at 2·R_max = 2 with R_max = 1
+        ("chipo", {"beta": 0.5}, softplus(-(0.5 * (math.e - 1 / math.e) + 1.0))),
+        ("chipo", {"beta": 0.5, "r_max": 1.0}, softplus(-2.0)),
     ],
 )
 def test_hand_worked(name: str, params: dict, expected: float) -> None:

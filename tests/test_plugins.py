@@ -31,7 +31,7 @@ EXPECTED_VARIANTS = {
     # modifiers and presets
     "fdpo_forward_kl", "fdpo_js", "fdpo_alpha", "wpo", "combined", "rpo", "mpo",
     # the field beyond TRL 1.16's DPOTrainer (issue 22): no new inputs
-    "alphapo", "simper", "kto_pair", "dpo_shift",
+    "alphapo", "simper", "kto_pair", "dpo_shift", "chipo",
     # per-token log-probs, score margins, state across steps
     "ld_dpo", "sampo", "tdpo", "odpo", "beta_dpo", "tr_dpo",
     # unpaired examples
