@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
@@ -303,6 +304,26 @@ def wait_for_cells(db_path: Path, count: int, timeout: float = 240) -> None:
 VARIANTS = "dpo,ipo,hinge,simpo,cpo,nca_pair,bco_pair,apo_zero"
 
 
+def children(pid: int) -> set[int]:
+    """The processes whose parent is ``pid`` (from /proc)."""
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rpartition(")")[2].split()  # after the command name, which may hold spaces
+            if int(fields[1]) == pid:
+                found.add(int(stat.parent.name))
+    return found
+
+
+def wait_until_gone(pids: set[int], timeout: float = 10) -> bool:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if not any(Path(f"/proc/{pid}").exists() for pid in pids):
+            return True
+        time.sleep(0.1)
+    return False
+
+
 def test_sigkill_mid_sweep_then_rerun_finishes_each_cell_once(tmp_path: Path, untrained_model: Path) -> None:
     out = tmp_path / "out"
     command = [sys.executable, "-m", "dpobench", "run", "--model", str(untrained_model), "--variants", VARIANTS,
@@ -311,10 +332,12 @@ def test_sigkill_mid_sweep_then_rerun_finishes_each_cell_once(tmp_path: Path, un
     try:
         wait_for_cells(out / "results.sqlite", 2)
         time.sleep(0.3)  # somewhere inside the next cell
+        workers = children(process.pid)  # the cells training side by side
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=30)
     finally:
         process.kill()
+    assert workers and wait_until_gone(workers), "the side-by-side workers outlived their killed driver"
     with sqlite3.connect(out / "results.sqlite") as db:
         assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
         before = dict(db.execute("SELECT cell_id, finished FROM cells"))
