@@ -374,7 +374,8 @@ _ParallelCellsOption = Annotated[
     str | None,
     typer.Option(metavar="N|auto", help="With --executor process on a Linux CPU: cells trained side by side, each in a "
                  "worker process on one thread (auto: one per core where the model has under 1 M trainable "
-                 "parameters, whose step cannot use several cores; else 1). Default auto."),
+                 "parameters, whose step cannot use several cores, and cells have 50 steps or more; else 1). "
+                 "Default auto."),
 ]  # fmt: skip
 _StepCostRoundsOption = Annotated[
     int | None,

@@ -428,17 +428,24 @@ _CAN_FORK = hasattr(os, "sched_getaffinity") and "fork" in multiprocessing.get_a
 #: memory, were not measured side by side at the sweep's scale: they train one at a time unless asked
 SIDE_BY_SIDE_BELOW = 1_000_000
 
+#: and cells of at least this many steps: forking the workers costs about a second a sweep, which short cells do not
+#: win back (4 `tiny` cells of 4 steps: 9.6-13.4 s side by side against 8.6-10.5 s one at a time; of 50 steps:
+#: 13.7-15.6 s against 14.4-16.8 s)
+SIDE_BY_SIDE_MIN_STEPS = 50
+
 
 def cells_at_once(prepared: Prepared) -> int:
     """How many cells ``run_in_process`` trains at the same time: ``--parallel-cells``, or by default (0) one per
     core this process may use where a cell's step cannot use them all (an eager CPU step of a model below
-    ``SIDE_BY_SIDE_BELOW`` trainable parameters), else 1."""
+    ``SIDE_BY_SIDE_BELOW`` trainable parameters) and its cells are long enough to pay for the workers
+    (``SIDE_BY_SIDE_MIN_STEPS``), else 1."""
     asked = prepared.config.executor.parallel_cells
     if asked:
         return asked
     trainable = sum(p.numel() for p in prepared.policy.parameters() if p.requires_grad)
     small = trainable < SIDE_BY_SIDE_BELOW and prepared.plan.device == "cpu" and not prepared.acceleration.compile
-    return len(os.sched_getaffinity(0)) if small and _CAN_FORK else 1
+    long = prepared.config.train.steps >= SIDE_BY_SIDE_MIN_STEPS
+    return len(os.sched_getaffinity(0)) if small and long and _CAN_FORK else 1
 
 
 def run_in_process(

@@ -327,7 +327,7 @@ def wait_until_gone(pids: set[int], timeout: float = 10) -> bool:
 def test_sigkill_mid_sweep_then_rerun_finishes_each_cell_once(tmp_path: Path, untrained_model: Path) -> None:
     out = tmp_path / "out"
     command = [sys.executable, "-m", "dpobench", "run", "--model", str(untrained_model), "--variants", VARIANTS,
-               "--steps", "25", "--out", str(out), "--no-report"]  # fmt: skip
+               "--steps", "25", "--out", str(out), "--no-report", "--parallel-cells", "2"]  # fmt: skip
     process = subprocess.Popen(command, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for_cells(out / "results.sqlite", 2)
@@ -359,7 +359,7 @@ def test_sigkill_mid_sweep_then_rerun_finishes_each_cell_once(tmp_path: Path, un
 def test_ctrl_c_finishes_the_step_keeps_finished_cells_and_exits_cleanly(tmp_path: Path, untrained_model: Path) -> None:
     out = tmp_path / "out"
     command = [sys.executable, "-m", "dpobench", "run", "--model", str(untrained_model), "--variants", VARIANTS,
-               "--steps", "25", "--out", str(out), "--no-report"]  # fmt: skip
+               "--steps", "25", "--out", str(out), "--no-report", "--parallel-cells", "2"]  # fmt: skip
     process = subprocess.Popen(command, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for_cells(out / "results.sqlite", 1)
     time.sleep(0.3)

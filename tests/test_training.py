@@ -297,7 +297,8 @@ def test_a_cell_run_alone_from_the_plan_equals_its_cell_in_the_sweep(tmp_path: P
 
 def test_cells_train_side_by_side_where_one_cannot_use_the_cores(untrained_model: Path) -> None:
     """By default, cells of a model under 1 M trainable parameters train side by side on the CPU, one per core (its
-    step cannot use several); a larger model, a compiled step or another device trains one at a time; an asked
+    step cannot use several); a larger model, a compiled step, another device or cells of under 50 steps train one
+    at a time; an asked
     count is taken as given. Side by side needs the CPU, eager layers and the in-process executor."""
     import os
     from types import SimpleNamespace
@@ -308,14 +309,14 @@ def test_cells_train_side_by_side_where_one_cannot_use_the_cores(untrained_model
     tiny, _ = load_model(untrained_model)
     large = torch.nn.Linear(1000, 1000)  # 1,001,000 parameters
 
-    def at_once(policy, device="cpu", compile=False, asked=0) -> int:
-        config = SweepConfig(executor=ExecutorOptions(parallel_cells=asked))
+    def at_once(policy, device="cpu", compile=False, asked=0, steps=150) -> int:
+        config = SweepConfig(executor=ExecutorOptions(parallel_cells=asked), train=TrainConfig(steps=steps))
         return cells_at_once(SimpleNamespace(config=config, policy=policy, plan=SimpleNamespace(device=device),
                                              acceleration=SimpleNamespace(compile=compile)))  # fmt: skip
 
     cores = len(os.sched_getaffinity(0))
     assert at_once(tiny) == cores and at_once(large) == 1
-    assert at_once(tiny, compile=True) == 1 and at_once(tiny, device="cuda") == 1
+    assert at_once(tiny, compile=True) == 1 and at_once(tiny, device="cuda") == 1 and at_once(tiny, steps=49) == 1
     assert at_once(large, asked=3) == 3 and at_once(tiny, asked=1) == 1
     assert load_config({"parallel_cells": "auto"}).executor.parallel_cells == 0
     assert load_config({"parallel_cells": "2"}).executor.parallel_cells == 2
