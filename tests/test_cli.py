@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -15,7 +13,7 @@ from typer.testing import CliRunner
 import dpobench
 from dpobench.cli import app
 
-from .conftest import BROKEN_PLUGINS, subprocess_env
+from .conftest import BROKEN_PLUGINS, dpobench_main
 from .test_plugins import EXPECTED_VARIANTS
 
 runner = CliRunner()
@@ -192,9 +190,7 @@ def test_plugin_errors_make_list_fail_but_list_the_rest() -> None:
     ],
 )
 def test_user_errors_are_one_line_without_traceback(args: list[str], message: str) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "dpobench", *args], capture_output=True, text=True, env=subprocess_env(), timeout=120
-    )
+    result = dpobench_main(*args)
     assert result.returncode == 2
     assert result.stderr.startswith(message), result.stderr
     assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1
@@ -217,8 +213,7 @@ def test_report_on_what_is_not_a_store_with_runs_is_one_line(tmp_path: Path) -> 
         "empty": "the store holds no runs yet; run `dpobench run --out",
     }
     for name, message in cases.items():
-        result = subprocess.run([sys.executable, "-m", "dpobench", "report", str(tmp_path / name)],
-                                capture_output=True, text=True, env=subprocess_env(), timeout=120)  # fmt: skip
+        result = dpobench_main("report", str(tmp_path / name))
         assert result.returncode == 2 and message in result.stderr, (name, result.stderr)
         assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1, (name, result.stderr)
 
@@ -245,7 +240,8 @@ def test_run_from_a_toml_config(tmp_path: Path, untrained_model: Path) -> None:
     config = tmp_path / "sweep.toml"
     settings = f'variants = ["dpo", "simpo"]\nbetas = [0.1, 0.5]\nsteps = 2\nmodel = "{untrained_model}"\n'
     config.write_text(settings + "compile = false\n")
-    result = invoke("run", "--config", str(config), "--out", str(tmp_path / "out"))
+    # no report: the summary, the terminal table and the verdict are what this test reads (test_report reads reports)
+    result = invoke("run", "--config", str(config), "--no-report", "--out", str(tmp_path / "out"))
     assert result.exit_code == 0, result.stdout + result.stderr
     summary = pd.read_csv(tmp_path / "out" / "summary.csv")
     assert sorted(summary.variant.unique()) == ["(reference)", "dpo", "simpo"]
@@ -262,7 +258,7 @@ def test_run_from_a_toml_config(tmp_path: Path, untrained_model: Path) -> None:
     # Prompt sharing is a batch layout, not part of a cell's id: the cells trained with it (the CPU's default) count
     # as done for a run without it; each run records its layout, and the report pools the cells of both.
     config.write_text(settings)
-    again = invoke("run", "--config", str(config), "--betas", "0.1,0.5,1.0", "--no-share-prompt",
+    again = invoke("run", "--config", str(config), "--betas", "0.1,0.5,1.0", "--no-share-prompt", "--no-report",
                    "--out", str(tmp_path / "out"))  # fmt: skip
     assert again.exit_code == 0
     assert "6 cells, 4 already in the store, 2 to run" in " ".join(again.stderr.split())
@@ -315,10 +311,7 @@ def test_the_readmes_config_example_runs_and_variants_narrows_it(tmp_path: Path,
 def test_run_config_errors_are_one_line(tmp_path: Path, content: str, message: str) -> None:
     config = tmp_path / "bad.toml"
     config.write_text(content)
-    result = subprocess.run(
-        [sys.executable, "-m", "dpobench", "run", "--config", str(config), "--out", str(tmp_path / "out")],
-        capture_output=True, text=True, env=subprocess_env(), timeout=120,
-    )  # fmt: skip
+    result = dpobench_main("run", "--config", str(config), "--out", str(tmp_path / "out"))
     assert result.returncode == 2 and message in result.stderr and result.stderr.count("\n") == 1, result.stderr
     assert not (tmp_path / "out").exists()
 
@@ -372,8 +365,7 @@ def test_global_options_may_follow_the_command(argv: list[str], read_as: list[st
 
 def test_plugins_dir_after_the_command_loads_the_plugin() -> None:
     """`dpobench list --plugins-dir FILE` was refused with "No such option"; it lists the file's variant."""
-    result = subprocess.run([sys.executable, "-m", "dpobench", "list", "--plugins-dir", str(BROKEN_PLUGINS / "good_plugin.py")],
-                            capture_output=True, text=True, env=subprocess_env(), timeout=120)  # fmt: skip
+    result = dpobench_main("list", "--plugins-dir", str(BROKEN_PLUGINS / "good_plugin.py"))
     assert result.returncode == 0, result.stderr
     assert "squared_hinge" in result.stdout
 

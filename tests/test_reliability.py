@@ -23,7 +23,7 @@ from dpobench.models import SFTRecipe, reference_model
 from dpobench.store import Store, StoreError
 from dpobench.task import build_tokenizer
 
-from .conftest import BROKEN_PLUGINS, subprocess_env
+from .conftest import BROKEN_PLUGINS, dpobench_main, subprocess_env
 
 
 def dpobench_run(*args: str, timeout: int = 300, **env: str) -> subprocess.CompletedProcess[str]:
@@ -123,7 +123,7 @@ def test_bad_data_from_the_cli_is_one_line_and_claims_nothing(tmp_path: Path, un
     """The whole path once: the data error reaches the user as one line, exit code 2, and no --out folder."""
     data = write_jsonl(tmp_path / "pairs.jsonl", [GOOD, {**GOOD, "weight": -1}])
     out = tmp_path / "out"
-    result = dpobench_run(
+    result = dpobench_main(
         "run", "--model", str(untrained_model), "--data", str(data), "--variants", "dpo", "--out", str(out)
     )
     assert result.returncode == 2 and "pairs.jsonl:line 2: weight -1.0 must be a finite number ≥ 0" in result.stderr
@@ -190,8 +190,7 @@ def test_bad_settings_are_one_line_and_claim_nothing(
         for name in ("config.json", "model.safetensors"):
             (bare / name).write_bytes((untrained_model / name).read_bytes())
         args = [str(bare) if a == "NO_TOKENIZER" else a for a in args]
-    full = ["run", "--model", str(untrained_model), "--steps", "2", "--out", str(out), *args]
-    result = dpobench_run(*full)
+    result = dpobench_main("run", "--model", str(untrained_model), "--steps", "2", "--out", str(out), *args)
     assert result.returncode == 2 and message in result.stderr, result.stderr
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     assert claims_nothing(out) and not out.exists()
@@ -207,7 +206,7 @@ def test_a_missing_data_file_or_unusable_store_is_refused_before_the_model_is_bu
     cases = [(["--data", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "out")], "nope.jsonl: no such file"),
              (["--out", str(other)], "an SQLite file that dpobench did not write")]  # fmt: skip
     for args, message in cases:
-        result = dpobench_run("run", "--variants", "dpo", *args, DPOBENCH_CACHE=str(cache))
+        result = dpobench_main("run", "--variants", "dpo", *args, DPOBENCH_CACHE=str(cache))
         assert result.returncode == 2 and message in result.stderr, result.stderr
         assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
         assert not any(cache.rglob("*.safetensors")), args  # no model was built
