@@ -613,7 +613,7 @@ def compare(
     from rich.table import Table
 
     from dpobench.transfer import rank_transfer
-    from dpobench.verdict import HEALTHY_GRAMMATICAL
+    from dpobench.verdict import DEGENERATE_RULE
 
     (database_a, _), (database_b, _) = _store_runs(store_a), _store_runs(store_b)
     _load()
@@ -630,8 +630,8 @@ def compare(
     out.print(f"{len(result.table)} configurations in both. Kendall τ-b = {result.tau:.2f} (95% interval "
               f"{interval(result.tau_interval)}); Spearman ρ = {result.rho:.2f} ({interval(result.rho_interval)}); "
               f"intervals from {bootstrap} bootstrap draws of each run's held-out prompts. Ranked by gold reward "
-              f"alone: 'degenerate in' names the runs where a configuration's samples were under "
-              f"{HEALTHY_GRAMMATICAL:.0%} grammatical.", highlight=False)  # fmt: skip
+              f"alone: 'degenerate in' names the runs where a configuration's samples were degenerate "
+              f"({DEGENERATE_RULE}).", highlight=False)  # fmt: skip
     moved = result.table.reindex(result.table.moved.abs().sort_values(ascending=False, kind="stable").index).head(3)
     moved = moved[moved.moved != 0]
     if len(moved):

@@ -72,6 +72,12 @@ _CATALOGUE = [
            "lower keeps closer to it", short="KL"),
     Metric("grammatical_fraction", "eval", "grammatical samples", "fraction", "higher", ".2f",
            "the fraction of samples the task's grammar accepts", short="gram", needs_gold=True),
+    Metric("repetitive_fraction", "eval", "repetitive samples", "fraction", "lower", ".2f",
+           "the fraction of samples that loop: a quarter or more of a sample's word 3-grams repeat an earlier one "
+           "of the same sample (seq-rep-3 ≥ 0.25, Welleck et al. 2019); any text, any tokenizer", short="rep"),
+    Metric("distinct_2", "eval", "distinct bigrams", "fraction", "higher", ".2f",
+           "the unique word bigrams of all the samples over all their bigrams (distinct-2, Li et al. 2016): samples "
+           "that say the same things to every prompt lower it", short="dist-2"),
     Metric("response_length", "eval", "response length", "tokens", "lower", ".1f",
            "tokens per sampled completion (EOS excluded)", short="len"),
     Metric("heldout_reward_accuracy", "eval", "held-out implicit reward accuracy", "fraction", "higher", ".2f",
@@ -135,13 +141,14 @@ for _metric in _CATALOGUE:
 
 #: the report's ranked summary: its metric columns, in order (each with its ``_ci`` interval beside it)
 SUMMARY = ("gold_reward", "kl_to_reference", "reward_accuracy", "reward_margin", "loss", "response_length",
-           "grammatical_fraction", "heldout_reward_accuracy", "pairs_per_s")  # fmt: skip
+           "grammatical_fraction", "repetitive_fraction", "distinct_2", "heldout_reward_accuracy",
+           "pairs_per_s")  # fmt: skip
 #: what the report ranks by unless told: the first of these that the cells measured (pairs from ``--data`` have no
 #: gold reward)
 RANK_BY = ("gold_reward", "heldout_reward_accuracy")
 #: the terminal table printed at the end of ``dpobench run``: its metric columns, in order
 TERMINAL = ("loss", "reward_margin", "reward_accuracy", "gold_reward", "kl_to_reference", "response_length",
-            "grammatical_fraction", "pairs_per_s")  # fmt: skip
+            "grammatical_fraction", "repetitive_fraction", "pairs_per_s")  # fmt: skip
 
 
 def by_source(source: str) -> list[str]:

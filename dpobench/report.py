@@ -27,6 +27,7 @@ from dpobench.tables import (
     glossary_table,
     has_gold,
     is_reference,
+    lora_table,
     read_samples,
     read_tidy,
     resolve_metric,
@@ -37,13 +38,13 @@ from dpobench.tables import (
     throughput_table,
     unpaired_table,
 )
-from dpobench.verdict import HEALTHY_GRAMMATICAL, NEAR_BEST, NO_PICK, decision_table, verdict
+from dpobench.verdict import DEGENERATE_RULE, NEAR_BEST, NO_PICK, decision_table, degenerate, verdict
 
 __all__ = ["Report", "build_report", "read_benchmark_json", "write_report"]
 
 VERDICT_RULES = (
-    f"How these are chosen: a configuration with fewer than {HEALTHY_GRAMMATICAL:.0%} grammatical samples is "
-    "degenerate and never picked; the Pareto set is the healthy configurations no other healthy one beats on both "
+    f"How these are chosen: a configuration with samples {DEGENERATE_RULE} is degenerate and never picked (a "
+    "repetitive sample repeats a quarter or more of its word 3-grams); the Pareto set is the healthy configurations no other healthy one beats on both "
     "gold reward and KL; 'most reward' is the best-ranked healthy configuration (configurations of the same rank "
     f"differ within noise: ties); 'least drift' has the lowest KL among those keeping {NEAR_BEST:.0%} of the best "
     "gain in gold reward over the SFT reference. The picks hold for this model and task: rerun on yours (--model, "
@@ -236,8 +237,7 @@ def build_report(store: str | Path, metric: str | None = None, bench: str | Path
     scenarios = sorted(set(variants.scenario))
     main_scenario = "clean" if "clean" in scenarios else scenarios[0]
     shown = summary[summary.scenario == main_scenario]
-    if "grammatical_fraction" in shown:  # a degenerate configuration is never among the curves in colour
-        shown = shown[~(shown.grammatical_fraction < HEALTHY_GRAMMATICAL)]
+    shown = shown[~degenerate(shown)]  # a degenerate configuration is never among the curves in colour
     best = shown.variant.drop_duplicates().head(8).tolist()  # ranked first
 
     header = [("runs", ", ".join(r["run_id"] for r in runs)), ("device", devices),
@@ -334,6 +334,16 @@ def build_report(store: str | Path, metric: str | None = None, bench: str | Path
             "variants train on the clean pairs. Every step sees as many completions (twice the batch size of "
             "pairs), drawn from the same pairs; gold reward and KL are means over seeds with 95% intervals.",
             tables=[("unpaired data", unpaired)],
+        ))  # fmt: skip
+    lora = lora_table(finals, metric)
+    if not lora.empty:
+        sections.append(Section(
+            "lora", "LoRA against full fine-tuning",
+            f"The same variants, β, data and model, trained with LoRA adapters (the lora column's settings; only the "
+            f"adapters train, and the reference is the base model) and with every weight: {metric} and KL, means over "
+            f"seeds; on CUDA, each way's peak memory. Trained: {_trained_weights(runs)}. The two ways ran one after "
+            "the other, so their step times are not compared here: benchmarks/lora_step.py times them side by side.",
+            tables=[("LoRA against full fine-tuning", lora)],
         ))  # fmt: skip
     sections += _study_sections(finals)
     sections.append(_throughput_section(store, finals, colors, devices, bench))

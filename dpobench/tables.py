@@ -394,6 +394,30 @@ def unpaired_table(finals: pd.DataFrame) -> pd.DataFrame:
     return table[columns].reset_index(drop=True)
 
 
+def lora_table(finals: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """LoRA against full fine-tuning: each variant × β × scenario × model that the store trained both ways, one row
+    per LoRA setting (``lora``), with each way's ``metric`` and KL (means over seeds); on CUDA also each way's peak
+    memory and LoRA's over full's (on the CPU a cell's peak is its process's so far, which compares nothing). Step
+    times are left out: the two ways ran one after the other, not side by side (``benchmarks/lora_step.py`` times
+    them interleaved). Empty where the store holds one way only. ``variant``: the loss's name (``loss_name`` where
+    the report has put configuration labels there)."""
+    cells = finals[~is_reference(finals) & (finals.status == "done")]
+    if "loss_name" in cells:
+        cells = cells.assign(variant=cells.loss_name)
+    lora = cells.config.map(lambda c: json.loads(c).get("lora", "") if isinstance(c, str) and c else "")
+    if not ((lora != "").any() and (lora == "").any()):
+        return pd.DataFrame()
+    keys = ["variant", "beta", "scenario", "model"]
+    measures = [m for m in dict.fromkeys((metric, "kl_to_reference")) if m in cells]
+    measures += ["peak_memory_mb"] if not cells.device.eq("cpu").any() and "peak_memory_mb" in cells else []
+    means = cells.assign(lora=lora).groupby([*keys, "lora"], dropna=False)[measures].mean().reset_index()
+    full = means[means.lora == ""].drop(columns="lora")
+    table = means[means.lora != ""].merge(full, on=keys, suffixes=(" LoRA", " full"))
+    if "peak_memory_mb" in measures:
+        table["peak_memory_mb LoRA/full"] = table["peak_memory_mb LoRA"] / table["peak_memory_mb full"]
+    return table.sort_values([*keys, "lora"]).reset_index(drop=True)
+
+
 def throughput_table(finals: pd.DataFrame) -> pd.DataFrame:
     """Training throughput and peak memory per variant (means over its cells), with the device. Peak memory only
     where a cell ran on CUDA: the CPU's is the process's peak so far, which a cell inherits from those before it."""

@@ -29,6 +29,7 @@ from dpobench.acceleration import (
 )
 from dpobench.config import TrainConfig
 from dpobench.data import ExampleSet, Pair, PairSet, TaskData, decode_completion, sample_completions
+from dpobench.degeneration import distinct_n, is_repetitive
 from dpobench.logprobs import (
     Batch,
     ExampleReference,
@@ -438,13 +439,15 @@ class Evaluator:
         policy_lp, _ = self._logps(policy, rows)
         reference_lp, _ = self._logps(self.reference, rows)
         lengths = [sum(1 for t in s if t != self.tokenizer.eos_token_id) for s in samples]
+        texts = [decode_completion(self.tokenizer, s) for s in samples]
         metrics = {
             "kl_to_reference": float((policy_lp - reference_lp).mean()),  # E_{y~π}[log π(y) − log π_ref(y)]
             "response_length": statistics.fmean(lengths),
             "n_samples": float(len(samples)),
+            "repetitive_fraction": statistics.fmean(float(is_repetitive(t)) for t in texts),
+            "distinct_2": distinct_n(texts, 2),
         }
         if self.data.has_gold or self.judge is not None:  # the synthetic task's gold reward, or the judge's
-            texts = [decode_completion(self.tokenizer, s) for s in samples]
             if self.data.has_gold:
                 gold = [gold_reward(t) for t in texts]
             else:

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from dpobench.tables import cell_finals, configuration_labels, is_reference, read_samples, read_tidy
-from dpobench.verdict import HEALTHY_GRAMMATICAL, configuration_name
+from dpobench.verdict import configuration_name, degenerate
 
 __all__ = ["Transfer", "kendall_tau_b", "rank_transfer", "spearman_rho"]
 
@@ -52,9 +52,9 @@ def spearman_rho(x: np.ndarray, y: np.ndarray) -> float:
     return float(np.corrcoef(rx, ry)[0, 1])
 
 
-def _per_prompt(store: str | Path, scenario: str) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-    """Each configuration's gold reward per evaluation prompt (seeds averaged prompt by prompt), and its share of
-    grammatical samples (NaN where nothing measured it), by its name."""
+def _per_prompt(store: str | Path, scenario: str) -> tuple[dict[str, np.ndarray], dict[str, bool]]:
+    """Each configuration's gold reward per evaluation prompt (seeds averaged prompt by prompt), and whether its
+    samples were degenerate (``verdict.degenerate`` of its cells' mean health measures), by its name."""
     finals = cell_finals(read_tidy(store))
     cells = finals[~is_reference(finals) & (finals.status == "done") & (finals.scenario == scenario)]
     if cells.empty:
@@ -66,19 +66,19 @@ def _per_prompt(store: str | Path, scenario: str) -> tuple[dict[str, np.ndarray]
                          "a store from before dpobench kept them); compare runs that have a gold reward")  # fmt: skip
     wide = samples.pivot(index="cell_id", columns="prompt", values="gold_reward")
     values: dict[str, np.ndarray] = {}
-    grammatical: dict[str, float] = {}
+    unhealthy: dict[str, bool] = {}
     for _, group in cells.groupby(["configuration", "beta"], dropna=False):
         rows = wide.reindex(group.cell_id).dropna(how="all")
         if len(rows):
             name = configuration_name(group.iloc[0])
             values[name] = rows.mean(axis=0).to_numpy(dtype=float)
-            grammatical[name] = float(group.get("grammatical_fraction", pd.Series(np.nan)).mean())
-    return values, grammatical
+            health = [m for m in ("grammatical_fraction", "repetitive_fraction") if m in group]
+            unhealthy[name] = bool(degenerate(group[health].mean().to_frame().T).iloc[0])
+    return values, unhealthy
 
 
-def _degenerate_in(a: float, b: float) -> str:
-    low = [run for run, share in (("A", a), ("B", b)) if share < HEALTHY_GRAMMATICAL]
-    return " and ".join(low)
+def _degenerate_in(a: bool, b: bool) -> str:
+    return " and ".join(run for run, flagged in (("A", a), ("B", b)) if flagged)
 
 
 def rank_transfer(store_a: str | Path, store_b: str | Path, scenario: str = "clean", draws: int = 1000,

@@ -2,8 +2,10 @@
 
 The rules, each stated where it is shown:
 
-- a configuration is *healthy* when at least ``HEALTHY_GRAMMATICAL`` of its samples are grammatical; the others
-  are flagged degenerate and are never picked, whatever their gold reward;
+- a configuration is *degenerate* when its samples fail a health measure the run has: under
+  ``HEALTHY_GRAMMATICAL`` of them grammatical (the synthetic task's grammar), or over ``MOST_REPETITIVE`` of them
+  repetitive (any text; ``dpobench.degeneration``); degenerate configurations are never picked, whatever their gold
+  reward; the others are *healthy*;
 - the *Pareto set* is the healthy configurations no other healthy one beats on both gold reward (higher) and KL
   to the reference (lower);
 - *most reward*: the healthy configuration with the best rank (the summary's rank, whose ties are differences
@@ -20,14 +22,32 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-__all__ = ["HEALTHY_GRAMMATICAL", "NEAR_BEST", "NO_PICK", "Verdict", "configuration_name", "decision_table", "verdict"]
+__all__ = ["DEGENERATE_RULE", "HEALTHY_GRAMMATICAL", "MOST_REPETITIVE", "NEAR_BEST", "NO_PICK", "Verdict",
+           "configuration_name", "decision_table", "degenerate", "verdict"]  # fmt: skip
 
-#: the share of grammatical samples below which a configuration counts as degenerate
+#: the share of grammatical samples below which a configuration counts as degenerate (the synthetic task's grammar)
 HEALTHY_GRAMMATICAL = 0.8
+#: the share of repetitive samples above which a configuration counts as degenerate (any text): a policy that loops
+#: on one prompt in five has found something its reward likes better than saying something
+MOST_REPETITIVE = 0.2
+#: the health rule in words, as the verdict, the report and `dpobench compare` say it
+DEGENERATE_RULE = f"under {HEALTHY_GRAMMATICAL:.0%} grammatical or over {MOST_REPETITIVE:.0%} repetitive samples"
 #: the share of the best gain over the reference that "least drift" must keep
 NEAR_BEST = 0.9
 #: what is said where a run has a gold reward and no healthy configuration
-NO_PICK = f"No pick: no configuration has {HEALTHY_GRAMMATICAL:.0%} or more grammatical samples"
+NO_PICK = f"No pick: every configuration's samples are degenerate ({DEGENERATE_RULE})"
+
+
+def degenerate(rows: pd.DataFrame) -> pd.Series:
+    """True for each row (a configuration, or a cell) whose samples fail a health measure it has: under
+    ``HEALTHY_GRAMMATICAL`` grammatical, or over ``MOST_REPETITIVE`` repetitive. A measure a row lacks (NaN: no
+    grammar under ``--judge``; a store from before the repetition was measured) does not count against it."""
+    flagged = pd.Series(False, index=rows.index)
+    if "grammatical_fraction" in rows:
+        flagged |= rows.grammatical_fraction < HEALTHY_GRAMMATICAL
+    if "repetitive_fraction" in rows:
+        flagged |= rows.repetitive_fraction > MOST_REPETITIVE
+    return flagged
 
 
 @dataclass(frozen=True)
@@ -55,10 +75,9 @@ def verdict(summary: pd.DataFrame, reference_gold: float, most: int | None = 6) 
     if rows.empty:
         return None
     names = {i: configuration_name(row) for i, row in rows.iterrows()}
-    measured = rows.get("grammatical_fraction", pd.Series(math.nan, index=rows.index))  # NaN: no grammar (--judge)
-    grammatical = measured.fillna(1.0)  # where nothing measures health, every configuration counts as healthy
-    healthy = rows[grammatical >= HEALTHY_GRAMMATICAL]
-    degenerate = tuple(names[i] for i in rows.index.difference(healthy.index))
+    flagged = degenerate(rows)
+    healthy = rows[~flagged]
+    unhealthy = tuple(names[i] for i in rows.index[flagged])
     if healthy.empty:
         return None
     best_rank = healthy["rank"].min() if "rank" in healthy and healthy["rank"].notna().any() else None
@@ -81,22 +100,20 @@ def verdict(summary: pd.DataFrame, reference_gold: float, most: int | None = 6) 
     }
     seeds = int(rows.seeds.min())
     lines = [
-        f"Most reward: {names[winner]} ({_scores(rows.loc[winner], measured[winner])})"
+        f"Most reward: {names[winner]} ({_scores(rows.loc[winner])})"
         + (f"; tied within noise with {_list(ties, most)}" if ties else ""),
         f"Least drift for ≥ {NEAR_BEST:.0%} of the best gain over the SFT reference: {names[drift]} "
-        f"({_scores(rows.loc[drift], measured[drift])})",
+        f"({_scores(rows.loc[drift])})",
         f"Pareto set (gold ↑, KL ↓, among the healthy): {_list(pareto, most)}",
     ]
-    if degenerate:
-        lines.append(
-            f"Not picked, degenerate (< {HEALTHY_GRAMMATICAL:.0%} grammatical samples): {_list(degenerate, most)}"
-        )
+    if unhealthy:
+        lines.append(f"Not picked, degenerate ({DEGENERATE_RULE}): {_list(unhealthy, most)}")
     if seeds == 1:
         lines.append("One seed: the order rests on one training run per configuration; --seeds 0,1,2 measures it")
     betas = rows.beta.dropna().unique() if "beta" in rows else []
     if len(betas) == 1:
         lines.append(f"One β ({betas[0]:g}) for every configuration: --betas 0.05,0.1,0.5 compares β values")
-    return Verdict(names[winner], ties, names[drift], pareto, degenerate, seeds, tuple(lines), beaten_by)
+    return Verdict(names[winner], ties, names[drift], pareto, unhealthy, seeds, tuple(lines), beaten_by)
 
 
 def configuration_name(row: pd.Series) -> str:
@@ -106,12 +123,15 @@ def configuration_name(row: pd.Series) -> str:
     return label if beta is None or (isinstance(beta, float) and math.isnan(beta)) else f"{label} β={beta:g}"
 
 
-def _scores(row: pd.Series, grammatical: float) -> str:
+def _scores(row: pd.Series) -> str:
+    """Gold ± CI and KL, and the health measure that applies: the grammatical share where the task has a grammar,
+    else the repetitive share."""
     ci = row.get("gold_reward_ci", math.nan)
     gold = f"gold {row.gold_reward:+.3f}" + (f" ± {ci:.3f}" if isinstance(ci, float) and not math.isnan(ci) else "")
-    return f"{gold}, KL {row.kl_to_reference:.2f}" + (
-        "" if math.isnan(grammatical) else f", {grammatical:.0%} grammatical"
-    )
+    grammatical, repetitive = row.get("grammatical_fraction", math.nan), row.get("repetitive_fraction", math.nan)
+    health = (f", {grammatical:.0%} grammatical" if not pd.isna(grammatical)
+              else f", {repetitive:.0%} repetitive" if not pd.isna(repetitive) else "")  # fmt: skip
+    return f"{gold}, KL {row.kl_to_reference:.2f}{health}"
 
 
 def _list(names: tuple[str, ...], most: int | None) -> str:
@@ -122,10 +142,10 @@ def _list(names: tuple[str, ...], most: int | None) -> str:
 
 def decision_table(summary: pd.DataFrame, decided: Verdict | None = None) -> pd.DataFrame:
     """The summary cut to what a choice rests on, best first, as a reader reads it: rank, configuration, β, gold ±
-    95% CI, KL, grammatical share and length, formatted; the scenario where there are several. Its ``verdict``
-    column says what the verdict (``decided``) made of each row: "most reward", "least drift", "tie", "Pareto set",
-    and "degenerate samples" for each configuration under ``HEALTHY_GRAMMATICAL`` grammatical samples, so that a
-    degenerate row never shares a rank unflagged."""
+    95% CI, KL, grammatical and repetitive shares and length, formatted; the scenario where there are several. Its
+    ``verdict`` column says what the verdict (``decided``) made of each row: "most reward", "least drift", "tie",
+    "Pareto set", and "degenerate samples" for each configuration ``degenerate`` flags, so that a degenerate row
+    never shares a rank unflagged."""
     rows = summary.reset_index(drop=True)
 
     def number(column: str, fmt: str) -> list[str] | None:
@@ -144,16 +164,17 @@ def decision_table(summary: pd.DataFrame, decided: Verdict | None = None) -> pd.
         "gold ± 95% CI": gold,
         "KL": number("kl_to_reference", ".2f"),
         "grammatical": number("grammatical_fraction", ".0%"),
+        "repetitive": number("repetitive_fraction", ".0%"),
         "length": number("response_length", ".1f"),
     }
     table = pd.DataFrame({k: v for k, v in columns.items() if v is not None})
-    table["verdict"] = [_what_became_of(configuration_name(row), row, decided) for _, row in rows.iterrows()]
+    flagged = degenerate(rows)
+    table["verdict"] = [_what_became_of(configuration_name(row), flagged[i], decided) for i, row in rows.iterrows()]
     return table
 
 
-def _what_became_of(name: str, row: pd.Series, decided: Verdict | None) -> str:
-    grammatical = row.get("grammatical_fraction", math.nan)
-    if not pd.isna(grammatical) and grammatical < HEALTHY_GRAMMATICAL:
+def _what_became_of(name: str, is_degenerate: bool, decided: Verdict | None) -> str:
+    if is_degenerate:
         return "degenerate samples"
     if decided is None:
         return ""

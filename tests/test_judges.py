@@ -107,7 +107,7 @@ def test_vader_scores_each_sample_and_the_report_says_so(tmp_path: Path, untrain
     from dpobench.models import load_model
     from dpobench.store import Store
     from dpobench.sweep import run_sweep
-    from dpobench.tables import read_samples
+    from dpobench.tables import read_samples, read_tidy
 
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
@@ -126,9 +126,17 @@ def test_vader_scores_each_sample_and_the_report_says_so(tmp_path: Path, untrain
     task = load_pairs_file(data, tokenizer, max_length=min(model.config.max_position_embeddings, 1024))
     drawn = sample_completions(model, tokenizer, task.eval_prompts, samples=1, max_new_tokens=48, seed=1000)
     analyser = SentimentIntensityAnalyzer()
-    assert got == pytest.approx(
-        [analyser.polarity_scores(decode_completion(tokenizer, s[0]))["compound"] for s in drawn]
-    )
+    texts = [decode_completion(tokenizer, s[0]) for s in drawn]
+    assert got == pytest.approx([analyser.polarity_scores(t)["compound"] for t in texts])
+    # the health of real text, from the same samples, counted here without dpobench.degeneration: a sample loops
+    # when a quarter of its word 3-grams repeat; distinct-2 is the unique word bigrams of all samples over all
+    words = [t.lower().split() for t in texts]
+    trigrams = [[tuple(w[i : i + 3]) for i in range(len(w) - 2)] for w in words]
+    loops = [bool(g) and 1 - len(set(g)) / len(g) >= 0.25 for g in trigrams]
+    bigrams = [tuple(w[i : i + 2]) for w in words for i in range(len(w) - 1)]
+    measured = read_tidy(tmp_path / "out").query("cell_id == @reference").set_index("metric").value
+    assert measured["repetitive_fraction"] == pytest.approx(sum(loops) / len(loops))
+    assert measured["distinct_2"] == pytest.approx(len(set(bigrams)) / len(bigrams))
     run_sweep(load_config(given), tmp_path / "out", progress=lambda m: None)  # unjudged: other cells, no gold
     assert len(Store(tmp_path / "out" / "results.sqlite", readonly=True).cells()) == 4
     from dpobench.report import build_report

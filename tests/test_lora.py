@@ -95,6 +95,17 @@ def test_a_lora_sweep_records_its_adapters_and_is_deterministic(untrained_model:
 
     labels = set(configuration_labels(cell_finals(read_tidy(tmp_path / "a"))))
     assert "dpo[lora=rank=2, alpha=16, targets=all-linear]" in labels and "dpo[lora=None]" in labels
+    # the report puts the two ways side by side, each with its own cells' numbers (one seed: means are the cells')
+    sections = {s.id: s for s in build_report(tmp_path / "a").sections}
+    ((_, table),) = sections["lora"].tables
+    assert list(table.variant) == ["dpo", "ipo"] and set(table.lora) == {"rank=2, alpha=16, targets=all-linear"}
+    for way, summary in (("LoRA", first), ("full", full)):
+        cells = summary[summary.variant != "(reference)"].set_index("variant")
+        for column in ("gold_reward", "kl_to_reference"):
+            assert list(table[f"{column} {way}"]) == pytest.approx(list(cells.loc[["dpo", "ipo"], column]))
+    assert "peak_memory_mb LoRA" not in table  # a CPU cell's peak is its process's so far: nothing to compare
+    assert "4,352 of 91,392 parameters; every weight (full fine-tuning)" in sections["lora"].text
+    assert "lora" not in {s.id for s in build_report(tmp_path / "b").sections}  # LoRA only: nothing to compare
 
 
 def test_a_named_model_missing_its_package_says_what_to_install(monkeypatch) -> None:
@@ -143,6 +154,8 @@ def test_smollm2_converts_once_and_trains_lora_cells_on_user_pairs(tmp_path: Pat
     assert "LoRA rank 8 on all-linear: 2.44 M of 137.0 M parameters train; the reference is the base model" in said
     assert (summary.status == "done").all() and len(summary) == 3
     assert summary.gold_reward.between(-1, 1).all()  # VADER's compound score of the samples, the reference's too
+    # the health of real text: shares of looping samples, distinct bigrams (recomputed by hand in test_training)
+    assert summary.repetitive_fraction.between(0, 1).all() and summary.distinct_2.between(0, 1).all()
     folder = converted_gguf(gguf_file("smollm2-135m"), progress=said.append)  # cached: no second conversion
     assert sum(m.startswith("converting") for m in said) == 1
     model_config = json.loads((folder / "config.json").read_text())

@@ -151,6 +151,31 @@ def test_provenance_on_every_cell(tmp_path: Path) -> None:
     assert len(store.frame("steps").query(f"cell_id == '{cell.cell_id}'")) == 3
 
 
+def test_the_evaluation_scores_the_samples_it_draws() -> None:
+    """The evaluator's sample metrics, recomputed here from the same samples (drawn again with its seed, seed + 1000)
+    without its helpers: the gold reward, the grammatical share, the repetitive share (a quarter or more of a sample's
+    word 3-grams repeat an earlier one) and distinct-2 (unique word bigrams of all samples over all)."""
+    from dpobench.data import sample_completions
+    from dpobench.task import gold_reward, is_grammatical
+    from dpobench.train import Evaluator
+
+    model, tokenizer = load_model(reference_model(SFT))
+    data = make_task_data(model, tokenizer, replace(DATA, train_prompts=32, heldout_prompts=8, eval_prompts=96))
+    metrics = Evaluator(model, tokenizer, data, heldout_reference=None)(model, step=0, loss=None, seed=0)
+    drawn = sample_completions(model, tokenizer, data.eval_prompts, samples=1, max_new_tokens=48, seed=1000)
+    texts = [decode_completion(tokenizer, s[0]) for s in drawn]
+    words = [t.lower().split() for t in texts]
+    trigrams = [[tuple(w[i : i + 3]) for i in range(len(w) - 2)] for w in words]
+    loops = [bool(g) and 1 - len(set(g)) / len(g) >= 0.25 for g in trigrams]
+    bigrams = [tuple(w[i : i + 2]) for w in words for i in range(len(w) - 1)]
+    assert metrics["n_samples"] == 96 and metrics["kl_to_reference"] == pytest.approx(0.0, abs=1e-6)
+    assert metrics["gold_samples"] == pytest.approx([gold_reward(t) for t in texts])
+    assert metrics["grammatical_fraction"] == pytest.approx(sum(map(is_grammatical, texts)) / 96)
+    assert metrics["repetitive_fraction"] == pytest.approx(sum(loops) / 96)
+    assert metrics["distinct_2"] == pytest.approx(len(set(bigrams)) / len(bigrams))
+    assert 0 < metrics["distinct_2"] < 1  # the SFT model's reviews share bigrams ("the food", "was great")
+
+
 def test_user_data_file_without_gold_reward(tmp_path: Path) -> None:
     model, tokenizer = load_model(reference_model(SFT))
     data = make_task_data(model, tokenizer, replace(DATA, train_prompts=96, heldout_prompts=8, eval_prompts=8))

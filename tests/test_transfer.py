@@ -16,11 +16,15 @@ from dpobench.transfer import kendall_tau_b, rank_transfer, spearman_rho
 
 
 def store(
-    folder: Path, golds: dict[str, list[float]], beta: float = 0.1, grammar: dict[str, float] | None = None
+    folder: Path,
+    golds: dict[str, list[float]],
+    beta: float = 0.1,
+    grammar: dict[str, float] | None = None,
+    repetitive: dict[str, float] | None = None,
 ) -> Path:
     """One run: each configuration one cell whose evaluation kept these per-prompt gold rewards; and the reference."""
     path = folder / "results.sqlite"
-    grammar = grammar or {}
+    grammar, repetitive = grammar or {}, repetitive or {}
     results = Store(path)
     results.add_run("run-1", config={}, model="tiny", model_hash="abc", device="cpu", dtype="float32")
     base = {"run_id": "run-1", "plugin": "p", "plugin_version": "1", "seed": 0, "scenario": "clean", "model": "tiny",
@@ -29,7 +33,8 @@ def store(
     for variant, values in golds.items():
         cell = {**base, "cell_id": variant, "variant": variant, "params": json.dumps({"beta": beta}), "beta": beta}
         results.write_cell(cell, [], [{"step": 10, "gold_reward": float(np.mean(values)), "gold_samples": values,
-                                       "kl_to_reference": 1.0, "grammatical_fraction": grammar.get(variant, 0.9)}])  # fmt: skip
+                                       "kl_to_reference": 1.0, "grammatical_fraction": grammar.get(variant, 0.9),
+                                       "repetitive_fraction": repetitive.get(variant, 0.0)}])  # fmt: skip
     results.write_cell({**base, "cell_id": "ref", "variant": "(reference)", "role": "reference", "params": "{}",
                         "beta": math.nan}, [], [{"step": 0, "gold_reward": 0.0, "gold_samples": [0.0] * 5}])  # fmt: skip
     results.close()
@@ -50,15 +55,17 @@ def test_two_runs_that_swap_the_first_and_last_configuration(tmp_path: Path) -> 
     = −0.8. Every prompt scores a configuration alike, so every bootstrap draw gives the same τ and ρ: the intervals
     are points. a and d moved three places, b and c none; d's samples in B are degenerate, and the table says so."""
     a = store(tmp_path / "a", {"a": [0.4] * 5, "b": [0.3] * 5, "c": [0.2] * 5, "d": [0.1] * 5})
-    b = store(tmp_path / "b", {"a": [0.1] * 5, "b": [0.3] * 5, "c": [0.2] * 5, "d": [0.4] * 5}, grammar={"d": 0.3})
+    b = store(tmp_path / "b", {"a": [0.1] * 5, "b": [0.3] * 5, "c": [0.2] * 5, "d": [0.4] * 5}, grammar={"d": 0.3},
+              repetitive={"c": 0.6})  # fmt: skip
     result = rank_transfer(a, b, draws=200)
     assert result.tau == pytest.approx(-2 / 3) and result.rho == pytest.approx(-0.8)
     assert result.tau_interval == pytest.approx((-2 / 3, -2 / 3)) and result.rho_interval == pytest.approx((-0.8, -0.8))
     table = result.table.set_index("configuration")
     assert table.rank_a.to_dict() == {"a β=0.1": 1, "b β=0.1": 2, "c β=0.1": 3, "d β=0.1": 4}
     assert table.moved.to_dict() == {"a β=0.1": 3, "b β=0.1": 0, "c β=0.1": 0, "d β=0.1": -3}
-    # d tops B with 30% grammatical samples: ranked by gold all the same, and named as degenerate there
-    assert table.degenerate_in.to_dict() == {"a β=0.1": "", "b β=0.1": "", "c β=0.1": "", "d β=0.1": "B"}
+    # d tops B with 30% grammatical samples, c loops in 60% of its samples there: ranked by gold all the same, and
+    # named as degenerate there
+    assert table.degenerate_in.to_dict() == {"a β=0.1": "", "b β=0.1": "", "c β=0.1": "B", "d β=0.1": "B"}
     output = " ".join(CliRunner().invoke(app, ["compare", str(a), str(b), "--bootstrap", "200"]).stdout.split())
     assert "4 configurations in both. Kendall τ-b = -0.67 (95% interval -0.67 to -0.67); Spearman ρ = -0.80" in output
     assert "Moved most: a β=0.1 (1 → 4), d β=0.1 (4 → 1)" in output

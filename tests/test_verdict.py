@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pandas as pd
+import pytest
 
 from dpobench.verdict import decision_table, verdict
 
@@ -80,3 +81,46 @@ def test_the_decision_table_keeps_what_a_choice_rests_on_and_says_what_became_of
         "degenerate samples",
         "",
     ]
+
+
+def test_repetition_and_distinct_bigrams_by_hand() -> None:
+    """seq-rep-3 and distinct-2 on texts whose n-grams are counted here by hand."""
+    from dpobench.degeneration import distinct_n, is_repetitive, repetition
+
+    # "i loved it . i loved it .": 6 word 3-grams, (i loved it) and (loved it .) twice: 4 unique, 1 − 4/6 = 1/3
+    assert repetition("I loved it . i loved it .") == pytest.approx(1 / 3)
+    assert is_repetitive("i loved it . i loved it .")
+    # two sentences sharing "was great ." once: 8 trigrams, 7 unique, 1/8 < 1/4: not a loop
+    assert repetition("the pasta was great . the service was great .") == pytest.approx(1 / 8)
+    assert not is_repetitive("the pasta was great . the service was great .")
+    assert repetition("great great") == 0.0  # no 3-gram at all
+    assert repetition("great great great great") == pytest.approx(0.5)  # (great great great) ×2: 1 unique of 2
+    # bigrams: "a b c" → (a b)(b c); "a b d" → (a b)(b d): 3 unique of 4
+    assert distinct_n(["a b c", "A B d"], 2) == pytest.approx(0.75)
+    assert math.isnan(distinct_n(["word", ""], 2))
+
+
+def test_repetitive_samples_make_a_configuration_degenerate_where_there_is_no_grammar() -> None:
+    """A judge's run (real text) has no grammar: its health measure is the share of repetitive samples. The loop that
+    a reward likes is not picked, and the verdict says the share it was judged by."""
+    rows = summary([("looping", 0.1, 1, 0.60, 3.0, math.nan), ("dpo", 0.1, 2, 0.30, 0.70, math.nan),
+                    ("ipo", 0.1, 2, 0.28, 0.30, math.nan)])  # fmt: skip
+    rows["repetitive_fraction"] = [0.45, 0.05, 0.20]  # ipo at the threshold: not over it, healthy
+    decided = verdict(rows, reference_gold=0.0)
+    assert decided is not None
+    assert decided.degenerate == ("looping β=0.1",)
+    assert decided.most_reward == "dpo β=0.1" and decided.pareto == ("dpo β=0.1", "ipo β=0.1")
+    assert decided.lines[0] == "Most reward: dpo β=0.1 (gold +0.300 ± 0.050, KL 0.70, 5% repetitive); tied within " \
+        "noise with ipo β=0.1"  # fmt: skip
+    assert decided.lines[3] == (
+        "Not picked, degenerate (under 80% grammatical or over 20% repetitive samples): looping β=0.1"
+    )
+    table = decision_table(rows, decided)
+    assert list(table.repetitive) == ["45%", "5%", "20%"] and table.verdict[0] == "degenerate samples"
+    assert "grammatical" in table  # the column is there, "–" where no grammar measured it
+    assert list(table.grammatical) == ["–", "–", "–"]
+    # and on the synthetic task both measures apply: grammatical enough but looping is degenerate too
+    both = summary([("dpo", 0.1, 1, 0.3, 0.7, 0.95), ("ipo", 0.1, 1, 0.3, 0.6, 0.95)]).assign(
+        repetitive_fraction=[0.0, 0.5]
+    )
+    assert verdict(both, 0.0).degenerate == ("ipo β=0.1",)
