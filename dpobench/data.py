@@ -129,26 +129,49 @@ def desirable_ratio(scenario: str) -> tuple[int, int] | None:
 
 def unroll(pairs: PairSet, ratio: tuple[int, int] = (1, 1), seed: int = 0) -> ExampleSet:
     """The pairs as unpaired examples: each chosen completion desirable, each rejected one undesirable, the more
-    plentiful side thinned at random (the same for every cell) to ``ratio`` = (D, U). Each example's KL completion is
-    the next example's in one fixed random cycle over them all (TRL rotates completions within each batch of its
-    dataset; a fixed cycle lets the reference's log-probs of the mismatched rows be cached like the others)."""
-    d, u = ratio
+    plentiful side thinned to ``ratio`` = (D, U) (``thin``)."""
+    return thin([(p.prompt, p.chosen) for p in pairs.pairs], [(p.prompt, p.rejected) for p in pairs.pairs], ratio,
+                seed, source=f"{len(pairs.pairs)} pairs")  # fmt: skip
+
+
+def thin(
+    desirable: Sequence[tuple[tuple[int, ...], tuple[int, ...]]],
+    undesirable: Sequence[tuple[tuple[int, ...], tuple[int, ...]]],
+    ratio: tuple[int, int] | None, seed: int = 0, source: str = "the examples",
+) -> ExampleSet:  # fmt: skip
+    """Desirable and undesirable (prompt, completion) rows as unpaired examples: the more plentiful side thinned at
+    random (the same for every cell) to ``ratio`` = (D, U), or every row kept where ``ratio`` is None. Each example's
+    KL completion is the next example's in one fixed random cycle over them all (TRL rotates completions within each
+    batch of its dataset; a fixed cycle lets the reference's log-probs of the mismatched rows be cached like the
+    others)."""
     rng = random.Random(seed + 11)
-    n = len(pairs.pairs)
-    keep_desirable = n if d >= u else round(n * d / u)
-    keep_undesirable = n if u >= d else round(n * u / d)
-    if not (keep_desirable and keep_undesirable):
-        raise DataError(f"unpaired-{d}:{u}: {n} pairs keep no {'desirable' if not keep_desirable else 'undesirable'} "
-                        "example at that ratio; use a ratio nearer 1:1, or more pairs")  # fmt: skip
-    desirable = sorted(rng.sample(range(n), keep_desirable))
-    undesirable = sorted(rng.sample(range(n), keep_undesirable))
-    rows = [(pairs.pairs[i].prompt, pairs.pairs[i].chosen, True) for i in desirable]
-    rows += [(pairs.pairs[i].prompt, pairs.pairs[i].rejected, False) for i in undesirable]
+    n_d, n_u = len(desirable), len(undesirable)
+    keep_d, keep_u = (n_d, n_u) if ratio is None else (min(n_d, round(n_u * ratio[0] / ratio[1])),
+                                                        min(n_u, round(n_d * ratio[1] / ratio[0])))  # fmt: skip
+    if not (keep_d and keep_u):
+        at = f"unpaired-{ratio[0]}:{ratio[1]}: " if ratio else ""
+        raise DataError(f"{at}{source} keep no {'desirable' if not keep_d else 'undesirable'} example"
+                        + (" at that ratio; use a ratio nearer 1:1, or more pairs" if ratio else ""))  # fmt: skip
+    rows = [(*desirable[i], True) for i in sorted(rng.sample(range(n_d), keep_d))]
+    rows += [(*undesirable[i], False) for i in sorted(rng.sample(range(n_u), keep_u))]
     cycle = list(range(len(rows)))
     rng.shuffle(cycle)
     after = {cycle[k]: cycle[(k + 1) % len(cycle)] for k in range(len(cycle))}
     return ExampleSet([Example(prompt, completion, good, rows[after[i]][1])
                        for i, (prompt, completion, good) in enumerate(rows)])  # fmt: skip
+
+
+def scenario_examples(data: TaskData, pairs: PairSet, scenario: str) -> ExampleSet:
+    """What an unpaired variant trains on in ``scenario``: the data's own unpaired examples (a file of unpaired
+    rows), thinned to an ``unpaired-D:U`` scenario's ratio; or else ``pairs`` (the scenario's) unrolled, 1:1 or D:U."""
+    ratio = desirable_ratio(scenario)
+    if data.examples is None:
+        return unroll(pairs, ratio or (1, 1))
+    if ratio is None:
+        return data.examples
+    rows = data.examples.examples
+    return thin([(e.prompt, e.completion) for e in rows if e.desirable],
+                [(e.prompt, e.completion) for e in rows if not e.desirable], ratio, source=str(data.info.get("file")))  # fmt: skip
 
 
 @dataclass
@@ -160,6 +183,14 @@ class TaskData:
     eval_prompts: list[tuple[int, ...]]  # held-out prompts the policy samples from
     has_gold: bool
     info: dict[str, Any] = field(default_factory=dict)
+    #: a file's own unpaired training examples (rows of prompt, completion and label; ``train`` and ``heldout`` are
+    #: then empty): only unpaired variants train on them. None where examples are pairs unrolled
+    examples: ExampleSet | None = None
+
+    def fingerprint(self) -> str:
+        """What the cells train and are evaluated on, hashed: part of each cell's identity."""
+        own = self.examples.fingerprint() if self.examples is not None else ""
+        return self.train.fingerprint() + self.heldout.fingerprint() + own
 
 
 def encode_prompt(tokenizer: Any, text: str) -> list[int]:
@@ -398,13 +429,18 @@ def load_pairs_file(
     """Pairs from a JSONL / CSV / Parquet file or a Hugging Face ``datasets`` folder (``save_to_disk``; ``split`` of a
     DatasetDict), in TRL's conventions: ``prompt``, ``chosen``, ``rejected`` as text (and optional ``weight``); an
     implicit prompt (``chosen`` and ``rejected`` only: their shared start is the prompt); or conversational rows
-    (lists of ``{"role", "content"}`` messages) rendered by the tokenizer's chat template.
+    (lists of ``{"role", "content"}`` messages) rendered by the tokenizer's chat template. A file of unpaired rows
+    (TRL's unpaired preference format: ``prompt``, ``completion``, ``label``) gives unpaired examples instead
+    (``_load_unpaired``).
 
     A pair longer than ``max_length`` tokens keeps its prompt and the start of each completion
     (truncated from the end, EOS kept); such pairs are counted in ``truncated``.
     """
     path = Path(path)
-    rows = [(where, _text_pair(path, where, row, tokenizer)) for where, row in _read_rows(path, split)]
+    read = _read_rows(path, split)
+    if read and _is_unpaired(read[0][1]):
+        return _load_unpaired(path, read, tokenizer, max_length, heldout_fraction, seed)
+    rows = [(where, _text_pair(path, where, row, tokenizer)) for where, row in read]
     pairs, truncated, margin_problem = [], 0, ""
     for where, row in rows:
         for key in ("prompt", "chosen", "rejected"):
@@ -458,6 +494,80 @@ def load_pairs_file(
             **({"margin_problem": margin_problem} if margin_problem else {}),
         },
     )
+
+
+def _is_unpaired(row: dict[str, Any]) -> bool:
+    """A row in TRL's unpaired preference format: a completion and its label, no chosen and rejected."""
+    return "completion" in row and "label" in row and "chosen" not in row and "rejected" not in row
+
+
+def _label(path: Path, where: str, value: Any) -> bool:
+    """A row's ``label`` as desirable (True) or not: a boolean, or its spelling in a CSV (true/false, 1/0)."""
+    if isinstance(value, bool) or (isinstance(value, (int, float)) and value in (0, 1)):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0"):
+        return value.strip().lower() in ("true", "1")
+    raise DataError(f"{path}:{where}: label {value!r} is not a boolean; write true (desirable) or false")
+
+
+def _load_unpaired(
+    path: Path, read: list[tuple[str, dict[str, Any]]], tokenizer: Any, max_length: int, heldout_fraction: float,
+    seed: int,
+) -> TaskData:  # fmt: skip
+    """Unpaired examples from rows of ``prompt``, ``completion`` (text, or lists of messages rendered by the chat
+    template as pairs are) and ``label`` (desirable or not). A tenth of the rows is held out: their prompts are the
+    evaluation prompts (there are no held-out pairs, so no held-out implicit-reward accuracy). The training rows
+    are kept whole (their own desirable:undesirable ratio; ``unpaired-D:U`` scenarios thin them) and need both
+    labels."""
+    examples, truncated = [], 0
+    for where, row in read:
+        if not _is_unpaired(row):
+            raise DataError(f"{path}:{where}: expected prompt, completion and label, as the file's first row has; "
+                            "a file holds either unpaired rows or pairs (prompt, chosen, rejected)")  # fmt: skip
+        desirable = _label(path, where, row["label"])
+        if row.get("prompt") is None:
+            raise DataError(f"{path}:{where}: missing key 'prompt'; an unpaired row needs prompt, completion, label")
+        text = _text_pair(path, where, {**row, "chosen": row["completion"], "rejected": row["completion"]}, tokenizer)
+        for key in ("prompt", "chosen"):
+            if not isinstance(text[key], str) or not text[key].strip():
+                raise DataError(f"{path}:{where}: {'prompt' if key == 'prompt' else 'completion'!r} must be a "
+                                "non-empty string")  # fmt: skip
+        if text.get(_TEMPLATED):
+            prompt = tokenizer(text["prompt"], add_special_tokens=False).input_ids
+            completion = _templated_completion(tokenizer, text["chosen"])
+        else:
+            prompt, completion = encode_prompt(tokenizer, text["prompt"]), encode_completion(tokenizer, text["chosen"])
+        room = max_length - len(prompt)
+        if room < 2:
+            raise DataError(
+                f"{path}:{where}: the prompt alone has {len(prompt)} tokens, more than max length {max_length}"
+            )
+        if len(completion) > room:
+            truncated += 1
+            completion = completion[: room - 1] + completion[-1:]
+        examples.append((tuple(prompt), tuple(completion), desirable))
+    if len(examples) < 3:
+        raise DataError(f"{path}: needs at least 3 unpaired rows (2 to train on, 1 held out), found {len(examples)}")
+    _refuse_unknown_tokens(path, tokenizer, [Pair(p, c, c) for p, c, _ in examples])
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    n_held = max(1, round(heldout_fraction * len(examples)))
+    train = [examples[i] for i in sorted(order[n_held:])]
+    desirable = [(p, c) for p, c, good in train if good]
+    undesirable = [(p, c) for p, c, good in train if not good]
+    if not (desirable and undesirable):
+        raise DataError(f"{path}: its training rows need both labels; {len(desirable)} are desirable (label true) and "
+                        f"{len(undesirable)} undesirable (false)")  # fmt: skip
+    held_prompts = dict.fromkeys(examples[i][0] for i in sorted(order[:n_held]))  # each prompt once, in file order
+    return TaskData(
+        train=PairSet([], truncated),
+        heldout=PairSet([]),
+        eval_prompts=list(held_prompts),
+        has_gold=False,
+        info={"file": str(path), "examples": len(examples), "desirable": len(desirable),
+              "undesirable": len(undesirable), "truncated": truncated},
+        examples=thin(desirable, undesirable, None, seed, source=str(path)),
+    )  # fmt: skip
 
 
 def _row_margin(path: Path, where: str, row: dict[str, Any]) -> tuple[float, str]:

@@ -509,7 +509,11 @@ def reference_logprobs(
     model: Any, pairs: Sequence[Pair], pad_id: int, *, device: str, batch_size: int = 64, autocast: bool = False,
     token_logps: bool = False,
 ) -> ReferenceLogps:  # fmt: skip
-    """Reference log-probs of every pair, on the CPU, float32; per token too with ``token_logps``."""
+    """Reference log-probs of every pair, on the CPU, float32; per token too with ``token_logps``. No pairs (a file
+    of unpaired rows) give empty tensors."""
+    if not pairs:
+        empty = torch.zeros(0)
+        return ReferenceLogps(empty, empty, *((torch.zeros(0, 0),) * 2 if token_logps else ()))
     chosen, rejected, per_token = [], [], []
     statistics = ("token_logps",) if token_logps else ()
     width = max((max(len(p.chosen), len(p.rejected)) for p in pairs), default=0)

@@ -324,15 +324,21 @@ def build_report(store: str | Path, metric: str | None = None, bench: str | Path
         sections.append(Section("scenarios", "Robustness", f"Noisy: a fraction {noise} of training labels flipped. "
                                 f"Length-biased: the labeller adds {bonus} gold reward per token.",
                                 figures=[figures.scenario_robustness(table, colors)], tables=[("scenario deltas", table)]))  # fmt: skip
-    unpaired = unpaired_table(finals)
+    # a data file of unpaired rows (prompt, completion, label) records how many it held; pairs unrolled do not
+    own_rows = any(isinstance(r.get("info"), dict) and "examples" in r["info"] for r in runs)
+    unpaired = unpaired_table(finals, "the file's rows" if own_rows else "clean pairs (1:1)")
     if not unpaired.empty:
         sections.append(Section(
             "unpaired", "Unpaired data",
-            "Unpaired variants (KTO, …) train on examples, each a prompt, one completion and a label: in clean, every "
-            "pair unrolled into a desirable and an undesirable example (1:1); in unpaired-D:U, the more plentiful "
-            "side thinned to D:U (unpaired-1:10 keeps one desirable example for every ten undesirable ones). Paired "
-            "variants train on the clean pairs. Every step sees as many completions (twice the batch size of "
-            "pairs), drawn from the same pairs; gold reward and KL are means over seeds with 95% intervals.",
+            "Unpaired variants (KTO, …) train on examples, each a prompt, one completion and a label: "
+            + ("the data file's own unpaired rows, in clean at the file's desirable:undesirable ratio (a file of "
+               "unpaired rows has no pairs, so no paired variant trained on it)" if own_rows else
+               "in clean, every pair unrolled into a desirable and an undesirable example (1:1)")
+            + "; in unpaired-D:U, the more plentiful side thinned to D:U (unpaired-1:10 keeps one desirable example "
+            "for every ten undesirable ones). "
+            + ("" if own_rows else "Paired variants train on the clean pairs. Every step sees as many completions "
+               "(twice the batch size of pairs), drawn from the same pairs. ")
+            + "Gold reward and KL are means over seeds with 95% intervals.",
             tables=[("unpaired data", unpaired)],
         ))  # fmt: skip
     lora = lora_table(finals, metric)

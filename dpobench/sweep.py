@@ -55,7 +55,7 @@ from dpobench.data import (
     desirable_ratio,
     load_pairs_file,
     require_pairs_file,
-    unroll,
+    scenario_examples,
 )
 from dpobench.judges import Judge, JudgeError, load_judge
 from dpobench.logprobs import ExampleReference, ReferenceLogps, cached_example_reference, cached_reference_logprobs
@@ -251,7 +251,7 @@ def prepare(plan: SweepPlan, progress: Callable[[str], None] = print) -> Prepare
     except JudgeError as error:
         raise SweepError(str(error)) from None
     data = _task_data(config, reference, tokenizer, device, model_hash, progress, judge)
-    data_hash = data.train.fingerprint() + data.heldout.fingerprint()
+    data_hash = data.fingerprint()
     plan = _cells_with_their_inputs(plan, data, progress)
     ref_key, cache, autocast = f"{model_hash}|{data_hash}", cache_root(), acceleration.autocast
     pad_id = tokenizer.pad_token_id
@@ -265,8 +265,9 @@ def prepare(plan: SweepPlan, progress: Callable[[str], None] = print) -> Prepare
     trains = {
         s: apply_scenario(data.train, s, noise=config.noise, length_bonus=config.length_bonus) for s in config.scenarios
     }
-    # unpaired variants train on examples: a scenario's pairs unrolled, thinned to an unpaired scenario's ratio
-    examples = {s: unroll(trains[s], desirable_ratio(s) or (1, 1))
+    # unpaired variants train on examples: the data's own, or a scenario's pairs unrolled; thinned to an unpaired
+    # scenario's ratio
+    examples = {s: scenario_examples(data, trains[s], s)
                 for s in sorted({c.scenario for c in plan.cells if c.loss.unpaired})}  # fmt: skip
     example_reference = {
         s: cached_example_reference(reference, part, pad_id, cache, key=model_hash, device=device, autocast=autocast)
@@ -303,6 +304,18 @@ def _cells_with_their_inputs(plan: SweepPlan, data: TaskData, progress: Callable
         for name, (missing, why) in reasons.items():
             if missing and name in cell.loss.inputs:
                 left_out.setdefault(cell.spec.name, why)
+    if data.examples is not None:  # a file of unpaired rows: no pairs for a paired variant to train on
+        paired = sorted({cell.spec.name for cell in plan.cells if not cell.loss.unpaired})
+        unpaired = sorted({cell.spec.name for cell in plan.cells if cell.loss.unpaired})
+        why = f"trains on pairs, and {config.data} holds unpaired rows (prompt, completion, label)"
+        if paired and (config.variants or not unpaired):
+            known = ", ".join(n for n, spec in get_losses().items() if spec.cls.unpaired)
+            raise SweepError(f"{paired[0]} {why}; train an unpaired variant on it ({known})")
+        if paired:
+            progress(f"{len(paired)} paired variants left out: {config.data} holds unpaired rows, which only "
+                     f"unpaired variants ({', '.join(unpaired)}) train on")  # fmt: skip
+            left_out.update(dict.fromkeys(paired, why))
+            return replace(plan, cells=[cell for cell in plan.cells if cell.spec.name not in left_out])
     if not left_out:
         return plan
     for variant, why in left_out.items():
@@ -325,6 +338,11 @@ def _task_data(
         data = cached_task_data(reference, tokenizer, config.data_recipe, model_fingerprint=model_hash,
                                 cache_dir=cache_root(), device=device, progress=progress, labeller=judge)  # fmt: skip
     cut = data.train.truncated
+    if data.examples is not None:
+        progress(f"{len(data.examples.examples)} training examples ({data.info['desirable']} desirable, "
+                 f"{data.info['undesirable']} undesirable), {len(data.eval_prompts)} held-out prompts"
+                 + (f"; {cut} completion{'s' * (cut != 1)} cut to the model's length (EOS kept)" if cut else ""))  # fmt: skip
+        return data
     progress(f"{len(data.train.pairs)} training pairs, {len(data.heldout.pairs)} held-out pairs"
              + (f"; {cut} pair{'s' * (cut != 1)} cut to the model's length (completions truncated, EOS kept)"
                 if cut else ""))  # fmt: skip

@@ -375,16 +375,17 @@ def scenario_table(finals: pd.DataFrame) -> pd.DataFrame:
     return out.reset_index()
 
 
-def unpaired_table(finals: pd.DataFrame) -> pd.DataFrame:
+def unpaired_table(finals: pd.DataFrame, clean: str = "clean pairs (1:1)") -> pd.DataFrame:
     """Per variant, configuration and β: gold reward and KL (means over seeds, 95% half-widths) in each scenario of
-    the data's pairing, clean first: a paired variant on the clean pairs, an unpaired one on them unrolled (1:1),
-    then on each ``unpaired-D:U`` scenario's examples. Empty without an unpaired scenario."""
+    the data's pairing, clean first (its ``data`` named ``clean``): a paired variant on the clean pairs, an unpaired
+    one on them unrolled (1:1), or on a file's own unpaired rows; then on each ``unpaired-D:U`` scenario's examples.
+    Empty without an unpaired scenario."""
     cells = finals[~is_reference(finals)]
     scenarios = [s for s in sorted(set(cells.scenario)) if desirable_ratio(s)]
     if not scenarios:
         return pd.DataFrame()
     table = aggregate(cells[cells.scenario.isin(["clean", *scenarios])], ["gold_reward", "kl_to_reference"])
-    table["data"] = table.scenario.map(lambda s: s if s != "clean" else "clean pairs (1:1)")
+    table["data"] = table.scenario.map(lambda s: s if s != "clean" else clean)
     order = {s: i for i, s in enumerate(["clean", *scenarios])}
     table = table.sort_values(
         ["variant", "configuration", "beta", "scenario"], key=lambda c: c.map(order) if c.name == "scenario" else c

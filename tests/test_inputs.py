@@ -232,3 +232,83 @@ def test_tr_dpo_moves_its_own_reference_toward_the_policy(untrained_model: Path)
     for key, value in reference.state_dict().items():
         assert torch.equal(value, state[key])
     assert isinstance(data[0], Pair)
+
+
+def test_a_file_of_unpaired_rows_trains_the_unpaired_variants(tmp_path: Path) -> None:
+    """TRL's unpaired format (prompt, completion, label), as JSONL or CSV: the training rows are the examples, kept
+    whole at the file's own ratio (an unpaired-D:U scenario thins them), each KL completion another example's; the
+    held-out rows' prompts are the evaluation prompts. Paired variants cannot train on it: left out in one line, or
+    refused when named. Bad rows are one line naming the row."""
+    from dpobench.data import load_pairs_file, make_task_data, scenario_examples
+    from dpobench.models import load_model, reference_model
+    from dpobench.sweep import _cells_with_their_inputs, plan_sweep
+
+    model, tokenizer = load_model(reference_model(SFT))
+    data = make_task_data(model, tokenizer, replace(DATA, train_prompts=48, heldout_prompts=4, eval_prompts=4))
+    text = lambda ids: decode_completion(tokenizer, ids)  # noqa: E731
+    rows = []
+    for i, p in enumerate(p for p in data.train.pairs if len(p.chosen) > 1 and len(p.rejected) > 1):
+        prompt = tokenizer.decode(p.prompt, skip_special_tokens=True)
+        rows.append({"prompt": prompt, "completion": text(p.chosen), "label": True})
+        if i % 2 == 0:  # about two desirable rows for each undesirable one
+            rows.append({"prompt": prompt, "completion": text(p.rejected), "label": False})
+    jsonl, csv_file = tmp_path / "unpaired.jsonl", tmp_path / "unpaired.csv"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pd.DataFrame([{**r, "label": ["false", "1"][r["label"]] if i % 3 else str(r["label"]).lower()}
+                  for i, r in enumerate(rows)]).to_csv(csv_file, index=False)  # fmt: skip
+
+    loaded = load_pairs_file(jsonl, tokenizer, max_length=256)
+    n, held = len(rows), round(0.1 * len(rows))
+    assert loaded.examples is not None and not loaded.train.pairs and not loaded.heldout.pairs
+    examples = loaded.examples.examples
+    assert len(examples) == n - held and loaded.info["examples"] == n
+    desirable = sum(e.desirable for e in examples)
+    assert (loaded.info["desirable"], loaded.info["undesirable"]) == (desirable, n - held - desirable)
+    from dpobench.data import encode_completion, encode_prompt
+
+    encoded = [(tuple(encode_prompt(tokenizer, r["prompt"])), tuple(encode_completion(tokenizer, r["completion"])),
+                r["label"]) for r in rows]  # fmt: skip
+    assert all(
+        (e.prompt, e.completion, e.desirable) in encoded for e in examples
+    )  # each a row of the file, as labelled
+    assert sorted(e.kl_completion for e in examples) == sorted(e.completion for e in examples)  # one cycle
+    assert 1 <= len(loaded.eval_prompts) <= held  # the held-out rows' prompts, each once
+    assert load_pairs_file(csv_file, tokenizer, max_length=256).fingerprint() == loaded.fingerprint()
+    # unpaired-1:1 keeps the smaller side whole and thins the other to its size
+    even = scenario_examples(loaded, PairSet([]), "unpaired-1:1").examples
+    smaller = min(desirable, len(examples) - desirable)
+    assert (sum(e.desirable for e in even), sum(not e.desirable for e in even)) == (smaller, smaller)
+    assert scenario_examples(loaded, PairSet([]), "clean") is loaded.examples
+
+    bad = {"label.jsonl": ({**rows[0], "label": "yes"}, "line 1: label 'yes' is not a boolean; write true"),
+           "mixed.jsonl": ({"prompt": "a", "chosen": "b", "rejected": "c"}, "line 2: expected prompt, completion and "
+                           "label, as the file's first row has"),
+           "one-label.jsonl": (None, "its training rows need both labels; ")}  # fmt: skip
+    for name, (row, message) in bad.items():
+        lines = [row, rows[1]] if name == "label.jsonl" else [rows[0], row] if row else [r for r in rows if r["label"]]
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in lines))
+        with pytest.raises(DataError, match=re.escape(message)):
+            load_pairs_file(tmp_path / name, tokenizer, max_length=256)
+
+    said: list[str] = []
+    plan = plan_sweep(SweepConfig(data=str(jsonl)))  # every variant
+    kept = _cells_with_their_inputs(plan, loaded, said.append)
+    assert {c.spec.name for c in kept.cells} == {"kto", "bco", "apo_zero_unpaired"}
+    assert said == [f"{len({c.spec.name for c in plan.cells}) - 3} paired variants left out: {jsonl} holds unpaired "
+                    "rows, which only unpaired variants (apo_zero_unpaired, bco, kto) train on"]  # fmt: skip
+    train = TrainConfig(steps=2, batch_size=4)
+    with pytest.raises(SweepError, match=r"^dpo trains on pairs, and .* holds unpaired rows \(prompt, completion, "):
+        run_sweep(SweepConfig(sft=SFT, variants=("dpo", "kto"), data=str(jsonl), train=train), tmp_path / "x",
+                  progress=lambda m: None)  # fmt: skip
+    summary = run_sweep(SweepConfig(sft=SFT, variants=("kto",), data=str(jsonl), train=train,
+                                    scenarios=("clean", "unpaired-1:1"), step_cost_rounds=0),
+                        tmp_path / "y", progress=said.append)  # fmt: skip
+    assert summary.status.tolist() == ["done"] * 3 and sorted(summary.scenario) == ["clean", "clean", "unpaired-1:1"]
+    assert set(summary.n_samples) == {len(loaded.eval_prompts)}
+    assert any(m.startswith(f"{n - held} training examples ({desirable} desirable, {n - held - desirable} undesirable)")
+               for m in said)  # fmt: skip
+    from dpobench.report import build_report
+
+    section = {s.id: s for s in build_report(tmp_path / "y").sections}["unpaired"]
+    assert list(section.tables[0][1].data) == ["the file's rows", "unpaired-1:1"]
+    assert "the data file's own unpaired rows, in clean at the file's desirable:undesirable ratio" in section.text
