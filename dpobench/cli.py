@@ -613,7 +613,6 @@ def compare(
     from rich.table import Table
 
     from dpobench.transfer import rank_transfer
-    from dpobench.verdict import DEGENERATE_RULE
 
     (database_a, _), (database_b, _) = _store_runs(store_a), _store_runs(store_b)
     _load()
@@ -626,17 +625,7 @@ def compare(
         table.add_row(row.configuration, f"{row.gold_a:+.3f}", str(row.rank_a), f"{row.gold_b:+.3f}", str(row.rank_b),
                       f"{row.moved:+d}" if row.moved else "0", row.degenerate_in)  # fmt: skip
     _wide().print(table)
-    interval = lambda pair: f"{pair[0]:.2f} to {pair[1]:.2f}" if bootstrap else "no bootstrap"  # noqa: E731
-    out.print(f"{len(result.table)} configurations in both. Kendall τ-b = {result.tau:.2f} (95% interval "
-              f"{interval(result.tau_interval)}); Spearman ρ = {result.rho:.2f} ({interval(result.rho_interval)}); "
-              f"intervals from {bootstrap} bootstrap draws of each run's held-out prompts. Ranked by gold reward "
-              f"alone: 'degenerate in' names the runs where a configuration's samples were degenerate "
-              f"({DEGENERATE_RULE}).", highlight=False)  # fmt: skip
-    moved = result.table.reindex(result.table.moved.abs().sort_values(ascending=False, kind="stable").index).head(3)
-    moved = moved[moved.moved != 0]
-    if len(moved):
-        out.print("Moved most: " + ", ".join(f"{r.configuration} ({r.rank_a} → {r.rank_b})"
-                                              for r in moved.itertuples(index=False)), highlight=False)  # fmt: skip
+    out.print(result.summary(), highlight=False)
 
 
 @contextlib.contextmanager

@@ -87,7 +87,8 @@ def training_curves(tidy: pd.DataFrame, colors: dict, scenario: str = "clean", b
         beta = float(steps.beta.mode().iloc[0])
     steps = steps[np.isclose(steps.beta, beta) | steps.beta.isna()] if beta is not None else steps
     fig = Figure(figsize=A4_LANDSCAPE, layout="constrained")
-    fig.suptitle(f"Training dynamics ({scenario}, β = {beta:g}; mean over seeds, 10-step rolling mean)")
+    at = f", β = {beta:g}" if beta is not None else ""  # None: no cell recorded a step (every one failed first)
+    fig.suptitle(f"Training dynamics ({scenario}{at}; mean over seeds, 10-step rolling mean)")
     axes = fig.subplots(2, 2)
     panels = [(m, METRICS[m].axis) for m in ("loss", "reward_margin", "reward_accuracy")]
     wide = steps.pivot_table(index=["variant", "step"], columns="metric", values="value", aggfunc="mean")

@@ -38,6 +38,7 @@ from dpobench.tables import (
     throughput_table,
     unpaired_table,
 )
+from dpobench.transfer import transfers_within
 from dpobench.verdict import DEGENERATE_RULE, NEAR_BEST, NO_PICK, decision_table, degenerate, verdict
 
 __all__ = ["Report", "build_report", "read_benchmark_json", "write_report"]
@@ -318,6 +319,15 @@ def build_report(store: str | Path, metric: str | None = None, bench: str | Path
                                 "variants are named; in the HTML, every point names itself when the pointer rests on it.",
                                 figures=[figures.frontier(summary, colors, reference_gold, main_scenario, decided,
                                                           own_variants(finals, runs))]))  # fmt: skip
+    if gold:  # runs on other models into one store: does the ranking transfer? (dpobench compare for two stores)
+        raw = finals.assign(variant=finals.loss_name)  # each model's own configuration labels
+        for first, other, moved in transfers_within(raw, read_samples(store), main_scenario):
+            table = moved.table.rename(columns={"gold_a": "gold A", "rank_a": "rank A", "gold_b": "gold B",
+                                                "rank_b": "rank B", "degenerate_in": "degenerate in"})  # fmt: skip
+            sections.append(Section(f"transfer-{len(sections)}", f"Does the ranking transfer? {other}",
+                                    f"This store holds cells of more than one model: A is {first}, B is {other}; "
+                                    f"each configuration both trained in {main_scenario}, ranked by its gold reward "
+                                    f"in each. {moved.summary()}", tables=[("rankings", table)]))  # fmt: skip
     if {"noisy", "length-biased"} & set(scenarios) and "clean" in scenarios:
         table = scenario_table(finals)
         noise, bonus = (_run_setting(runs, key) for key in ("noise", "length_bonus"))

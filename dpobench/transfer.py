@@ -17,9 +17,9 @@ import numpy as np
 import pandas as pd
 
 from dpobench.tables import cell_finals, configuration_labels, is_reference, read_samples, read_tidy
-from dpobench.verdict import configuration_name, degenerate
+from dpobench.verdict import DEGENERATE_RULE, configuration_name, degenerate
 
-__all__ = ["Transfer", "kendall_tau_b", "rank_transfer", "spearman_rho"]
+__all__ = ["Transfer", "kendall_tau_b", "rank_transfer", "spearman_rho", "transfers_within"]
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,22 @@ class Transfer:
     rho: float
     rho_interval: tuple[float, float]
     draws: int
+
+    def summary(self) -> str:
+        """What the two rankings share, in words (as ``dpobench compare`` and the report say it): the correlations
+        with their intervals, the rule, and the configurations that moved most."""
+        interval = lambda pair: f"{pair[0]:.2f} to {pair[1]:.2f}" if self.draws else "no bootstrap"  # noqa: E731
+        text = (f"{len(self.table)} configurations in both. Kendall τ-b = {self.tau:.2f} (95% interval "
+                f"{interval(self.tau_interval)}); Spearman ρ = {self.rho:.2f} ({interval(self.rho_interval)}); "
+                f"intervals from {self.draws} bootstrap draws of each run's held-out prompts. Ranked by gold reward "
+                f"alone: 'degenerate in' names the runs where a configuration's samples were degenerate "
+                f"({DEGENERATE_RULE}).")  # fmt: skip
+        moved = self.table.reindex(self.table.moved.abs().sort_values(ascending=False, kind="stable").index).head(3)
+        moved = moved[moved.moved != 0]
+        if len(moved):
+            text += " Moved most: " + ", ".join(f"{r.configuration} ({r.rank_a} → {r.rank_b})"
+                                                for r in moved.itertuples(index=False)) + "."  # fmt: skip
+        return text
 
 
 def kendall_tau_b(x: np.ndarray, y: np.ndarray) -> float:
@@ -52,17 +68,19 @@ def spearman_rho(x: np.ndarray, y: np.ndarray) -> float:
     return float(np.corrcoef(rx, ry)[0, 1])
 
 
-def _per_prompt(store: str | Path, scenario: str) -> tuple[dict[str, np.ndarray], dict[str, bool]]:
-    """Each configuration's gold reward per evaluation prompt (seeds averaged prompt by prompt), and whether its
-    samples were degenerate (``verdict.degenerate`` of its cells' mean health measures), by its name."""
-    finals = cell_finals(read_tidy(store))
+def _per_prompt(
+    finals: pd.DataFrame, samples: pd.DataFrame, source: str, scenario: str
+) -> tuple[dict[str, np.ndarray], dict[str, bool]]:
+    """Each configuration of ``finals`` (one run's cells, or one model's) by its name: its gold reward per evaluation
+    prompt (``samples``; seeds averaged prompt by prompt), and whether its samples were degenerate
+    (``verdict.degenerate`` of its cells' mean health measures). ``source`` names the cells in an error."""
     cells = finals[~is_reference(finals) & (finals.status == "done") & (finals.scenario == scenario)]
     if cells.empty:
-        raise ValueError(f"{store}: no finished cells in scenario {scenario!r}")
+        raise ValueError(f"{source}: no finished cells in scenario {scenario!r}")
     cells = cells.assign(configuration=configuration_labels(cells))
-    samples = read_samples(store)
+    samples = samples[samples.cell_id.isin(cells.cell_id)]
     if samples.empty:
-        raise ValueError(f"{store}: its cells kept no per-prompt gold reward (pairs from --data without --judge, or "
+        raise ValueError(f"{source}: its cells kept no per-prompt gold reward (pairs from --data without --judge, or "
                          "a store from before dpobench kept them); compare runs that have a gold reward")  # fmt: skip
     wide = samples.pivot(index="cell_id", columns="prompt", values="gold_reward")
     values: dict[str, np.ndarray] = {}
@@ -85,10 +103,42 @@ def rank_transfer(store_a: str | Path, store_b: str | Path, scenario: str = "cle
                   seed: int = 0) -> Transfer:  # fmt: skip
     """The configurations both stores ran (by name and β), ranked by gold reward in each, with Kendall's τ-b and
     Spearman's ρ between the rankings and their 95% bootstrap intervals over each run's held-out prompts."""
-    (a, grammar_a), (b, grammar_b) = _per_prompt(store_a, scenario), _per_prompt(store_b, scenario)
+    a, b = (_per_prompt(cell_finals(read_tidy(s)), read_samples(s), str(s), scenario) for s in (store_a, store_b))
+    return _compare(a, b, f"{store_a} and {store_b}", scenario, draws, seed)
+
+
+def transfers_within(finals: pd.DataFrame, samples: pd.DataFrame, scenario: str = "clean", draws: int = 1000,
+                     seed: int = 0) -> list[tuple[str, str, Transfer]]:  # fmt: skip
+    """One store's cells on two or more models (runs with other ``--model`` into one ``--out``): each model's
+    ranking against the first model's (the order of ``finals``), as ``rank_transfer`` compares two stores; a model
+    sharing fewer than 3 configurations with the first, or without per-prompt gold rewards, is left out.
+    ``finals``: ``tables.cell_finals`` of the store, variants under their own names."""
+    cells = finals[~is_reference(finals) & (finals.status == "done") & (finals.scenario == scenario)]
+    models = list(dict.fromkeys(cells.model))
+    if len(models) < 2:
+        return []
+    per_model = {}
+    for model in models:
+        try:
+            per_model[model] = _per_prompt(cells[cells.model == model], samples, str(model), scenario)
+        except ValueError:  # no gold reward per prompt: nothing to rank by
+            continue
+    first, *others = [m for m in models if m in per_model] or [None]
+    found = []
+    for other in others:
+        try:
+            found.append((first, other, _compare(per_model[first], per_model[other], "", scenario, draws, seed)))
+        except ValueError:  # under 3 shared configurations
+            continue
+    return found
+
+
+def _compare(a: tuple[dict, dict], b: tuple[dict, dict], source: str, scenario: str, draws: int,
+             seed: int) -> Transfer:  # fmt: skip
+    (a, grammar_a), (b, grammar_b) = a, b
     names = sorted(set(a) & set(b))
     if len(names) < 3:
-        raise ValueError(f"{store_a} and {store_b} share {len(names)} configuration(s) in {scenario!r}; a rank "
+        raise ValueError(f"{source} share {len(names)} configuration(s) in {scenario!r}; a rank "
                          "correlation needs 3 or more (the same --variants and --betas in both runs)")  # fmt: skip
     matrix_a, matrix_b = np.stack([a[n] for n in names]), np.stack([b[n] for n in names])
     gold_a, gold_b = matrix_a.mean(axis=1), matrix_b.mean(axis=1)

@@ -21,21 +21,25 @@ def store(
     beta: float = 0.1,
     grammar: dict[str, float] | None = None,
     repetitive: dict[str, float] | None = None,
+    model: str = "tiny",
 ) -> Path:
-    """One run: each configuration one cell whose evaluation kept these per-prompt gold rewards; and the reference."""
+    """One run of ``model`` (added to the store in ``folder`` if there is one): each configuration one cell whose
+    evaluation kept these per-prompt gold rewards; and the reference."""
     path = folder / "results.sqlite"
     grammar, repetitive = grammar or {}, repetitive or {}
     results = Store(path)
-    results.add_run("run-1", config={}, model="tiny", model_hash="abc", device="cpu", dtype="float32")
-    base = {"run_id": "run-1", "plugin": "p", "plugin_version": "1", "seed": 0, "scenario": "clean", "model": "tiny",
-            "model_hash": "abc", "device": "cpu", "dtype": "float32", "config": "{}", "status": "done", "error": "",
+    run = f"run-{model}"
+    results.add_run(run, config={}, model=model, model_hash=model, device="cpu", dtype="float32")
+    base = {"run_id": run, "plugin": "p", "plugin_version": "1", "seed": 0, "scenario": "clean", "model": model,
+            "model_hash": model, "device": "cpu", "dtype": "float32", "config": "{}", "status": "done", "error": "",
             "started": 0.0, "finished": 1.0, "seconds": 1.0}  # fmt: skip
     for variant, values in golds.items():
-        cell = {**base, "cell_id": variant, "variant": variant, "params": json.dumps({"beta": beta}), "beta": beta}
+        cell = {**base, "cell_id": f"{variant}-{model}", "variant": variant, "params": json.dumps({"beta": beta}),
+                "beta": beta}  # fmt: skip
         results.write_cell(cell, [], [{"step": 10, "gold_reward": float(np.mean(values)), "gold_samples": values,
                                        "kl_to_reference": 1.0, "grammatical_fraction": grammar.get(variant, 0.9),
                                        "repetitive_fraction": repetitive.get(variant, 0.0)}])  # fmt: skip
-    results.write_cell({**base, "cell_id": "ref", "variant": "(reference)", "role": "reference", "params": "{}",
+    results.write_cell({**base, "cell_id": f"ref-{model}", "variant": "(reference)", "role": "reference", "params": "{}",
                         "beta": math.nan}, [], [{"step": 0, "gold_reward": 0.0, "gold_samples": [0.0] * 5}])  # fmt: skip
     results.close()
     return folder
@@ -90,3 +94,27 @@ def test_runs_that_share_too_few_configurations_are_refused(tmp_path: Path) -> N
         CliRunner().invoke(app, ["compare", str(a), str(tmp_path / "nowhere")], catch_exceptions=False)
     with pytest.raises(CLIError, match=r"share 2 configuration\(s\)"):  # the module's error, as one line
         CliRunner().invoke(app, ["compare", str(a), str(b)], catch_exceptions=False)
+
+
+def test_one_store_holding_two_models_reports_whether_the_ranking_transfers(tmp_path: Path) -> None:
+    """Runs of two models into one --out: the report compares their rankings as `dpobench compare` compares two
+    stores holding the same cells (the same τ, ρ, intervals and table), in a section of its own."""
+    from dpobench.report import build_report
+
+    golds_a = {"a": [0.4, 0.5, 0.3, 0.6], "b": [0.3, 0.2, 0.35, 0.3], "c": [0.1, 0.3, 0.2, 0.2], "d": [0.0] * 4}
+    golds_b = {"a": [0.1, 0.2, 0.0, 0.1], "b": [0.3, 0.4, 0.2, 0.3], "c": [0.2, 0.2, 0.3, 0.1], "d": [0.5] * 4}
+    store(tmp_path / "both", golds_a, model="tiny")
+    store(tmp_path / "both", golds_b, model="small", repetitive={"d": 0.5})
+    apart = rank_transfer(store(tmp_path / "a", golds_a, model="tiny"),
+                          store(tmp_path / "b", golds_b, model="small", repetitive={"d": 0.5}), draws=1000)  # fmt: skip
+    sections = [s for s in build_report(tmp_path / "both").sections if s.id.startswith("transfer")]
+    assert len(sections) == 1 and sections[0].title == "Does the ranking transfer? small"
+    assert sections[0].text == ("This store holds cells of more than one model: A is tiny, B is small; each "
+                                "configuration both trained in clean, ranked by its gold reward in each. "
+                                + apart.summary())  # fmt: skip
+    shown = sections[0].tables[0][1]
+    assert list(shown["rank A"]) == list(apart.table.rank_a) and list(shown["degenerate in"]) == ["", "", "", "B"]
+    # a b c d against d b c a: only (b, c) of the six pairs agrees, τ = (1 − 5)/6
+    assert apart.tau == pytest.approx(-2 / 3) and "Moved most: a β=0.1 (1 → 4), d β=0.1 (4 → 1)." in apart.summary()
+    # one model: no such section
+    assert not [s for s in build_report(tmp_path / "a").sections if s.id.startswith("transfer")]
