@@ -283,8 +283,9 @@ _ModelOption = Annotated[
 ]
 _DataOption = Annotated[
     Path | None,
-    typer.Option(help="Pairs: a JSONL / CSV / Parquet file or a Hugging Face dataset folder (save_to_disk), with "
-                 "prompt, chosen, rejected as text or chat messages (or chosen and rejected alone).")
+    typer.Option(help="Pairs: a JSONL / CSV / Parquet file, a Hugging Face dataset folder (save_to_disk) or a Hub "
+                 "dataset's name (ORG/NAME; offline, from the local cache), with prompt, chosen, rejected as text or "
+                 "chat messages (or chosen and rejected alone); or unpaired rows of prompt, completion, label.")
 ]  # fmt: skip
 _JudgeOption = Annotated[
     str | None,

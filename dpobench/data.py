@@ -615,10 +615,25 @@ def _refuse_unknown_tokens(path: Path, tokenizer: Any, pairs: list[Pair]) -> Non
         )
 
 
-def require_pairs_file(path: Path) -> None:
+#: what ``--data`` takes for a Hugging Face Hub dataset's name (``org/name``) where no such file or folder exists
+HUB_DATASET = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def is_hub_dataset(path: Path) -> bool:
+    """``--data`` names a Hub dataset: no file or folder of that name, ``org/name`` in form, and no file suffix."""
+    return (not path.exists() and HUB_DATASET.match(str(path)) is not None
+            and path.suffix.lower() not in (".jsonl", ".json", ".csv", ".parquet"))  # fmt: skip
+
+
+def require_pairs_file(path: Path, split: str = "train") -> None:
+    """A file or folder that exists, or a Hub dataset that ``datasets`` can load (its local cache, offline); checked
+    before the slow work of a sweep."""
+    if is_hub_dataset(path):
+        _hub_rows(str(path), split)
+        return
     if not (path.is_file() or path.is_dir()):
-        raise DataError(f"{path}: no such file or folder; --data takes a JSONL, CSV or Parquet file of pairs, or a "
-                        "folder written by a Hugging Face dataset's save_to_disk")  # fmt: skip
+        raise DataError(f"{path}: no such file or folder; --data takes a JSONL, CSV or Parquet file of pairs, a "
+                        "folder written by a Hugging Face dataset's save_to_disk, or a Hub dataset's name")  # fmt: skip
 
 
 #: the key a row carries once the chat template has rendered it
@@ -686,6 +701,8 @@ def _read_text(path: Path) -> str:
 
 
 def _read_rows(path: Path, split: str = "train") -> list[tuple[str, dict[str, Any]]]:
+    if is_hub_dataset(path):
+        return _hub_rows(str(path), split)
     require_pairs_file(path)
     if path.is_dir():
         return _dataset_rows(path, split)
@@ -723,14 +740,35 @@ def _read_rows(path: Path, split: str = "train") -> list[tuple[str, dict[str, An
     raise DataError(f"{path}: unknown format {suffix!r}; use .jsonl, .csv or .parquet")
 
 
-def _dataset_rows(folder: Path, split: str) -> list[tuple[str, dict[str, Any]]]:
-    """The rows of a Hugging Face dataset saved with ``save_to_disk``: a Dataset, or ``split`` of a DatasetDict."""
+def _hub_rows(name: str, split: str) -> list[tuple[str, dict[str, Any]]]:
+    """The rows of ``split`` of the Hub dataset ``name``, through ``datasets.load_dataset``: from its local cache
+    where the Hub cannot be reached (or ``HF_HUB_OFFLINE=1``), else downloaded and cached by ``datasets``."""
+    datasets = _datasets(name)
+    verbosity = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity_error()  # its notices ("using the latest cached version …") are not the sweep's
+    try:
+        loaded = datasets.load_dataset(name, split=split)
+    except Exception as error:  # ConnectionError offline, DatasetNotFoundError, a split it lacks (ValueError), …
+        raise DataError(f"{name}: no such file or folder, and no Hugging Face dataset of that name that datasets can "
+                        f"load ({one_line(error)}); download it where the Hub can be reached, or give a file or a "
+                        "save_to_disk folder") from None  # fmt: skip
+    finally:
+        datasets.logging.set_verbosity(verbosity)
+    return [(f"row {i}", dict(row)) for i, row in enumerate(loaded, start=1)]
+
+
+def _datasets(source: object) -> Any:
     try:
         import datasets
     except ImportError:
-        raise DataError(
-            f"{folder}: a dataset folder needs the datasets package; pip install 'dpobench[real]'"
-        ) from None
+        raise DataError(f"{source}: a Hugging Face dataset needs the datasets package; pip install 'dpobench[real]'") \
+            from None  # fmt: skip
+    return datasets
+
+
+def _dataset_rows(folder: Path, split: str) -> list[tuple[str, dict[str, Any]]]:
+    """The rows of a Hugging Face dataset saved with ``save_to_disk``: a Dataset, or ``split`` of a DatasetDict."""
+    datasets = _datasets(folder)
     try:
         loaded = datasets.load_from_disk(str(folder))
     except (FileNotFoundError, ValueError) as error:

@@ -216,7 +216,7 @@ def check_sources(config: SweepConfig, out: Path) -> None:
     check_writable(out)
     check_model_source(config.model)
     if config.data:
-        require_pairs_file(Path(config.data))
+        require_pairs_file(Path(config.data), config.split)
     if (out / "results.sqlite").exists():
         open_store(out).close()
 

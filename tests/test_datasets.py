@@ -113,3 +113,40 @@ def test_a_sweep_trains_on_a_dataset_folder(tmp_path: Path, untrained_model: Pat
     from dpobench.tables import run_info
 
     assert run_info(tmp_path / "out")[0]["info"]["pairs"] == 12  # the test split, not train's 6
+
+
+def test_a_hub_dataset_name_loads_from_the_local_cache_offline(tmp_path: Path, untrained_model: Path) -> None:
+    """`--data org/name` is loaded by `datasets.load_dataset`: offline, from its local cache (here a cache entry as a
+    download leaves one, made by datasets from a JSONL of the rows and filed under the Hub name); a name the cache
+    does not hold is one line, before anything trains. Child processes: datasets reads HF_HOME and offline mode
+    when it is imported."""
+    import shutil
+    import subprocess
+    import sys
+
+    import datasets
+
+    from .conftest import subprocess_env
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps(r) + "\n" for r in TEXT * 4))
+    built = tmp_path / "built"
+    datasets.load_dataset("json", data_files=str(rows), split="train", cache_dir=str(built))
+    (info,) = built.glob("json/*/*/*/dataset_info.json")  # json/<config>/<version>/<fingerprint>/
+    entry = tmp_path / "hf" / "datasets" / "someorg___reviews" / "default" / "0.0.0" / info.parent.name
+    shutil.copytree(info.parent, entry)
+    (entry / "json-train.arrow").rename(entry / "reviews-train.arrow")  # a download names it after the dataset
+    env = subprocess_env(HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    run = [sys.executable, "-m", "dpobench", "run", "--model", str(untrained_model), "--variants", "dpo", "--steps",
+           "2", "--batch-size", "4", "--no-report", "--step-cost-rounds", "0"]  # fmt: skip
+    done = subprocess.run([*run, "--data", "someorg/reviews", "--out", str(tmp_path / "out")], capture_output=True,
+                          text=True, env=env, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "11 training pairs, 1 held-out pairs" in done.stderr  # 12 rows: a tenth (1) held out
+    assert "Using the latest cached version" not in done.stderr  # datasets' notices stay out of the sweep's output
+    missing = subprocess.run([*run, "--data", "someorg/nothing", "--out", str(tmp_path / "none")],
+                             capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    assert missing.returncode == 2 and missing.stderr.count("\n") == 1, missing.stderr
+    assert missing.stderr.startswith("error: someorg/nothing: no such file or folder, and no Hugging Face dataset of "
+                                     "that name that datasets can load (")  # fmt: skip
+    assert not (tmp_path / "none").exists()
