@@ -342,6 +342,14 @@ _LabelsOption = Annotated[
         help=f"How the synthetic pairs are labelled: hard (higher gold reward wins) or bt (default {_default('labels')})."
     ),
 ]
+_TrainPromptsOption = Annotated[int | None, typer.Option(
+    help=f"Prompts whose two samples make the training pairs, without --data (default {_default('train_prompts')}; "
+         "ties are dropped).", min=2)]  # fmt: skip
+_HeldoutPromptsOption = Annotated[int | None, typer.Option(
+    help=f"Prompts of the held-out pairs, without --data (default {_default('heldout_prompts')}).", min=1)]  # fmt: skip
+_EvalPromptsOption = Annotated[int | None, typer.Option(
+    help=f"Held-out prompts each cell samples one completion of, for its gold reward, KL and health, without --data "
+         f"(default {_default('eval_prompts')}; fewer: a faster evaluation, a wider interval).", min=2)]  # fmt: skip
 _ParamOption = Annotated[
     list[str] | None,
     typer.Option(
@@ -425,6 +433,9 @@ def run(
     config: _ConfigOption = None,
     out: _OutOption = Path("dpobench-results"),
     labels: _LabelsOption = None,
+    train_prompts: _TrainPromptsOption = None,
+    heldout_prompts: _HeldoutPromptsOption = None,
+    eval_prompts: _EvalPromptsOption = None,
     param: _ParamOption = None,
     report: _ReportOption = True,
     executor: _ExecutorOption = None,

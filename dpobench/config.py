@@ -217,6 +217,9 @@ OPTIONS: dict[str, Option] = {
     "judge": Option(lambda value, key: str(value) if value else None, "judge"),
     "device": Option(_text, "device"),
     "labels": Option(_labels, "data_recipe.labels"),
+    "train_prompts": Option(_integer(2), "data_recipe.train_prompts"),
+    "heldout_prompts": Option(_integer(1), "data_recipe.heldout_prompts"),
+    "eval_prompts": Option(_integer(2), "data_recipe.eval_prompts"),
     "compile": Option(_flag, "speed.compile"),
     "cuda_graphs": Option(_flag, "speed.cuda_graphs"),
     "share_prompt": Option(_flag, "speed.share_prompt"),
@@ -395,6 +398,10 @@ def check_config(config: SweepConfig, names: list[str], device: str) -> None:
         raise SweepError(
             f"--labels {config.data_recipe.labels}: labels the synthetic task's pairs; drop it with --data"
         )
+    for key in ("train_prompts", "heldout_prompts", "eval_prompts"):
+        if config.data and getattr(config.data_recipe, key) != getattr(DataRecipe(), key):
+            raise SweepError(f"--{key.replace('_', '-')} {getattr(config.data_recipe, key)}: sizes the pairs dpobench "
+                             "samples (the synthetic task's, or a judge's); --data's pairs are the file's: drop it")  # fmt: skip
     if not config.data and not config.judge and (config.model in PRETRAINED or config.model.endswith(".gguf")):
         raise SweepError(f"--model {config.model}: a pretrained model does not know the synthetic task's grammar (only "
                          "the sizes tiny, small and base are trained on it); give your pairs with --data pairs.jsonl, "

@@ -47,6 +47,7 @@ from dpobench.config import (
     select_variants,
 )
 from dpobench.data import (
+    DataRecipe,
     ExampleSet,
     PairSet,
     TaskData,
@@ -251,7 +252,7 @@ def prepare(plan: SweepPlan, progress: Callable[[str], None] = print) -> Prepare
     except JudgeError as error:
         raise SweepError(str(error)) from None
     data = _task_data(config, reference, tokenizer, device, model_hash, progress, judge)
-    data_hash = data.fingerprint()
+    data_hash = data.fingerprint() + _evaluation_size(config)
     plan = _cells_with_their_inputs(plan, data, progress)
     ref_key, cache, autocast = f"{model_hash}|{data_hash}", cache_root(), acceleration.autocast
     pad_id = tokenizer.pad_token_id
@@ -286,6 +287,14 @@ def prepare(plan: SweepPlan, progress: Callable[[str], None] = print) -> Prepare
     )  # fmt: skip
 
 
+def _evaluation_size(config: SweepConfig) -> str:
+    """The number of sampled evaluation prompts, where it is not the default: the pairs' fingerprints do not hold it
+    (the training and held-out prompts are drawn first), and cells evaluated on other prompts are other cells. Empty
+    at the default, so that the cells of earlier runs keep their identities."""
+    count = config.data_recipe.eval_prompts
+    return "" if config.data or count == DataRecipe().eval_prompts else f"|eval_prompts={count}"
+
+
 def _cells_with_their_inputs(plan: SweepPlan, data: TaskData, progress: Callable[[str], None]) -> SweepPlan:
     """The plan less the cells whose inputs this sweep cannot give: variants that read the pairs' score margins where
     the data has none, and a moving reference under LoRA (mixing adapters' factors is not mixing their weights; TRL
@@ -304,7 +313,8 @@ def _cells_with_their_inputs(plan: SweepPlan, data: TaskData, progress: Callable
         for name, (missing, why) in reasons.items():
             if missing and name in cell.loss.inputs:
                 left_out.setdefault(cell.spec.name, why)
-    if data.examples is not None:  # a file of unpaired rows: no pairs for a paired variant to train on
+    paired: list[str] = []  # a file of unpaired rows has no pairs for a paired variant: left out in one line
+    if data.examples is not None:
         paired = sorted({cell.spec.name for cell in plan.cells if not cell.loss.unpaired})
         unpaired = sorted({cell.spec.name for cell in plan.cells if cell.loss.unpaired})
         why = f"trains on pairs, and {config.data} holds unpaired rows (prompt, completion, label)"
@@ -315,10 +325,11 @@ def _cells_with_their_inputs(plan: SweepPlan, data: TaskData, progress: Callable
             progress(f"{len(paired)} paired variants left out: {config.data} holds unpaired rows, which only "
                      f"unpaired variants ({', '.join(unpaired)}) train on")  # fmt: skip
             left_out.update(dict.fromkeys(paired, why))
-            return replace(plan, cells=[cell for cell in plan.cells if cell.spec.name not in left_out])
     if not left_out:
         return plan
     for variant, why in left_out.items():
+        if variant in paired:
+            continue  # said above, all together
         if config.variants:
             raise SweepError(f"{variant} {why}; or drop it from --variants")
         progress(f"{variant} left out: it {why}")

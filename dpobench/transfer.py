@@ -68,9 +68,11 @@ def spearman_rho(x: np.ndarray, y: np.ndarray) -> float:
     return float(np.corrcoef(rx, ry)[0, 1])
 
 
-def _per_prompt(
-    finals: pd.DataFrame, samples: pd.DataFrame, source: str, scenario: str
-) -> tuple[dict[str, np.ndarray], dict[str, bool]]:
+#: a run's (or a model's) configurations by name: gold reward per evaluation prompt, and whether degenerate
+PerPrompt = tuple[dict[str, np.ndarray], dict[str, bool]]
+
+
+def _per_prompt(finals: pd.DataFrame, samples: pd.DataFrame, source: str, scenario: str) -> PerPrompt:
     """Each configuration of ``finals`` (one run's cells, or one model's) by its name: its gold reward per evaluation
     prompt (``samples``; seeds averaged prompt by prompt), and whether its samples were degenerate
     (``verdict.degenerate`` of its cells' mean health measures). ``source`` names the cells in an error."""
@@ -123,9 +125,10 @@ def transfers_within(finals: pd.DataFrame, samples: pd.DataFrame, scenario: str 
             per_model[model] = _per_prompt(cells[cells.model == model], samples, str(model), scenario)
         except ValueError:  # no gold reward per prompt: nothing to rank by
             continue
-    first, *others = [m for m in models if m in per_model] or [None]
+    usable = [m for m in models if m in per_model]
     found = []
-    for other in others:
+    first = usable[0] if usable else None
+    for other in usable[1:]:
         try:
             found.append((first, other, _compare(per_model[first], per_model[other], "", scenario, draws, seed)))
         except ValueError:  # under 3 shared configurations
@@ -133,9 +136,9 @@ def transfers_within(finals: pd.DataFrame, samples: pd.DataFrame, scenario: str 
     return found
 
 
-def _compare(a: tuple[dict, dict], b: tuple[dict, dict], source: str, scenario: str, draws: int,
-             seed: int) -> Transfer:  # fmt: skip
-    (a, grammar_a), (b, grammar_b) = a, b
+def _compare(run_a: PerPrompt, run_b: PerPrompt, source: str, scenario: str, draws: int, seed: int) -> Transfer:
+    """Two rankings (``_per_prompt`` of each) compared; ``source`` names the two in an error."""
+    (a, unhealthy_a), (b, unhealthy_b) = run_a, run_b
     names = sorted(set(a) & set(b))
     if len(names) < 3:
         raise ValueError(f"{source} share {len(names)} configuration(s) in {scenario!r}; a rank "
@@ -147,7 +150,7 @@ def _compare(a: tuple[dict, dict], b: tuple[dict, dict], source: str, scenario: 
     table["rank_b"] = table.gold_b.rank(ascending=False, method="min").astype(int)
     table["moved"] = table.rank_b - table.rank_a
     # ranked by gold reward alone, as the runs measured it: a degenerate configuration is named, not left out
-    table["degenerate_in"] = [_degenerate_in(grammar_a[n], grammar_b[n]) for n in names]
+    table["degenerate_in"] = [_degenerate_in(unhealthy_a[n], unhealthy_b[n]) for n in names]
     table = table.sort_values(["rank_a", "configuration"]).reset_index(drop=True)
     rng = np.random.default_rng(seed)
     taus, rhos = [], []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 from pathlib import Path
 
@@ -379,3 +380,27 @@ def test_a_variant_of_a_plugin_that_failed_to_load_is_named_as_such(tmp_path: Pa
         invoke("--plugins-dir", str(BROKEN_PLUGINS / "import_error.py"), "run", "--variants", "dpo,import_error",
                "--out", str(tmp_path / "out"))  # fmt: skip
     assert not (tmp_path / "out").exists()
+
+
+def test_the_sampled_pairs_and_the_evaluation_are_sized_from_the_command_line(tmp_path: Path, untrained_model: Path):
+    """--train-prompts, --heldout-prompts, --eval-prompts size what dpobench samples (a pretrained model's evaluation
+    is most of its cell's time). The evaluation's prompt count is part of a cell's identity: the training pairs do
+    not change with it, and a cell evaluated on 8 prompts is not the one evaluated on 16."""
+    out = tmp_path / "out"
+    run = ["run", "--model", str(untrained_model), "--variants", "dpo", "--steps", "2", "--batch-size", "4",
+           "--train-prompts", "40", "--heldout-prompts", "6", "--no-report", "--step-cost-rounds", "0",
+           "--out", str(out)]  # fmt: skip
+    first = invoke(*run, "--eval-prompts", "16")
+    assert first.exit_code == 0, first.stderr
+    said = " ".join(first.stderr.split())
+    trained, held = (int(n) for n in re.search(r"(\d+) training pairs, (\d+) held-out pairs", said).groups())
+    assert 0 < trained <= 40 and 0 < held <= 6  # two samples per prompt; a tie is dropped
+    assert set(pd.read_csv(out / "summary.csv").n_samples) == {16}
+    fewer = invoke(*run, "--eval-prompts", "8")
+    assert "1 cell, 0 already in the store, 1 to run" in " ".join(fewer.stderr.split())
+    assert f"{trained} training pairs, {held} held-out pairs" in " ".join(fewer.stderr.split())  # the same pairs
+    assert set(pd.read_csv(out / "summary.csv").n_samples) == {8}  # this command's cells: its reference's too
+    with sqlite3.connect(out / "results.sqlite") as db:  # both evaluations kept, each with its own reference
+        assert db.execute("SELECT COUNT(*) FROM cells").fetchone()[0] == 4
+    again = invoke(*run, "--eval-prompts", "16")
+    assert "1 cell, 1 already in the store, 0 to run" in " ".join(again.stderr.split())

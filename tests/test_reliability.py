@@ -174,6 +174,10 @@ def test_a_byte_order_mark_is_not_part_of_the_first_column(tmp_path: Path) -> No
             ["--data", "PAIRS", "--labels", "bt"],
             "error: --labels bt: labels the synthetic task's pairs; drop it with --data",
         ),
+        (
+            ["--data", "PAIRS", "--eval-prompts", "8"],
+            "error: --eval-prompts 8: sizes the pairs dpobench samples (the synthetic task's, or a judge's); --data's",
+        ),
     ],
 )
 def test_bad_settings_are_one_line_and_claim_nothing(

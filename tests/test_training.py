@@ -28,7 +28,8 @@ DATA = DataRecipe(train_prompts=768, heldout_prompts=64, eval_prompts=256)
 
 def sweep(out: Path, **changes) -> pd.DataFrame:
     train = TrainConfig(steps=changes.pop("steps", 40), batch_size=32, lr=changes.pop("lr", 1e-4))
-    config = SweepConfig(sft=SFT, data_recipe=DATA, train=train, **changes)
+    recipe = {} if "data" in changes else {"data_recipe": DATA}  # --data's pairs are the file's, not sampled
+    config = SweepConfig(sft=SFT, train=train, **recipe, **changes)
     return run_sweep(config, out, progress=lambda m: None)
 
 
