@@ -6,12 +6,17 @@ Where each concern lives, in the order a sweep runs:
   ``Param``, the declarable inputs), ``registry`` (what plugins registered), ``plugins`` (loading them),
   ``testing`` (the conformance checker), ``landscape`` (each loss's model-free geometry);
 - configuration: ``config`` (every option and default once; presets, TOML and the command line merged and checked);
-- the task and models: ``task`` (the synthetic grammar and its gold reward), ``data`` (pairs: sampled, or read from
-  a file), ``models`` (build, SFT, load, cache);
-- training: ``sweep`` (plan, prepare, run each cell), ``train`` (the one training loop and the evaluation),
-  ``logprobs`` (completion log-probs and the reference cache), ``acceleration`` (how the step runs fast);
-- results: ``store`` (SQLite; the only module that speaks SQL), ``metrics`` (the metric catalogue), ``tables``
-  (pandas views), ``figures`` (matplotlib), ``report`` (HTML and PDF);
+- the task and models: ``task`` (the synthetic grammar and its gold reward), ``data`` (pairs and unpaired
+  examples: sampled, or read from a file, a dataset folder or the Hub), ``models`` (build, SFT, load, cache; GGUF),
+  ``lora`` (peft adapters), ``judges`` (a gold reward for your pairs);
+- training: ``sweep`` (plan, prepare, commit each cell), ``cells`` (the cells, the prepared sweep, and the executors
+  that run them: in process or side by side; ``ray_executor`` on Ray), ``train`` (the one training loop and the
+  evaluation), ``logprobs`` (completion log-probs and the reference cache), ``acceleration`` (how the step runs
+  fast), ``stepcost`` (each loss's step cost, measured side by side);
+- results: ``store`` (SQLite; the only module that speaks SQL), ``metrics`` (the metric catalogue),
+  ``degeneration`` (repetition and diversity of samples), ``tables`` (pandas views), ``verdict`` (which loss: the
+  picks and the health rule), ``transfer`` (does a ranking transfer), ``figures`` (matplotlib), ``report`` (HTML
+  and PDF);
 - ``cli``: the ``dpobench`` command, a thin shell over the above.
 """
 

@@ -663,7 +663,7 @@ def _stop_after_step(cells: Any):
 
 
 def _sweep_progress() -> Any:
-    from dpobench.sweep import Progress
+    from dpobench.cells import Progress
 
     class SweepProgress(Progress):
         """One bar for the sweep (cells done of those to run, in flight, failed, time left) and, for a cell trained

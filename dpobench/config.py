@@ -73,7 +73,7 @@ class ExecutorOptions:
     threads_per_cell: int = 1  # CPU threads (Ray CPUs) each Ray task asks for and torch uses
     cells_per_gpu: int = 1  # on CUDA, Ray tasks sharing one GPU (each asks for 1/N of it)
     #: "process" on the CPU: cells trained side by side, each in a worker process on one thread
-    #: (``sweep.cells_at_once``); 0: auto
+    #: (``cells.cells_at_once``); 0: auto
     parallel_cells: int = 0
 
 

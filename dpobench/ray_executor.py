@@ -20,8 +20,8 @@ from typing import Any
 import ray
 import torch
 
+from dpobench.cells import Finished, Pending, Prepared, Progress, run_cell
 from dpobench.config import ExecutorOptions, SweepError
-from dpobench.sweep import Finished, Pending, Prepared, Progress, run_cell
 from dpobench.train import CellResult
 
 __all__ = ["RayExecutor"]

@@ -20,7 +20,7 @@ import torch
 from dpobench.train import CellStopped, CellTrainer
 
 if TYPE_CHECKING:
-    from dpobench.sweep import Cell, Prepared
+    from dpobench.cells import Cell, Prepared
 
 __all__ = ["WARMUP_ROUNDS", "StepTime", "configuration_key", "measure_step_costs"]
 

@@ -266,7 +266,8 @@ def test_sampled_pairs_are_cached_per_model_recipe_and_device(tmp_path: Path) ->
 
 
 def test_a_cells_progress_label_names_its_beta_only_where_it_has_one() -> None:
-    from dpobench.sweep import Cell, _label
+    from dpobench.cells import Cell
+    from dpobench.sweep import _label
 
     spec = dpobench.get_losses()["dpo"]
     config = SweepConfig(params={"dpo": {"label_smoothing": ("0.1",)}})
@@ -292,7 +293,8 @@ def test_a_variants_own_beta_replaces_the_swept_betas_for_it_alone() -> None:
 def test_a_cell_run_alone_from_the_plan_equals_its_cell_in_the_sweep(tmp_path: Path, untrained_model: Path) -> None:
     """The seam another executor uses: ``plan_sweep`` → ``prepare`` → ``run_cell(prepared, cell)``, for one cell
     alone, gives that cell's metrics exactly as the whole sweep stored them (same process, same threads)."""
-    from dpobench.sweep import plan_sweep, prepare, run_cell
+    from dpobench.cells import run_cell
+    from dpobench.sweep import plan_sweep, prepare
     from dpobench.tables import cell_finals, read_tidy
 
     config = SweepConfig(variants=("dpo", "ipo"), model=str(untrained_model), data_recipe=replace(DATA, train_prompts=96),
@@ -310,7 +312,7 @@ def test_a_cell_run_alone_from_the_plan_equals_its_cell_in_the_sweep(tmp_path: P
 
     # an executor may return cells in any order (as one running them elsewhere does): the driver commits each as it
     # arrives, and the store holds the same cells with the same numbers
-    from dpobench.sweep import run_in_process
+    from dpobench.cells import run_in_process
 
     def backwards(prepared, pending, cell_progress, should_stop):  # the last cell first
         yield from run_in_process(prepared, pending[::-1], cell_progress, should_stop)
@@ -329,8 +331,9 @@ def test_cells_train_side_by_side_where_one_cannot_use_the_cores(untrained_model
     import os
     from types import SimpleNamespace
 
+    from dpobench.cells import cells_at_once
     from dpobench.config import ExecutorOptions, check_executor, load_config
-    from dpobench.sweep import cells_at_once, plan_sweep
+    from dpobench.sweep import plan_sweep
 
     tiny, _ = load_model(untrained_model)
     large = torch.nn.Linear(1000, 1000)  # 1,001,000 parameters

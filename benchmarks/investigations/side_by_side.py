@@ -1,5 +1,5 @@
 """Two cells side by side on one thread each, against one cell at a time on every thread: the training step's
-throughput, the two in turn in one process (the measurement behind ``dpobench.sweep.SIDE_BY_SIDE_BELOW``).
+throughput, the two in turn in one process (the measurement behind ``dpobench.cells.SIDE_BY_SIDE_BELOW``).
 
 Each round times ``--steps`` steps of two ``CellTrainer`` s (the synthetic task's pairs, the default recipe): one
 after the other on torch's default threads, then both at once on two Python threads with one torch thread each,
