@@ -459,21 +459,9 @@ def load_pairs_file(
             raise DataError(f"{path}:{where}: weight {weight!r} must be a finite number ≥ 0")
         margin, problem = _row_margin(path, where, row)
         margin_problem = margin_problem or problem
-        if row.get(_TEMPLATED):  # the chat template wrote every special token: the text is tokenized as it is
-            prompt = tokenizer(row["prompt"], add_special_tokens=False).input_ids
-            chosen, rejected = (_templated_completion(tokenizer, row[key]) for key in ("chosen", "rejected"))
-        else:
-            prompt = encode_prompt(tokenizer, row["prompt"])
-            chosen, rejected = (encode_completion(tokenizer, row[key]) for key in ("chosen", "rejected"))
-        room = max_length - len(prompt)
-        if room < 2:
-            raise DataError(
-                f"{path}:{where}: the prompt alone has {len(prompt)} tokens, more than max length {max_length}"
-            )
-        if len(chosen) > room or len(rejected) > room:
-            truncated += 1
-            chosen, rejected = chosen[: room - 1] + chosen[-1:], rejected[: room - 1] + rejected[-1:]
-        pairs.append(Pair(tuple(prompt), tuple(chosen), tuple(rejected), weight, margin=margin))
+        prompt, (chosen, rejected), cut = _encode(path, where, row, ("chosen", "rejected"), tokenizer, max_length)
+        truncated += cut
+        pairs.append(Pair(prompt, chosen, rejected, weight, margin=margin))
     if len(pairs) < 2:
         raise DataError(f"{path}: needs at least 2 pairs, found {len(pairs)}")
     _refuse_unknown_tokens(path, tokenizer, pairs)
@@ -494,6 +482,29 @@ def load_pairs_file(
             **({"margin_problem": margin_problem} if margin_problem else {}),
         },
     )
+
+
+def _encode(
+    path: Path, where: str, row: dict[str, Any], keys: tuple[str, ...], tokenizer: Any, max_length: int
+) -> tuple[tuple[int, ...], tuple[tuple[int, ...], ...], bool]:  # fmt: skip
+    """A text row's prompt and its completions ``keys`` as token ids (as rendered, where the chat template wrote every
+    special token), fitted to ``max_length``: the prompt kept, each completion cut from its end with EOS kept; and
+    whether any was cut."""
+    if row.get(_TEMPLATED):
+        prompt = tokenizer(row["prompt"], add_special_tokens=False).input_ids
+        completions = [_templated_completion(tokenizer, row[key]) for key in keys]
+    else:
+        prompt, completions = (
+            encode_prompt(tokenizer, row["prompt"]),
+            [encode_completion(tokenizer, row[k]) for k in keys],
+        )
+    room = max_length - len(prompt)
+    if room < 2:
+        raise DataError(f"{path}:{where}: the prompt alone has {len(prompt)} tokens, more than max length {max_length}")
+    cut = any(len(c) > room for c in completions)
+    if cut:
+        completions = [c[: room - 1] + c[-1:] if len(c) > room else c for c in completions]
+    return tuple(prompt), tuple(tuple(c) for c in completions), cut
 
 
 def _is_unpaired(row: dict[str, Any]) -> bool:
@@ -532,20 +543,9 @@ def _load_unpaired(
             if not isinstance(text[key], str) or not text[key].strip():
                 raise DataError(f"{path}:{where}: {'prompt' if key == 'prompt' else 'completion'!r} must be a "
                                 "non-empty string")  # fmt: skip
-        if text.get(_TEMPLATED):
-            prompt = tokenizer(text["prompt"], add_special_tokens=False).input_ids
-            completion = _templated_completion(tokenizer, text["chosen"])
-        else:
-            prompt, completion = encode_prompt(tokenizer, text["prompt"]), encode_completion(tokenizer, text["chosen"])
-        room = max_length - len(prompt)
-        if room < 2:
-            raise DataError(
-                f"{path}:{where}: the prompt alone has {len(prompt)} tokens, more than max length {max_length}"
-            )
-        if len(completion) > room:
-            truncated += 1
-            completion = completion[: room - 1] + completion[-1:]
-        examples.append((tuple(prompt), tuple(completion), desirable))
+        prompt, (completion,), cut = _encode(path, where, text, ("chosen",), tokenizer, max_length)
+        truncated += cut
+        examples.append((prompt, completion, desirable))
     if len(examples) < 3:
         raise DataError(f"{path}: needs at least 3 unpaired rows (2 to train on, 1 held out), found {len(examples)}")
     _refuse_unknown_tokens(path, tokenizer, [Pair(p, c, c) for p, c, _ in examples])

@@ -233,6 +233,9 @@ def test_a_pair_longer_than_the_context_is_truncated_and_counted(tmp_path: Path)
     longest = max(pairs, key=lambda p: len(p.chosen))
     # Rule: keep the prompt and the start of each completion, keep EOS, fit max_length.
     assert len(longest.prompt) + len(longest.chosen) == 64 and longest.chosen[-1] == tokenizer.eos_token_id
+    # its short rejected completion is left as it was: one EOS (cutting it too repeated its EOS)
+    eos = tokenizer.eos_token_id
+    assert longest.rejected == (*tokenizer(GOOD["rejected"], add_special_tokens=False).input_ids, eos)
 
 
 def test_unknown_format_and_missing_file(tmp_path: Path) -> None:
