@@ -1,4 +1,5 @@
-"""Preference pairs: sampled from the SFT model and labelled by the gold reward, or read from a file.
+"""Preference pairs: sampled from the SFT model and labelled by the gold reward (or a judge), or read from a file, a
+dataset folder or the Hub; and unpaired examples, from pairs unrolled or from a file of unpaired rows.
 
 Pairs are token ids (prompt, chosen, rejected), so that every cell of a sweep sees the very same
 tensors. Scenarios change only the labels of the training pairs (``clean``, ``noisy``,

@@ -319,7 +319,7 @@ def build_report(store: str | Path, metric: str | None = None, bench: str | Path
                                 "variants are named; in the HTML, every point names itself when the pointer rests on it.",
                                 figures=[figures.frontier(summary, colors, reference_gold, main_scenario, decided,
                                                           own_variants(finals, runs))]))  # fmt: skip
-    if gold:  # runs on other models into one store: does the ranking transfer? (dpobench compare for two stores)
+    if gold and variants.model.nunique() > 1:  # runs on other models into one store: does the ranking transfer?
         raw = finals.assign(variant=finals.loss_name)  # each model's own configuration labels
         for first, other, moved in transfers_within(raw, read_samples(store), main_scenario):
             table = moved.table.rename(columns={"gold_a": "gold A", "rank_a": "rank A", "gold_b": "gold B",
