@@ -29,7 +29,9 @@ from dpobench.data import ExampleSet, PairSet, TaskData
 from dpobench.judges import Judge
 from dpobench.logprobs import ExampleReference, ReferenceLogps
 from dpobench.losses import PreferenceLoss
+from dpobench.methods import Method, MethodSpec, reward_model_problem
 from dpobench.registry import LossSpec
+from dpobench.reward_model import RewardModel
 from dpobench.train import CellResult, Evaluator, train_cell
 
 __all__ = ["Cell", "Executor", "Finished", "Pending", "Prepared", "Progress", "SweepPlan", "cells_at_once",
@@ -38,13 +40,29 @@ __all__ = ["Cell", "Executor", "Finished", "Pending", "Prepared", "Progress", "S
 
 @dataclass(frozen=True)
 class Cell:
-    """One configuration to train: a variant with its parameters, β, seed and scenario."""
+    """One configuration to train: a variant with its parameters, β, seed and scenario; or a method
+    (``dpobench.methods``: best-of-N, RLOO, PPO, online training of a variant's loss) with its own."""
 
-    spec: LossSpec
-    loss: PreferenceLoss
+    spec: LossSpec | MethodSpec
+    loss: PreferenceLoss | None  # None for a method that trains no loss of the registry (RLOO, PPO, best-of-N)
     beta: float  # NaN for a variant without β
     seed: int
     scenario: str
+    method: Method | None = None
+
+    @property
+    def hparams(self) -> dict[str, Any]:
+        """The configuration's parameters: the loss's, or the method's (an online method's include its loss's)."""
+        return self.method.hparams if self.method is not None else self.loss.hparams  # type: ignore[union-attr]
+
+    @property
+    def inputs(self) -> frozenset[str]:
+        """What the loss reads beyond the summed log-probs (nothing for a method without one)."""
+        return self.loss.inputs if self.loss is not None else frozenset()
+
+    @property
+    def unpaired(self) -> bool:
+        return self.loss is not None and self.loss.unpaired and self.method is None
 
 
 @dataclass(frozen=True)
@@ -82,11 +100,13 @@ class Prepared:
     #: per scenario with an unpaired cell: its examples, and the reference's log-probs of them
     examples: dict[str, ExampleSet] = field(default_factory=dict)
     example_reference: dict[str, ExampleReference] = field(default_factory=dict)
+    #: per scenario with a method cell that needs one: the reward model learned from its training pairs
+    reward_models: dict[str, RewardModel] = field(default_factory=dict)
 
     def training(self, cell: Cell) -> tuple[PairSet | ExampleSet, ReferenceLogps | ExampleReference]:
         """What ``cell`` trains on, and the reference's log-probs of it: its scenario's pairs, or, for an unpaired
         variant, its scenario's examples."""
-        if cell.loss.unpaired:
+        if cell.unpaired:
             return self.examples[cell.scenario], self.example_reference[cell.scenario]
         return self.trains[cell.scenario], self.train_reference
 
@@ -101,8 +121,14 @@ def run_cell(
 ) -> CellResult:  # fmt: skip
     """Train and evaluate one cell from the reference weights; a cell too big for the GPU fails alone."""
     evaluator, loss, seed = prepared.evaluator, cell.loss, cell.seed
-    loss.to(prepared.plan.device)
     try:
+        if cell.method is not None:
+            problem = reward_model_problem(prepared, cell)
+            if problem:
+                return CellResult(status="failed", error=problem)
+            return cell.method.run(prepared, cell, on_step, should_stop)
+        assert loss is not None
+        loss.to(prepared.plan.device)
         return train_cell(
             prepared.policy, prepared.reference_state, loss, *prepared.training(cell), prepared.tokenizer.pad_token_id, prepared.config.train, seed,
             evaluate=lambda model, step: evaluator(model, step, loss, seed), on_step=on_step, should_stop=should_stop,

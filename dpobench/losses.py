@@ -40,6 +40,7 @@ __all__ = [
     "chosen_nll",
     "implicit_rewards",
     "log_ratios",
+    "resolve_params",
     "smoothed_logsigmoid_loss",
 ]
 
@@ -315,6 +316,19 @@ class Param:
         return value
 
 
+def resolve_params(params: dict[str, Param], given: dict[str, Any], owner: str) -> dict[str, Any]:
+    """The defaults of ``params`` overlaid with ``given``, each value checked against its declaration; ``owner``
+    names whose parameters they are in an error."""
+    unknown = sorted(set(given) - set(params))
+    if unknown:
+        valid = ", ".join(sorted(params)) or "none"
+        raise ParamError(f"{owner}: unknown parameter {unknown[0]!r} (valid parameters: {valid})")
+    values = {key: p.default for key, p in params.items()}
+    for key, value in given.items():
+        values[key] = params[key].check(key, value, owner)
+    return values
+
+
 def _same_number(text: str, value: Any) -> bool:
     """Whether ``text`` (from the command line) names the number ``value``."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -360,15 +374,7 @@ class PreferenceLoss(nn.Module):
     @classmethod
     def resolve_params(cls, given: dict[str, Any], *, owner: str | None = None) -> dict[str, Any]:
         """Defaults overlaid with ``given``, each value checked against its declaration."""
-        owner = owner or f"loss {cls.name!r}"
-        unknown = sorted(set(given) - set(cls.params))
-        if unknown:
-            valid = ", ".join(sorted(cls.params)) or "none"
-            raise ParamError(f"{owner}: unknown parameter {unknown[0]!r} (valid parameters: {valid})")
-        values = {key: p.default for key, p in cls.params.items()}
-        for key, value in given.items():
-            values[key] = cls.params[key].check(key, value, owner)
-        return values
+        return resolve_params(cls.params, given, owner or f"loss {cls.name!r}")
 
     def __call__(self, policy: LogProbs, reference: LogProbs | None = None, **extras: Tensor) -> LossOutput:
         if not isinstance(policy, LogProbs):

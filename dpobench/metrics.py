@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-__all__ = ["METRICS", "RANK_BY", "SUMMARY", "TERMINAL", "Metric", "by_source", "rankable", "register"]
+__all__ = ["METHOD_METRICS", "METRICS", "RANK_BY", "SUMMARY", "TERMINAL", "Metric", "by_source", "rankable", "register"]
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,10 @@ _CATALOGUE = [
            "by how much, on average, the implicit reward prefers the chosen response of a held-out pair (the "
            "variant's own scale)"),
     Metric("n_samples", "eval", "evaluation samples", "samples", None, ".0f",
-           "how many completions the evaluation sampled (one per evaluation prompt)"),
+           "how many completions the evaluation sampled (one per evaluation prompt; best-of-N: N per prompt)"),
+    Metric("proxy_reward", "eval", "learned reward of samples", "", "higher", "+.3f",
+           "the learned reward model's score of the same samples, averaged (RLHF methods: the reward they optimise; "
+           "beside the gold reward it shows over-optimisation)", short="proxy"),
     # training: each step's batch; the final value is the mean over the last 10% of steps
     Metric("loss", "step", "loss", "nats", "lower", ".3f",
            "the training loss, on its variant's own scale (it does not compare across variants)"),
@@ -107,6 +110,16 @@ _CATALOGUE = [
            "the policy's log-probability of a rejected completion (summed over its tokens), mean over a batch"),
     Metric("grad_norm", "step", "gradient norm", "", None, ".3f",
            "the gradient's global L2 norm before clipping"),
+    Metric("rollout_reward", "step", "learned reward of the step's samples", "", None, "+.3f",
+           "on-policy methods: the learned reward model's score of the completions the step sampled from the policy, "
+           "mean (online preference training: of the completions it labelled)"),
+    Metric("rollout_kl", "step", "KL of the step's samples", "nats", None, ".2f",
+           "on-policy methods: log π − log π_ref of the completions the step sampled, mean per completion"),
+    Metric("value_loss", "step", "value loss", "", None, ".3f",
+           "PPO: the critic's clipped squared error against the returns (its last PPO epoch)"),
+    Metric("samples_per_s", "step", "sampling and training throughput", "samples/s", "higher", ".0f",
+           "on-policy methods: completions sampled, scored and trained on per second of the whole step",
+           short="samples/s", rate=True),
     Metric("pairs_per_s", "step", "training throughput", "pairs/s", "higher", ".0f",
            "training throughput: preference pairs per second (the window's pairs over its time)",
            short="pairs/s", rate=True),
@@ -138,6 +151,9 @@ def register(metric: Metric) -> Metric:
 
 for _metric in _CATALOGUE:
     register(_metric)
+
+#: what only the methods beyond offline losses measure (``dpobench.methods``): a loss's cell has none of them
+METHOD_METRICS = ("proxy_reward", "rollout_reward", "rollout_kl", "value_loss", "samples_per_s")
 
 #: the report's ranked summary: its metric columns, in order (each with its ``_ci`` interval beside it)
 SUMMARY = ("gold_reward", "kl_to_reference", "reward_accuracy", "reward_margin", "loss", "response_length",

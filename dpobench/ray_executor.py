@@ -140,6 +140,8 @@ def _pickle_loose_plugins_by_value(pending: list[Pending]) -> None:
     """A plugin loaded from a loose file (``--plugins-dir``) is no module a worker could import: its code travels
     with the cell instead."""
     for item in pending:
+        if item.cell.loss is None:
+            continue  # a method of dpobench's own
         module = sys.modules.get(type(item.cell.loss).__module__)
         if module is not None and module.__name__.startswith("dpobench_local_plugins."):
             ray.cloudpickle.register_pickle_by_value(module)

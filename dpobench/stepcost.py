@@ -40,7 +40,7 @@ class StepTime:
 
 def configuration_key(cell: Cell) -> tuple[str, str]:
     """The configuration a cell's step cost is measured for: its variant and its parameters but β."""
-    params = {k: v for k, v in cell.loss.hparams.items() if k != "beta"}
+    params = {k: v for k, v in cell.hparams.items() if k != "beta"}
     return cell.spec.name, json.dumps(params, sort_keys=True, default=str)
 
 

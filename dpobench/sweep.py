@@ -56,6 +56,7 @@ from dpobench.config import (
 )
 from dpobench.data import (
     DataRecipe,
+    PairSet,
     TaskData,
     apply_scenario,
     cached_task_data,
@@ -67,6 +68,7 @@ from dpobench.data import (
 from dpobench.judges import Judge, JudgeError, load_judge
 from dpobench.logprobs import cached_example_reference, cached_reference_logprobs
 from dpobench.losses import MOVING_REFERENCE, TOKEN_LOGPS
+from dpobench.methods import Method, MethodSpec, resolve_names
 from dpobench.models import (
     SIZES,
     SFTRecipe,
@@ -80,6 +82,7 @@ from dpobench.models import reference_model as build_reference_model
 from dpobench.plugins import get_losses
 from dpobench.plugins import state as plugin_state
 from dpobench.registry import LossSpec
+from dpobench.reward_model import LEARNED_ABOVE, RewardModel, RewardRecipe, cached_reward_model
 from dpobench.stepcost import configuration_key, measure_step_costs
 from dpobench.store import Store
 from dpobench.tables import cell_finals, read_tidy
@@ -116,10 +119,11 @@ def plan_sweep(config: SweepConfig) -> SweepPlan:
     """The cells of ``config``, every setting checked before anything is built. Raises ``SweepError`` (or the
     registry's ``UnknownLossError``), one line."""
     registry = get_losses()
-    names = select_variants(config, registry)
+    losses, methods = resolve_names(config.variants, registry)
+    names = select_variants(replace(config, variants=tuple(losses)), registry) if losses or not methods else []
     device = resolve_device(config.device)
-    check_config(config, names, device)
-    cells = plan_cells(config, [registry[n] for n in names])
+    check_config(config, [*names, *methods], device)
+    cells = plan_cells(config, [*(registry[n] for n in names), *methods.values()])
     for scenario in config.scenarios:
         if desirable_ratio(scenario) and not any(c.scenario == scenario for c in cells):
             unpaired = ", ".join(n for n in registry if registry[n].cls.unpaired)
@@ -128,23 +132,27 @@ def plan_sweep(config: SweepConfig) -> SweepPlan:
     return SweepPlan(config, device, cells)
 
 
-def plan_cells(config: SweepConfig, specs: list[LossSpec]) -> list[Cell]:
-    """Every cell, each loss built (so its parameters are checked) before anything trains. A variant's own β values
-    (``--param VARIANT.beta=…``) replace ``--betas`` for it alone."""
+def plan_cells(config: SweepConfig, specs: list[LossSpec | MethodSpec]) -> list[Cell]:
+    """Every cell, each loss (or method) built (so its parameters are checked) before anything trains. A variant's
+    own β values (``--param VARIANT.beta=…``) replace ``--betas`` for it alone."""
     cells = []
     for spec in specs:
         grid = dict(config.params.get(spec.name, {}))
         betas = config.betas
         if "beta" in grid and "beta" in spec.params:
             betas = tuple(_own_beta(spec.name, value) for value in grid.pop("beta"))
-        unpaired = spec.cls.unpaired
+        unpaired = spec.unpaired if isinstance(spec, MethodSpec) else spec.cls.unpaired
         for beta, seed, scenario in itertools.product(betas, config.seeds, config.scenarios):
             if desirable_ratio(scenario) and not unpaired:
                 continue  # an unpaired scenario has no pairs to train a paired variant on
             for values in itertools.product(*grid.values()):
                 params = {**dict(zip(grid, values, strict=True)), **({"beta": beta} if "beta" in spec.params else {})}
-                loss = spec.build(**params)  # parameters validated before anything trains
-                cells.append(Cell(spec, loss, beta if "beta" in spec.params else math.nan, seed, scenario))
+                built = spec.build(**params)  # parameters validated before anything trains
+                beta_or_none = beta if "beta" in spec.params else math.nan
+                if isinstance(built, Method):
+                    cells.append(Cell(spec, built.loss, beta_or_none, seed, scenario, method=built))
+                else:
+                    cells.append(Cell(spec, built, beta_or_none, seed, scenario))
     return cells
 
 
@@ -204,7 +212,7 @@ def prepare(plan: SweepPlan, progress: Callable[[str], None] = print) -> Prepare
     ref_key, cache, autocast = f"{model_hash}|{data_hash}", cache_root(), acceleration.autocast
     pad_id = tokenizer.pad_token_id
     # per token only where a variant of the sweep reads them: they cost a (pairs, longest completion) table
-    per_token = any(TOKEN_LOGPS in cell.loss.inputs for cell in plan.cells)
+    per_token = any(TOKEN_LOGPS in cell.inputs for cell in plan.cells if cell.method is None)
     train_ref, heldout_ref = (
         cached_reference_logprobs(reference, part.pairs, pad_id, f"{ref_key}|{name}", cache, device=device,
                                   autocast=autocast, token_logps=per_token)
@@ -216,22 +224,46 @@ def prepare(plan: SweepPlan, progress: Callable[[str], None] = print) -> Prepare
     # unpaired variants train on examples: the data's own, or a scenario's pairs unrolled; thinned to an unpaired
     # scenario's ratio
     examples = {s: scenario_examples(data, trains[s], s)
-                for s in sorted({c.scenario for c in plan.cells if c.loss.unpaired})}  # fmt: skip
+                for s in sorted({c.scenario for c in plan.cells if c.unpaired})}  # fmt: skip
     example_reference = {
         s: cached_example_reference(reference, part, pad_id, cache, key=model_hash, device=device, autocast=autocast)
         for s, part in examples.items()
+    }  # fmt: skip
+    # the RLHF methods' learned reward, one per scenario they train in: its pairs are that scenario's
+    reward_models = {
+        s: _reward_model(model_path, pad_id, trains[s], data, s, model_hash, device, progress)
+        for s in sorted({c.scenario for c in plan.cells if c.method is not None and c.method.uses_reward_model})
     }  # fmt: skip
     return Prepared(
         plan=plan, reference=reference, policy=policy, reference_state=reference_state, tokenizer=tokenizer,
         data=data, trains=trains, train_reference=train_ref, examples=examples, example_reference=example_reference,
         evaluator=Evaluator(reference, tokenizer, data, heldout_ref, device=device, autocast=autocast, judge=judge),
-        judge=judge, lora_parameters=lora_parameters,
+        judge=judge, lora_parameters=lora_parameters, reward_models=reward_models,
         acceleration=acceleration, model_hash=model_hash, data_hash=data_hash,
         # the batch layout and CUDA graphs are not part of a cell's identity: the same log-probs within float
         # rounding (tests/test_logprobs.py; within bf16 rounding on an H200), so a store resumes either way
         train_json={**asdict(config.train), "compile": acceleration.compile,
                     **({"lora": config.lora.label()} if config.lora.enabled else {})},
     )  # fmt: skip
+
+
+def _reward_model(
+    model_path: str | Path, pad_id: int, train: PairSet, data: TaskData, scenario: str, model_hash: str, device: str,
+    progress: Callable[[str], None],
+) -> RewardModel:  # fmt: skip
+    """The reward model learned from ``scenario``'s training pairs (cached), and one line on how well it learned."""
+    reward_model = cached_reward_model(model_path, pad_id, train, data.heldout, RewardRecipe(), key=model_hash,
+                                       cache_dir=cache_root(), device=device, progress=progress)  # fmt: skip
+    info = reward_model.info
+    agreement = (
+        ""
+        if math.isnan(info["gold_agreement"])
+        else f", rank agreement with the gold reward ρ = {info['gold_agreement']:.2f}"
+    )
+    verdict = ("" if reward_model.learned else f"; it did not learn the preferences (≤ {LEARNED_ABOVE}): the methods "
+               "trained against it are marked failed, not trained")  # fmt: skip
+    progress(f"reward model ({scenario} pairs): held-out accuracy {info['heldout_accuracy']:.2f}{agreement}{verdict}")
+    return reward_model
 
 
 def _evaluation_size(config: SweepConfig) -> str:
@@ -258,12 +290,15 @@ def _cells_with_their_inputs(plan: SweepPlan, data: TaskData, progress: Callable
     left_out: dict[str, str] = {}
     for cell in plan.cells:
         for name, (missing, why) in reasons.items():
-            if missing and name in cell.loss.inputs:
+            if missing and name in cell.inputs:
                 left_out.setdefault(cell.spec.name, why)
+        if cell.hparams.get("labeller") == "gold" and cell.method is not None and not (data.has_gold or config.judge):
+            left_out.setdefault(cell.spec.name, "labels its pairs with the gold reward, and these pairs have none "
+                                "(give a judge with --judge, or --param NAME.labeller=reward_model)")  # fmt: skip
     paired: list[str] = []  # a file of unpaired rows has no pairs for a paired variant: left out in one line
     if data.examples is not None:
-        paired = sorted({cell.spec.name for cell in plan.cells if not cell.loss.unpaired})
-        unpaired = sorted({cell.spec.name for cell in plan.cells if cell.loss.unpaired})
+        paired = sorted({cell.spec.name for cell in plan.cells if not cell.unpaired})
+        unpaired = sorted({cell.spec.name for cell in plan.cells if cell.unpaired})
         why = f"trains on pairs, and {config.data} holds unpaired rows (prompt, completion, label)"
         if paired and (config.variants or not unpaired):
             known = ", ".join(n for n, spec in get_losses().items() if spec.cls.unpaired)
@@ -313,10 +348,10 @@ def cell_id(prepared: Prepared, cell: Cell, builtin: bool) -> str:
     dpobench's, which the run records."""
     config = prepared.config
     code = () if builtin else (cell.spec.version,)
-    margins = (prepared.data.train.margin_fingerprint(),) if "margin" in cell.loss.inputs else ()
-    return _hash(cell.spec.name, cell.loss.hparams, cell.seed, cell.scenario, prepared.model_hash,
+    margins = (prepared.data.train.margin_fingerprint(),) if "margin" in cell.inputs and cell.method is None else ()
+    return _hash(cell.spec.name, cell.hparams, cell.seed, cell.scenario, prepared.model_hash,
                  prepared.data_hash, prepared.train_json, prepared.plan.device, config.noise, config.length_bonus,
-                 *code, *_judged(prepared), *margins)  # fmt: skip
+                 *code, *_judged(prepared), *margins, *_rewarded(cell))  # fmt: skip
 
 
 def reference_cell_id(prepared: Prepared, seed: int) -> str:
@@ -328,6 +363,11 @@ def _judged(prepared: Prepared) -> tuple[str, ...]:
     """A judge's key, part of a cell's identity (its gold reward is the judge's); nothing without one, so that the
     cells of runs without a judge keep their identities."""
     return (prepared.judge.key,) if prepared.judge is not None else ()
+
+
+def _rewarded(cell: Cell) -> tuple[dict[str, Any], ...]:
+    """A method's reward-model recipe, part of its cells' identity; nothing for the losses' cells."""
+    return (asdict(RewardRecipe()),) if cell.method is not None and cell.method.uses_reward_model else ()
 
 
 def _hash(*parts: Any) -> str:
@@ -449,7 +489,8 @@ def _measure_step_costs(
     trained a cell or a configuration has none yet. Only configurations with a finished cell: a loss that failed, or
     killed its worker, is not run again here, in the driver."""
     status = store.cells().set_index("cell_id").status
-    done = [cell for identity, cell in planned if status.get(identity) == "done"]
+    # a loss's step: the methods' steps sample and score too (their cells record their own throughput)
+    done = [cell for identity, cell in planned if status.get(identity) == "done" and cell.method is None]
     costs = store.step_costs()
     unmeasured = {configuration_key(cell) for cell in done} - set(zip(costs.variant, costs.params, strict=True))
     if trained or unmeasured:
@@ -463,7 +504,7 @@ def _measure_step_costs(
 
 
 def _label(config: SweepConfig, cell: Cell, number: int, total: int) -> str:
-    swept = " ".join(f"{k}={v}" for k, v in cell.loss.hparams.items() if k in config.params.get(cell.spec.name, {}))
+    swept = " ".join(f"{k}={v}" for k, v in cell.hparams.items() if k in config.params.get(cell.spec.name, {}))
     beta = "" if math.isnan(cell.beta) else f" β={cell.beta:g}"  # a variant without β shows none, not β=nan
     return f"[{number}/{total}] {cell.spec.name}{beta} seed={cell.seed} {cell.scenario} {swept}".rstrip()
 
@@ -473,7 +514,7 @@ def _cell_row(prepared: Prepared, base: dict[str, Any], done: Finished) -> dict[
     cell, result = done.pending.cell, done.result
     return {**base, "cell_id": done.pending.cell_id, "role": "variant", "variant": cell.spec.name,
             "plugin": cell.spec.plugin, "plugin_version": cell.spec.version,
-            "params": json.dumps(cell.loss.hparams, sort_keys=True, default=str), "beta": cell.beta, "seed": cell.seed,
+            "params": json.dumps(cell.hparams, sort_keys=True, default=str), "beta": cell.beta, "seed": cell.seed,
             "scenario": cell.scenario, "config": json.dumps(prepared.train_json, sort_keys=True),
             "status": result.status, "error": result.error, "started": done.started, "finished": done.finished,
             "seconds": done.finished - done.started}  # fmt: skip
@@ -494,6 +535,8 @@ def _record_run(prepared: Prepared, store: Store, command: str) -> str:
         transformers_version=transformers.__version__,
         info={**prepared.data.info, "truncated": prepared.data.train.truncated,
               **({"judge": prepared.judge.describe} if prepared.judge is not None else {}),
+              **({"reward_models": {s: m.info for s, m in prepared.reward_models.items()}}
+                 if prepared.reward_models else {}),
               **({"lora": {"settings": config.lora.label(), "trainable": prepared.lora_parameters[0],
                            "total": prepared.lora_parameters[1]}} if prepared.lora_parameters else {}),
               "share_prompt": acceleration.share_prompt, "cuda_graphs": config.speed.cuda_graphs, "plugins": plugins},

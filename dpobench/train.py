@@ -110,6 +110,16 @@ def peak_memory_mb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB; the process's peak RSS
 
 
+def optimizer_for(parameters: list[torch.nn.Parameter], config: TrainConfig) -> tuple[Any, Any]:
+    """Every cell's optimizer: AdamW without weight decay at the sweep's learning rate, linear warm-up, then flat.
+
+    Fused on the CPU too: one kernel for all parameters (on 2 cores 3.3-4.1x the per-tensor loop's speed,
+    benchmarks/investigations/optimizer_speed.py), and its found_inf lets a non-finite step be skipped on the device."""
+    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=0.0, fused=True)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, config.warmup_steps)))
+    return optimizer, schedule
+
+
 class CellStopped(Exception):
     """A step that ends its cell: the loss raised or broke its contract ("failed"), or is not finite ("diverged")."""
 
@@ -142,14 +152,9 @@ class CellTrainer:
         policy.to(device).train()
         policy.zero_grad(set_to_none=True)  # a cell that ended mid-backward (out of memory) may have left some
         torch.manual_seed(seed)
-        # fused on the CPU too: one kernel for all parameters (on 2 cores 3.3-4.1x the per-tensor loop's speed,
-        # benchmarks/investigations/optimizer_speed.py), and its found_inf lets a non-finite step be skipped on the device
         # listed once, so the step's gradient clipping walks no modules; the trainable ones only (LoRA: the adapters)
         self.parameters = [p for p in policy.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.parameters, lr=config.lr, weight_decay=0.0, fused=True)
-        self.schedule = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: min(1.0, (s + 1) / max(1, config.warmup_steps))
-        )  # fmt: skip
+        self.optimizer, self.schedule = optimizer_for(self.parameters, config)
         # per-item inputs of the loss live on the device, so a step gathers them there (a blocking copy from the host
         # would wait for the queued forward pass)
         self.reference = reference_logps.to(device)
@@ -214,6 +219,13 @@ class CellTrainer:
         self.optimizer.zero_grad(set_to_none=True)  # the failed step never reached the optimizer
         self.loss.load_state_dict(state)  # nor may it count twice in a running statistic
         return self._step(index)
+
+    def step_on(self, pairs: Sequence[Pair], reference: ReferenceLogps) -> dict[str, float]:
+        """One step on pairs made for it, with the reference's log-probs of them: online training samples its pairs
+        from the policy at every step (``dpobench.methods``), so there is no fixed set to index."""
+        device = self.plan.device
+        self.pairs, self.reference, self.pair_inputs = list(pairs), reference.to(device), pair_inputs(pairs, device)
+        return self.step(torch.arange(len(self.pairs)))
 
     def _step(self, index: torch.Tensor | None) -> dict[str, float]:
         """One step, queued on the device without a sync: batch indices come from the host, the finiteness check
@@ -350,6 +362,12 @@ def pair_inputs(pairs: Sequence[Pair], device: str) -> dict[str, torch.Tensor]:
     }
 
 
+def best_of_n_kl(n: int) -> float:
+    """KL(best-of-n ‖ reference) = log n − (n − 1)/n (Stiennon et al. 2020, Appendix G.3): exact where the n samples'
+    scores have no ties, an upper bound otherwise (Beirami et al. 2024)."""
+    return math.log(n) - (n - 1) / n
+
+
 def _stop_unless_finite(mean_loss: float, step: int) -> None:
     if not math.isfinite(mean_loss):  # recorded as diverged, at this step; the sweep goes on
         raise CellStopped("diverged", f"step {step}: the loss is {mean_loss}")  # as a failed step says "step N: …"
@@ -373,21 +391,37 @@ def train_cell(
     trainer = CellTrainer(policy, reference_state, loss, train, reference_logps, pad_id, config, seed, acceleration,
                           reference_model)  # fmt: skip
     result = CellResult()
-    for index in trainer.order:
+
+    def step(number: int) -> dict[str, float]:
+        index = trainer.order[number]
         result.batches.append(hash(tuple(index.tolist())))
+        return trainer.step(index)
+
+    return run_steps(result, step, policy, config, evaluate, on_step, should_stop)
+
+
+def run_steps(
+    result: CellResult, step: Callable[[int], dict[str, float]], policy: Any, config: TrainConfig,
+    evaluate: Callable[[Any, int], dict[str, float]], on_step: Callable[[int], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> CellResult:  # fmt: skip
+    """Every cell's loop, whatever its step: ``config.steps`` calls of ``step(number)`` (from 0), each step's metrics
+    kept, an evaluation every ``eval_every`` steps and at the end; a ``CellStopped`` step ends the cell with its
+    status, a stop request (Ctrl-C) after the step in progress."""
+    for number in range(config.steps):
         try:
-            result.steps.append(trainer.step(index))
+            result.steps.append(step(number))
         except CellStopped as stop:
             result.status, result.error = stop.status, stop.error
             break
-        step = trainer.done
+        done = number + 1
         if on_step:
-            on_step(step)
+            on_step(done)
         if should_stop is not None and should_stop():  # Ctrl-C: this step is finished, the cell is not
-            result.status, result.error = "interrupted", f"interrupted after step {step}"
+            result.status, result.error = "interrupted", f"interrupted after step {done}"
             return result
-        if config.eval_every and step % config.eval_every == 0 and step < config.steps:
-            if not _evaluate_into(result, evaluate, policy, step):
+        if config.eval_every and done % config.eval_every == 0 and done < config.steps:
+            if not _evaluate_into(result, evaluate, policy, done):
                 break
     if result.status == "done":
         _evaluate_into(result, evaluate, policy, config.steps)
@@ -420,44 +454,69 @@ class Evaluator:
     judge: Any = None
 
     @torch.no_grad()
-    def __call__(self, policy: Any, step: int, loss: PreferenceLoss | None, seed: int) -> dict[str, float]:
-        """Metrics of ``policy`` after ``step`` steps; ``loss=None`` skips the implicit rewards (the reference)."""
+    def __call__(
+        self, policy: Any, step: int, loss: PreferenceLoss | None, seed: int, proxy: Any = None
+    ) -> dict[str, float]:
+        """Metrics of ``policy`` after ``step`` steps; ``loss=None`` skips the implicit rewards (the reference);
+        ``proxy`` (a learned reward model) adds its scores of the samples."""
         policy.eval()
         try:
-            return {"step": step, **self._samples(policy, seed), **(self._heldout(policy, loss) if loss else {})}
+            prompts = self.data.eval_prompts
+            samples = [s[0] for s in self._sample(policy, prompts, 1, seed)]
+            rows = list(zip(prompts, samples, strict=True))
+            policy_lp, _ = self._logps(policy, rows)
+            reference_lp, _ = self._logps(self.reference, rows)
+            kl = float((policy_lp - reference_lp).mean())  # E_{y~π}[log π(y) − log π_ref(y)]
+            return {"step": step, **self.measure(samples, kl, proxy),
+                    **(self._heldout(policy, loss) if loss else {})}  # fmt: skip
         finally:
             policy.train()
 
-    def _samples(self, policy: Any, seed: int) -> dict[str, float]:
+    @torch.no_grad()
+    def best_of_n(self, n: int, seed: int, proxy: Any) -> dict[str, float]:
+        """Best-of-``n``: ``n`` samples of the reference per evaluation prompt, the one ``proxy`` scores highest kept.
+        Its KL is the analytic ``best_of_n_kl(n)`` (the policy has no density to score samples with)."""
         prompts = self.data.eval_prompts
+        drawn = self._sample(self.reference, prompts, n, seed)
+        values = proxy.score([(p, s) for p, group in zip(prompts, drawn, strict=True) for s in group]).view(-1, n)
+        picked = [group[i] for group, i in zip(drawn, values.argmax(-1).tolist(), strict=True)]
+        return {"step": 0, **self.measure(picked, best_of_n_kl(n), proxy), "n_samples": float(n * len(prompts))}
+
+    def _sample(self, model: Any, prompts: list[tuple[int, ...]], n: int, seed: int) -> list[list[tuple[int, ...]]]:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
-            samples = [s[0] for s in sample_completions(
-                policy, self.tokenizer, prompts, samples=1, max_new_tokens=self.max_new_tokens, seed=seed + 1000,
-                device=self.device,
-            )]  # fmt: skip
-        rows = list(zip(prompts, samples, strict=True))
-        policy_lp, _ = self._logps(policy, rows)
-        reference_lp, _ = self._logps(self.reference, rows)
+            return sample_completions(model, self.tokenizer, prompts, samples=n, max_new_tokens=self.max_new_tokens,
+                                      seed=seed + 1000, device=self.device)  # fmt: skip
+
+    def measure(self, samples: list[tuple[int, ...]], kl: float, proxy: Any = None) -> dict[str, float]:
+        """The metrics of one sample per evaluation prompt (``samples``, in the prompts' order) whose KL from the
+        reference is ``kl``: the gold reward (the task's or the judge's), health, length, and ``proxy``'s scores."""
+        prompts = self.data.eval_prompts
         lengths = [sum(1 for t in s if t != self.tokenizer.eos_token_id) for s in samples]
         texts = [decode_completion(self.tokenizer, s) for s in samples]
         metrics = {
-            "kl_to_reference": float((policy_lp - reference_lp).mean()),  # E_{y~π}[log π(y) − log π_ref(y)]
+            "kl_to_reference": kl,
             "response_length": statistics.fmean(lengths),
             "n_samples": float(len(samples)),
             "repetitive_fraction": statistics.fmean(float(is_repetitive(t)) for t in texts),
             "distinct_2": distinct_n(texts, 2),
         }
-        if self.data.has_gold or self.judge is not None:  # the synthetic task's gold reward, or the judge's
-            if self.data.has_gold:
-                gold = [gold_reward(t) for t in texts]
-            else:
-                gold = self.judge([self.tokenizer.decode(p, skip_special_tokens=True) for p in prompts], texts)
+        if proxy is not None:
+            metrics["proxy_reward"] = float(proxy.score(list(zip(prompts, samples, strict=True))).mean())
+        if self.data.has_gold or self.judge is not None:
+            gold = self.gold(prompts, samples)
             metrics["gold_reward"] = statistics.fmean(gold)
             metrics["gold_samples"] = gold  # per evaluation prompt, in order: the report pairs cells by prompt
             metrics["gold_reward_se"] = statistics.stdev(gold) / math.sqrt(len(gold)) if len(gold) > 1 else math.nan
             if self.data.has_gold:  # the grammar is the synthetic task's
                 metrics["grammatical_fraction"] = statistics.fmean(float(is_grammatical(t)) for t in texts)
         return metrics
+
+    def gold(self, prompts: Sequence[Sequence[int]], samples: Sequence[Sequence[int]]) -> list[float]:
+        """The gold reward of each (prompt, sample): the synthetic task's, or the judge's."""
+        texts = [decode_completion(self.tokenizer, s) for s in samples]
+        if self.data.has_gold:
+            return [gold_reward(t) for t in texts]
+        return self.judge([self.tokenizer.decode(p, skip_special_tokens=True) for p in prompts], texts)
 
     def _logps(
         self, model: Any, rows: list[tuple[Any, Any]], statistics: tuple[str, ...] = ()
