@@ -38,7 +38,7 @@ class RewardRecipe:
     """What determines the reward model besides the reference model and the pairs; its hash keys the cache."""
 
     epochs: int = 2
-    batch_size: int = 32
+    batch_size: int = 16
     lr: float = 3e-4
     warmup_steps: int = 10
     seed: int = 0
