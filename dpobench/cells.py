@@ -61,6 +61,14 @@ class Cell:
         return self.loss.inputs if self.loss is not None else frozenset()
 
     @property
+    def models(self) -> tuple[str, ...]:
+        """The models the cell holds while it trains: the policy, and the reference unless its loss is
+        reference-free, or its method's (PPO's four)."""
+        if self.method is not None:
+            return self.method.models
+        return ("policy",) if self.loss.reference_free else ("policy", "reference")  # type: ignore[union-attr]
+
+    @property
     def unpaired(self) -> bool:
         return self.loss is not None and self.loss.unpaired and self.method is None
 
@@ -102,6 +110,8 @@ class Prepared:
     example_reference: dict[str, ExampleReference] = field(default_factory=dict)
     #: per scenario with a method cell that needs one: the reward model learned from its training pairs
     reward_models: dict[str, RewardModel] = field(default_factory=dict)
+    #: how long the SFT reference took to train (its cache entry's record), where dpobench trained it
+    sft_seconds: float | None = None
 
     def training(self, cell: Cell) -> tuple[PairSet | ExampleSet, ReferenceLogps | ExampleReference]:
         """What ``cell`` trains on, and the reference's log-probs of it: its scenario's pairs, or, for an unpaired

@@ -135,6 +135,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     # the variants their plugins tag "main", 5 β × 3 seeds × every scenario
     "standard": {"tags": ("main",), "betas": (0.01, 0.05, 0.1, 0.5, 1.0), "seeds": (0, 1, 2), "scenarios": SCENARIOS,
                  "steps": 200},
+    # the seed's "DPO vs RLHF", measured: offline losses against the methods of dpobench.methods, on one learned
+    # reward model, 3 β × 3 seeds; online DPO labelled by the reward model and, as its upper bound, by the gold
+    # reward; best-of-N at 1, 4, 16 and 64 samples traces its own reward-KL curve
+    "rlhf": {"variants": ("dpo", "ipo", "simpo", "online_dpo", "rloo", "ppo", "best_of_n"), "betas": (0.05, 0.1, 0.5),
+             "seeds": (0, 1, 2), "params": {"best_of_n": {"n": (1, 4, 16, 64)},
+                                            "online_dpo": {"labeller": ("reward_model", "gold")}}},
 }  # fmt: skip
 DEFAULT_PRESET = "quick"
 
@@ -250,19 +256,24 @@ def load_config(
     preset = str(settings.pop("preset", DEFAULT_PRESET))
     if preset not in PRESETS:
         raise SweepError(f"--preset {preset!r}: use one of {', '.join(PRESETS)}")
-    grids = _file_grids(settings.pop("params", {}))
-    if (given or {}).get("variants") is not None:  # --variants narrows a file: its grids of variants left out go
-        named = set(_names(given["variants"], "variants"))  # type: ignore[index]
-        for variant in [v for v in grids if v not in named]:
+    preset_values = dict(PRESETS[preset])
+    grids = {variant: dict(grid) for variant, grid in preset_values.pop("params", {}).items()}
+    own = _file_grids(settings.pop("params", {}))
+    if (given or {}).get("variants") is not None:  # --variants narrows a file (and a preset): grids of variants left
+        named = set(_names(given["variants"], "variants"))  # type: ignore[index]  # out go
+        for variant in [v for v in own if v not in named]:
             note(f"--config: [params.{variant}] left out: {variant} is not in --variants")
-            del grids[variant]
+            del own[variant]
+        grids = {variant: grid for variant, grid in grids.items() if variant in named}
+    for variant, grid in own.items():
+        grids.setdefault(variant, {}).update(grid)
     for item in param:
         target, _, values = item.partition("=")
         variant, _, key = target.partition(".")
         if not (variant and key and values):
             raise SweepError(f"--param {item!r}: write VARIANT.KEY=V1,V2, e.g. seed_custom_dpo.temperature=0.5,1")
         grids.setdefault(variant, {})[key] = tuple(v.strip() for v in values.split(","))
-    chosen = {**PRESETS[preset], **settings}
+    chosen = {**preset_values, **settings}
     variants = chosen.get("variants")
     if isinstance(variants, (str, list, tuple)) and not str(variants).strip(" ,[]()'\""):
         raise SweepError(f"variants = {variants!r}: names no variant; leave it out to run every variant")

@@ -87,6 +87,8 @@ class Method:
     params: ClassVar[dict[str, Param]] = {}
     #: whether it needs the learned reward model (online training labelled by the gold reward does not)
     needs_reward_model: ClassVar[bool] = True
+    #: the models it holds while it trains (the seed notebook's "models required")
+    models: tuple[str, ...] = ("policy", "reference", "reward model")
 
     def __init__(self, loss: PreferenceLoss | None = None, **hparams: Any) -> None:
         self.loss = loss
@@ -111,6 +113,7 @@ class BestOfN(Method):
 
     name = "best_of_n"
     paper = "Stiennon et al. 2020 (arXiv:2009.01325)"
+    models = ("reference", "reward model")
     params = {"n": Param(16, "[1, inf)", "samples of the reference per prompt; the reward model's best is kept")}
 
     def run(self, prepared: Prepared, cell: Cell, on_step: Steps, should_stop: Callable[[], bool] | None) -> CellResult:
@@ -240,6 +243,7 @@ class PPO(_OnPolicy):
         "lam": Param(0.95, "[0, 1]", "GAE's λ"),
     }
 
+    models = ("policy", "reference", "reward model", "critic")
     critic: Any = None
 
     def setup(self, reward_model: RewardModel, device: str) -> None:
@@ -291,6 +295,10 @@ class OnlinePreference(Method):
     @property
     def uses_reward_model(self) -> bool:
         return self.hparams["labeller"] == "reward_model"
+
+    @property
+    def models(self) -> tuple[str, ...]:  # type: ignore[override]
+        return ("policy", "reference", "reward model") if self.uses_reward_model else ("policy", "reference")
 
     def run(self, prepared: Prepared, cell: Cell, on_step: Steps, should_stop: Callable[[], bool] | None) -> CellResult:
         assert self.loss is not None

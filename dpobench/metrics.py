@@ -91,6 +91,9 @@ _CATALOGUE = [
     Metric("proxy_reward", "eval", "learned reward of samples", "", "higher", "+.3f",
            "the learned reward model's score of the same samples, averaged (RLHF methods: the reward they optimise; "
            "beside the gold reward it shows over-optimisation)", short="proxy"),
+    Metric("eval_seconds", "eval", "evaluation time", "s", "lower", ".1f",
+           "wall time of one evaluation: sampling, scoring the samples and the held-out pairs (best-of-N: its N "
+           "samples per prompt and their learned rewards)"),
     # training: each step's batch; the final value is the mean over the last 10% of steps
     Metric("loss", "step", "loss", "nats", "lower", ".3f",
            "the training loss, on its variant's own scale (it does not compare across variants)"),

@@ -23,6 +23,7 @@ from dpobench.tables import (
     SIGN_TEST_ROUNDS,
     beta_table,
     cell_finals,
+    cell_seconds,
     configuration_labels,
     glossary_table,
     has_gold,
@@ -31,6 +32,7 @@ from dpobench.tables import (
     read_samples,
     read_tidy,
     resolve_metric,
+    rlhf_table,
     run_info,
     scenario_table,
     step_cost_table,
@@ -319,6 +321,9 @@ def build_report(store: str | Path, metric: str | None = None, bench: str | Path
                                 "variants are named; in the HTML, every point names itself when the pointer rests on it.",
                                 figures=[figures.frontier(summary, colors, reference_gold, main_scenario, decided,
                                                           own_variants(finals, runs))]))  # fmt: skip
+    rlhf = _rlhf_section(store, finals, tidy, runs, colors, reference_gold, main_scenario)
+    if rlhf is not None:
+        sections.append(rlhf)
     if gold and variants.model.nunique() > 1:  # runs on other models into one store: does the ranking transfer?
         raw = finals.assign(variant=finals.loss_name)  # each model's own configuration labels
         for first, other, moved in transfers_within(raw, read_samples(store), main_scenario):
@@ -375,6 +380,64 @@ def build_report(store: str | Path, metric: str | None = None, bench: str | Path
     subtitle = (f"{len(variants)} cells, {seeds} seed{'s' * (seeds != 1)}, model "
                 f"{', '.join(sorted({str(r['model']) for r in runs}))} on {devices}; ranked by {metric}")  # fmt: skip
     return Report(title="dpobench report", header=header, sections=sections, subtitle=subtitle)
+
+
+def _rlhf_section(
+    store: str | Path, finals: pd.DataFrame, tidy: pd.DataFrame, runs: list[dict[str, object]], colors: dict,
+    reference_gold: float, scenario: str,
+) -> Section | None:  # fmt: skip
+    """The seed notebook's "DPO vs RLHF", from measurements, where the store holds a method's cells
+    (``dpobench.methods``): one table, its frontier and curves, and the DPO paper's finding checked both ways."""
+    table = rlhf_table(finals, tidy, runs, cell_seconds(store), scenario)
+    if table.empty:
+        return None
+    infos = [r["info"] for r in runs if isinstance(r.get("info"), dict)]
+    learned = next((i["reward_models"][scenario] for i in infos if scenario in i.get("reward_models", {})), None)
+    sft = next((i["sft_seconds"] for i in infos if "sft_seconds" in i), None)
+    stages = ("Stages, once per sweep and cached: " + (f"the SFT reference trained in {sft:.0f} s; " if sft else "")
+              + (f"the reward model (the reference with a scalar head, Bradley-Terry on the {learned['pairs']} "
+                 f"training pairs) in {learned['train_seconds']:.0f} s, preferring the chosen completion of "
+                 f"{learned['heldout_accuracy']:.0%} of held-out pairs"
+                 + ("" if pd.isna(learned["gold_agreement"]) else
+                    f", its scores ranking held-out completions as the gold reward does with Spearman's ρ = "
+                    f"{learned['gold_agreement']:.2f}") + ". " if learned else ""))  # fmt: skip
+    text = (
+        "Offline losses against the methods they are compared with, trained from the same reference with the same "
+        "optimizer, learning rate, steps and prompts: online preference training (two samples of the policy per "
+        "prompt each step, labelled by the learned reward model), RLOO and PPO against the learned reward with β as "
+        "the KL coefficient, and best-of-N sampling from the reference (no training; its KL is the analytic "
+        "log N − (N−1)/N). samples_drawn: completions each cell sampled (an online or RL step samples as many as "
+        "an offline step trains on; offline losses sample none, training on the pairs drawn once for every cell). "
+        "train_seconds and eval_seconds: wall time per cell, training and its final evaluation. gold_reward_sd: the "
+        "spread over seeds; spikes: steps per cell whose loss lies beyond Q3 + 3·IQR of the cell's own. models: "
+        "what a cell holds while it trains. proxy_reward: the learned reward model's score of the evaluation "
+        "samples; a method that climbs it without climbing the gold reward is over-optimising. "
+        + stages
+        + _dpo_against_ppo(table)
+    )
+    figure = figures.rlhf(table, tidy, colors, reference_gold, scenario)
+    return Section("rlhf", "DPO vs RLHF", text, figures=[figure], tables=[("DPO vs RLHF", table)])
+
+
+def _dpo_against_ppo(table: pd.DataFrame) -> str:
+    """The DPO paper's finding (DPO at least as good as PPO), checked at each β where both ran: which is ahead, or
+    that the 95% intervals overlap."""
+    dpo, ppo = table[table.variant == "dpo"], table[table.variant == "ppo"]
+    found = []
+    for beta in sorted(set(dpo.beta) & set(ppo.beta)):
+        d, q = dpo[dpo.beta == beta].iloc[0], ppo[ppo.beta == beta].iloc[0]
+        gap, reach = d.gold_reward - q.gold_reward, d.gold_reward_ci + q.gold_reward_ci
+        if pd.isna(reach) or abs(gap) <= reach:
+            outcome = "not told apart (the 95% intervals overlap)"
+        else:
+            outcome = f"{'DPO' if gap > 0 else 'PPO'} ahead by {abs(gap):.3f}, beyond both intervals"
+        found.append(f"at β = {beta:g}, dpo {d.gold_reward:+.3f} ± {d.gold_reward_ci:.3f} (KL {d.kl_to_reference:.2f}) "
+                     f"and ppo {q.gold_reward:+.3f} ± {q.gold_reward_ci:.3f} (KL {q.kl_to_reference:.2f}): {outcome}")  # fmt: skip
+    if not found:
+        return ""
+    return ("The DPO paper found DPO's reward at least PPO's. Here, in gold reward over "
+            f"{int(dpo.seeds.min())} seed{'s' * (dpo.seeds.min() != 1)}: " + "; ".join(found) + ". The frontier shows "
+            "the same configurations at their own KL.")  # fmt: skip
 
 
 def _label_configurations(finals: pd.DataFrame, tidy: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:

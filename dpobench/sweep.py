@@ -238,7 +238,7 @@ def prepare(plan: SweepPlan, progress: Callable[[str], None] = print) -> Prepare
         plan=plan, reference=reference, policy=policy, reference_state=reference_state, tokenizer=tokenizer,
         data=data, trains=trains, train_reference=train_ref, examples=examples, example_reference=example_reference,
         evaluator=Evaluator(reference, tokenizer, data, heldout_ref, device=device, autocast=autocast, judge=judge),
-        judge=judge, lora_parameters=lora_parameters, reward_models=reward_models,
+        judge=judge, lora_parameters=lora_parameters, reward_models=reward_models, sft_seconds=_sft_seconds(model_path),
         acceleration=acceleration, model_hash=model_hash, data_hash=data_hash,
         # the batch layout and CUDA graphs are not part of a cell's identity: the same log-probs within float
         # rounding (tests/test_logprobs.py; within bf16 rounding on an H200), so a store resumes either way
@@ -264,6 +264,16 @@ def _reward_model(
                "trained against it are marked failed, not trained")  # fmt: skip
     progress(f"reward model ({scenario} pairs): held-out accuracy {info['heldout_accuracy']:.2f}{agreement}{verdict}")
     return reward_model
+
+
+def _sft_seconds(model_path: str | Path) -> float | None:
+    """How long the SFT reference model took to train, as its cache entry recorded it (None for a model dpobench did
+    not train)."""
+    try:
+        log = json.loads((Path(model_path) / "recipe.json").read_text())["log"]
+        return float(next(entry["seconds"] for entry in log if "seconds" in entry))
+    except (OSError, ValueError, KeyError, TypeError, StopIteration):
+        return None
 
 
 def _evaluation_size(config: SweepConfig) -> str:
@@ -539,7 +549,9 @@ def _record_run(prepared: Prepared, store: Store, command: str) -> str:
                  if prepared.reward_models else {}),
               **({"lora": {"settings": config.lora.label(), "trainable": prepared.lora_parameters[0],
                            "total": prepared.lora_parameters[1]}} if prepared.lora_parameters else {}),
-              "share_prompt": acceleration.share_prompt, "cuda_graphs": config.speed.cuda_graphs, "plugins": plugins},
+              "share_prompt": acceleration.share_prompt, "cuda_graphs": config.speed.cuda_graphs, "plugins": plugins,
+              "models": {c.spec.name: list(c.models) for c in prepared.plan.cells},
+              **({"sft_seconds": prepared.sft_seconds} if prepared.sft_seconds is not None else {})},
     )  # fmt: skip
     return run_id
 

@@ -419,6 +419,85 @@ def lora_table(finals: pd.DataFrame, metric: str) -> pd.DataFrame:
     return table.sort_values([*keys, "lora"]).reset_index(drop=True)
 
 
+#: what kind of training a configuration is, read from what its cells measured (``method_kinds``)
+KINDS = ("offline loss", "online preference", "on-policy RL", "best-of-N sampling")
+
+
+def method_kinds(finals: pd.DataFrame) -> pd.Series:
+    """Per cell, its kind (``KINDS``), from the store alone: a method (``dpobench.methods``) records the learned
+    reward of its samples; best-of-N trains no step, online training a pair's implicit reward accuracy."""
+    proxy = finals["proxy_reward"].notna() if "proxy_reward" in finals else pd.Series(False, index=finals.index)
+    stepped = finals["loss"].notna() if "loss" in finals else pd.Series(False, index=finals.index)
+    paired = finals["reward_accuracy"].notna() if "reward_accuracy" in finals else pd.Series(False, index=finals.index)
+    kind = pd.Series(KINDS[0], index=finals.index)
+    kind[proxy & ~stepped] = KINDS[3]
+    kind[proxy & stepped & paired] = KINDS[1]
+    kind[proxy & stepped & ~paired] = KINDS[2]
+    return kind
+
+
+def loss_spikes(tidy: pd.DataFrame) -> pd.Series:
+    """Per cell, its training steps whose loss lies beyond Tukey's far-out fence, Q3 + 3·IQR of the cell's own
+    losses: a loss that jumps, not one that merely trends."""
+    losses = tidy[(tidy.source == "step") & (tidy.metric == "loss")]
+
+    def spikes(values: pd.Series) -> int:
+        q1, q3 = values.quantile(0.25), values.quantile(0.75)
+        return int((values > q3 + 3 * (q3 - q1)).sum())
+
+    return losses.groupby("cell_id").value.apply(spikes)
+
+
+def rlhf_table(
+    finals: pd.DataFrame, tidy: pd.DataFrame, runs: list[dict[str, Any]], seconds: pd.Series, scenario: str
+) -> pd.DataFrame:
+    """The seed's "DPO vs RLHF" comparison, measured: per configuration × β in ``scenario`` (means over seeds, 95%
+    half-widths), its kind, gold reward, learned (proxy) reward and KL; the completions it sampled per cell (from the
+    policy while training, or best-of-N's from the reference); the seconds it trained and evaluated per cell; the
+    models it held (the runs' record); its parameters beside β; ``seconds``: each cell's wall time, by cell id; stability as the gold reward's spread over seeds (sd)
+    and loss spikes per cell; on CUDA its peak memory. Empty where the store holds no method cell."""
+    cells = finals[~is_reference(finals) & (finals.scenario == scenario)]
+    kinds = method_kinds(cells)
+    if (kinds == KINDS[0]).all():
+        return pd.DataFrame()
+    cells = cells.assign(kind=kinds, spikes=cells.cell_id.map(loss_spikes(tidy)))
+    config = cells.config.map(lambda c: json.loads(c) if isinstance(c, str) and c else {})
+    trained = config.map(lambda c: c.get("steps", math.nan) * 2 * c.get("batch_size", math.nan))
+    cells["samples_drawn"] = trained.where(cells.kind.isin(KINDS[1:3]), 0.0)
+    if "n_samples" in cells:
+        cells.loc[cells.kind == KINDS[3], "samples_drawn"] = cells.n_samples
+    evaluation = cells["eval_seconds"] if "eval_seconds" in cells else math.nan
+    cells["train_seconds"] = cells.cell_id.map(seconds) - pd.Series(evaluation, index=cells.index).fillna(0.0)
+    measures = [m for m in ("gold_reward", "proxy_reward", "kl_to_reference", "samples_drawn", "train_seconds",
+                            "eval_seconds", "spikes", "peak_memory_mb") if m in cells]  # fmt: skip
+    if cells.device.eq("cpu").any():
+        measures = [m for m in measures if m != "peak_memory_mb"]  # a CPU cell's peak is its process's so far
+    table = aggregate(cells, measures, by=("variant", "kind", "loss_name", "beta"))
+    spread = cells.groupby(["variant", "beta"], dropna=False).gold_reward.std(ddof=1).rename("gold_reward_sd")
+    table = table.merge(spread.reset_index(), on=["variant", "beta"], how="left")
+    models: dict[str, list[str]] = {}
+    for run in runs:
+        info = run.get("info") if isinstance(run.get("info"), dict) else {}
+        models.update(info.get("models", {}) if isinstance(info, dict) else {})
+    table["models"] = table.loss_name.map(lambda v: ", ".join(models[v]) if v in models else "")
+    parameters = (
+        cells.drop_duplicates("variant")
+        .set_index("variant")
+        .params.map(
+            lambda p: (
+                ", ".join(f"{k}={v}" for k, v in json.loads(p).items() if k != "beta") if isinstance(p, str) else ""
+            )
+        )
+    )
+    table["parameters"] = table.variant.map(parameters).fillna("")
+    order = {kind: i for i, kind in enumerate(KINDS)}
+    table = table.sort_values(["kind", "gold_reward"], key=lambda c: c.map(order) if c.name == "kind" else -c)
+    shown = ["variant", "kind", "beta", "seeds", "gold_reward", "gold_reward_ci", "gold_reward_sd", "proxy_reward",
+             "kl_to_reference", "kl_to_reference_ci", "samples_drawn", "train_seconds", "eval_seconds", "spikes",
+             "peak_memory_mb", "models", "parameters"]  # fmt: skip
+    return table[[c for c in shown if c in table]].reset_index(drop=True)
+
+
 def throughput_table(finals: pd.DataFrame) -> pd.DataFrame:
     """Training throughput and peak memory per variant (means over its cells), with the device. Peak memory only
     where a cell ran on CUDA: the CPU's is the process's peak so far, which a cell inherits from those before it."""
@@ -461,6 +540,12 @@ def step_cost_table(store: str | Path) -> pd.DataFrame:
     table = pd.DataFrame(rows, columns=columns).sort_values("x_median", kind="stable").reset_index(drop=True)
     table.attrs["run_id"] = run_id
     return table
+
+
+def cell_seconds(store: str | Path) -> pd.Series:
+    """Each cell's wall time (training and evaluation), by cell id."""
+    with Store(store, readonly=True) as results:
+        return results.cells().set_index("cell_id").seconds
 
 
 def run_info(store: str | Path) -> list[dict[str, object]]:

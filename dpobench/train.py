@@ -459,6 +459,7 @@ class Evaluator:
     ) -> dict[str, float]:
         """Metrics of ``policy`` after ``step`` steps; ``loss=None`` skips the implicit rewards (the reference);
         ``proxy`` (a learned reward model) adds its scores of the samples."""
+        started = time.perf_counter()
         policy.eval()
         try:
             prompts = self.data.eval_prompts
@@ -467,8 +468,8 @@ class Evaluator:
             policy_lp, _ = self._logps(policy, rows)
             reference_lp, _ = self._logps(self.reference, rows)
             kl = float((policy_lp - reference_lp).mean())  # E_{y~π}[log π(y) − log π_ref(y)]
-            return {"step": step, **self.measure(samples, kl, proxy),
-                    **(self._heldout(policy, loss) if loss else {})}  # fmt: skip
+            return {"step": step, **self.measure(samples, kl, proxy), **(self._heldout(policy, loss) if loss else {}),
+                    "eval_seconds": time.perf_counter() - started}  # fmt: skip
         finally:
             policy.train()
 
@@ -476,11 +477,13 @@ class Evaluator:
     def best_of_n(self, n: int, seed: int, proxy: Any) -> dict[str, float]:
         """Best-of-``n``: ``n`` samples of the reference per evaluation prompt, the one ``proxy`` scores highest kept.
         Its KL is the analytic ``best_of_n_kl(n)`` (the policy has no density to score samples with)."""
+        started = time.perf_counter()
         prompts = self.data.eval_prompts
         drawn = self._sample(self.reference, prompts, n, seed)
         values = proxy.score([(p, s) for p, group in zip(prompts, drawn, strict=True) for s in group]).view(-1, n)
         picked = [group[i] for group, i in zip(drawn, values.argmax(-1).tolist(), strict=True)]
-        return {"step": 0, **self.measure(picked, best_of_n_kl(n), proxy), "n_samples": float(n * len(prompts))}
+        return {"step": 0, **self.measure(picked, best_of_n_kl(n), proxy), "n_samples": float(n * len(prompts)),
+                "eval_seconds": time.perf_counter() - started}  # fmt: skip
 
     def _sample(self, model: Any, prompts: list[tuple[int, ...]], n: int, seed: int) -> list[list[tuple[int, ...]]]:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):

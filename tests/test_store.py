@@ -50,8 +50,15 @@ def csv_text(frame: pd.DataFrame) -> str:
 
 
 #: catalogue metrics added after the old code wrote SCHEMA_1_SUMMARY: its cells never measured them
-ADDED_SINCE = {"distinct_2", "repetitive_fraction", "proxy_reward", "rollout_kl", "rollout_reward", "samples_per_s",
-               "value_loss"}
+ADDED_SINCE = {
+    "distinct_2",
+    "repetitive_fraction",
+    "proxy_reward",
+    "rollout_kl",
+    "rollout_reward",
+    "samples_per_s",
+    "value_loss",
+}
 
 
 def as_the_old_code_wrote(finals: pd.DataFrame) -> str:
@@ -289,7 +296,7 @@ def test_the_catalogue_is_consistent() -> None:
         assert metric.se is None or METRICS[metric.se].source == metric.source
         assert metric.rate is False or metric.source == "step"
         assert metric.doc and metric.label and metric.fmt
-    assert len(by_source("step")) == 16 and len(by_source("eval")) == 11
+    assert len(by_source("step")) == 16 and len(by_source("eval")) == 12
     assert set(METHOD_METRICS) <= set(METRICS)
     with pytest.raises(ValueError, match="metric 'loss' is in the catalogue already"):
         register(Metric("loss", "step", "loss", "nats", "lower", ".3f", "again"))
