@@ -138,7 +138,7 @@ def plan_cells(config: SweepConfig, specs: list[LossSpec | MethodSpec]) -> list[
     cells = []
     for spec in specs:
         grid = dict(config.params.get(spec.name, {}))
-        betas = config.betas
+        betas = config.betas if "beta" in spec.params else (math.nan,)  # one cell, not one per β it would ignore
         if "beta" in grid and "beta" in spec.params:
             betas = tuple(_own_beta(spec.name, value) for value in grid.pop("beta"))
         unpaired = spec.unpaired if isinstance(spec, MethodSpec) else spec.cls.unpaired

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
@@ -288,6 +289,20 @@ def test_a_variants_own_beta_replaces_the_swept_betas_for_it_alone() -> None:
     for bad in ("0", "-1", "two"):
         with pytest.raises(SweepError, match=rf"--param simpo.beta='{bad}': β must be a number > 0"):
             plan_cells(replace(config, params={"simpo": {"beta": (bad,)}}), specs)
+
+
+def test_a_variant_without_beta_trains_once_whatever_the_betas() -> None:
+    """SimPER and best-of-N have no β: with three β swept they were planned three times, as three identical cells
+    (one identity) that each trained."""
+    from dpobench.methods import resolve_names
+
+    registry = dpobench.get_losses()
+    _, methods = resolve_names(("best_of_n",), registry)
+    config = SweepConfig(variants=("simper", "dpo", "best_of_n"), betas=(0.05, 0.1, 0.5), seeds=(0, 1))
+    cells = plan_cells(config, [registry["simper"], registry["dpo"], methods["best_of_n"]])
+    counts = Counter(cell.spec.name for cell in cells)
+    assert counts == {"simper": 2, "dpo": 6, "best_of_n": 2}
+    assert all(math.isnan(cell.beta) for cell in cells if cell.spec.name != "dpo")
 
 
 def test_a_cell_run_alone_from_the_plan_equals_its_cell_in_the_sweep(tmp_path: Path, untrained_model: Path) -> None:
