@@ -13,6 +13,8 @@ Where each concern lives, in the order a sweep runs:
   that run them: in process or side by side; ``ray_executor`` on Ray), ``train`` (the one training loop and the
   evaluation), ``logprobs`` (completion log-probs and the reference cache), ``acceleration`` (how the step runs
   fast), ``stepcost`` (each loss's step cost, measured side by side);
+- beyond offline losses: ``methods`` (best-of-N, RLOO, PPO and online training of any paired loss, selected like
+  variants), ``reward_model`` (the learned Bradley-Terry reward model they use);
 - results: ``store`` (SQLite; the only module that speaks SQL), ``metrics`` (the metric catalogue),
   ``degeneration`` (repetition and diversity of samples), ``tables`` (pandas views), ``verdict`` (which loss: the
   picks and the health rule), ``transfer`` (does a ranking transfer), ``figures`` (matplotlib), ``report`` (HTML

@@ -116,8 +116,25 @@ def list_variants(
                 spec.paper.replace("https://arxiv.org/abs/", "arXiv:"),
             )
         _wide().print(table)  # piped output is 80 wide: names would break mid-word
+        _wide().print(_methods_table())
     if state.errors:
         raise typer.Exit(1)
+
+
+def _methods_table() -> Table:
+    """The methods beyond offline losses (``dpobench.methods``), selected with ``--variants`` too."""
+    from dpobench.methods import LISTED
+
+    table = Table(title="methods beyond offline losses, selected with --variants too (docs/rlhf.md)",
+                  title_justify="left")  # fmt: skip
+    for column in ("method", "what it does", "models it holds", "parameters"):
+        table.add_column(column, overflow="fold")
+    table.add_column("paper", no_wrap=True)
+    for name, cls in LISTED.items():
+        summary = (cls.__doc__ or "").strip().splitlines()[0]
+        models = ", ".join(cls.models) if isinstance(cls.models, tuple) else "policy, reference, reward model"
+        table.add_row(escape(name), escape(summary), models, ", ".join(cls.params), cls.paper)
+    return table
 
 
 def _print_verbose(spec: LossSpec) -> None:

@@ -28,7 +28,7 @@ import copy
 import difflib
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -54,6 +54,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DIVERGED_KL",
+    "LISTED",
     "METHODS",
     "PPO",
     "RLOO",
@@ -352,6 +353,9 @@ class OnlinePreference(Method):
 #: the methods by name (``online_<variant>`` is ``OnlinePreference`` with that variant's loss)
 METHODS: dict[str, type[Method]] = {m.name: m for m in (BestOfN, RLOO, PPO)}
 
+#: every method as ``dpobench list`` shows it: its name on the command line, and its class
+LISTED: dict[str, type[Method]] = {**METHODS, f"{ONLINE}<variant>": OnlinePreference}
+
 
 @dataclass(frozen=True)
 class MethodSpec:
@@ -539,10 +543,3 @@ def _optimizer_step(
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return float(grad_norm)
-
-
-def describe_methods() -> Mapping[str, str]:
-    """Each method's name and summary, as ``dpobench list`` shows them."""
-    return {name: (cls.__doc__ or "").strip().splitlines()[0] for name, cls in METHODS.items()} | {
-        f"{ONLINE}<variant>": (OnlinePreference.__doc__ or "").strip().splitlines()[0]
-    }

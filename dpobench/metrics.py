@@ -13,7 +13,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-__all__ = ["METHOD_METRICS", "METRICS", "RANK_BY", "SUMMARY", "TERMINAL", "Metric", "by_source", "rankable", "register"]
+__all__ = [
+    "METHOD_METRICS",
+    "METRICS",
+    "RANK_BY",
+    "SUMMARY",
+    "TERMINAL",
+    "TIMINGS",
+    "Metric",
+    "by_source",
+    "rankable",
+    "register",
+]
 
 
 @dataclass(frozen=True)
@@ -154,6 +165,10 @@ def register(metric: Metric) -> Metric:
 
 for _metric in _CATALOGUE:
     register(_metric)
+
+#: measurements of time and memory: they depend on the machine and on what runs beside a cell, so two runs of the
+#: same cells agree in everything else, never in these
+TIMINGS = ("step_time_ms", "pairs_per_s", "tokens_per_s", "samples_per_s", "peak_memory_mb", "eval_seconds")
 
 #: what only the methods beyond offline losses measure (``dpobench.methods``): a loss's cell has none of them
 METHOD_METRICS = ("proxy_reward", "rollout_reward", "rollout_kl", "value_loss", "samples_per_s")

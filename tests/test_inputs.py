@@ -17,6 +17,7 @@ import dpobench
 from dpobench.config import ExecutorOptions
 from dpobench.data import DataError, Pair, PairSet, apply_scenario, decode_completion, desirable_ratio, unroll
 from dpobench.losses import Completions
+from dpobench.metrics import TIMINGS
 from dpobench.store import Store
 from dpobench.sweep import SweepConfig, SweepError, plan_cells, run_sweep
 from dpobench.train import TrainConfig
@@ -132,7 +133,7 @@ def test_a_sweep_trains_every_kind_of_input(tmp_path: Path) -> None:
         [(v, "clean") for v in variants] + [("kto", "unpaired-1:4"), ("bco", "unpaired-1:4")]
     )
     assert (cells.status == "done").all(), cells[["variant", "error"]]
-    timing = ["step_time_ms", "pairs_per_s", "tokens_per_s", "peak_memory_mb"]
+    timing = list(TIMINGS)
     for table in ("steps", "evaluations"):
         again = second.frame(table)
         again = again[again.cell_id.isin(cells.cell_id)]  # not the reference's evaluation

@@ -22,6 +22,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from dpobench.metrics import TIMINGS
+
 from .conftest import BROKEN_PLUGINS, subprocess_env
 from .test_reliability import wait_for_cells
 
@@ -40,7 +42,6 @@ pytestmark = [
 
 RAY_PLUGINS = Path(__file__).parent / "ray_plugins"
 #: the metrics that time the cell: the only ones that may differ between two runs of the same cell
-TIMINGS = {"step_time_ms", "pairs_per_s", "tokens_per_s", "peak_memory_mb"}
 
 
 def dpobench(*args: str, ray: bool) -> list[str]:

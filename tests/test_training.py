@@ -18,6 +18,7 @@ import torch
 import dpobench
 from dpobench.data import DataRecipe, decode_completion, make_task_data
 from dpobench.logprobs import ReferenceLogps
+from dpobench.metrics import TIMINGS
 from dpobench.models import SFTRecipe, load_model, reference_model
 from dpobench.store import Store
 from dpobench.sweep import SweepConfig, SweepError, plan_cells, run_sweep
@@ -75,16 +76,8 @@ def test_larger_beta_stays_closer_to_the_reference(beta_sweep: pd.DataFrame) -> 
 def test_same_seed_same_command_bit_identical(tmp_path: Path) -> None:
     a = sweep(tmp_path / "a", variants=("dpo", "ipo"), steps=8)
     b = sweep(tmp_path / "b", variants=("dpo", "ipo"), steps=8)
-    steps_a = (
-        Store(tmp_path / "a" / "results.sqlite")
-        .frame("steps")
-        .drop(columns=["step_time_ms", "pairs_per_s", "tokens_per_s", "peak_memory_mb"])
-    )
-    steps_b = (
-        Store(tmp_path / "b" / "results.sqlite")
-        .frame("steps")
-        .drop(columns=["step_time_ms", "pairs_per_s", "tokens_per_s", "peak_memory_mb"])
-    )
+    steps_a = Store(tmp_path / "a" / "results.sqlite").frame("steps").drop(columns=list(TIMINGS))
+    steps_b = Store(tmp_path / "b" / "results.sqlite").frame("steps").drop(columns=list(TIMINGS))
     pd.testing.assert_frame_equal(steps_a, steps_b, check_exact=True)
     cols = ["cell_id", "gold_reward", "kl_to_reference", "response_length", "heldout_reward_margin"]
     pd.testing.assert_frame_equal(a[cols].reset_index(drop=True), b[cols].reset_index(drop=True), check_exact=True)
