@@ -3,6 +3,9 @@
     dpobench run --variants dpo,ipo,simpo,hinge,robust_dpo,sppo_hard,cal_dpo --betas 0.05,0.1,0.5,1 --out readme-run
     python docs/report_pictures.py figures readme-run        # docs/frontier.png, docs/beta_sensitivity.png
 
+    dpobench run --preset rlhf --out rlhf-run
+    python docs/report_pictures.py rlhf rlhf-run             # docs/rlhf.png: DPO vs RLHF, the README's figure
+
     dpobench run                                             # the default run, into dpobench-results
     python docs/report_pictures.py screenshots dpobench-results
     # docs/report-first-screen.png (report.html at 1400 × 900 in headless Chromium), docs/report-first-page.png
@@ -34,6 +37,11 @@ def figures(store: str) -> None:
     sections["beta"].figures[0].savefig(DOCS / "beta_sensitivity.png", dpi=110)
 
 
+def rlhf(store: str) -> None:
+    sections = {s.id: s for s in build_report(store).sections}
+    sections["rlhf"].figures[0].savefig(DOCS / "rlhf.png", dpi=110)
+
+
 def screenshots(store: str) -> None:
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None or shutil.which("pdftoppm") is None:
@@ -49,6 +57,6 @@ def screenshots(store: str) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3 or sys.argv[1] not in ("figures", "screenshots"):
-        sys.exit("usage: python docs/report_pictures.py figures|screenshots STORE")
-    {"figures": figures, "screenshots": screenshots}[sys.argv[1]](sys.argv[2])
+    if len(sys.argv) != 3 or sys.argv[1] not in ("figures", "rlhf", "screenshots"):
+        sys.exit("usage: python docs/report_pictures.py figures|rlhf|screenshots STORE")
+    {"figures": figures, "rlhf": rlhf, "screenshots": screenshots}[sys.argv[1]](sys.argv[2])

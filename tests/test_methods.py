@@ -224,3 +224,18 @@ def test_an_interrupted_method_cell_resumes(tmp_path: Path) -> None:
     run_sweep(settings, tmp_path, progress=lambda m: None)
     with sqlite3.connect(tmp_path / "results.sqlite") as db:
         assert dict(db.execute("SELECT variant, status FROM cells")) == {"(reference)": "done", "rloo": "done"}
+
+
+def test_a_diverging_rl_cell_stops_with_its_reason(tmp_path: Path) -> None:
+    """At a learning rate of 30 RLOO's policy leaves the reference within a few steps: the cell stops there as
+    diverged, saying at which step and why (its samples' KL past the bound, or values that are not finite), and the
+    steps before it are kept."""
+    settings = config(variants=("rloo",))
+    settings = SweepConfig(**{**settings.__dict__, "train": TrainConfig(steps=12, batch_size=8, lr=30.0)})
+    run_sweep(settings, tmp_path, progress=lambda m: None)
+    with sqlite3.connect(tmp_path / "results.sqlite") as db:
+        status, error = db.execute("SELECT status, error FROM cells WHERE variant = 'rloo'").fetchone()
+        steps = db.execute("SELECT MAX(step) FROM measurements WHERE source = 'step'").fetchone()[0]
+    assert status == "diverged", error
+    stopped = int(error.split(":")[0].removeprefix("step "))
+    assert stopped == steps + 1 and any(why in error for why in ("past the bound of 100", "not finite", "the loss is"))
