@@ -3,8 +3,10 @@
 - ``best_of_n``: ``n`` samples of the reference per evaluation prompt, the learned reward model's favourite kept. No
   training; its KL from the reference is analytic (log n − (n − 1)/n).
 - ``rloo``: REINFORCE with a leave-one-out baseline (Ahmadian et al. 2024, arXiv:2402.14740) on the learned reward
-  less β times each sample's KL from the reference, updated as TRL's ``RLOOTrainer`` does (a clipped probability
-  ratio of whole completions over ``epochs`` passes of each batch of samples).
+  less β times each sample's KL from the reference, updated as TRL's ``RLOOTrainer`` of 0.11-0.19 did (a clipped
+  probability ratio of whole completions over ``epochs`` passes of each batch of samples).
+- ``grpo``: GRPO (Shao et al. 2024, arXiv:2402.03300): each group's learned rewards standardised as advantages, a
+  clipped per-token ratio, and β times the k3 estimate of the KL to the reference added to the loss.
 - ``ppo``: PPO with a value model (Schulman et al. 2017; the RLHF recipe of Ouyang et al. 2022, as TRL's
   ``PPOTrainer``): a per-token KL penalty, the learned reward at the last token, GAE, clipped policy and value
   losses. Four models: the policy, the reference, the reward model and the critic (initialised from the reward model).
@@ -54,6 +56,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DIVERGED_KL",
+    "GRPO",
     "LISTED",
     "METHODS",
     "PPO",
@@ -63,6 +66,8 @@ __all__ = [
     "MethodSpec",
     "OnlinePreference",
     "gae",
+    "grpo_advantages",
+    "k3_kl",
     "method_spec",
     "ppo_policy_loss",
     "ppo_value_loss",
@@ -144,8 +149,10 @@ class Rollout:
 class _OnPolicy(Method):
     """The loop RLOO and PPO share: sample from the policy, score with the reward model, update ``epochs`` times."""
 
-    #: completions per prompt (RLOO's k); the prompts of a step are 2 × batch size / this
-    samples_per_prompt: int = 1
+    @property
+    def samples_per_prompt(self) -> int:
+        """Completions per prompt (RLOO's k, GRPO's group; PPO's 1): a step's prompts are 2 × batch size / this."""
+        return int(self.hparams.get("samples", 1))
 
     def run(self, prepared: Prepared, cell: Cell, on_step: Steps, should_stop: Callable[[], bool] | None) -> CellResult:
         config, device, seed = prepared.config.train, prepared.plan.device, cell.seed
@@ -212,10 +219,6 @@ class RLOO(_OnPolicy):
         "clip": Param(0.2, "(0, inf)", "the probability ratio's clip range"),
     }
 
-    def __init__(self, loss: PreferenceLoss | None = None, **hparams: Any) -> None:
-        super().__init__(loss, **hparams)
-        self.samples_per_prompt = self.hparams["samples"]
-
     def update(self, policy: Any, rollout: Rollout, parameters: list[torch.nn.Parameter], optimizer: Any,
                max_grad_norm: float, step: int) -> dict[str, float]:  # fmt: skip
         k, beta = self.hparams["samples"], self.hparams["beta"]
@@ -225,6 +228,34 @@ class RLOO(_OnPolicy):
         for _ in range(self.hparams["epochs"]):
             new, _ = sequence_logprobs(policy, rollout.batch)
             loss = ppo_policy_loss(new - old, advantages, self.hparams["clip"])
+            grad_norm = _optimizer_step(loss, parameters, optimizer, max_grad_norm, step)
+        return {"loss": float(loss.detach()), "grad_norm": grad_norm}
+
+
+class GRPO(_OnPolicy):
+    """GRPO: the group's rewards standardised as advantages, a clipped per-token ratio, the KL to the reference a
+    loss term."""
+
+    name = "grpo"
+    paper = "arXiv:2402.03300"
+    params = {
+        "beta": _beta("the KL term's weight: β·k3(π, π_ref) per token, added to the loss (not to the reward)"),
+        "samples": Param(4, "[2, inf)", "completions per prompt (the group): advantages are standardised within it"),
+        "epochs": Param(1, "[1, inf)", "passes over each batch of samples (TRL's num_iterations)"),
+        "clip": Param(0.2, "(0, inf)", "the per-token probability ratio's clip range"),
+    }
+
+    def update(self, policy: Any, rollout: Rollout, parameters: list[torch.nn.Parameter], optimizer: Any,
+               max_grad_norm: float, step: int) -> dict[str, float]:  # fmt: skip
+        mask, width, beta = rollout.mask, rollout.mask.shape[1], self.hparams["beta"]
+        advantages = grpo_advantages(rollout.scores.view(-1, self.hparams["samples"])).flatten()[:, None]
+        for _ in range(self.hparams["epochs"]):
+            _, per_token = sequence_logprobs(policy, rollout.batch, statistics=("token_logps",), token_width=width)
+            new = per_token["token_logps"]
+            surrogate = clipped_surrogate(new - rollout.policy_tokens, advantages, self.hparams["clip"])
+            per_token_loss = surrogate + beta * k3_kl(new, rollout.reference_tokens)
+            # each completion's tokens averaged, then the completions (the GRPO paper's normalisation)
+            loss = ((per_token_loss * mask).sum(-1) / mask.sum(-1)).mean()
             grad_norm = _optimizer_step(loss, parameters, optimizer, max_grad_norm, step)
         return {"loss": float(loss.detach()), "grad_norm": grad_norm}
 
@@ -351,7 +382,7 @@ class OnlinePreference(Method):
 
 
 #: the methods by name (``online_<variant>`` is ``OnlinePreference`` with that variant's loss)
-METHODS: dict[str, type[Method]] = {m.name: m for m in (BestOfN, RLOO, PPO)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (BestOfN, RLOO, GRPO, PPO)}
 
 #: every method as ``dpobench list`` shows it: its name on the command line, and its class
 LISTED: dict[str, type[Method]] = {**METHODS, f"{ONLINE}<variant>": OnlinePreference}
@@ -449,14 +480,31 @@ def rloo_advantages(rewards: torch.Tensor) -> torch.Tensor:
     return rewards - (rewards.sum(-1, keepdim=True) - rewards) / (k - 1)
 
 
+def grpo_advantages(rewards: torch.Tensor) -> torch.Tensor:
+    """Each of k samples' reward standardised within its prompt's group: (r − mean) / (sd + 10⁻⁴), sd with k − 1
+    (TRL's GRPO): (prompts, k) → (prompts, k)."""
+    return (rewards - rewards.mean(-1, keepdim=True)) / (rewards.std(-1, keepdim=True) + 1e-4)
+
+
+def k3_kl(logps: torch.Tensor, reference_logps: torch.Tensor) -> torch.Tensor:
+    """Schulman's k3 estimate of KL(π‖π_ref) per token, exp(d) − d − 1 with d = log π_ref − log π: unbiased on
+    samples of π, and never negative."""
+    d = reference_logps - logps
+    return d.exp() - d - 1
+
+
 def ppo_policy_loss(
     log_ratio: torch.Tensor, advantages: torch.Tensor, clip: float, mask: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """PPO's clipped surrogate, max(−A·r, −A·clip(r, 1 − ε, 1 + ε)) with r = exp(log_ratio), averaged (over the
-    ``mask``'s tokens where given)."""
+    """PPO's clipped surrogate (``clipped_surrogate``) averaged, over the ``mask``'s tokens where given."""
+    return _mean(clipped_surrogate(log_ratio, advantages, clip), mask)
+
+
+def clipped_surrogate(log_ratio: torch.Tensor, advantages: torch.Tensor, clip: float) -> torch.Tensor:
+    """max(−A·r, −A·clip(r, 1 − ε, 1 + ε)) with r = exp(log_ratio), elementwise: the loss that stops rewarding a
+    ratio once it has moved ε in the advantage's direction."""
     ratio = log_ratio.exp()
-    losses = torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1 - clip, 1 + clip))
-    return _mean(losses, mask)
+    return torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1 - clip, 1 + clip))
 
 
 def ppo_value_loss(

@@ -33,7 +33,10 @@ def table_rows(stdout: str) -> dict[str, list[str]]:
 def test_list_shows_every_variant_with_plugin_version_and_paper() -> None:
     result = invoke("list")
     assert result.exit_code == 0
-    rows = table_rows(result.stdout)
+    variants, methods = result.stdout.split("methods beyond offline losses")
+    rows = table_rows(variants)
+    named = [line.split("│")[1].strip() for line in methods.splitlines() if line.startswith("│")]
+    assert [name for name in named if name] == ["best_of_n", "rloo", "grpo", "ppo", "online_<variant>"]
     assert set(rows) == EXPECTED_VARIANTS
     assert rows["simpo"] == ["simpo", "reference_free", dpobench.__version__, "yes", "arXiv:2405.14734"]
     assert rows["cdpo"][0] == "cdpo (dpo preset)"

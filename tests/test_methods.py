@@ -14,7 +14,16 @@ import torch
 
 from dpobench.config import ExecutorOptions, SweepConfig, TrainConfig
 from dpobench.data import DataRecipe
-from dpobench.methods import gae, method_spec, ppo_policy_loss, ppo_value_loss, resolve_names, rloo_advantages
+from dpobench.methods import (
+    gae,
+    grpo_advantages,
+    k3_kl,
+    method_spec,
+    ppo_policy_loss,
+    ppo_value_loss,
+    resolve_names,
+    rloo_advantages,
+)
 from dpobench.models import SFTRecipe
 from dpobench.plugins import get_losses
 from dpobench.registry import UnknownLossError
@@ -25,7 +34,7 @@ from dpobench.train import best_of_n_kl
 
 SFT = SFTRecipe(size="tiny", steps=300, corpus=6000)
 DATA = DataRecipe(train_prompts=768, heldout_prompts=64, eval_prompts=64)
-METHODS = ("dpo", "rloo", "ppo", "online_dpo", "best_of_n")
+METHODS = ("dpo", "rloo", "grpo", "ppo", "online_dpo", "best_of_n")
 
 
 def config(**changes) -> SweepConfig:
@@ -51,6 +60,13 @@ def test_rloo_advantage_is_each_reward_less_the_others_mean() -> None:
     """[1, 2, 3]: baselines (2+3)/2, (1+3)/2, (1+2)/2; k = 2: each the difference from the other."""
     assert rloo_advantages(torch.tensor([[1.0, 2.0, 3.0]])).tolist() == [[-1.5, 0.0, 1.5]]
     assert rloo_advantages(torch.tensor([[0.25, 1.0], [2.0, 2.0]])).tolist() == [[-0.75, 0.75], [0.0, 0.0]]
+
+
+def test_grpo_advantage_and_k3_by_hand() -> None:
+    """[1, 2, 3]: mean 2, sd 1 → (−1, 0, 1) (less 10⁻⁴ of the sd's guard); k3 at log π = −1, log π_ref = −2:
+    d = −1, e⁻¹ + 1 − 1 = 0.367879; 0 where the two agree."""
+    assert grpo_advantages(torch.tensor([[1.0, 2.0, 3.0]])).flatten().tolist() == pytest.approx([-1, 0, 1], abs=1e-3)
+    assert k3_kl(torch.tensor([-1.0, -3.0]), torch.tensor([-2.0, -3.0])).tolist() == pytest.approx([0.367879, 0.0], abs=1e-6)
 
 
 def test_ppo_clipped_objective_by_hand() -> None:
@@ -128,7 +144,7 @@ def test_every_method_trains_two_steps_from_the_reference(two_steps: Path) -> No
     best-of-4's are the analytic values. The learned reward is recorded for the methods only."""
     tidy = read_tidy(two_steps / "results.sqlite")
     cells = tidy.drop_duplicates("cell_id").set_index("cell_id")
-    assert set(cells.status) == {"done"} and len(cells) == 7  # the reference, 4 methods and DPO, best-of-1 and 4
+    assert set(cells.status) == {"done"} and len(cells) == 8  # the reference, 5 methods and DPO, best-of-1 and 4
 
     def value(variant: str, metric: str, step: int | None = None, params: str | None = None) -> float:
         rows = tidy[(tidy.variant == variant) & (tidy.metric == metric)]
@@ -139,7 +155,7 @@ def test_every_method_trains_two_steps_from_the_reference(two_steps: Path) -> No
         assert len(rows) == 1, (variant, metric, len(rows))
         return float(rows.value.iloc[0])
 
-    for method in ("rloo", "ppo"):
+    for method in ("rloo", "grpo", "ppo"):
         assert value(method, "rollout_kl", 1) == pytest.approx(0.0, abs=1e-4)
         assert value(method, "proxy_reward") == value(method, "proxy_reward")  # measured (not NaN)
     assert value("online_dpo", "loss", 1) == pytest.approx(math.log(2), abs=1e-5)

@@ -53,6 +53,7 @@ def csv_text(frame: pd.DataFrame) -> str:
 ADDED_SINCE = {
     "distinct_2",
     "repetitive_fraction",
+    "eval_seconds",
     "proxy_reward",
     "rollout_kl",
     "rollout_reward",
@@ -277,7 +278,7 @@ def test_adding_a_metric_is_one_catalogue_entry(tmp_path: Path, distinct_bigrams
     assert finals.set_index("variant").distinct_bigrams.to_dict() == {"dpo": 0.50, "ipo": 0.60}  # the last evaluation
     columns = list(summary_csv(finals).columns)
     assert columns[columns.index("chosen_logp") :] == [*by_source("step"), *by_source("eval")]
-    assert columns.index("distinct_bigrams") == columns.index("gold_reward") - 1  # evaluation's, by name
+    assert columns.index("distinct_bigrams") == columns.index("eval_seconds") - 1  # evaluation's, by name
     assert "distinct_bigrams" in rankable()
     ranked = summary_table(finals, "distinct_bigrams")
     assert ranked[["variant", "distinct_bigrams", "rank"]].values.tolist() == [["ipo", 0.60, 1], ["dpo", 0.50, 2]]
