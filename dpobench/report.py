@@ -435,8 +435,9 @@ def _dpo_against_ppo(table: pd.DataFrame) -> str:
                      f"and ppo {q.gold_reward:+.3f} ± {q.gold_reward_ci:.3f} (KL {q.kl_to_reference:.2f}): {outcome}")  # fmt: skip
     if not found:
         return ""
+    seeds = int(dpo.seeds.min())
     return ("The DPO paper found DPO's reward at least PPO's. Here, in gold reward over "
-            f"{int(dpo.seeds.min())} seed{'s' * (dpo.seeds.min() != 1)}: " + "; ".join(found) + ". The frontier shows "
+            f"{seeds} seed{'s' * (seeds != 1)}: " + "; ".join(found) + ". The frontier shows "
             "the same configurations at their own KL.")  # fmt: skip
 
 

@@ -66,7 +66,9 @@ def test_grpo_advantage_and_k3_by_hand() -> None:
     """[1, 2, 3]: mean 2, sd 1 → (−1, 0, 1) (less 10⁻⁴ of the sd's guard); k3 at log π = −1, log π_ref = −2:
     d = −1, e⁻¹ + 1 − 1 = 0.367879; 0 where the two agree."""
     assert grpo_advantages(torch.tensor([[1.0, 2.0, 3.0]])).flatten().tolist() == pytest.approx([-1, 0, 1], abs=1e-3)
-    assert k3_kl(torch.tensor([-1.0, -3.0]), torch.tensor([-2.0, -3.0])).tolist() == pytest.approx([0.367879, 0.0], abs=1e-6)
+    assert k3_kl(torch.tensor([-1.0, -3.0]), torch.tensor([-2.0, -3.0])).tolist() == pytest.approx(
+        [0.367879, 0.0], abs=1e-6
+    )
 
 
 def test_ppo_clipped_objective_by_hand() -> None:
@@ -255,3 +257,23 @@ def test_a_diverging_rl_cell_stops_with_its_reason(tmp_path: Path) -> None:
     assert status == "diverged", error
     stopped = int(error.split(":")[0].removeprefix("step "))
     assert stopped == steps + 1 and any(why in error for why in ("past the bound of 100", "not finite", "the loss is"))
+
+
+def test_the_report_compares_dpo_with_rlhf(two_steps: Path) -> None:
+    """The report's DPO-vs-RLHF table, from the 2-step store: each configuration's kind, the completions it sampled
+    (2 steps × 2 × 8 prompts for the trained methods; n × 64 evaluation prompts for best-of-N; none offline), the
+    models it held, and the DPO paper's finding checked in the text."""
+    from dpobench.report import build_report
+
+    sections = {s.id: s for s in build_report(two_steps).sections}
+    table = sections["rlhf"].tables[0][1].set_index("variant")
+    assert table.kind.to_dict() == {
+        "dpo": "offline loss", "online_dpo": "online preference", "rloo": "on-policy RL", "grpo": "on-policy RL",
+        "ppo": "on-policy RL", "best_of_n[n=4]": "best-of-N sampling", "best_of_n[n=1]": "best-of-N sampling",
+    }  # fmt: skip
+    assert table.samples_drawn.to_dict() == {"dpo": 0, "online_dpo": 32, "rloo": 32, "grpo": 32, "ppo": 32,
+                                             "best_of_n[n=4]": 256, "best_of_n[n=1]": 64}  # fmt: skip
+    assert table.models["ppo"] == "policy, reference, reward model, critic"
+    assert table.models["best_of_n[n=4]"] == "reference, reward model" and table.models["dpo"] == "policy, reference"
+    assert table.proxy_reward.isna()["dpo"] and table.proxy_reward.notna().drop("dpo").all()
+    assert "at β = 0.1, dpo " in sections["rlhf"].text and "over 1 seed:" in sections["rlhf"].text
