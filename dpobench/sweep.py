@@ -550,7 +550,9 @@ def _record_run(prepared: Prepared, store: Store, command: str) -> str:
               **({"lora": {"settings": config.lora.label(), "trainable": prepared.lora_parameters[0],
                            "total": prepared.lora_parameters[1]}} if prepared.lora_parameters else {}),
               "share_prompt": acceleration.share_prompt, "cuda_graphs": config.speed.cuda_graphs, "plugins": plugins,
-              "models": {c.spec.name: list(c.models) for c in prepared.plan.cells},
+              # per variant and parameters: an online method holds the reward model or not by its labeller
+              "models": sorted({(c.spec.name, json.dumps(c.hparams, sort_keys=True, default=str), c.models)
+                                for c in prepared.plan.cells}),
               **({"sft_seconds": prepared.sft_seconds} if prepared.sft_seconds is not None else {})},
     )  # fmt: skip
     return run_id

@@ -472,14 +472,19 @@ def rlhf_table(
                             "eval_seconds", "spikes", "peak_memory_mb") if m in cells]  # fmt: skip
     if cells.device.eq("cpu").any():
         measures = [m for m in measures if m != "peak_memory_mb"]  # a CPU cell's peak is its process's so far
-    table = aggregate(cells, measures, by=("variant", "kind", "loss_name", "beta"))
-    spread = cells.groupby(["variant", "beta"], dropna=False).gold_reward.std(ddof=1).rename("gold_reward_sd")
-    table = table.merge(spread.reset_index(), on=["variant", "beta"], how="left")
-    models: dict[str, list[str]] = {}
+    held: dict[tuple[str, str], str] = {}  # (variant, parameters) → the models its cells held, as runs recorded it
     for run in runs:
         info = run.get("info") if isinstance(run.get("info"), dict) else {}
-        models.update(info.get("models", {}) if isinstance(info, dict) else {})
-    table["models"] = table.loss_name.map(lambda v: ", ".join(models[v]) if v in models else "")
+        recorded = info.get("models") if isinstance(info, dict) else None
+        for variant, params, models in recorded if isinstance(recorded, list) else []:
+            held[variant, json.dumps(json.loads(params), sort_keys=True)] = ", ".join(models)
+    cells["models"] = [held.get((v, json.dumps(json.loads(p), sort_keys=True)), "") if isinstance(p, str) else ""
+                       for v, p in zip(cells.loss_name, cells.params, strict=True)]  # fmt: skip
+    table = aggregate(cells, measures, by=("variant", "kind", "loss_name", "beta"))
+    per_configuration = cells.groupby(["variant", "beta"], dropna=False)
+    table = table.merge(per_configuration.gold_reward.std(ddof=1).rename("gold_reward_sd").reset_index(),
+                        on=["variant", "beta"], how="left")  # fmt: skip
+    table = table.merge(per_configuration.models.first().reset_index(), on=["variant", "beta"], how="left")
     parameters = (
         cells.drop_duplicates("variant")
         .set_index("variant")

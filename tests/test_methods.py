@@ -274,6 +274,7 @@ def test_the_report_compares_dpo_with_rlhf(two_steps: Path) -> None:
     assert table.samples_drawn.to_dict() == {"dpo": 0, "online_dpo": 32, "rloo": 32, "grpo": 32, "ppo": 32,
                                              "best_of_n[n=4]": 256, "best_of_n[n=1]": 64}  # fmt: skip
     assert table.models["ppo"] == "policy, reference, reward model, critic"
+    assert table.models["online_dpo"] == "policy, reference, reward model"
     assert table.models["best_of_n[n=4]"] == "reference, reward model" and table.models["dpo"] == "policy, reference"
     assert table.proxy_reward.isna()["dpo"] and table.proxy_reward.notna().drop("dpo").all()
     assert "at β = 0.1, dpo " in sections["rlhf"].text and "over 1 seed:" in sections["rlhf"].text
