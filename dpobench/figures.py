@@ -277,37 +277,51 @@ def frontier(table: pd.DataFrame, colors: dict, reference_gold: float | None, sc
 
 
 def rlhf(table: pd.DataFrame, tidy: pd.DataFrame, colors: dict, reference_gold: float, scenario: str) -> Figure:
-    """DPO vs RLHF (``tables.rlhf_table``): every configuration's gold reward against its KL (95% bars; best-of-N's
-    sample counts joined in order), the learned reward of the same samples against the same KL (over-optimisation:
-    the learned reward climbing where the gold one does not), and the on-policy methods' training curves: the learned
-    reward and the KL of each step's samples, means over seeds."""
+    """DPO vs RLHF (``tables.rlhf_table``): every configuration's gold reward against its KL (95% bars; a line joins a
+    variant's β values, and best-of-N's sample counts in order), the learned reward of the same samples against the
+    same KL (over-optimisation: the learned reward climbing where the gold one does not), and the on-policy methods'
+    training curves at one β (the one nearest 0.1 they ran): the learned reward and the KL of each step's samples,
+    means over seeds."""
     fig = Figure(figsize=A4_LANDSCAPE, layout="constrained")
     (gold_ax, proxy_ax), (reward_ax, kl_ax) = fig.subplots(2, 2)
     markers = variant_markers(colors)
-    sampled = table[table.kind == "best-of-N sampling"].sort_values("kl_to_reference")
     for ax, metric in ((gold_ax, "gold_reward"), (proxy_ax, "proxy_reward")):
+        drawn = table[table[metric].notna()]
+        for variant, group in drawn.groupby("variant", sort=False):  # under the points: a variant's β values
+            if len(group) > 1:
+                group = group.sort_values("kl_to_reference")
+                ax.plot(group.kl_to_reference, group[metric], color=colors.get(variant), linewidth=0.8, zorder=1)
+        sampled = drawn[drawn.kind == "best-of-N sampling"].sort_values("kl_to_reference")
         if len(sampled) > 1:
             ax.plot(sampled.kl_to_reference, sampled[metric], color="0.5", linewidth=0.8, zorder=1,
                     label="best-of-N, N in order")  # fmt: skip
-        for _, row in table.iterrows():
-            if pd.isna(row.get(metric)):
-                continue
+        for _, row in drawn.iterrows():
             ci = row.get(f"{metric}_ci", math.nan)
             bars = ax.errorbar([row.kl_to_reference], [row[metric]], yerr=None if pd.isna(ci) else [ci], capsize=2,
                                linestyle="none", color=colors.get(row.variant), marker=markers.get(row.variant, "o"),
-                               markersize=6, elinewidth=0.6, label=row.variant, zorder=3)  # fmt: skip
-            _hover(fig, bars.lines[0], f"{row.variant} ({row.kind}): {metric} {row[metric]:+.3f}, KL "
+                               markersize=6, elinewidth=0.6, zorder=3)  # fmt: skip
+            beta = "" if pd.isna(row.beta) else f" β={row.beta:g}"
+            _hover(fig, bars.lines[0], f"{row.variant}{beta} ({row.kind}): {metric} {row[metric]:+.3f}, KL "
                                        f"{row.kl_to_reference:.2f}")  # fmt: skip
         ax.set_xscale("symlog", linthresh=1.0)
         ax.set_xlabel(f"{METRICS['kl_to_reference'].axis}, symmetric log scale")
         ax.set_ylabel(METRICS[metric].axis)
         ax.grid(alpha=0.3, which="both")
+    for variant in dict.fromkeys(table.variant):  # one legend entry per variant, whatever its β values
+        gold_ax.plot(
+            [], [], linestyle="none", color=colors.get(variant), marker=markers.get(variant, "o"), label=variant
+        )
     if not math.isnan(reference_gold):
         gold_ax.axhline(reference_gold, color="black", linestyle=":", linewidth=1)
-    gold_ax.set_title(f"Gold reward vs KL ({scenario}; bars: 95% CI over seeds)")
-    proxy_ax.set_title("Learned (proxy) reward of the same samples vs KL")
-    named = set(table.variant)
-    steps = tidy[(tidy.source == "step") & (tidy.scenario == scenario) & tidy.variant.isin(named)]
+    several = table.beta.nunique() > 1
+    gold_ax.set_title(f"Gold reward vs KL ({scenario}; 95% CI" + ("; lines join β values)" if several else ")"),
+                      fontsize=10)  # fmt: skip
+    proxy_ax.set_title("Learned (proxy) reward of the same samples vs KL", fontsize=10)
+    steps = tidy[(tidy.source == "step") & (tidy.scenario == scenario) & tidy.variant.isin(set(table.variant))]
+    steps = steps[steps.metric.isin(["rollout_reward", "rollout_kl"])]
+    betas = sorted(set(steps.beta.dropna()))
+    beta = min(betas, key=lambda b: abs(math.log(b / 0.1))) if betas else math.nan
+    steps = steps[steps.beta == beta]
     for ax, metric in ((reward_ax, "rollout_reward"), (kl_ax, "rollout_kl")):
         curves = steps[steps.metric == metric].groupby(["variant", "step"]).value.mean()
         for variant in curves.index.get_level_values(0).unique():
@@ -316,8 +330,9 @@ def rlhf(table: pd.DataFrame, tidy: pd.DataFrame, colors: dict, reference_gold: 
         ax.set_xlabel("training step")
         ax.set_ylabel(METRICS[metric].axis)
         ax.grid(alpha=0.3)
-    reward_ax.set_title("Learned reward of each step's samples (mean over seeds)")
-    kl_ax.set_title("KL of each step's samples (mean over seeds)")
+    at = "" if math.isnan(beta) else f"β = {beta:g}, "
+    reward_ax.set_title(f"Learned reward of each step's samples ({at}seeds' mean)", fontsize=10)
+    kl_ax.set_title(f"KL of each step's samples ({at}seeds' mean)", fontsize=10)
     _legend(fig, gold_ax)
     return fig
 

@@ -76,7 +76,8 @@ __all__ = [
 ]  # fmt: skip
 
 #: an on-policy cell whose samples drift further than this from the reference (mean log π − log π_ref per completion,
-#: nats) has diverged: it stops there with its reason. The default run's healthy cells stay under 40
+#: nats) has diverged: it stops there with its reason. The preset rlhf's RL cells peak at 10.5 (benchmarks/RESULTS.md);
+#: the default run's one collapse (APO-down, looping text) reached 185
 DIVERGED_KL = 100.0
 
 #: what ``online_<variant>`` is named by
@@ -91,8 +92,6 @@ class Method:
     name: ClassVar[str]
     paper: ClassVar[str]
     params: ClassVar[dict[str, Param]] = {}
-    #: whether it needs the learned reward model (online training labelled by the gold reward does not)
-    needs_reward_model: ClassVar[bool] = True
     #: the models it holds while it trains (the seed notebook's "models required")
     models: tuple[str, ...] = ("policy", "reference", "reward model")
 
@@ -104,7 +103,8 @@ class Method:
 
     @property
     def uses_reward_model(self) -> bool:
-        return self.needs_reward_model
+        """Whether it needs the learned reward model (online training labelled by the gold reward does not)."""
+        return True
 
     def run(self, prepared: Prepared, cell: Cell, on_step: Steps, should_stop: Callable[[], bool] | None) -> CellResult:
         raise NotImplementedError
