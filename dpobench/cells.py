@@ -19,7 +19,7 @@ import signal
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -29,7 +29,6 @@ from dpobench.data import ExampleSet, PairSet, TaskData
 from dpobench.judges import Judge
 from dpobench.logprobs import ExampleReference, ReferenceLogps
 from dpobench.losses import PreferenceLoss
-from dpobench.methods import Method, MethodSpec, reward_model_problem
 from dpobench.registry import LossSpec
 from dpobench.reward_model import RewardModel
 from dpobench.train import CellResult, Evaluator, train_cell
@@ -38,17 +37,48 @@ __all__ = ["Cell", "Executor", "Finished", "Pending", "Prepared", "Progress", "S
            "run_cell", "run_in_process"]  # fmt: skip
 
 
+class NamedSpec(Protocol):
+    """What a cell needs of its spec, a ``LossSpec`` or a method's (``dpobench.methods.MethodSpec``): its name, and
+    whose code it runs."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def plugin(self) -> str: ...
+
+    @property
+    def version(self) -> str: ...
+
+
+class CellMethod(Protocol):
+    """A method beyond offline losses as a cell holds it (``dpobench.methods.Method``): its parameters, the models it
+    holds, whether it trains against the learned reward model, and how it trains the cell."""
+
+    loss: PreferenceLoss | None
+    hparams: dict[str, Any]
+
+    @property
+    def models(self) -> tuple[str, ...]: ...
+
+    @property
+    def uses_reward_model(self) -> bool: ...
+
+    def run(self, prepared: Prepared, cell: Cell, on_step: Callable[[int], None] | None,
+            should_stop: Callable[[], bool] | None) -> CellResult: ...  # fmt: skip
+
+
 @dataclass(frozen=True)
 class Cell:
     """One configuration to train: a variant with its parameters, β, seed and scenario; or a method
     (``dpobench.methods``: best-of-N, RLOO, PPO, online training of a variant's loss) with its own."""
 
-    spec: LossSpec | MethodSpec
+    spec: LossSpec | NamedSpec
     loss: PreferenceLoss | None  # None for a method that trains no loss of the registry (RLOO, PPO, best-of-N)
     beta: float  # NaN for a variant without β
     seed: int
     scenario: str
-    method: Method | None = None
+    method: CellMethod | None = None
 
     @property
     def hparams(self) -> dict[str, Any]:
@@ -133,9 +163,6 @@ def run_cell(
     evaluator, loss, seed = prepared.evaluator, cell.loss, cell.seed
     try:
         if cell.method is not None:
-            problem = reward_model_problem(prepared, cell)
-            if problem:
-                return CellResult(status="failed", error=problem)
             return cell.method.run(prepared, cell, on_step, should_stop)
         assert loss is not None
         loss.to(prepared.plan.device)

@@ -32,10 +32,11 @@ import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
 
+from dpobench.cells import Cell, Prepared
 from dpobench.data import Pair, sample_completions
 from dpobench.logprobs import Batch, collate, per_token_rows, reference_logprobs, sequence_logprobs
 from dpobench.losses import TOKEN_LOGPS, Param, PreferenceLoss, resolve_params
@@ -50,9 +51,6 @@ from dpobench.train import (
     run_steps,
 )
 from dpobench.train import batch_order as seeded_order
-
-if TYPE_CHECKING:
-    from dpobench.cells import Cell, Prepared
 
 __all__ = [
     "DIVERGED_KL",
@@ -107,6 +105,15 @@ class Method:
         return True
 
     def run(self, prepared: Prepared, cell: Cell, on_step: Steps, should_stop: Callable[[], bool] | None) -> CellResult:
+        """Train and evaluate ``cell``; a failed result, untrained, where its reward model did not learn."""
+        problem = reward_model_problem(prepared, cell)
+        if problem:
+            return CellResult(status="failed", error=problem)
+        return self.train(prepared, cell, on_step, should_stop)
+
+    def train(
+        self, prepared: Prepared, cell: Cell, on_step: Steps, should_stop: Callable[[], bool] | None
+    ) -> CellResult:
         raise NotImplementedError
 
 
@@ -122,7 +129,9 @@ class BestOfN(Method):
     models = ("reference", "reward model")
     params = {"n": Param(16, "[1, inf)", "samples of the reference per prompt; the reward model's best is kept")}
 
-    def run(self, prepared: Prepared, cell: Cell, on_step: Steps, should_stop: Callable[[], bool] | None) -> CellResult:
+    def train(
+        self, prepared: Prepared, cell: Cell, on_step: Steps, should_stop: Callable[[], bool] | None
+    ) -> CellResult:
         reward_model = prepared.reward_models[cell.scenario]
         evaluation = prepared.evaluator.best_of_n(self.hparams["n"], cell.seed, reward_model)
         return CellResult(evaluations=[evaluation])
@@ -154,7 +163,9 @@ class _OnPolicy(Method):
         """Completions per prompt (RLOO's k, GRPO's group; PPO's 1): a step's prompts are 2 × batch size / this."""
         return int(self.hparams.get("samples", 1))
 
-    def run(self, prepared: Prepared, cell: Cell, on_step: Steps, should_stop: Callable[[], bool] | None) -> CellResult:
+    def train(
+        self, prepared: Prepared, cell: Cell, on_step: Steps, should_stop: Callable[[], bool] | None
+    ) -> CellResult:
         config, device, seed = prepared.config.train, prepared.plan.device, cell.seed
         autocast = prepared.acceleration.autocast
         reward_model = prepared.reward_models[cell.scenario]
@@ -332,7 +343,9 @@ class OnlinePreference(Method):
     def models(self) -> tuple[str, ...]:  # type: ignore[override]
         return ("policy", "reference", "reward model") if self.uses_reward_model else ("policy", "reference")
 
-    def run(self, prepared: Prepared, cell: Cell, on_step: Steps, should_stop: Callable[[], bool] | None) -> CellResult:
+    def train(
+        self, prepared: Prepared, cell: Cell, on_step: Steps, should_stop: Callable[[], bool] | None
+    ) -> CellResult:
         assert self.loss is not None
         config, device, seed, loss = prepared.config.train, prepared.plan.device, cell.seed, self.loss
         reward_model = prepared.reward_models.get(cell.scenario)
