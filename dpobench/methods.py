@@ -156,7 +156,8 @@ class Rollout:
 
 
 class _OnPolicy(Method):
-    """The loop RLOO and PPO share: sample from the policy, score with the reward model, update ``epochs`` times."""
+    """The loop RLOO, GRPO and PPO share: sample from the policy, score with the reward model, update ``epochs`` times
+    on the batch of samples."""
 
     @property
     def samples_per_prompt(self) -> int:
@@ -196,7 +197,9 @@ class _OnPolicy(Method):
             return {"step": number + 1, **metrics, "rollout_reward": float(rollout.scores.mean()),
                     "rollout_kl": float(rollout.kl.mean()), "step_time_ms": elapsed * 1e3,
                     "samples_per_s": samples / elapsed, "pairs_per_s": samples / 2 / elapsed,
-                    "tokens_per_s": float(rollout.mask.sum()) / elapsed, "peak_memory_mb": peak_memory_mb(device)}  # fmt: skip
+                    # prompt and completion tokens of every sample, as an offline step counts each row's
+                    "tokens_per_s": float(rollout.batch.attention_mask.sum()) / elapsed,
+                    "peak_memory_mb": peak_memory_mb(device)}  # fmt: skip
 
         evaluator = prepared.evaluator
         try:
@@ -385,9 +388,11 @@ class OnlinePreference(Method):
             elapsed = time.perf_counter() - start
             policy_mean = (metrics["chosen_logp"] + metrics["rejected_logp"]) / 2  # before the update
             reference_mean = float((reference.chosen + reference.rejected).mean()) / 2
-            return {**metrics, "rollout_reward": float(torch.cat([first, second]).mean()),
-                    "rollout_kl": policy_mean - reference_mean, "step_time_ms": elapsed * 1e3,
-                    "samples_per_s": len(rows) / elapsed, "pairs_per_s": len(pairs) / elapsed}  # fmt: skip
+            # the learned reward of what it labelled; gold labels are not on the learned reward's scale
+            learned = {"rollout_reward": float(values.mean())} if self.uses_reward_model else {}
+            return {**metrics, **learned, "rollout_kl": policy_mean - reference_mean, "step_time_ms": elapsed * 1e3,
+                    "samples_per_s": len(rows) / elapsed, "pairs_per_s": len(pairs) / elapsed,
+                    "tokens_per_s": sum(2 * len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs) / elapsed}  # fmt: skip
 
         return run_steps(CellResult(), step, prepared.policy, config,
                          lambda model, done: evaluator(model, done, loss, seed, proxy=reward_model),

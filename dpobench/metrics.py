@@ -126,7 +126,7 @@ _CATALOGUE = [
            "the gradient's global L2 norm before clipping"),
     Metric("rollout_reward", "step", "learned reward of the step's samples", "", None, "+.3f",
            "on-policy methods: the learned reward model's score of the completions the step sampled from the policy, "
-           "mean (online preference training: of the completions it labelled)"),
+           "mean (online preference training labelled by it: of the completions it labelled)"),
     Metric("rollout_kl", "step", "KL of the step's samples", "nats", None, ".2f",
            "on-policy methods: log π − log π_ref of the completions the step sampled, mean per completion"),
     Metric("value_loss", "step", "value loss", "", None, ".3f",

@@ -220,6 +220,10 @@ def test_a_reward_model_that_did_not_learn_marks_its_cells(tmp_path: Path, monke
                                 "WHERE source = 'step' GROUP BY variant"))  # fmt: skip
     assert cells["rloo"][0] == "failed" and "held-out accuracy" in cells["rloo"][1] and "rloo" not in steps
     assert cells["online_dpo"][0] == "done" and steps["online_dpo"] > 0
+    with sqlite3.connect(tmp_path / "results.sqlite") as db:  # gold labels are not the learned reward: not recorded
+        recorded = {m for (m,) in db.execute("SELECT DISTINCT metric FROM cells JOIN measurements USING (cell_id) "
+                                             "WHERE variant = 'online_dpo' AND source = 'step'")}  # fmt: skip
+    assert "rollout_kl" in recorded and "rollout_reward" not in recorded
 
 
 def test_an_interrupted_method_cell_resumes(tmp_path: Path) -> None:
