@@ -367,6 +367,12 @@ _HeldoutPromptsOption = Annotated[int | None, typer.Option(
 _EvalPromptsOption = Annotated[int | None, typer.Option(
     help=f"Held-out prompts each cell samples one completion of, for its gold reward, KL and health, without --data "
          f"(default {_default('eval_prompts')}; fewer: a faster evaluation, a wider interval).", min=2)]  # fmt: skip
+_ChatPromptsOption = Annotated[
+    bool | None,
+    typer.Option("--chat-prompts/--no-chat-prompts", help="Without --data: each task prompt in the model's chat "
+                 "template, the review opening as the start of its answer to a request for a review (instruct "
+                 "models; default: off, the bare opening)."),
+]  # fmt: skip
 _ParamOption = Annotated[
     list[str] | None,
     typer.Option(
@@ -453,6 +459,7 @@ def run(
     train_prompts: _TrainPromptsOption = None,
     heldout_prompts: _HeldoutPromptsOption = None,
     eval_prompts: _EvalPromptsOption = None,
+    chat_prompts: _ChatPromptsOption = None,
     param: _ParamOption = None,
     report: _ReportOption = True,
     executor: _ExecutorOption = None,
@@ -468,6 +475,7 @@ def run(
 ) -> None:
     """Train every variant identically on a small real model and compare them (resumable)."""
     from dpobench.config import FILE_KEYS, load_config
+    from dpobench.methods import is_method
 
     given = {name: value for name, value in locals().items() if name in FILE_KEYS and name != "params"}
     note = lambda message: err.print(f"[dim]{escape(message)}[/]", highlight=False)  # noqa: E731
@@ -475,7 +483,7 @@ def run(
     plugins = _load()
     broken = len(plugins.errors)
     for name in sweep.variants:  # a variant of a plugin that failed to load: say so, not a look-alike's name
-        if broken and name not in plugins.registry:
+        if broken and name not in plugins.registry and not is_method(name, plugins.registry):
             raise CLIError(f"unknown loss variant {name!r}: {broken} plugin{'s' * (broken != 1)} failed to load (the "
                            "error above) and may define it; fix it, or drop the variant from --variants")  # fmt: skip
     started = time.perf_counter()

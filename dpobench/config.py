@@ -226,6 +226,7 @@ OPTIONS: dict[str, Option] = {
     "train_prompts": Option(_integer(2), "data_recipe.train_prompts"),
     "heldout_prompts": Option(_integer(1), "data_recipe.heldout_prompts"),
     "eval_prompts": Option(_integer(2), "data_recipe.eval_prompts"),
+    "chat_prompts": Option(_flag, "data_recipe.chat"),
     "compile": Option(_flag, "speed.compile"),
     "cuda_graphs": Option(_flag, "speed.cuda_graphs"),
     "share_prompt": Option(_flag, "speed.share_prompt"),
@@ -409,6 +410,9 @@ def check_config(config: SweepConfig, names: list[str], device: str) -> None:
         raise SweepError(
             f"--labels {config.data_recipe.labels}: labels the synthetic task's pairs; drop it with --data"
         )
+    if config.data and config.data_recipe.chat:
+        raise SweepError("--chat-prompts puts the task's prompts in the model's chat template; --data's rows are the "
+                         "file's (conversational rows go through the chat template already): drop it")  # fmt: skip
     for key in ("train_prompts", "heldout_prompts", "eval_prompts"):
         if config.data and getattr(config.data_recipe, key) != getattr(DataRecipe(), key):
             raise SweepError(f"--{key.replace('_', '-')} {getattr(config.data_recipe, key)}: sizes the pairs dpobench "

@@ -44,6 +44,7 @@ __all__ = [
     "load_pairs_file",
     "make_task_data",
     "sample_completions",
+    "task_prompt",
     "unroll",
 ]
 
@@ -288,10 +289,31 @@ class DataRecipe:
     labels: str = "hard"  # or "bt": Bradley-Terry sampling with temperature bt_temperature
     bt_temperature: float = 0.1
     seed: int = 0
+    #: each prompt as an instruct model is spoken to: the task's opening as the start of its answer to
+    #: ``CHAT_REQUEST``, in the tokenizer's chat template (``task_prompt``)
+    chat: bool = False
 
     def key(self, model_fingerprint: str) -> str:
-        blob = json.dumps({**asdict(self), "model": model_fingerprint}, sort_keys=True).encode()
+        fields = asdict(self)
+        if not self.chat:
+            del fields["chat"]  # so that the pairs cached before the setting existed keep their keys
+        blob = json.dumps({**fields, "model": model_fingerprint}, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+#: what a chat model is asked for under ``DataRecipe.chat``; the task's opening starts its answer
+CHAT_REQUEST = "Write a short movie review."
+
+
+def task_prompt(tokenizer: Any, opening: str, chat: bool = False) -> list[int]:
+    """The token ids of a task prompt: the review ``opening`` itself, or with ``chat`` the opening as the start of the
+    model's answer to ``CHAT_REQUEST`` in its chat template (the model continues its own answer, as an instruct model
+    is used; the task is still the DPO paper's: continue a review)."""
+    if not chat:
+        return encode_prompt(tokenizer, opening)
+    head = tokenizer.apply_chat_template([{"role": "user", "content": CHAT_REQUEST}], tokenize=False,
+                                         add_generation_prompt=True)  # fmt: skip
+    return tokenizer(head + opening, add_special_tokens=False).input_ids
 
 
 def make_task_data(
@@ -304,7 +326,7 @@ def make_task_data(
     rng = random.Random(recipe.seed)
     total = recipe.train_prompts + recipe.heldout_prompts + recipe.eval_prompts
     texts = [sample_review(rng).prompt for _ in range(total)]
-    prompts = [encode_prompt(tokenizer, text) for text in texts]
+    prompts = [task_prompt(tokenizer, text, recipe.chat) for text in texts]
     n_train, n_held = recipe.train_prompts, recipe.heldout_prompts
     samples = sample_completions(
         model, tokenizer, prompts[: n_train + n_held], samples=2, max_new_tokens=recipe.max_new_tokens,

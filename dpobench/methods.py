@@ -65,6 +65,7 @@ __all__ = [
     "OnlinePreference",
     "gae",
     "grpo_advantages",
+    "is_method",
     "k3_kl",
     "method_spec",
     "ppo_policy_loss",
@@ -458,6 +459,11 @@ def method_spec(name: str, registry: Registry) -> MethodSpec | None:
                                    "use online_ with a paired variant (online_dpo, online_ipo, …)")  # fmt: skip
         return MethodSpec(name, OnlinePreference, spec)
     return None
+
+
+def is_method(name: str, registry: Registry) -> bool:
+    """Whether ``name`` selects a method (of a loss the registry holds, for ``online_<variant>``)."""
+    return name in METHODS or (name.startswith(ONLINE) and name[len(ONLINE) :] in registry)
 
 
 def resolve_names(names: Iterable[str], registry: Registry) -> tuple[list[str], dict[str, MethodSpec]]:

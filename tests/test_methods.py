@@ -282,3 +282,20 @@ def test_the_report_compares_dpo_with_rlhf(two_steps: Path) -> None:
     assert table.models["best_of_n[n=4]"] == "reference, reward model" and table.models["dpo"] == "policy, reference"
     assert table.proxy_reward.isna()["dpo"] and table.proxy_reward.notna().drop("dpo").all()
     assert "at β = 0.1, dpo " in sections["rlhf"].text and "over 1 seed:" in sections["rlhf"].text
+
+
+def test_methods_train_lora_adapters(tmp_path: Path) -> None:
+    """With --lora the methods train the adapters alone (peft's B starts at zero, so at step 1 the policy is the base
+    model: the samples' KL is 0), and the reference stays the base model; PPO's critic trains every weight."""
+    pytest.importorskip("peft")
+    from dpobench.config import LoraOptions
+
+    run_sweep(config(variants=("rloo", "ppo", "online_dpo"), lora=LoraOptions(enabled=True, rank=4)), tmp_path,
+              progress=lambda m: None)  # fmt: skip
+    tidy = read_tidy(tmp_path / "results.sqlite")
+    cells = tidy.drop_duplicates("cell_id").set_index("variant")
+    assert set(cells.status) == {"done"} and json.loads(cells.config["rloo"])["lora"].startswith("rank=4")
+    first = tidy[(tidy.metric == "rollout_kl") & (tidy.step == 1)].set_index("variant").value
+    assert first["rloo"] == pytest.approx(0.0, abs=1e-4) and first["ppo"] == pytest.approx(0.0, abs=1e-4)
+    second = tidy[(tidy.metric == "rollout_kl") & (tidy.step == 2)].set_index("variant").value
+    assert second["rloo"] != 0.0  # the adapters moved
