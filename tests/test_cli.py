@@ -298,7 +298,7 @@ def test_the_readmes_config_example_runs_and_variants_narrows_it(tmp_path: Path,
     [
         (
             "stepz = 3\n",
-            "unknown key 'stepz'; valid keys: batch_size, betas, cells_per_gpu, compile, cuda_graphs, data",
+            "unknown key 'stepz'; valid keys: batch_size, betas, cells_per_gpu, chat_prompts, compile, cuda_graphs",
         ),
         ("cuda_graphs = true\ndevice = 'cpu'\n", "--cuda-graphs: CUDA graphs need a CUDA device (this sweep's: 'cpu')"),
         ("steps = \n", "not valid TOML"),
