@@ -259,13 +259,15 @@ def load_config(
         raise SweepError(f"--preset {preset!r}: use one of {', '.join(PRESETS)}")
     preset_values = dict(PRESETS[preset])
     grids = {variant: dict(grid) for variant, grid in preset_values.pop("params", {}).items()}
+    if settings.get("variants") is not None:  # variants named (file or command line) replace the preset's, grids too
+        named = set(_names(settings["variants"], "variants"))
+        grids = {variant: grid for variant, grid in grids.items() if variant in named}
     own = _file_grids(settings.pop("params", {}))
-    if (given or {}).get("variants") is not None:  # --variants narrows a file (and a preset): grids of variants left
-        named = set(_names(given["variants"], "variants"))  # type: ignore[index]  # out go
+    if (given or {}).get("variants") is not None:  # --variants narrows a file: its grids of variants left out go
+        named = set(_names(given["variants"], "variants"))  # type: ignore[index]
         for variant in [v for v in own if v not in named]:
             note(f"--config: [params.{variant}] left out: {variant} is not in --variants")
             del own[variant]
-        grids = {variant: grid for variant, grid in grids.items() if variant in named}
     for variant, grid in own.items():
         grids.setdefault(variant, {}).update(grid)
     for item in param:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import sqlite3
+from collections import Counter
 from pathlib import Path
 
 import pandas as pd
@@ -299,3 +300,21 @@ def test_methods_train_lora_adapters(tmp_path: Path) -> None:
     assert first["rloo"] == pytest.approx(0.0, abs=1e-4) and first["ppo"] == pytest.approx(0.0, abs=1e-4)
     second = tidy[(tidy.metric == "rollout_kl") & (tidy.step == 2)].set_index("variant").value
     assert second["rloo"] != 0.0  # the adapters moved
+
+
+def test_the_rlhf_preset_plans_its_75_cells(tmp_path: Path) -> None:
+    """--preset rlhf: 3 offline losses × 3 β × 3 seeds (27), online DPO × 2 labellers × 3 β × 3 seeds (18), RLOO and
+    PPO × 3 β × 3 seeds (18), best-of-N × 4 sample counts × 3 seeds (12, no β). Variants named instead, on the command
+    line or in a file, take the preset's grids of the others with them (a grid of a variant not in the sweep is an
+    error)."""
+    from dpobench.config import load_config
+    from dpobench.sweep import plan_sweep
+
+    cells = plan_sweep(load_config({"preset": "rlhf"})).cells
+    assert len(cells) == 75 and Counter(c.spec.name for c in cells) == {
+        "dpo": 9, "ipo": 9, "simpo": 9, "online_dpo": 18, "rloo": 9, "ppo": 9, "best_of_n": 12}  # fmt: skip
+    assert sorted({c.hparams["n"] for c in cells if c.spec.name == "best_of_n"}) == [1, 4, 16, 64]
+    assert load_config({"preset": "rlhf", "variants": "dpo,best_of_n"}).params == {"best_of_n": {"n": (1, 4, 16, 64)}}
+    file = tmp_path / "sweep.toml"
+    file.write_text('preset = "rlhf"\nvariants = ["dpo", "rloo"]\n')
+    assert len(plan_sweep(load_config({}, file=file)).cells) == 18
