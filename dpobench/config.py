@@ -258,16 +258,14 @@ def load_config(
     if preset not in PRESETS:
         raise SweepError(f"--preset {preset!r}: use one of {', '.join(PRESETS)}")
     preset_values = dict(PRESETS[preset])
-    grids = {variant: dict(grid) for variant, grid in preset_values.pop("params", {}).items()}
-    if settings.get("variants") is not None:  # variants named (file or command line) replace the preset's, grids too
-        named = set(_names(settings["variants"], "variants"))
-        grids = {variant: grid for variant, grid in grids.items() if variant in named}
+    preset_grids = {variant: dict(grid) for variant, grid in preset_values.pop("params", {}).items()}
     own = _file_grids(settings.pop("params", {}))
     if (given or {}).get("variants") is not None:  # --variants narrows a file: its grids of variants left out go
         named = set(_names(given["variants"], "variants"))  # type: ignore[index]
         for variant in [v for v in own if v not in named]:
             note(f"--config: [params.{variant}] left out: {variant} is not in --variants")
             del own[variant]
+    grids = preset_grids
     for variant, grid in own.items():
         grids.setdefault(variant, {}).update(grid)
     for item in param:
@@ -276,12 +274,16 @@ def load_config(
         if not (variant and key and values):
             raise SweepError(f"--param {item!r}: write VARIANT.KEY=V1,V2, e.g. seed_custom_dpo.temperature=0.5,1")
         grids.setdefault(variant, {})[key] = tuple(v.strip() for v in values.split(","))
+        own.setdefault(variant, {})  # the user's own grid: never dropped with the preset's
     chosen = {**preset_values, **settings}
     variants = chosen.get("variants")
     if isinstance(variants, (str, list, tuple)) and not str(variants).strip(" ,[]()'\""):
         raise SweepError(f"variants = {variants!r}: names no variant; leave it out to run every variant")
-    if "variants" in settings:  # named variants replace the preset's selection by tag
+    if "variants" in settings:  # named variants replace the preset's selection by tag, and its grids of the others
         chosen.pop("tags", None)
+        named = set(_names(settings["variants"], "variants"))
+        for variant in [v for v in preset_grids if v not in named and v not in own]:
+            del grids[variant]
     top: dict[str, Any] = {"params": grids}
     groups: dict[str, dict[str, Any]] = {}
     for key, value in chosen.items():
