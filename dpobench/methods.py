@@ -98,7 +98,6 @@ class Method:
         self.loss = loss
         self.hparams = {**(loss.hparams if loss is not None else {}),
                         **resolve_params(self.params, hparams, f"method {self.name!r}")}  # fmt: skip
-        self.inputs = loss.inputs if loss is not None else frozenset()
 
     @property
     def uses_reward_model(self) -> bool:
@@ -431,11 +430,6 @@ class MethodSpec:
     @property
     def unpaired(self) -> bool:
         return False
-
-    @property
-    def summary(self) -> str:
-        own = (self.cls.__doc__ or "").strip().splitlines()[0]
-        return f"{own} ({self.loss.name})" if self.loss is not None else own
 
     def build(self, **values: Any) -> Method:
         """The method with these parameters (the loss's built from its own, checked as a loss's are)."""
